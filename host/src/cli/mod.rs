@@ -1,0 +1,45 @@
+//! Command-line entry points. `main` only calls [`run`].
+
+mod bench;
+mod generate;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cllm",
+    version,
+    about = "LLM inference server with WebAssembly admission policies"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt and stream it to the terminal.
+    Generate(generate::GenerateArgs),
+    /// Serve the model over HTTP.
+    Serve(serve::ServeArgs),
+    /// Measure prefill and decode speed on a model folder or a synthetic model.
+    Bench(bench::BenchArgs),
+}
+
+/// Parses the command line and runs the command; the process exit code.
+pub fn run() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

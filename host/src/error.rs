@@ -1,0 +1,141 @@
+//! The one error type of the HTTP edge, and its one table to status code and `error_type`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::time::Duration;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON.
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("request body exceeds {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// JSON of the wrong shape or with values out of range.
+    #[error("{0}")]
+    Validation(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("rate limit exceeded: {reason}")]
+    RateLimited {
+        retry_after: Duration,
+        reason: String,
+    },
+    #[error("request queue is full ({max_size} waiting)")]
+    QueueFull {
+        max_size: usize,
+        retry_after: Duration,
+    },
+    #[error("request waited {waited_ms} ms in the queue (max_wait_time {max_ms} ms)")]
+    QueueTimeout { waited_ms: u64, max_ms: u64 },
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull { .. } | ApiError::QueueTimeout { .. } | ApiError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The machine-readable kind, as in `{"error_type": ...}` and the errors metric.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::Validation(_) => "validation",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::QueueFull { .. } => "queue_full",
+            ApiError::QueueTimeout { .. } => "queue_timeout",
+            ApiError::ShuttingDown => "shutting_down",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// How long a client should wait before trying again, when that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::RateLimited { retry_after, .. } | ApiError::QueueFull { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            ApiError::QueueTimeout { .. } | ApiError::ShuttingDown => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    /// The JSON body: `{"error": ..., "error_type": ...}`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.to_string(), "error_type": self.error_type() })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        response
+            .extensions_mut()
+            .insert(crate::http::ErrorKind(self.error_type()));
+        if let Some(wait) = self.retry_after() {
+            // Retry-After is whole seconds: round up so a client never retries too early.
+            let secs = wait.as_millis().div_ceil(1000).max(1);
+            if let Ok(value) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_maps_each_error_to_status_and_type() {
+        let cases = [
+            (ApiError::MalformedJson("x".into()), 400, "malformed_json"),
+            (ApiError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
+            (ApiError::Validation("x".into()), 422, "validation"),
+            (ApiError::Unauthorized("x".into()), 401, "unauthorized"),
+            (
+                ApiError::RateLimited {
+                    retry_after: Duration::from_millis(1500),
+                    reason: "x".into(),
+                },
+                429,
+                "rate_limited",
+            ),
+            (ApiError::Internal("x".into()), 500, "internal"),
+        ];
+        for (err, status, kind) in cases {
+            assert_eq!(err.status().as_u16(), status);
+            assert_eq!(err.error_type(), kind);
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let response = ApiError::RateLimited {
+            retry_after: Duration::from_millis(1001),
+            reason: "x".into(),
+        }
+        .into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+}

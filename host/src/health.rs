@@ -1,0 +1,79 @@
+//! `/health`: component states, live numbers, and an overall verdict that never waits on the
+//! queue or the model.
+
+use crate::scheduler::SchedulerStats;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Degraded,
+    Unhealthy,
+}
+
+/// Completed requests of the last minute, for requests/s and average response time.
+pub struct RecentRequests {
+    window: Duration,
+    done: Mutex<VecDeque<(Instant, Duration)>>,
+}
+
+impl RecentRequests {
+    pub fn new(window: Duration) -> Self {
+        RecentRequests {
+            window,
+            done: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    pub fn record(&self, took: Duration) {
+        let now = Instant::now();
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.push_back((now, took));
+        while done
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
+        {
+            done.pop_front();
+        }
+    }
+
+    /// (requests per second, average response time in seconds) over the window.
+    pub fn rates(&self) -> (f64, f64) {
+        let now = Instant::now();
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let recent: Vec<Duration> = done
+            .iter()
+            .filter(|(at, _)| now.duration_since(*at) <= self.window)
+            .map(|(_, took)| *took)
+            .collect();
+        if recent.is_empty() {
+            return (0.0, 0.0);
+        }
+        let avg = recent.iter().map(Duration::as_secs_f64).sum::<f64>() / recent.len() as f64;
+        (recent.len() as f64 / self.window.as_secs_f64(), avg)
+    }
+}
+
+/// The scheduler's verdict: dead or stalled with work waiting is unhealthy.
+pub fn scheduler_status(
+    stats: &SchedulerStats,
+    has_work: bool,
+    stall: Duration,
+) -> (Status, String) {
+    if !stats.alive.load(Ordering::SeqCst) {
+        return (Status::Unhealthy, "scheduler loop is not running".into());
+    }
+    let since = stats.ms_since_last_tick();
+    if has_work && since > stall.as_millis() as u64 {
+        return (
+            Status::Unhealthy,
+            format!("scheduler loop stalled for {since} ms with work waiting"),
+        );
+    }
+    (Status::Ok, "running".into())
+}

@@ -1,0 +1,148 @@
+//! Endpoints around generation: tokenizer, info, health, metrics, request lifecycles.
+
+use super::body::JsonBody;
+use super::AppState;
+use crate::error::ApiError;
+use crate::health::{scheduler_status, Status};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodeRequest {
+    inputs: String,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub async fn encode(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<EncodeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let ids = state
+        .tokenizer
+        .encode(&req.inputs, req.add_special_tokens)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let tokens: Vec<String> = ids
+        .iter()
+        .map(|&id| state.tokenizer.token_text(id).unwrap_or_default())
+        .collect();
+    Ok(Json(json!({ "ids": ids, "tokens": tokens })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeRequest {
+    ids: Vec<u32>,
+    #[serde(default = "yes")]
+    skip_special_tokens: bool,
+}
+
+pub async fn decode(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<DecodeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(bad) = req.ids.iter().find(|&&id| id as usize >= state.vocab_size) {
+        return Err(ApiError::Validation(format!(
+            "id {bad} is outside the vocabulary ({} tokens)",
+            state.vocab_size
+        )));
+    }
+    let text = state
+        .tokenizer
+        .decode(&req.ids, req.skip_special_tokens)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!({ "text": text })))
+}
+
+pub async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(state.info.clone())
+}
+
+pub async fn live() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let cfg = &state.health;
+    let stats = &state.scheduler.stats;
+    let queue = state.scheduler.queue.stats();
+    let has_work = queue.size > 0 || stats.running_sequences.load(Ordering::Relaxed) > 0;
+    let (sched_status, sched_message) = scheduler_status(stats, has_work, cfg.stall_timeout);
+    let queue_fraction = queue.size as f64 / queue.max_size.max(1) as f64;
+    let queue_status = if queue_fraction >= cfg.degraded_queue_fraction {
+        Status::Degraded
+    } else {
+        Status::Ok
+    };
+    let status = sched_status.max(queue_status);
+    let (rps, avg_response) = state.recent.rates();
+    let body = json!({
+        "healthy": status != Status::Unhealthy,
+        "status": status,
+        "components": {
+            "scheduler": { "status": sched_status, "message": sched_message,
+                           "ms_since_last_step": stats.ms_since_last_tick(),
+                           "steps": stats.steps.load(Ordering::Relaxed) },
+            "model_executor": { "status": sched_status, "backend": "cpu" },
+            "tokenizer": { "status": Status::Ok },
+            "request_queue": { "status": queue_status, "size": queue.size, "max_size": queue.max_size },
+        },
+        "metrics": {
+            "queue_size": queue.size,
+            "average_wait_time": queue.average_wait.as_secs_f64(),
+            "requests_per_second": rps,
+            "average_response_time": avg_response,
+            "running_sequences": stats.running_sequences.load(Ordering::Relaxed),
+            "kv_cache_usage": stats.kv_usage(),
+            "kv_blocks_used": stats.kv_blocks_used.load(Ordering::Relaxed),
+            "kv_blocks_total": stats.kv_blocks_total.load(Ordering::Relaxed),
+        },
+        "dependencies": {
+            "model": { "status": Status::Ok, "path": state.info["model_id"] },
+            "tokenizer": { "status": Status::Ok },
+        },
+    });
+    let code = if status == Status::Unhealthy {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(body)).into_response()
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let queue = state.scheduler.queue.stats();
+    state
+        .metrics
+        .gauge("cllm_queue_size")
+        .set(queue.size as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn request_record(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let record = state
+        .tracker
+        .get(&id)
+        .ok_or_else(|| ApiError::NotFound(format!("request {id}")))?;
+    serde_json::to_value(record)
+        .map(Json)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}

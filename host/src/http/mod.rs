@@ -1,0 +1,237 @@
+//! The HTTP edge: routes, per-request context (id, client), auth, and request metrics.
+//! Handlers validate and admit requests; they never touch the model.
+
+mod admin;
+pub mod body;
+mod generate;
+pub mod params;
+mod submit;
+
+use crate::admission::auth::ApiKeys;
+use crate::admission::rate_limiter::RateLimiter;
+use crate::error::ApiError;
+use crate::health::RecentRequests;
+use crate::metrics::Metrics;
+use crate::model::tokenizer::ModelTokenizer;
+use crate::scheduler::Scheduler;
+use crate::tracker::{RequestTracker, Stage};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use body::BodyLimit;
+use params::Limits;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
+
+/// Health thresholds, from the config.
+#[derive(Clone, Debug)]
+pub struct HealthSettings {
+    pub stall_timeout: Duration,
+    pub degraded_queue_fraction: f64,
+}
+
+/// Everything handlers share.
+pub struct AppState {
+    pub tokenizer: Arc<ModelTokenizer>,
+    pub vocab_size: usize,
+    pub limits: Limits,
+    pub info: serde_json::Value,
+    pub scheduler: Scheduler,
+    pub limiter: RateLimiter,
+    pub keys: ApiKeys,
+    pub tracker: Arc<RequestTracker>,
+    pub metrics: Arc<Metrics>,
+    pub recent: RecentRequests,
+    pub health: HealthSettings,
+    pub max_queue_wait: Duration,
+    pub max_body_bytes: usize,
+    pub next_queue_id: AtomicU64,
+}
+
+/// Who sent a request, and its id; put in request extensions by the middleware.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    pub request_id: String,
+    pub client_id: String,
+    pub endpoint: &'static str,
+    pub received_at: Instant,
+}
+
+/// Marks a streamed response, whose duration the stream itself records when it ends.
+#[derive(Clone, Copy)]
+struct Streamed;
+
+impl AppState {
+    /// Counts a finished request in the metrics and the recent-requests window.
+    fn observe(&self, endpoint: &'static str, status: u16, took: Duration) {
+        let labels = [
+            ("endpoint", endpoint.to_string()),
+            ("status", status.to_string()),
+        ];
+        self.metrics
+            .counter("cllm_requests_total", &labels)
+            .increment(1);
+        self.metrics
+            .histogram(
+                "cllm_request_duration_seconds",
+                &[("endpoint", endpoint.to_string())],
+            )
+            .record(took.as_secs_f64());
+        if endpoint.starts_with("/generate") || endpoint.starts_with("/v1/") {
+            self.recent.record(took);
+        }
+    }
+
+    /// Called by a stream when its last event is sent.
+    pub fn observe_stream_end(&self, ctx: &RequestContext, status: u16) {
+        self.observe(ctx.endpoint, status, ctx.received_at.elapsed());
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/generate", post(generate::generate))
+        .route("/generate_stream", post(generate::generate_stream))
+        .route("/encode", post(admin::encode))
+        .route("/decode", post(admin::decode))
+        .route("/info", get(admin::info))
+        .route("/health", get(admin::health))
+        .route("/health/live", get(admin::live))
+        .route("/metrics", get(admin::metrics))
+        .route("/requests/{id}", get(admin::request_record))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Endpoint label for metrics: the route, never the raw path (ids would explode cardinality).
+fn endpoint_of(path: &str) -> &'static str {
+    match path {
+        "/generate" => "/generate",
+        "/generate_stream" => "/generate_stream",
+        "/encode" => "/encode",
+        "/decode" => "/decode",
+        "/info" => "/info",
+        "/health" => "/health",
+        "/health/live" => "/health/live",
+        "/metrics" => "/metrics",
+        "/v1/completions" => "/v1/completions",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        p if p.starts_with("/requests/") => "/requests/{id}",
+        _ => "other",
+    }
+}
+
+/// Request id, auth, client id, logging and request metrics around every handler.
+async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let received_at = Instant::now();
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| RequestTracker::is_valid_client_id(v))
+        .map_or_else(RequestTracker::generate_id, str::to_string);
+    let path = req.uri().path().to_string();
+    let endpoint = endpoint_of(&path);
+    let is_generation = endpoint.starts_with("/generate") || endpoint.starts_with("/v1/");
+
+    let response = match authenticate(&state, &req, &path) {
+        Err(err) => err.into_response(),
+        Ok(key_name) => {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| addr.ip().to_string());
+            let client_id = key_name
+                .or_else(|| {
+                    req.headers()
+                        .get(&CLIENT_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                })
+                .or(peer)
+                .unwrap_or_else(|| "unknown".into());
+            if is_generation {
+                state.tracker.record(&request_id, Stage::Received);
+            }
+            let ctx = RequestContext {
+                request_id: request_id.clone(),
+                client_id,
+                endpoint,
+                received_at,
+            };
+            req.extensions_mut().insert(ctx);
+            req.extensions_mut().insert(BodyLimit(state.max_body_bytes));
+            let mut response = next.run(req).await;
+            if response
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v.to_str().is_ok_and(|s| s.starts_with("text/event-stream")))
+            {
+                response.extensions_mut().insert(Streamed);
+            }
+            response
+        }
+    };
+    let mut response = response;
+    let status = response.status().as_u16();
+    if let Some(kind) = response.extensions().get::<ErrorKind>() {
+        let labels = [
+            ("endpoint", endpoint.to_string()),
+            ("error_type", kind.0.to_string()),
+        ];
+        state
+            .metrics
+            .counter("cllm_errors_total", &labels)
+            .increment(1);
+        if is_generation {
+            state
+                .tracker
+                .record_with(&request_id, Stage::Failed, kind.0);
+        }
+    }
+    if response.extensions().get::<Streamed>().is_none() {
+        state.observe(endpoint, status, received_at.elapsed());
+    }
+    tracing::info!(
+        request_id,
+        endpoint,
+        status,
+        elapsed_ms = received_at.elapsed().as_millis() as u64,
+        "request"
+    );
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// The API key's name when auth is on and the path needs a key.
+fn authenticate(state: &AppState, req: &Request, path: &str) -> Result<Option<String>, ApiError> {
+    if !state.keys.enabled() || state.keys.is_open_path(path) {
+        return Ok(None);
+    }
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    state
+        .keys
+        .authenticate(header)
+        .map(|name| Some(name.to_string()))
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+}
+
+/// The `error_type` of an error response, for the errors metric.
+#[derive(Clone, Copy)]
+pub struct ErrorKind(pub &'static str);

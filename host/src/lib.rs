@@ -1,0 +1,16 @@
+//! cllm: an LLM inference server whose admission policies are WebAssembly plugins.
+//!
+//! Data flows one way: `http` (parse, validate) → `admission` (auth, rate limit, queue) →
+//! `scheduler` (continuous batching) → `model` (executor) → token stream back to `http`.
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod scheduler;
+pub mod server;
+pub mod tracker;

@@ -1,0 +1,287 @@
+//! The CPU forward pass: one call runs a batch of sequences, each bringing a prefill chunk or a
+//! decode token, through every layer, writing keys and values into the paged cache.
+
+use super::attention::{attention, AttentionScratch, Heads, QueryToken};
+use super::matmul::{matmul, MatmulScratch};
+use super::ops::{add_bias, add_in_place, apply_rope, rms_norm, silu_mul};
+use super::pool::ThreadPool;
+use crate::model::config::ModelConfig;
+use crate::model::kv_cache::{KvCache, SequenceKv};
+use crate::model::llama::{Linear, ModelWeights};
+use crate::model::rope::Rope;
+
+/// One sequence's part of a forward pass.
+pub struct BatchEntry<'a> {
+    /// New tokens: a prompt chunk, or the one token sampled last step.
+    pub tokens: &'a [u32],
+    /// Its cache; must have room for `tokens` (see [`KvCache::reserve`]). Advanced by the pass.
+    pub kv: &'a mut SequenceKv,
+    /// Produce logits for this entry's last token.
+    pub want_logits: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExecError {
+    #[error("batch entry {0} has no tokens")]
+    EmptyEntry(usize),
+    #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error(
+        "batch entry {entry}: KV cache holds {capacity} slots, {needed} needed (reserve first)"
+    )]
+    KvNotReserved {
+        entry: usize,
+        needed: usize,
+        capacity: usize,
+    },
+    #[error("position {pos} is past the model's context of {max} tokens")]
+    ContextOverflow { pos: usize, max: usize },
+}
+
+/// Activation buffers sized for the largest batch seen so far; reused across passes.
+#[derive(Default)]
+struct Activations {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    last_rows: Vec<f32>,
+}
+
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+/// Runs forward passes on the CPU with a persistent thread pool and reused buffers.
+pub struct CpuExecutor {
+    pool: ThreadPool,
+    rope: Rope,
+    acts: Activations,
+    matmul_scratch: MatmulScratch,
+    attn_scratch: AttentionScratch,
+}
+
+impl CpuExecutor {
+    /// `threads` = 0 uses every core.
+    pub fn new(config: &ModelConfig, threads: usize) -> Self {
+        CpuExecutor {
+            pool: ThreadPool::new(threads),
+            rope: Rope::new(config),
+            acts: Activations::default(),
+            matmul_scratch: MatmulScratch::default(),
+            attn_scratch: AttentionScratch::default(),
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Runs `batch` through the model. Logits of the entries with `want_logits`, in batch order,
+    /// are written to `logits` as rows of `vocab_size`.
+    pub fn forward(
+        &mut self,
+        config: &ModelConfig,
+        weights: &ModelWeights,
+        kv: &mut KvCache,
+        batch: &mut [BatchEntry],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ExecError> {
+        check_batch(config, batch)?;
+        let n: usize = batch.iter().map(|e| e.tokens.len()).sum();
+        let h = config.hidden_size;
+        let (q_dim, kv_dim, d) = (config.q_dim(), config.kv_dim(), config.head_dim);
+        let half = d / 2;
+        let acts = &mut self.acts;
+
+        // Embeddings and rotary angles for every new token.
+        let embed = weights.embed_tokens.matrix();
+        let x = sized(&mut acts.x, n * h);
+        let cos = sized(&mut acts.cos, n * half);
+        let sin = sized(&mut acts.sin, n * half);
+        let mut t = 0;
+        for entry in batch.iter() {
+            for (i, &id) in entry.tokens.iter().enumerate() {
+                embed.row_to_f32(id as usize, &mut x[t * h..(t + 1) * h]);
+                let (c, s) = (&mut cos[t * half..][..half], &mut sin[t * half..][..half]);
+                self.rope.angles(entry.kv.len() + i, c, s);
+                t += 1;
+            }
+        }
+
+        let heads = Heads {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: d,
+            window: config.sliding_window,
+        };
+        let queries: Vec<QueryToken> = batch
+            .iter()
+            .flat_map(|e| {
+                let kv: &SequenceKv = e.kv;
+                (0..e.tokens.len()).map(move |i| QueryToken {
+                    kv,
+                    pos: kv.len() + i,
+                })
+            })
+            .collect();
+        for (layer_idx, layer) in weights.layers.iter().enumerate() {
+            let x = &mut acts.x[..n * h];
+            let normed = sized(&mut acts.normed, n * h);
+            for (row, out) in x.chunks_exact(h).zip(normed.chunks_exact_mut(h)) {
+                rms_norm(row, &layer.input_layernorm, config.rms_norm_eps, out);
+            }
+            let pool = &self.pool;
+            let ms = &mut self.matmul_scratch;
+            let q = sized(&mut acts.q, n * q_dim);
+            let k = sized(&mut acts.k, n * kv_dim);
+            let v = sized(&mut acts.v, n * kv_dim);
+            linear(pool, normed, n, &layer.q_proj, q, ms);
+            linear(pool, normed, n, &layer.k_proj, k, ms);
+            linear(pool, normed, n, &layer.v_proj, v, ms);
+            for t in 0..n {
+                let (c, s) = (&acts.cos[t * half..][..half], &acts.sin[t * half..][..half]);
+                for head in q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(d) {
+                    apply_rope(head, c, s);
+                }
+                for head in k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(d) {
+                    apply_rope(head, c, s);
+                }
+            }
+
+            // Store the new keys and values, then attend over each sequence's cache.
+            let (keys, values) = kv.layer_mut(layer_idx);
+            for (t, query) in queries.iter().enumerate() {
+                let slot = query.kv.slot(query.pos) * kv_dim;
+                keys[slot..slot + kv_dim].copy_from_slice(&k[t * kv_dim..][..kv_dim]);
+                values[slot..slot + kv_dim].copy_from_slice(&v[t * kv_dim..][..kv_dim]);
+            }
+            let attn = sized(&mut acts.attn, n * q_dim);
+            attention(
+                pool,
+                heads,
+                &queries,
+                q,
+                keys,
+                values,
+                attn,
+                &mut self.attn_scratch,
+            );
+            let proj = sized(&mut acts.proj, n * h);
+            linear(pool, attn, n, &layer.o_proj, proj, ms);
+            add_in_place(x, proj);
+
+            // SwiGLU MLP.
+            for (row, out) in x.chunks_exact(h).zip(normed.chunks_exact_mut(h)) {
+                rms_norm(
+                    row,
+                    &layer.post_attention_layernorm,
+                    config.rms_norm_eps,
+                    out,
+                );
+            }
+            let inter = config.intermediate_size;
+            let gate = sized(&mut acts.gate, n * inter);
+            let up = sized(&mut acts.up, n * inter);
+            linear(pool, normed, n, &layer.gate_proj, gate, ms);
+            linear(pool, normed, n, &layer.up_proj, up, ms);
+            silu_mul(gate, up);
+            linear(pool, gate, n, &layer.down_proj, proj, ms);
+            add_in_place(x, proj);
+        }
+
+        // Final norm and lm_head, only for the rows that want logits.
+        let wanted: Vec<usize> = {
+            let mut end = 0;
+            batch
+                .iter()
+                .filter_map(|e| {
+                    end += e.tokens.len();
+                    e.want_logits.then_some(end - 1)
+                })
+                .collect()
+        };
+        let rows = sized(&mut acts.last_rows, wanted.len() * h);
+        for (out, &t) in rows.chunks_exact_mut(h).zip(&wanted) {
+            rms_norm(
+                &acts.x[t * h..(t + 1) * h],
+                &weights.norm,
+                config.rms_norm_eps,
+                out,
+            );
+        }
+        let vocab = config.vocab_size;
+        logits.resize(wanted.len() * vocab, 0.0);
+        let head = weights.lm_head().matrix();
+        matmul(
+            &self.pool,
+            rows,
+            wanted.len(),
+            &head,
+            logits,
+            &mut self.matmul_scratch,
+        );
+        drop(queries);
+        for entry in batch.iter_mut() {
+            entry.kv.advance(entry.tokens.len());
+        }
+        Ok(())
+    }
+}
+
+fn linear(
+    pool: &ThreadPool,
+    x: &[f32],
+    n: usize,
+    layer: &Linear,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) {
+    matmul(pool, x, n, &layer.weight.matrix(), out, scratch);
+    if let Some(bias) = &layer.bias {
+        add_bias(out, bias);
+    }
+}
+
+fn check_batch(config: &ModelConfig, batch: &[BatchEntry]) -> Result<(), ExecError> {
+    for (i, entry) in batch.iter().enumerate() {
+        if entry.tokens.is_empty() {
+            return Err(ExecError::EmptyEntry(i));
+        }
+        if let Some(&id) = entry
+            .tokens
+            .iter()
+            .find(|&&id| id as usize >= config.vocab_size)
+        {
+            return Err(ExecError::TokenOutOfRange {
+                id,
+                vocab: config.vocab_size,
+            });
+        }
+        let needed = entry.kv.len() + entry.tokens.len();
+        if needed > entry.kv.capacity() {
+            return Err(ExecError::KvNotReserved {
+                entry: i,
+                needed,
+                capacity: entry.kv.capacity(),
+            });
+        }
+        if needed > config.max_position_embeddings {
+            return Err(ExecError::ContextOverflow {
+                pos: needed - 1,
+                max: config.max_position_embeddings,
+            });
+        }
+    }
+    Ok(())
+}

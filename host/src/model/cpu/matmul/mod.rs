@@ -1,0 +1,797 @@
+//! Matrix products of f32 activations with weights in their stored dtype.
+//!
+//! Every product is `out[t, r] = sum_k x[t, k] * w[r, k]`: both operands are contiguous along
+//! `k`, so the micro-kernels work in dot-product form, a tile of tokens times a tile of weight
+//! rows held in vector accumulators and reduced horizontally at the end. Weights are widened
+//! to f32 (bf16: shift left by 16; f16: a hardware conversion) and all arithmetic is f32 FMA.
+//!
+//! Two schedules:
+//! - few tokens (decode): one token tile streams the weights straight from memory, widening
+//!   them in registers. This is bandwidth bound; the threads split the rows.
+//! - many tokens (prefill): each task takes a panel of rows and, one block of columns at a
+//!   time, widens that block into per-thread scratch (it then stays in L2) and runs every
+//!   token tile over it, so each weight is read from memory and widened once.
+//!
+//! The instruction set is picked at run time: AVX-512, else AVX2 + FMA + F16C, else portable
+//! scalar code (also the only path on non-x86 targets).
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+// AVX-512 intrinsics and target features are stable since Rust 1.89, above the workspace's
+// declared `rust-version`: this module is what makes the crate need 1.89.
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod avx512;
+mod scalar;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use super::pool::ThreadPool;
+
+/// A weight matrix's elements in their stored dtype (bf16 and f16 as raw bits).
+#[derive(Clone, Copy, Debug)]
+pub enum WeightData<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
+}
+
+impl<'a> WeightData<'a> {
+    fn elems(&self) -> usize {
+        match self {
+            WeightData::F32(d) => d.len(),
+            WeightData::Bf16(d) | WeightData::F16(d) => d.len(),
+        }
+    }
+
+    /// The elements from `start` on.
+    fn tail_from(self, start: usize) -> WeightData<'a> {
+        match self {
+            WeightData::F32(d) => WeightData::F32(&d[start..]),
+            WeightData::Bf16(d) => WeightData::Bf16(&d[start..]),
+            WeightData::F16(d) => WeightData::F16(&d[start..]),
+        }
+    }
+}
+
+/// A row-major `[rows, cols]` weight matrix (HF `Linear.weight` layout: `[out, in]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<'a> {
+    pub data: WeightData<'a>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Matrix<'_> {
+    /// Element `(r, c)` as f32.
+    pub fn get(&self, r: usize, c: usize) -> f32 {
+        let i = r * self.cols + c;
+        match self.data {
+            WeightData::F32(d) => d[i],
+            WeightData::Bf16(d) => bf16_to_f32(d[i]),
+            WeightData::F16(d) => half::f16::from_bits(d[i]).to_f32(),
+        }
+    }
+
+    /// Writes row `r` as f32 into `out` (`out.len() == cols`).
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows, "row {r} out of range ({} rows)", self.rows);
+        assert_eq!(out.len(), self.cols, "output length must equal cols");
+        let src = self.data.tail_from(r * self.cols);
+        match Isa::detect() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => widen_with(avx512::Avx512::new(), src, self.cols, out),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => widen_with(avx2::Avx2::new(), src, self.cols, out),
+            _ => scalar::Scalar.widen(src, self.cols, 1, self.cols, out),
+        }
+    }
+}
+
+fn widen_with<K: Kernels>(kernels: Option<K>, src: WeightData, cols: usize, out: &mut [f32]) {
+    match kernels {
+        Some(k) => k.widen(src, cols, 1, cols, out),
+        None => scalar::Scalar.widen(src, cols, 1, cols, out),
+    }
+}
+
+/// bf16 bits to f32: bf16 is the top half of an f32.
+#[inline]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// An instruction-set level the kernels can run at, ordered from least to most capable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// Portable Rust, whatever the target.
+    Scalar,
+    /// x86-64 AVX2 with FMA and F16C.
+    Avx2,
+    /// x86-64 AVX-512 F, BW and VL.
+    Avx512,
+}
+
+/// The detected level, cached: 0 until first detection, else `Isa as u8 + 1`.
+static DETECTED: AtomicU8 = AtomicU8::new(0);
+
+impl Isa {
+    /// The best level this CPU supports (detected once, then cached).
+    #[inline]
+    pub fn detect() -> Isa {
+        match DETECTED.load(Ordering::Relaxed) {
+            1 => Isa::Scalar,
+            2 => Isa::Avx2,
+            3 => Isa::Avx512,
+            _ => {
+                let isa = Self::probe();
+                DETECTED.store(isa as u8 + 1, Ordering::Relaxed);
+                isa
+            }
+        }
+    }
+
+    fn probe() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512::Avx512::new().is_some() {
+                return Isa::Avx512;
+            }
+            if avx2::Avx2::new().is_some() {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    /// Every level this CPU can run, lowest first (for tests and benchmarks).
+    pub fn available() -> Vec<Isa> {
+        let best = Isa::detect();
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&isa| isa <= best)
+            .collect()
+    }
+}
+
+/// Reusable buffers for [`matmul`], owned by the caller so the hot loop never allocates.
+///
+/// One f32 panel per thread; a task locks a free one for its duration.
+#[derive(Default)]
+pub struct MatmulScratch {
+    panels: Vec<Mutex<Vec<f32>>>,
+}
+
+/// `out[t * w.rows + r] = sum_k x[t * w.cols + k] * w[r, k]` for every token `t < n_tokens`.
+pub fn matmul(
+    pool: &ThreadPool,
+    x: &[f32],
+    n_tokens: usize,
+    w: &Matrix,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) {
+    matmul_with(Isa::detect(), pool, x, n_tokens, w, out, scratch);
+}
+
+/// [`matmul`] at a chosen instruction-set level (capped at what the CPU supports).
+pub fn matmul_with(
+    isa: Isa,
+    pool: &ThreadPool,
+    x: &[f32],
+    n_tokens: usize,
+    w: &Matrix,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) {
+    assert_eq!(x.len(), n_tokens * w.cols, "x must hold n_tokens * cols");
+    assert_eq!(
+        out.len(),
+        n_tokens * w.rows,
+        "out must hold n_tokens * rows"
+    );
+    assert_eq!(
+        w.data.elems(),
+        w.rows * w.cols,
+        "weight data must hold rows * cols elements"
+    );
+    if out.is_empty() {
+        return;
+    }
+    if w.cols == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let product = Product {
+        x,
+        n_tokens,
+        w,
+        out: OutPtr::new(out),
+    };
+    match isa.min(Isa::detect()) {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => match avx512::Avx512::new() {
+            Some(k) => product.run(k, pool, scratch),
+            None => product.run(scalar::Scalar, pool, scratch),
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => match avx2::Avx2::new() {
+            Some(k) => product.run(k, pool, scratch),
+            None => product.run(scalar::Scalar, pool, scratch),
+        },
+        _ => product.run(scalar::Scalar, pool, scratch),
+    }
+}
+
+/// Dot product of two equal-length f32 slices.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` saw the CPU support AVX-512 F/BW/VL.
+        Isa::Avx512 => unsafe { avx512::dot(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` saw the CPU support AVX2 and FMA.
+        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        _ => scalar::dot(a, b),
+    }
+}
+
+/// `y += alpha * x`.
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` saw the CPU support AVX-512 F/BW/VL.
+        Isa::Avx512 => unsafe { avx512::axpy(y, alpha, x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detect` saw the CPU support AVX2 and FMA.
+        Isa::Avx2 => unsafe { avx2::axpy(y, alpha, x) },
+        _ => scalar::axpy(y, alpha, x),
+    }
+}
+
+/// One instruction-set level's kernels. Implementors are tokens that can only be created
+/// once the CPU is known to support the level, which is what makes these methods safe.
+trait Kernels: Copy + Send + Sync {
+    /// Most tokens one micro-kernel tile handles.
+    const TOKENS: usize;
+    /// Most weight rows one micro-kernel tile handles.
+    const ROWS: usize;
+
+    /// Computes `block` into `out` (see [`Block`]).
+    fn gemm(self, block: &Block, out: &OutBlock);
+
+    /// `dst[r * len + k] = src[r * stride + k]` widened to f32, for `r < n_rows`, `k < len`.
+    fn widen(self, src: WeightData, stride: usize, n_rows: usize, len: usize, dst: &mut [f32]);
+}
+
+/// A block of a product: `out[t, r] (+)= sum_{k < len} x[t * x_stride + k] * w[r * w_stride + k]`
+/// for `t < n_tokens`, `r < n_rows`. `x` and `w` start at the block's first column.
+struct Block<'a> {
+    x: &'a [f32],
+    x_stride: usize,
+    n_tokens: usize,
+    w: WeightData<'a>,
+    w_stride: usize,
+    n_rows: usize,
+    len: usize,
+}
+
+impl Block<'_> {
+    /// Panics unless every element the block reads lies inside its slices; kernels rely on
+    /// this to index without bounds checks.
+    fn assert_in_bounds(&self) {
+        let fits =
+            |n: usize, stride: usize, have: usize| n == 0 || (n - 1) * stride + self.len <= have;
+        assert!(fits(self.n_tokens, self.x_stride, self.x.len()));
+        assert!(fits(self.n_rows, self.w_stride, self.w.elems()));
+    }
+}
+
+/// The output of a whole product, shared by the tasks that each write their own rows.
+#[derive(Clone, Copy)]
+struct OutPtr {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: an `OutPtr` is only written through `OutBlock`s, whose creators guarantee that
+// concurrent blocks write disjoint elements.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn new(out: &mut [f32]) -> Self {
+        OutPtr {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+}
+
+/// Where a block's results go: element `(t, r)` of the block is `out[offset + t * stride + r]`.
+struct OutBlock {
+    out: OutPtr,
+    offset: usize,
+    stride: usize,
+    /// Add to the existing value rather than overwrite it.
+    accumulate: bool,
+}
+
+impl OutBlock {
+    /// # Safety
+    /// While the block is alive, no other thread may access the elements it writes, and the
+    /// slice behind `out` must outlive it.
+    unsafe fn new(out: OutPtr, offset: usize, stride: usize, accumulate: bool) -> Self {
+        OutBlock {
+            out,
+            offset,
+            stride,
+            accumulate,
+        }
+    }
+
+    #[inline]
+    fn put(&self, t: usize, r: usize, value: f32) {
+        let i = self.offset + t * self.stride + r;
+        assert!(i < self.out.len);
+        // SAFETY: in bounds (checked above) and, by `new`'s contract, only this block touches
+        // element `i` while it lives.
+        unsafe {
+            let p = self.out.ptr.add(i);
+            *p = if self.accumulate { *p + value } else { value };
+        }
+    }
+}
+
+/// Below this many multiply-adds a product runs on the calling thread only: waking the pool
+/// would cost more than it saves.
+const MIN_PARALLEL_WORK: usize = 1 << 16;
+
+/// Up to this many activation floats (`n_tokens * cols`, 256 KiB: they stay in L2), products
+/// stream the weights directly rather than widening them into panels.
+const DIRECT_MAX_X: usize = 1 << 16;
+
+/// Columns widened at a time in the panel schedule (a multiple of 16). Small enough that a
+/// panel block stays in L2 and a token tile's block in L1.
+const K_BLOCK: usize = 1024;
+
+/// Panel rows per task in the panel schedule, in micro-kernel row tiles.
+const PANEL_TILES: usize = 16;
+
+/// Direct-schedule tasks per thread (a few, so a late-starting thread is not on the critical
+/// path with a whole share).
+const DIRECT_TASKS_PER_THREAD: usize = 4;
+
+struct Product<'a> {
+    x: &'a [f32],
+    n_tokens: usize,
+    w: &'a Matrix<'a>,
+    out: OutPtr,
+}
+
+impl Product<'_> {
+    fn run<K: Kernels>(&self, k: K, pool: &ThreadPool, scratch: &mut MatmulScratch) {
+        let (rows, cols) = (self.w.rows, self.w.cols);
+        let work = rows.saturating_mul(cols).saturating_mul(self.n_tokens);
+        let threads = if work < MIN_PARALLEL_WORK {
+            1
+        } else {
+            pool.threads()
+        };
+        let direct = self.n_tokens <= K::TOKENS || self.n_tokens * cols <= DIRECT_MAX_X;
+        let (rows_per_task, panel_rows) = if direct {
+            let per = (rows.div_ceil(threads * DIRECT_TASKS_PER_THREAD)).next_multiple_of(K::ROWS);
+            (per.max(K::ROWS), 0)
+        } else {
+            // At least two panels per thread when the matrix allows it, for balance.
+            let per = rows.div_ceil(2 * threads).next_multiple_of(K::ROWS);
+            let per = per.clamp(K::ROWS, PANEL_TILES * K::ROWS);
+            (per, per)
+        };
+        let n_tasks = rows.div_ceil(rows_per_task);
+        // f32 weights need no widening, hence no panel.
+        let widen = !matches!(self.w.data, WeightData::F32(_));
+        let panel_len = panel_rows * K_BLOCK.min(cols);
+        if !direct && widen {
+            // Grow the panels here, once, rather than in whichever task first needs one.
+            let slots = threads.min(n_tasks);
+            if scratch.panels.len() < slots {
+                scratch.panels.resize_with(slots, Default::default);
+            }
+            for panel in &mut scratch.panels[..slots] {
+                let panel = panel.get_mut().unwrap_or_else(PoisonError::into_inner);
+                if panel.len() < panel_len {
+                    panel.resize(panel_len, 0.0);
+                }
+            }
+        }
+        let panels = &scratch.panels[..];
+        let task = |i: usize| {
+            let r0 = i * rows_per_task;
+            let r1 = (r0 + rows_per_task).min(rows);
+            if direct {
+                self.direct(k, r0, r1);
+            } else if widen {
+                with_panel(panels, panel_len, |panel| self.panel(k, r0, r1, panel));
+            } else {
+                self.panel(k, r0, r1, &mut []);
+            }
+        };
+        if threads == 1 || n_tasks == 1 {
+            (0..n_tasks).for_each(task);
+        } else {
+            pool.run(n_tasks, &task);
+        }
+    }
+
+    /// Rows `r0..r1` for all tokens, streaming the stored weights. With more tokens than one
+    /// tile holds, one row tile at a time, so its weights stay in L1 across the token tiles
+    /// (and are read from memory once).
+    fn direct<K: Kernels>(&self, k: K, r0: usize, r1: usize) {
+        let cols = self.w.cols;
+        let step = if self.n_tokens > K::TOKENS {
+            K::ROWS
+        } else {
+            r1 - r0
+        };
+        for g0 in (r0..r1).step_by(step) {
+            let g1 = (g0 + step).min(r1);
+            let block = Block {
+                x: self.x,
+                x_stride: cols,
+                n_tokens: self.n_tokens,
+                w: self.w.data.tail_from(g0 * cols),
+                w_stride: cols,
+                n_rows: g1 - g0,
+                len: cols,
+            };
+            // SAFETY: tasks own disjoint row ranges, so this block's elements (rows g0..g1 of
+            // every token) are written by nobody else; `out` outlives the product.
+            let out = unsafe { OutBlock::new(self.out, g0, self.w.rows, false) };
+            k.gemm(&block, &out);
+        }
+    }
+
+    /// Rows `r0..r1` for all tokens, one block of columns at a time; bf16 and f16 blocks are
+    /// first widened into `panel` (`f32` weights are used in place and `panel` may be empty).
+    fn panel<K: Kernels>(&self, k: K, r0: usize, r1: usize, panel: &mut [f32]) {
+        let cols = self.w.cols;
+        let n_rows = r1 - r0;
+        let mut k0 = 0;
+        while k0 < cols {
+            let len = K_BLOCK.min(cols - k0);
+            let src = self.w.data.tail_from(r0 * cols + k0);
+            let (w, w_stride) = match src {
+                WeightData::F32(_) => (src, cols),
+                WeightData::Bf16(_) | WeightData::F16(_) => {
+                    let panel = &mut panel[..n_rows * len];
+                    k.widen(src, cols, n_rows, len, panel);
+                    (WeightData::F32(panel), len)
+                }
+            };
+            let block = Block {
+                x: &self.x[k0..],
+                x_stride: cols,
+                n_tokens: self.n_tokens,
+                w,
+                w_stride,
+                n_rows,
+                len,
+            };
+            // SAFETY: as in `direct`: this task alone writes rows r0..r1.
+            let out = unsafe { OutBlock::new(self.out, r0, self.w.rows, k0 > 0) };
+            k.gemm(&block, &out);
+            k0 += len;
+        }
+    }
+}
+
+/// Runs `f` with a panel of `len` floats from a free scratch slot.
+fn with_panel(panels: &[Mutex<Vec<f32>>], len: usize, f: impl FnOnce(&mut [f32])) {
+    // At most `panels.len()` tasks run at once, so a free slot exists; a missing one would be
+    // a bug, and a temporary buffer keeps it a slowdown only.
+    for slot in panels {
+        if let Ok(mut panel) = slot.try_lock() {
+            if panel.len() >= len {
+                return f(&mut panel[..len]);
+            }
+        }
+    }
+    f(&mut vec![0.0; len]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift) of values in [-1, 1).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Dtype {
+        F32,
+        Bf16,
+        F16,
+    }
+
+    /// Weights stored in a dtype, plus the same values as f32 for the reference.
+    struct Weights {
+        f32s: Vec<f32>,
+        bits: Vec<u16>,
+        exact: Vec<f32>,
+        dtype: Dtype,
+    }
+
+    impl Weights {
+        fn random(rng: &mut Rng, n: usize, dtype: Dtype) -> Self {
+            let f32s = rng.vec(n);
+            let bits: Vec<u16> = match dtype {
+                Dtype::F32 => Vec::new(),
+                Dtype::Bf16 => f32s.iter().map(|v| (v.to_bits() >> 16) as u16).collect(),
+                Dtype::F16 => f32s
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect(),
+            };
+            let exact = match dtype {
+                Dtype::F32 => f32s.clone(),
+                Dtype::Bf16 => bits.iter().map(|&b| bf16_to_f32(b)).collect(),
+                Dtype::F16 => bits
+                    .iter()
+                    .map(|&b| half::f16::from_bits(b).to_f32())
+                    .collect(),
+            };
+            Weights {
+                f32s,
+                bits,
+                exact,
+                dtype,
+            }
+        }
+
+        fn matrix(&self, rows: usize, cols: usize) -> Matrix<'_> {
+            let data = match self.dtype {
+                Dtype::F32 => WeightData::F32(&self.f32s),
+                Dtype::Bf16 => WeightData::Bf16(&self.bits),
+                Dtype::F16 => WeightData::F16(&self.bits),
+            };
+            Matrix { data, rows, cols }
+        }
+    }
+
+    /// Checks `matmul_with` against an f64 reference, relative to each output's |x|.|w|.
+    fn check(isa: Isa, pool: &ThreadPool, rows: usize, cols: usize, n: usize, dtype: Dtype) {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (rows * 7919 + cols * 31 + n) as u64);
+        let w = Weights::random(&mut rng, rows * cols, dtype);
+        let x = rng.vec(n * cols);
+        let mut out = vec![f32::NAN; n * rows];
+        let mut scratch = MatmulScratch::default();
+        let m = w.matrix(rows, cols);
+        // Twice, to exercise a warm scratch.
+        for _ in 0..2 {
+            matmul_with(isa, pool, &x, n, &m, &mut out, &mut scratch);
+        }
+        for t in 0..n {
+            for r in 0..rows {
+                let (mut sum, mut bound) = (0.0f64, 0.0f64);
+                for k in 0..cols {
+                    let p = x[t * cols + k] as f64 * w.exact[r * cols + k] as f64;
+                    sum += p;
+                    bound += p.abs();
+                }
+                let got = out[t * rows + r] as f64;
+                assert!(
+                    (got - sum).abs() <= 1e-5 * bound + 1e-30,
+                    "{isa:?} {dtype:?} {rows}x{cols} n={n} t={t} r={r}: {got} vs {sum}"
+                );
+            }
+        }
+    }
+
+    const DTYPES: [Dtype; 3] = [Dtype::F32, Dtype::Bf16, Dtype::F16];
+
+    #[test]
+    fn small_and_odd_shapes_match_reference() {
+        let shapes = [
+            (1, 1),
+            (3, 5),
+            (5, 16),
+            (7, 33),
+            (8, 64),
+            (13, 17),
+            (64, 172),
+            (37, 100),
+        ];
+        let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+        for isa in Isa::available() {
+            for pool in &pools {
+                for dtype in DTYPES {
+                    for &(rows, cols) in &shapes {
+                        for n in (1..=9).chain([13, 17]) {
+                            check(isa, pool, rows, cols, n, dtype);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn larger_shapes_match_reference() {
+        // Past the parallel threshold, several panels and column blocks, ragged tails.
+        let shapes = [(130, 515), (512, 64), (203, 1100), (64, 1030)];
+        let pool = ThreadPool::new(2);
+        for isa in Isa::available() {
+            for dtype in DTYPES {
+                for &(rows, cols) in &shapes {
+                    for n in [1, 2, 3, 4, 5, 11, 33] {
+                        check(isa, &pool, rows, cols, n, dtype);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panel_schedule_matches_reference() {
+        // n_tokens * cols above DIRECT_MAX_X: widened panels, several column blocks (the last
+        // one ragged), several panels per thread.
+        let cases = [(70, 1100, 65), (9, 2100, 40), (133, 700, 100)];
+        for &(_, cols, n) in &cases {
+            assert!(n * cols > DIRECT_MAX_X);
+        }
+        let pools = [ThreadPool::new(1), ThreadPool::new(2)];
+        for isa in Isa::available() {
+            for pool in &pools {
+                for dtype in DTYPES {
+                    for &(rows, cols, n) in &cases {
+                        check(isa, pool, rows, cols, n, dtype);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_products() {
+        let pool = ThreadPool::new(2);
+        let mut scratch = MatmulScratch::default();
+        let w = Matrix {
+            data: WeightData::F32(&[]),
+            rows: 3,
+            cols: 0,
+        };
+        let mut out = vec![1.0; 6];
+        matmul(&pool, &[], 2, &w, &mut out, &mut scratch);
+        assert_eq!(out, vec![0.0; 6]);
+        let w = Matrix {
+            data: WeightData::Bf16(&[0; 12]),
+            rows: 3,
+            cols: 4,
+        };
+        matmul(&pool, &[], 0, &w, &mut [], &mut scratch);
+    }
+
+    #[test]
+    fn scratch_does_not_grow_in_steady_state() {
+        let pool = ThreadPool::new(2);
+        let mut rng = Rng(7);
+        let w = Weights::random(&mut rng, 256 * 700, Dtype::Bf16);
+        let x = rng.vec(20 * 700);
+        let mut out = vec![0.0; 20 * 256];
+        let mut scratch = MatmulScratch::default();
+        let m = w.matrix(256, 700);
+        matmul(&pool, &x, 20, &m, &mut out, &mut scratch);
+        let ptrs = |s: &MatmulScratch| -> Vec<(usize, usize)> {
+            s.panels
+                .iter()
+                .map(|p| {
+                    let p = p.lock().unwrap_or_else(PoisonError::into_inner);
+                    (p.as_ptr() as usize, p.capacity())
+                })
+                .collect()
+        };
+        let before = ptrs(&scratch);
+        for _ in 0..5 {
+            matmul(&pool, &x, 20, &m, &mut out, &mut scratch);
+        }
+        assert_eq!(before, ptrs(&scratch));
+    }
+
+    #[test]
+    fn row_to_f32_matches_get() {
+        let mut rng = Rng(11);
+        for dtype in DTYPES {
+            for cols in [1, 7, 16, 37, 100] {
+                let w = Weights::random(&mut rng, 3 * cols, dtype);
+                let m = w.matrix(3, cols);
+                let mut row = vec![0.0; cols];
+                for r in 0..3 {
+                    m.row_to_f32(r, &mut row);
+                    for (c, &v) in row.iter().enumerate() {
+                        assert_eq!(v.to_bits(), m.get(r, c).to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    type DotFn = fn(&[f32], &[f32]) -> f32;
+    type AxpyFn = fn(&mut [f32], f32, &[f32]);
+
+    /// `dot` and `axpy` at every level the CPU supports.
+    fn vector_kernels() -> Vec<(Isa, DotFn, AxpyFn)> {
+        let mut all: Vec<(Isa, DotFn, AxpyFn)> = vec![(Isa::Scalar, scalar::dot, scalar::axpy)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::Avx2::new().is_some() {
+                // SAFETY: the CPU supports AVX2/FMA/F16C (checked just above).
+                all.push((
+                    Isa::Avx2,
+                    |a, b| unsafe { avx2::dot(a, b) },
+                    |y, a, x| unsafe { avx2::axpy(y, a, x) },
+                ));
+            }
+            if avx512::Avx512::new().is_some() {
+                // SAFETY: the CPU supports AVX-512 F/BW/VL (checked just above).
+                all.push((
+                    Isa::Avx512,
+                    |a, b| unsafe { avx512::dot(a, b) },
+                    |y, a, x| unsafe { avx512::axpy(y, a, x) },
+                ));
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn dot_and_axpy_match_reference() {
+        let mut rng = Rng(3);
+        for (isa, dot, axpy) in vector_kernels() {
+            for n in 0..=140 {
+                let a = rng.vec(n);
+                let b = rng.vec(n);
+                let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+                let bound: f64 = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(&x, &y)| (x as f64 * y as f64).abs())
+                    .sum();
+                let got = dot(&a, &b) as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-6 * bound + 1e-30,
+                    "{isa:?} dot n={n}"
+                );
+
+                let mut y = b.clone();
+                axpy(&mut y, 0.75, &a);
+                for i in 0..n {
+                    let want = b[i] as f64 + 0.75 * a[i] as f64;
+                    assert!(
+                        (y[i] as f64 - want).abs() <= 1e-6,
+                        "{isa:?} axpy n={n} i={i}"
+                    );
+                }
+            }
+        }
+        // The dispatched versions agree with the best level.
+        let (a, b) = (rng.vec(77), rng.vec(77));
+        let best = vector_kernels().last().map(|k| k.1(&a, &b));
+        assert_eq!(best, Some(dot(&a, &b)));
+    }
+}

@@ -1,0 +1,91 @@
+//! Element-wise pieces of the forward pass, computed in f32 the way HF transformers does.
+
+/// `out = weight * (x * rsqrt(mean(x²) + eps))` (HF `LlamaRMSNorm`).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let sum_sq: f32 = x.iter().map(|v| v * v).sum();
+    let inv = 1.0 / (sum_sq / x.len() as f32 + eps).sqrt();
+    for ((o, &xv), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = w * (xv * inv);
+    }
+}
+
+/// `gate = silu(gate) * up`, in place.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let silu = *g / (1.0 + (-*g).exp());
+        *g = silu * u;
+    }
+}
+
+/// Adds `bias` to every row of `rows` (`rows.len()` a multiple of `bias.len()`).
+pub fn add_bias(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+/// `x += y`.
+pub fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// HF's rotate_half RoPE on one head: the first and second halves of `head` are the pairs.
+pub fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    let (lo, hi) = head.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (lo[i], hi[i]);
+        lo[i] = a * cos[i] - b * sin[i];
+        hi[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// In-place softmax.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_across_halves() {
+        let mut head = [1.0, 2.0, 3.0, 4.0];
+        let (c, s) = (0.6f32, 0.8f32);
+        apply_rope(&mut head, &[c, 1.0], &[s, 0.0]);
+        assert!((head[0] - (1.0 * c - 3.0 * s)).abs() < 1e-6);
+        assert!((head[2] - (3.0 * c + 1.0 * s)).abs() < 1e-6);
+        assert_eq!((head[1], head[3]), (2.0, 4.0));
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_survives_large_values() {
+        let mut x = [1000.0, 1001.0, 999.0];
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[1] > x[0] && x[0] > x[2]);
+    }
+
+    #[test]
+    fn rms_norm_matches_definition() {
+        let x = [1.0, -2.0, 3.0, -4.0];
+        let mut out = [0.0; 4];
+        rms_norm(&x, &[1.0, 2.0, 1.0, 1.0], 0.0, &mut out);
+        let rms = (30.0f32 / 4.0).sqrt();
+        assert!((out[1] - 2.0 * -2.0 / rms).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,140 @@
+//! A simple batch generation loop: every prompt enters at once, prompts are prefilled in
+//! chunks, then all sequences decode together until each one finishes. The CLI and the tests
+//! use it; the server's scheduler drives the same executor with requests coming and going.
+
+use super::cpu::{BatchEntry, CpuExecutor, ExecError};
+use super::error::ModelError;
+use super::generation::{Generation, GenerationParams, TokenEvent};
+use super::kv_cache::{KvCache, KvCacheFull, SequenceKv};
+use super::Model;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    #[error(transparent)]
+    KvFull(#[from] KvCacheFull),
+    #[error("prompt {0} is empty")]
+    EmptyPrompt(usize),
+    #[error("prompt ({prompt} tokens) plus max_new_tokens ({max_new}) exceeds the context of {context} tokens")]
+    TooLong {
+        prompt: usize,
+        max_new: usize,
+        context: usize,
+    },
+}
+
+/// What one prompt produced.
+pub struct Outcome {
+    pub generation: Generation,
+    /// Logits of the first generated step (before sampling changed them).
+    pub first_logits: Vec<f32>,
+}
+
+struct Slot<'p> {
+    prompt: &'p [u32],
+    prefilled: usize,
+    kv: SequenceKv,
+    last: [u32; 1],
+    generation: Generation,
+    first_logits: Vec<f32>,
+}
+
+/// Generates for every prompt together. `prefill_chunk` caps the prompt tokens a sequence
+/// feeds per pass. `on_token(prompt_index, event)` sees every token as it is produced.
+pub fn generate_batch(
+    model: &Model,
+    executor: &mut CpuExecutor,
+    prompts: &[Vec<u32>],
+    params: &GenerationParams,
+    prefill_chunk: usize,
+    mut on_token: impl FnMut(usize, &TokenEvent),
+) -> Result<Vec<Outcome>, GenerateError> {
+    let context = model.config.max_position_embeddings;
+    let mut blocks = 0;
+    for (i, prompt) in prompts.iter().enumerate() {
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt(i));
+        }
+        if prompt.len() + params.max_new_tokens > context {
+            return Err(GenerateError::TooLong {
+                prompt: prompt.len(),
+                max_new: params.max_new_tokens,
+                context,
+            });
+        }
+        blocks += KvCache::blocks_for(prompt.len() + params.max_new_tokens);
+    }
+    let mut kv = KvCache::new(model.kv_layout(), blocks);
+    let vocab = model.config.vocab_size;
+    let mut slots: Vec<Slot> = prompts
+        .iter()
+        .map(|prompt| Slot {
+            prompt,
+            prefilled: 0,
+            kv: SequenceKv::new(),
+            last: [0],
+            generation: Generation::new(params.clone(), prompt, &model.eos_token_ids, vocab),
+            first_logits: Vec::new(),
+        })
+        .collect();
+    let chunk = prefill_chunk.max(1);
+    let mut logits = Vec::new();
+    loop {
+        let mut batch = Vec::new();
+        let mut owners = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if slot.generation.finished().is_some() || params.max_new_tokens == 0 {
+                continue;
+            }
+            let prompt: &[u32] = slot.prompt;
+            let tokens: &[u32] = if slot.prefilled < prompt.len() {
+                let end = (slot.prefilled + chunk).min(prompt.len());
+                let part = &prompt[slot.prefilled..end];
+                slot.prefilled = end;
+                part
+            } else {
+                &slot.last
+            };
+            kv.reserve(&mut slot.kv, tokens.len())?;
+            let want_logits = slot.prefilled == slot.prompt.len();
+            owners.push((i, want_logits));
+            batch.push(BatchEntry {
+                tokens,
+                kv: &mut slot.kv,
+                want_logits,
+            });
+        }
+        if batch.is_empty() {
+            break;
+        }
+        executor.forward(
+            &model.config,
+            &model.weights,
+            &mut kv,
+            &mut batch,
+            &mut logits,
+        )?;
+        drop(batch);
+        let mut rows = logits.chunks_exact_mut(vocab);
+        for (i, _) in owners.into_iter().filter(|(_, want)| *want) {
+            let Some(row) = rows.next() else { break };
+            let slot = &mut slots[i];
+            if slot.generation.output_ids().is_empty() {
+                slot.first_logits = row.to_vec();
+            }
+            let event = slot.generation.step(row, &model.tokenizer)?;
+            slot.last = [event.id];
+            on_token(i, &event);
+        }
+    }
+    Ok(slots
+        .into_iter()
+        .map(|s| Outcome {
+            generation: s.generation,
+            first_logits: s.first_logits,
+        })
+        .collect())
+}

@@ -1,0 +1,156 @@
+//! One sequence's generation state: sampling, stop conditions and the text streamed so far.
+//! The scheduler (and the CLI's simple driver) feed it one row of logits per step.
+
+use super::error::Result;
+use super::sampling::{Sampler, SamplingParams};
+use super::tokenizer::{ModelTokenizer, StreamDecoder};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Stop as soon as the generated text contains one of these.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams {
+            max_new_tokens: 64,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_new_tokens` reached.
+    Length,
+    EosToken,
+    StopSequence,
+}
+
+impl FinishReason {
+    /// The name TGI uses in `details.finish_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::EosToken => "eos_token",
+            FinishReason::StopSequence => "stop_sequence",
+        }
+    }
+}
+
+/// What one step produced for a sequence.
+#[derive(Clone, Debug)]
+pub struct TokenEvent {
+    pub id: u32,
+    /// Text this token completed (may be empty while a character is still partial).
+    pub text: String,
+    pub finished: Option<FinishReason>,
+}
+
+pub struct Generation {
+    params: GenerationParams,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    eos_token_ids: Vec<u32>,
+    output_ids: Vec<u32>,
+    text: String,
+    finished: Option<FinishReason>,
+}
+
+impl Generation {
+    pub fn new(
+        params: GenerationParams,
+        prompt_ids: &[u32],
+        eos_token_ids: &[u32],
+        vocab_size: usize,
+    ) -> Self {
+        let mut sampler = Sampler::new(params.sampling.clone(), vocab_size);
+        for &id in prompt_ids {
+            sampler.observe(id);
+        }
+        Generation {
+            params,
+            sampler,
+            decoder: StreamDecoder::new(),
+            eos_token_ids: eos_token_ids.to_vec(),
+            output_ids: Vec::new(),
+            text: String::new(),
+            finished: None,
+        }
+    }
+
+    /// Samples from `logits` (one row of vocab size), appends the token, checks stop conditions.
+    pub fn step(&mut self, logits: &mut [f32], tokenizer: &ModelTokenizer) -> Result<TokenEvent> {
+        let id = self.sampler.sample(logits);
+        self.push_token(id, tokenizer)
+    }
+
+    /// Appends `id` as if it had been sampled.
+    pub fn push_token(&mut self, id: u32, tokenizer: &ModelTokenizer) -> Result<TokenEvent> {
+        debug_assert!(self.finished.is_none(), "step after finish");
+        self.sampler.observe(id);
+        self.output_ids.push(id);
+        let is_eos = !self.params.ignore_eos && self.eos_token_ids.contains(&id);
+        let mut piece = self.decoder.push(tokenizer, id)?;
+        let length_done = self.output_ids.len() >= self.params.max_new_tokens;
+        if is_eos || length_done {
+            piece.push_str(&self.decoder.finish(tokenizer)?);
+        }
+        let search_from = self.text.len();
+        self.text.push_str(&piece);
+        self.finished = if self.stop_found(search_from) {
+            Some(FinishReason::StopSequence)
+        } else if is_eos {
+            Some(FinishReason::EosToken)
+        } else if length_done {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        Ok(TokenEvent {
+            id,
+            text: piece,
+            finished: self.finished,
+        })
+    }
+
+    /// Whether a stop sequence ends within the text added after `search_from`.
+    fn stop_found(&self, search_from: usize) -> bool {
+        self.params
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .any(|stop| {
+                // Only look where a match could involve the new text.
+                let mut start = search_from.saturating_sub(stop.len() - 1);
+                while !self.text.is_char_boundary(start) {
+                    start -= 1;
+                }
+                self.text[start..].contains(stop.as_str())
+            })
+    }
+
+    pub fn params(&self) -> &GenerationParams {
+        &self.params
+    }
+
+    pub fn output_ids(&self) -> &[u32] {
+        &self.output_ids
+    }
+
+    /// The generated text so far (special tokens skipped, stop sequence included).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finished
+    }
+}

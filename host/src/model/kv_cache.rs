@@ -1,0 +1,186 @@
+//! A paged key/value cache: fixed-size blocks of token slots, a free list, and a block table
+//! per sequence. The scheduler reserves blocks before a forward pass and releases them when a
+//! sequence ends; the executor only reads and writes slots.
+
+/// Tokens per block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// The cache has no free block left for a reservation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("KV cache full: need {needed} more blocks, {free} free")]
+pub struct KvCacheFull {
+    pub needed: usize,
+    pub free: usize,
+}
+
+/// One sequence's view of the cache: its blocks in order and how many tokens they hold.
+#[derive(Debug, Default)]
+pub struct SequenceKv {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl SequenceKv {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tokens whose keys and values are stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Token slots available without reserving more blocks.
+    pub fn capacity(&self) -> usize {
+        self.blocks.len() * BLOCK_SIZE
+    }
+
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    /// The global slot index of token position `pos`.
+    #[inline]
+    pub fn slot(&self, pos: usize) -> usize {
+        self.blocks[pos / BLOCK_SIZE] as usize * BLOCK_SIZE + pos % BLOCK_SIZE
+    }
+
+    /// Records that `n` more tokens were written (the executor calls this after a pass).
+    pub(crate) fn advance(&mut self, n: usize) {
+        debug_assert!(self.len + n <= self.capacity());
+        self.len += n;
+    }
+}
+
+/// Shape of the stored keys and values.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    /// `num_key_value_heads * head_dim`: floats per token per layer, for K and for V.
+    pub kv_dim: usize,
+}
+
+/// Keys and values for every layer, in `[slot][kv_head][head_dim]` order, kept in f32.
+pub struct KvCache {
+    layout: KvLayout,
+    num_blocks: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    free: Vec<u32>,
+}
+
+impl KvCache {
+    /// A cache of `num_blocks` blocks, all allocated up front.
+    pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
+        let floats = num_blocks * BLOCK_SIZE * layout.kv_dim;
+        KvCache {
+            layout,
+            num_blocks,
+            keys: (0..layout.num_layers).map(|_| vec![0.0; floats]).collect(),
+            values: (0..layout.num_layers).map(|_| vec![0.0; floats]).collect(),
+            // Popped from the end: hand out low block numbers first.
+            free: (0..num_blocks as u32).rev().collect(),
+        }
+    }
+
+    /// Bytes one block takes across all layers (keys and values).
+    pub fn block_bytes(layout: KvLayout) -> usize {
+        2 * layout.num_layers * BLOCK_SIZE * layout.kv_dim * std::mem::size_of::<f32>()
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.num_blocks - self.free.len()
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(tokens: usize) -> usize {
+        tokens.div_ceil(BLOCK_SIZE)
+    }
+
+    /// Makes room in `seq` for `additional` more tokens; takes nothing if it cannot take all.
+    pub fn reserve(&mut self, seq: &mut SequenceKv, additional: usize) -> Result<(), KvCacheFull> {
+        let needed = Self::blocks_for(seq.len + additional).saturating_sub(seq.blocks.len());
+        if needed > self.free.len() {
+            return Err(KvCacheFull {
+                needed,
+                free: self.free.len(),
+            });
+        }
+        let start = self.free.len() - needed;
+        seq.blocks.extend(self.free.drain(start..).rev());
+        Ok(())
+    }
+
+    /// Returns all of `seq`'s blocks to the free list and empties it.
+    pub fn release(&mut self, seq: &mut SequenceKv) {
+        self.free.extend(seq.blocks.drain(..).rev());
+        seq.len = 0;
+    }
+
+    /// Layer `layer`'s key and value storage.
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
+        (&mut self.keys[layer], &mut self.values[layer])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(blocks: usize) -> KvCache {
+        KvCache::new(
+            KvLayout {
+                num_layers: 1,
+                kv_dim: 4,
+            },
+            blocks,
+        )
+    }
+
+    #[test]
+    fn reserve_and_release_round_trip() {
+        let mut kv = cache(4);
+        let mut a = SequenceKv::new();
+        kv.reserve(&mut a, 17).unwrap();
+        assert_eq!(a.blocks().len(), 2);
+        assert_eq!(kv.free_blocks(), 2);
+        a.advance(17);
+        kv.reserve(&mut a, 15).unwrap();
+        assert_eq!(a.blocks().len(), 2, "32 tokens fit in two blocks");
+        let err = kv.reserve(&mut a, 60).unwrap_err();
+        assert_eq!(err, KvCacheFull { needed: 3, free: 2 });
+        assert_eq!(a.blocks().len(), 2, "a failed reservation takes nothing");
+        kv.release(&mut a);
+        assert_eq!(kv.free_blocks(), 4);
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn slots_follow_the_block_table() {
+        let mut kv = cache(3);
+        let mut a = SequenceKv::new();
+        let mut b = SequenceKv::new();
+        kv.reserve(&mut a, 1).unwrap();
+        kv.reserve(&mut b, 1).unwrap();
+        kv.reserve(&mut a, 20).unwrap();
+        assert_eq!(a.slot(0), a.blocks()[0] as usize * BLOCK_SIZE);
+        assert_eq!(a.slot(17), a.blocks()[1] as usize * BLOCK_SIZE + 1);
+        assert_ne!(a.blocks()[1], b.blocks()[0]);
+    }
+}

@@ -1,0 +1,120 @@
+//! The weights of a Llama-family decoder (llama, mistral, qwen2), under their HF names.
+
+use super::config::ModelConfig;
+use super::error::Result;
+use super::weights::{DType, SafetensorsStore, Tensor};
+
+/// A linear layer: `[out, in]` weight and an optional bias (widened to f32).
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Vec<f32>>,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Vec<f32>,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub post_attention_layernorm: Vec<f32>,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct ModelWeights {
+    /// `model.embed_tokens.weight`, `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm.weight`.
+    pub norm: Vec<f32>,
+    /// `lm_head.weight`; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+}
+
+impl ModelWeights {
+    /// Loads and shape-checks every tensor the config calls for.
+    pub fn load(store: &SafetensorsStore, config: &ModelConfig) -> Result<Self> {
+        let h = config.hidden_size;
+        let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
+            Ok(store.tensor(name, &[len])?.to_f32_vec())
+        };
+        let linear = |name: &str, rows: usize, cols: usize, bias: bool| -> Result<Linear> {
+            Ok(Linear {
+                weight: store.tensor(&format!("{name}.weight"), &[rows, cols])?,
+                bias: if bias {
+                    Some(vector(&format!("{name}.bias"), rows)?)
+                } else {
+                    None
+                },
+            })
+        };
+        let embed_tokens = store.tensor("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let (qkv, o, mlp) = (config.qkv_bias, config.o_bias, config.mlp_bias);
+            let inter = config.intermediate_size;
+            layers.push(DecoderLayer {
+                input_layernorm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+                q_proj: linear(&format!("{p}.self_attn.q_proj"), config.q_dim(), h, qkv)?,
+                k_proj: linear(&format!("{p}.self_attn.k_proj"), config.kv_dim(), h, qkv)?,
+                v_proj: linear(&format!("{p}.self_attn.v_proj"), config.kv_dim(), h, qkv)?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), h, config.q_dim(), o)?,
+                post_attention_layernorm: vector(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                )?,
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, h, mlp)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), inter, h, mlp)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), h, inter, mlp)?,
+            });
+        }
+        let norm = vector("model.norm.weight", h)?;
+        // As in HF: tied models reuse the embedding matrix, untied ones must ship lm_head.
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(store.tensor("lm_head.weight", &[config.vocab_size, h])?)
+        };
+        Ok(ModelWeights {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// The output projection: `lm_head`, or the embedding matrix when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// The dtype the large matrices are stored in.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype
+    }
+
+    /// Bytes of weights read for one decode step (every matrix once).
+    pub fn decode_bytes(&self) -> usize {
+        let layer_bytes: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.q_proj,
+                    &l.k_proj,
+                    &l.v_proj,
+                    &l.o_proj,
+                    &l.gate_proj,
+                    &l.up_proj,
+                    &l.down_proj,
+                ]
+                .iter()
+                .map(|lin| lin.weight.size_bytes())
+                .sum::<usize>()
+            })
+            .sum();
+        layer_bytes + self.lm_head().size_bytes()
+    }
+}

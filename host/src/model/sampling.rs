@@ -1,0 +1,238 @@
+//! Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p,
+//! after an optional repetition penalty (HF order: penalty, temperature, top-k, top-p).
+
+use super::rng::Rng;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// Sample (true) or take the most likely token (false).
+    pub do_sample: bool,
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens; 0 keeps all.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1.0 keeps all.
+    pub top_p: f32,
+    /// HF repetition penalty over prompt and generated tokens; 1.0 is none.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding: no sampling, or a temperature of zero.
+    pub fn is_greedy(&self) -> bool {
+        !self.do_sample || self.temperature <= 0.0
+    }
+}
+
+/// Per-sequence sampling state: the RNG and which tokens have been seen.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    /// Tokens seen in prompt or output (each penalised once, as HF does).
+    seen: Vec<bool>,
+    candidates: Vec<(f32, u32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, vocab_size: usize) -> Self {
+        Sampler {
+            rng: Rng::new(params.seed),
+            seen: if params.repetition_penalty != 1.0 {
+                vec![false; vocab_size]
+            } else {
+                Vec::new()
+            },
+            params,
+            candidates: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Records a prompt or generated token for the repetition penalty.
+    pub fn observe(&mut self, token: u32) {
+        if let Some(seen) = self.seen.get_mut(token as usize) {
+            *seen = true;
+        }
+    }
+
+    /// Picks the next token; `logits` may be modified.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.apply_repetition_penalty(logits);
+        if self.params.is_greedy() {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / self.params.temperature;
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (l * inv_t, i as u32)),
+        );
+        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
+        if self.params.top_k > 0 && self.params.top_k < c.len() {
+            c.select_nth_unstable_by(self.params.top_k - 1, by_logit_desc);
+            c.truncate(self.params.top_k);
+        }
+        c.sort_unstable_by(by_logit_desc);
+        // Softmax over the survivors (the max is first).
+        let max = c[0].0;
+        let mut total = 0.0f64;
+        for cand in c.iter_mut() {
+            cand.0 = (cand.0 - max).exp();
+            total += cand.0 as f64;
+        }
+        if self.params.top_p < 1.0 {
+            let mut cumulative = 0.0f64;
+            let mut keep = c.len();
+            for (i, cand) in c.iter().enumerate() {
+                cumulative += cand.0 as f64 / total;
+                if cumulative >= self.params.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep);
+            total = c.iter().map(|cand| cand.0 as f64).sum();
+        }
+        let mut target = self.rng.next_f64() * total;
+        for cand in c.iter() {
+            target -= cand.0 as f64;
+            if target < 0.0 {
+                return cand.1;
+            }
+        }
+        c.last().map_or(0, |cand| cand.1)
+    }
+
+    fn apply_repetition_penalty(&self, logits: &mut [f32]) {
+        let penalty = self.params.repetition_penalty;
+        if penalty == 1.0 {
+            return;
+        }
+        for (logit, _) in logits.iter_mut().zip(&self.seen).filter(|(_, &s)| s) {
+            *logit = if *logit > 0.0 {
+                *logit / penalty
+            } else {
+                *logit * penalty
+            };
+        }
+    }
+}
+
+/// Index of the largest logit (the first one on ties, like `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(seed: u64) -> SamplingParams {
+        SamplingParams {
+            do_sample: true,
+            temperature: 1.0,
+            seed,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_argmax() {
+        let mut s = Sampler::new(SamplingParams::default(), 4);
+        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_samples() {
+        let logits = [1.0, 1.1, 0.9, 1.05, 0.5];
+        let draw = |seed| {
+            let mut s = Sampler::new(sampling(seed), 5);
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_k: 1,
+                ..sampling(3)
+            },
+            4,
+        );
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [1.0, 1.2, 1.1, 0.0]), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps the first two.
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: 0.7,
+                ..sampling(11)
+            },
+            4,
+        );
+        for _ in 0..200 {
+            let t = s.sample(&mut [3.0, 2.0, 1.0, 0.0]);
+            assert!(t < 2, "token {t} is outside the nucleus");
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_discourages_seen_tokens() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(params, 3);
+        s.observe(0);
+        // 2.0 / 2 = 1.0 < 1.5: the seen token loses.
+        assert_eq!(s.sample(&mut [2.0, 1.5, -1.0]), 1);
+    }
+
+    #[test]
+    fn low_temperature_concentrates() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.01,
+                ..sampling(5)
+            },
+            3,
+        );
+        for _ in 0..50 {
+            assert_eq!(s.sample(&mut [1.0, 1.5, 0.5]), 1);
+        }
+    }
+}

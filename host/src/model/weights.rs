@@ -1,0 +1,289 @@
+//! Tensors from `*.safetensors` files, memory-mapped and kept in their stored dtype.
+
+use super::cpu::matmul::{Matrix, WeightData};
+use super::error::{read_json, ModelError, Result};
+use memmap2::Mmap;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Element types the executor computes with (always widened to f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<DType> {
+        match name.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Some(DType::F32),
+            "f16" | "float16" => Some(DType::F16),
+            "bf16" | "bfloat16" => Some(DType::Bf16),
+            _ => None,
+        }
+    }
+}
+
+/// Where a tensor's elements live.
+enum Storage {
+    /// A byte range of a memory-mapped file, aligned for the dtype.
+    Mapped {
+        map: Arc<Mmap>,
+        range: Range<usize>,
+    },
+    F32(Vec<f32>),
+    /// bf16 or f16 bits.
+    Half(Vec<u16>),
+}
+
+/// One weight tensor in its stored dtype.
+pub struct Tensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    storage: Storage,
+}
+
+impl Tensor {
+    /// A tensor owning f32 data (used for synthetic weights and tests).
+    pub fn from_f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor {
+            dtype: DType::F32,
+            shape,
+            storage: Storage::F32(data),
+        }
+    }
+
+    /// A tensor owning bf16 or f16 bits.
+    pub fn from_half_bits(dtype: DType, shape: Vec<usize>, bits: Vec<u16>) -> Tensor {
+        debug_assert!(dtype != DType::F32);
+        debug_assert_eq!(shape.iter().product::<usize>(), bits.len());
+        Tensor {
+            dtype,
+            shape,
+            storage: Storage::Half(bits),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.len() * self.dtype.size()
+    }
+
+    /// The elements in their stored dtype.
+    pub fn data(&self) -> WeightData<'_> {
+        match &self.storage {
+            Storage::F32(v) => WeightData::F32(v),
+            Storage::Half(v) => self.half(v),
+            Storage::Mapped { map, range } => {
+                let bytes = &map[range.clone()];
+                // Alignment was checked when the tensor was opened (see `open_tensor`).
+                match self.dtype {
+                    DType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
+                    _ => self.half(bytemuck::cast_slice(bytes)),
+                }
+            }
+        }
+    }
+
+    fn half<'a>(&self, bits: &'a [u16]) -> WeightData<'a> {
+        if self.dtype == DType::Bf16 {
+            WeightData::Bf16(bits)
+        } else {
+            WeightData::F16(bits)
+        }
+    }
+
+    /// This 2-D tensor as a `[rows, cols]` matrix.
+    pub fn matrix(&self) -> Matrix<'_> {
+        Matrix {
+            data: self.data(),
+            rows: self.shape[0],
+            cols: self.shape.get(1).copied().unwrap_or(1),
+        }
+    }
+
+    /// All elements widened to f32 (for small vectors: norms, biases).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let m = Matrix {
+            data: self.data(),
+            rows: 1,
+            cols: self.len(),
+        };
+        let mut out = vec![0.0; self.len()];
+        m.row_to_f32(0, &mut out);
+        out
+    }
+}
+
+struct TensorEntry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+/// Every tensor of a model folder's safetensors file(s), by HF name.
+pub struct SafetensorsStore {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl SafetensorsStore {
+    /// Opens `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let file_names: Vec<PathBuf> = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            let index: ShardIndex = read_json(&index)?;
+            let names: BTreeSet<String> = index.weight_map.into_values().collect();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            return Err(ModelError::MissingFile(
+                dir.to_path_buf(),
+                "model.safetensors (or model.safetensors.index.json)",
+            ));
+        };
+        let mut store = SafetensorsStore {
+            dir: dir.to_path_buf(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        for path in file_names {
+            store.add_file(path)?;
+        }
+        Ok(store)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let io = |source| ModelError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&path).map_err(io)?;
+        // SAFETY: the map is read-only; a model file being rewritten while served is outside
+        // what any inference server can defend against (the same holds for every mmap loader).
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let corrupt = |message: String| ModelError::CorruptSafetensors {
+            path: path.clone(),
+            message,
+        };
+        let (header_len, metadata) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| corrupt(format!("{e:?}")))?;
+        let data_start = 8 + header_len;
+        let file_index = self.files.len();
+        for (name, info) in metadata.tensors() {
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::Bf16,
+                other => {
+                    return Err(ModelError::UnsupportedDtype {
+                        path: path.clone(),
+                        tensor: name,
+                        dtype: format!("{other:?}"),
+                    })
+                }
+            };
+            let (begin, end) = info.data_offsets;
+            self.tensors.insert(
+                name,
+                TensorEntry {
+                    file: file_index,
+                    dtype,
+                    shape: info.shape.clone(),
+                    range: data_start + begin..data_start + end,
+                },
+            );
+        }
+        self.files.push((path, Arc::new(map)));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name`, checked to have `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                dir: self.dir.clone(),
+                tensor: name.to_string(),
+            })?;
+        let (path, map) = &self.files[entry.file];
+        if entry.shape != shape {
+            return Err(ModelError::WrongShape {
+                path: path.clone(),
+                tensor: name.to_string(),
+                actual: entry.shape.clone(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(open_tensor(map, entry))
+    }
+}
+
+/// Wraps a mapped byte range, copying it only when the file leaves it misaligned for its dtype.
+fn open_tensor(map: &Arc<Mmap>, entry: &TensorEntry) -> Tensor {
+    let bytes = &map[entry.range.clone()];
+    let aligned = (bytes.as_ptr() as usize).is_multiple_of(entry.dtype.size());
+    let storage = if aligned {
+        Storage::Mapped {
+            map: Arc::clone(map),
+            range: entry.range.clone(),
+        }
+    } else if entry.dtype == DType::F32 {
+        let values = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Storage::F32(values)
+    } else {
+        let values = bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        Storage::Half(values)
+    };
+    Tensor {
+        dtype: entry.dtype,
+        shape: entry.shape.clone(),
+        storage,
+    }
+}

@@ -1,0 +1,361 @@
+//! The continuous-batching loop. Each iteration: drop sequences whose client has gone, admit
+//! queued requests while KV blocks allow, plan one forward pass under the token budget (every
+//! decoding sequence gets its token first, prefill chunks share what is left), preempt the
+//! newest sequences if the cache cannot hold the plan, run the pass, and stream the tokens.
+
+use super::sequence::Sequence;
+use super::{Finish, Pending, SchedulerStats, SeqEvent};
+use crate::admission::queue::RequestQueue;
+use crate::metrics::Metrics;
+use crate::model::cpu::{BatchEntry, CpuExecutor};
+use crate::model::kv_cache::KvCache;
+use crate::model::Model;
+use crate::tracker::{RequestTracker, Stage};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Limits the loop works within.
+#[derive(Clone, Debug)]
+pub struct SchedulerSettings {
+    pub max_running_sequences: usize,
+    /// Tokens per forward pass (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Most prompt tokens one sequence feeds per pass.
+    pub prefill_chunk: usize,
+    pub kv_cache_blocks: usize,
+    pub threads: usize,
+}
+
+struct Loop {
+    model: Arc<Model>,
+    settings: SchedulerSettings,
+    queue: Arc<RequestQueue<Pending>>,
+    stats: Arc<SchedulerStats>,
+    tracker: Arc<RequestTracker>,
+    metrics: Arc<Metrics>,
+    executor: CpuExecutor,
+    kv: KvCache,
+    running: Vec<Sequence>,
+    /// Sequences pushed out of the cache; they run again before anything new is admitted.
+    preempted: VecDeque<Sequence>,
+    logits: Vec<f32>,
+}
+
+pub(super) fn run(
+    model: Arc<Model>,
+    settings: SchedulerSettings,
+    queue: Arc<RequestQueue<Pending>>,
+    stats: Arc<SchedulerStats>,
+    stop: Arc<AtomicBool>,
+    tracker: Arc<RequestTracker>,
+    metrics: Arc<Metrics>,
+) {
+    let _ = stats.started.set(Instant::now());
+    // Any one request that fits the context must fit the cache, or it could never run.
+    let min_blocks = KvCache::blocks_for(model.config.max_position_embeddings + 1);
+    let kv = KvCache::new(model.kv_layout(), settings.kv_cache_blocks.max(min_blocks));
+    stats
+        .kv_blocks_total
+        .store(kv.total_blocks(), Ordering::Relaxed);
+    let mut state = Loop {
+        executor: CpuExecutor::new(&model.config, settings.threads),
+        kv,
+        model,
+        settings,
+        queue,
+        stats,
+        tracker,
+        metrics,
+        running: Vec::new(),
+        preempted: VecDeque::new(),
+        logits: Vec::new(),
+    };
+    state.stats.alive.store(true, Ordering::SeqCst);
+    loop {
+        state.tick();
+        state.drop_gone_clients();
+        state.admit();
+        if state.running.is_empty() {
+            if stop.load(Ordering::SeqCst) && state.queue.is_empty() && state.preempted.is_empty() {
+                break;
+            }
+            state.queue.wait_for_work(Duration::from_millis(50));
+            continue;
+        }
+        state.step();
+    }
+    state.stats.alive.store(false, Ordering::SeqCst);
+}
+
+impl Loop {
+    fn tick(&self) {
+        if let Some(started) = self.stats.started.get() {
+            let ms = started.elapsed().as_millis() as u64;
+            self.stats.last_tick_ms.store(ms, Ordering::Relaxed);
+        }
+        let s = &self.stats;
+        s.running_sequences
+            .store(self.running.len(), Ordering::Relaxed);
+        s.kv_blocks_used
+            .store(self.kv.used_blocks(), Ordering::Relaxed);
+        self.metrics
+            .gauge("cllm_running_sequences")
+            .set(self.running.len() as f64);
+        self.metrics
+            .gauge("cllm_kv_cache_usage_ratio")
+            .set(s.kv_usage());
+        self.metrics
+            .gauge("cllm_queue_size")
+            .set(self.queue.len() as f64);
+    }
+
+    fn drop_gone_clients(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].client_gone() {
+                let mut seq = self.running.remove(i);
+                self.kv.release(&mut seq.kv);
+                self.tracker.record_with(
+                    &seq.pending.request_id,
+                    Stage::Cancelled,
+                    "client disconnected",
+                );
+            } else {
+                i += 1;
+            }
+        }
+        self.preempted.retain(|seq| !seq.client_gone());
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.settings.max_running_sequences {
+            if let Some(seq) = self.preempted.front() {
+                if !self.try_reserve_prompt_of(seq.tokens.len()) {
+                    return;
+                }
+                let Some(mut seq) = self.preempted.pop_front() else {
+                    return;
+                };
+                if self.kv.reserve(&mut seq.kv, seq.tokens.len()).is_err() {
+                    self.preempted.push_front(seq);
+                    return;
+                }
+                self.tracker
+                    .record(&seq.pending.request_id, Stage::Scheduled);
+                self.running.push(seq);
+                continue;
+            }
+            let free = self.kv.free_blocks();
+            let Some(popped) = self
+                .queue
+                .pop_if(|p| KvCache::blocks_for(p.prompt_ids.len() + 1) <= free)
+            else {
+                return;
+            };
+            let pending = popped.item;
+            if pending.events.is_closed() {
+                self.tracker.record_with(
+                    &pending.request_id,
+                    Stage::Cancelled,
+                    "client disconnected",
+                );
+                continue;
+            }
+            self.metrics
+                .histogram("cllm_queue_wait_seconds", &[])
+                .record(popped.waited.as_secs_f64());
+            self.metrics
+                .counter("cllm_prompt_tokens_total", &[])
+                .increment(pending.prompt_ids.len() as u64);
+            let mut seq = Sequence::new(pending, &self.model);
+            if self.kv.reserve(&mut seq.kv, seq.tokens.len()).is_err() {
+                // pop_if checked the room; nothing else takes blocks on this thread.
+                seq.send(SeqEvent::Failed("KV cache accounting error".into()));
+                continue;
+            }
+            self.tracker
+                .record(&seq.pending.request_id, Stage::Scheduled);
+            seq.send(SeqEvent::Scheduled);
+            self.running.push(seq);
+        }
+    }
+
+    fn try_reserve_prompt_of(&self, tokens: usize) -> bool {
+        KvCache::blocks_for(tokens + 1) <= self.kv.free_blocks()
+    }
+
+    /// Which sequences feed how many tokens this pass: decodes first, then prefill chunks.
+    fn plan(&self) -> Vec<(usize, usize)> {
+        let mut budget = self.settings.max_batch_tokens.max(1);
+        let mut plan = Vec::with_capacity(self.running.len());
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.unfed() == 1 && budget > 0 {
+                plan.push((i, 1));
+                budget -= 1;
+            }
+        }
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.unfed() > 1 && budget > 0 {
+                let n = seq
+                    .unfed()
+                    .min(self.settings.prefill_chunk.max(1))
+                    .min(budget);
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        plan
+    }
+
+    /// Blocks the plan still needs beyond what its sequences hold.
+    fn blocks_needed(&self, plan: &[(usize, usize)]) -> usize {
+        plan.iter()
+            .map(|&(i, n)| {
+                let seq = &self.running[i];
+                KvCache::blocks_for(seq.kv.len() + n).saturating_sub(seq.kv.blocks().len())
+            })
+            .sum()
+    }
+
+    fn step(&mut self) {
+        let mut plan = self.plan();
+        while self.blocks_needed(&plan) > self.kv.free_blocks() && self.running.len() > 1 {
+            self.preempt_newest();
+            plan = self.plan();
+        }
+        for &(i, n) in &plan {
+            if let Err(e) = self.kv.reserve(&mut self.running[i].kv, n) {
+                self.fail_all(&format!("KV cache exhausted: {e}"));
+                return;
+            }
+        }
+        let mut want = vec![false; self.running.len()];
+        let result = {
+            let mut order: Vec<(usize, usize)> = plan.clone();
+            order.sort_unstable_by_key(|&(i, _)| i);
+            let mut batch: Vec<BatchEntry> = Vec::with_capacity(order.len());
+            let mut planned = order.iter().peekable();
+            for (i, seq) in self.running.iter_mut().enumerate() {
+                let Some(&(_, n)) = planned.next_if(|(j, _)| *j == i) else {
+                    continue;
+                };
+                let want_logits = seq.fed + n == seq.tokens.len();
+                want[i] = want_logits;
+                let tokens = &seq.tokens[seq.fed..seq.fed + n];
+                batch.push(BatchEntry {
+                    tokens,
+                    kv: &mut seq.kv,
+                    want_logits,
+                });
+            }
+            self.metrics
+                .histogram("cllm_batch_size", &[])
+                .record(batch.len() as f64);
+            let model = &self.model;
+            self.executor.forward(
+                &model.config,
+                &model.weights,
+                &mut self.kv,
+                &mut batch,
+                &mut self.logits,
+            )
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = result {
+            self.fail_all(&format!("forward pass failed: {e}"));
+            return;
+        }
+        for &(i, n) in &plan {
+            self.running[i].fed += n;
+        }
+        self.emit_tokens(&want);
+    }
+
+    /// Samples for every sequence that produced logits, streams the token, retires finished ones.
+    fn emit_tokens(&mut self, want: &[bool]) {
+        let vocab = self.model.config.vocab_size;
+        let mut finished = Vec::new();
+        let mut rows = self.logits.chunks_exact_mut(vocab);
+        let now = Instant::now();
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            if !want[i] {
+                continue;
+            }
+            let Some(row) = rows.next() else { break };
+            let id = &seq.pending.request_id;
+            let event = match seq.generation.step(row, &self.model.tokenizer) {
+                Ok(event) => event,
+                Err(e) => {
+                    seq.send(SeqEvent::Failed(format!("decoding failed: {e}")));
+                    self.tracker.record_with(id, Stage::Failed, e.to_string());
+                    finished.push(i);
+                    continue;
+                }
+            };
+            seq.tokens.push(event.id);
+            match seq.last_token_at {
+                None => {
+                    self.tracker.record(id, Stage::FirstToken);
+                    self.metrics
+                        .histogram("cllm_time_to_first_token_seconds", &[])
+                        .record((now - seq.pending.received_at).as_secs_f64());
+                }
+                Some(prev) => self
+                    .metrics
+                    .histogram("cllm_inter_token_latency_seconds", &[])
+                    .record((now - prev).as_secs_f64()),
+            }
+            seq.last_token_at = Some(now);
+            self.metrics
+                .counter("cllm_generated_tokens_total", &[])
+                .increment(1);
+            let special = self.model.tokenizer.is_special(event.id);
+            let finish = event.finished.map(|reason| Finish {
+                reason,
+                generated_text: seq.generation.text().to_string(),
+                generated_tokens: seq.generation.output_ids().len(),
+            });
+            let delivered = seq.send(SeqEvent::Token {
+                id: event.id,
+                text: event.text,
+                special,
+                finish,
+            });
+            if let Some(reason) = event.finished {
+                self.tracker
+                    .record_with(id, Stage::Finished, reason.as_str());
+                finished.push(i);
+            } else if !delivered {
+                self.tracker
+                    .record_with(id, Stage::Cancelled, "client disconnected");
+                finished.push(i);
+            }
+        }
+        for &i in finished.iter().rev() {
+            let mut seq = self.running.remove(i);
+            self.kv.release(&mut seq.kv);
+        }
+    }
+
+    fn preempt_newest(&mut self) {
+        if let Some(mut seq) = self.running.pop() {
+            self.kv.release(&mut seq.kv);
+            seq.reset_for_recompute();
+            self.tracker
+                .record(&seq.pending.request_id, Stage::Preempted);
+            self.preempted.push_front(seq);
+        }
+    }
+
+    fn fail_all(&mut self, message: &str) {
+        tracing::error!(message, "scheduler step failed; failing the running batch");
+        for mut seq in self.running.drain(..) {
+            self.kv.release(&mut seq.kv);
+            seq.send(SeqEvent::Failed(message.to_string()));
+            self.tracker
+                .record_with(&seq.pending.request_id, Stage::Failed, message);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The scheduler: one thread that owns the model, the executor and the KV cache, and runs
+//! continuous batching. Requests arrive through the [`RequestQueue`]; tokens go back to each
+//! request's handler over its own channel.
+
+mod batch_loop;
+mod sequence;
+
+pub use batch_loop::SchedulerSettings;
+
+use crate::admission::queue::RequestQueue;
+use crate::model::generation::{FinishReason, GenerationParams};
+use crate::model::Model;
+use crate::tracker::RequestTracker;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// A validated request waiting for the scheduler.
+pub struct Pending {
+    pub request_id: String,
+    pub prompt_ids: Vec<u32>,
+    pub params: GenerationParams,
+    pub events: mpsc::UnboundedSender<SeqEvent>,
+    pub received_at: Instant,
+}
+
+/// What the scheduler tells a request's handler.
+#[derive(Debug, Clone)]
+pub enum SeqEvent {
+    /// Left the queue and joined the running batch.
+    Scheduled,
+    /// A generated token; the last one carries how the generation ended.
+    Token {
+        id: u32,
+        text: String,
+        special: bool,
+        finish: Option<Finish>,
+    },
+    Failed(String),
+}
+
+/// How a generation ended, sent with its last token.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub generated_text: String,
+    pub generated_tokens: usize,
+}
+
+/// Live numbers the scheduler publishes for health and metrics, readable without locking.
+#[derive(Default)]
+pub struct SchedulerStats {
+    pub running_sequences: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    /// Milliseconds since `started` of the last loop iteration (stall detection).
+    pub last_tick_ms: AtomicU64,
+    pub steps: AtomicU64,
+    pub alive: AtomicBool,
+    pub started: std::sync::OnceLock<Instant>,
+}
+
+impl SchedulerStats {
+    pub fn ms_since_last_tick(&self) -> u64 {
+        let Some(started) = self.started.get() else {
+            return 0;
+        };
+        let now = started.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_tick_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn kv_usage(&self) -> f64 {
+        let total = self.kv_blocks_total.load(Ordering::Relaxed);
+        if total == 0 {
+            return 0.0;
+        }
+        self.kv_blocks_used.load(Ordering::Relaxed) as f64 / total as f64
+    }
+}
+
+/// The handle the HTTP side holds: submit work, read stats, stop the loop.
+pub struct Scheduler {
+    pub queue: Arc<RequestQueue<Pending>>,
+    pub stats: Arc<SchedulerStats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scheduler {
+    /// Starts the scheduler thread.
+    pub fn start(
+        model: Arc<Model>,
+        settings: SchedulerSettings,
+        queue: Arc<RequestQueue<Pending>>,
+        tracker: Arc<RequestTracker>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> std::io::Result<Scheduler> {
+        let stats = Arc::new(SchedulerStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (queue, stats, stop) = (queue.clone(), stats.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("cllm-scheduler".into())
+                .spawn(move || {
+                    batch_loop::run(model, settings, queue, stats, stop, tracker, metrics)
+                })?
+        };
+        Ok(Scheduler {
+            queue,
+            stats,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks the loop to finish: it drains what is running and queued, then exits.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.queue.notify();
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.request_stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

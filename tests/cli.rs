@@ -1,0 +1,172 @@
+//! The `cllm` binary as users and outside scripts call it.
+
+mod common;
+
+use common::{fixture, ALL_MODELS};
+use std::process::Command;
+
+fn cllm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cllm"))
+}
+
+#[test]
+fn generate_json_matches_golden_for_every_model() {
+    for name in ALL_MODELS {
+        let Some(fx) = fixture(name) else { continue };
+        let case = &fx.golden.cases[0];
+        let out = cllm()
+            .args(["generate", "--json", "--ignore-eos", "--model"])
+            .arg(&fx.model_dir)
+            .args(["--max-new-tokens", &fx.golden.max_new_tokens.to_string()])
+            .arg(&case.prompt)
+            .output()
+            .expect("runs cllm");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        let ids = |key: &str| -> Vec<u32> {
+            serde_json::from_value(json[key].clone()).unwrap_or_else(|e| panic!("{key}: {e}"))
+        };
+        assert_eq!(ids("input_ids"), case.input_ids, "{name}");
+        assert_eq!(ids("output_ids"), case.output_ids, "{name}");
+        assert!(json["text"].is_string(), "{name}: text");
+    }
+}
+
+#[test]
+fn generate_streams_text_and_reports_speed() {
+    let Some(fx) = fixture("stories260K") else {
+        return;
+    };
+    let out = cllm()
+        .args(["generate", "--max-new-tokens", "20", "--model"])
+        .arg(&fx.model_dir)
+        .arg("Once upon a time")
+        .output()
+        .expect("runs cllm");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("Once upon a time, there was a little girl"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokens/s"), "{stderr}");
+}
+
+#[test]
+fn same_seed_same_text_and_eos_stops() {
+    let Some(fx) = fixture("stories260K") else {
+        return;
+    };
+    let sample = |seed: &str| {
+        let out = cllm()
+            .args([
+                "generate",
+                "--json",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "40",
+                "--seed",
+                seed,
+            ])
+            .args(["--max-new-tokens", "200", "--model"])
+            .arg(&fx.model_dir)
+            .arg("Once upon a time")
+            .output()
+            .expect("runs cllm");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let (a, b, c) = (sample("7"), sample("7"), sample("8"));
+    assert_eq!(a, b, "same seed, same output");
+    assert_ne!(
+        a["output_ids"], c["output_ids"],
+        "another seed, another output"
+    );
+    // Without --ignore-eos, a story ends at eos (id 2) or runs to the limit; eos is never mid-way.
+    let ids: Vec<u32> = serde_json::from_value(a["output_ids"].clone()).expect("ids");
+    if let Some(pos) = ids.iter().position(|&t| t == 2) {
+        assert_eq!(pos, ids.len() - 1, "generation continued past eos");
+    }
+}
+
+#[test]
+fn stop_sequence_ends_generation() {
+    let Some(fx) = fixture("stories260K") else {
+        return;
+    };
+    let out = cllm()
+        .args([
+            "generate",
+            "--json",
+            "--stop",
+            "Lily",
+            "--max-new-tokens",
+            "64",
+            "--model",
+        ])
+        .arg(&fx.model_dir)
+        .arg("Once upon a time")
+        .output()
+        .expect("runs cllm");
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let text = json["text"].as_str().expect("text");
+    assert!(text.ends_with("Lily"), "{text:?}");
+    assert!(json["output_ids"].as_array().expect("ids").len() < 64);
+}
+
+#[test]
+fn bad_model_folder_is_a_clear_error_not_a_panic() {
+    let out = cllm()
+        .args(["generate", "--model", "/nonexistent/model", "hi"])
+        .output()
+        .expect("runs cllm");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/model"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bench_runs_on_a_model_folder() {
+    let Some(fx) = fixture("stories260K") else {
+        return;
+    };
+    let out = cllm()
+        .args([
+            "bench",
+            "--prompt-tokens",
+            "64",
+            "--decode-tokens",
+            "16",
+            "--model",
+        ])
+        .arg(&fx.model_dir)
+        .output()
+        .expect("runs cllm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    for row in [
+        "prefill",
+        "decode, batch 1",
+        "GB/s",
+        "decode, batch 8",
+        "baseline",
+    ] {
+        assert!(table.contains(row), "missing {row:?} in\n{table}");
+    }
+}

@@ -1,0 +1,94 @@
+//! Helpers shared by the integration tests: where fixtures live and how to read golden files.
+#![allow(dead_code)]
+
+use serde::Deserialize;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
+}
+
+/// `../shared` beside the checkout (or `$CLLM_SHARED_DIR`), when present.
+pub fn shared_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("CLLM_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared"));
+    dir.join("models").is_dir().then_some(dir)
+}
+
+/// Prints past the test harness's output capture, so skips show in a plain `cargo test`.
+pub fn say(message: &str) {
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
+/// A model with its golden file: from the repository when it ships one, else from `../shared`.
+pub struct Fixture {
+    pub name: String,
+    pub model_dir: PathBuf,
+    pub golden: Golden,
+}
+
+/// Loads fixture `name`, or returns None (and says so) when it needs `../shared` and that is absent.
+pub fn fixture(name: &str) -> Option<Fixture> {
+    let in_repo = repo_root().join("models").join(name);
+    let repo_golden = repo_root()
+        .join("tests/golden")
+        .join(format!("{name}.json"));
+    let (model_dir, golden_path) = if in_repo.is_dir() && repo_golden.is_file() {
+        (in_repo, repo_golden)
+    } else if let Some(shared) = shared_dir() {
+        (
+            shared.join("models").join(name),
+            shared.join("golden").join(format!("{name}.json")),
+        )
+    } else {
+        say(&format!(
+            "SKIPPED: fixture {name} needs ../shared (models and golden files), which is absent"
+        ));
+        return None;
+    };
+    let text = std::fs::read_to_string(&golden_path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", golden_path.display()));
+    let golden: Golden = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("parsing {}: {e}", golden_path.display()));
+    Some(Fixture {
+        name: name.to_string(),
+        model_dir,
+        golden,
+    })
+}
+
+/// Every model the golden tests cover: the first two ship with the repository.
+pub const ALL_MODELS: [&str; 5] = [
+    "stories260K",
+    "tiny-qwen2-f32",
+    "tiny-llama-f32",
+    "tiny-llama-bf16",
+    "tiny-llama-tied-f32",
+];
+
+#[derive(Deserialize, Debug)]
+pub struct Golden {
+    pub max_new_tokens: usize,
+    pub cases: Vec<GoldenCase>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct GoldenCase {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    pub first_step_top5: Top5,
+    pub step_top1_top2_margin: Vec<f32>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Top5 {
+    pub ids: Vec<u32>,
+    pub values: Vec<f32>,
+}
