@@ -239,6 +239,9 @@ pub struct SchedulerConfig {
     pub default_max_new_tokens: usize,
     /// Largest `max_new_tokens` a request may ask for.
     pub max_new_tokens_limit: usize,
+    /// Pause after every forward pass, in ms: slows generation down for tests and queueing
+    /// demos. Keep 0 in production.
+    pub debug_step_delay_ms: u64,
 }
 
 impl Default for SchedulerConfig {
@@ -251,6 +254,7 @@ impl Default for SchedulerConfig {
             kv_cache_mb: 512,
             default_max_new_tokens: 100,
             max_new_tokens_limit: 4096,
+            debug_step_delay_ms: 0,
         }
     }
 }

@@ -98,6 +98,7 @@ fn build_state(model: Arc<Model>, config: &ServerConfig) -> anyhow::Result<Arc<A
         prefill_chunk: s.prefill_chunk,
         kv_cache_blocks,
         threads: config.model.threads,
+        step_delay: Duration::from_millis(s.debug_step_delay_ms),
     };
     let info = serde_json::json!({
         "model_id": model.dir.display().to_string(),

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: where fixtures live and how to read golden files.
 #![allow(dead_code)]
 
+pub mod server;
+
 use serde::Deserialize;
 use std::io::Write;
 use std::path::PathBuf;

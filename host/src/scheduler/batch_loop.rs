@@ -26,6 +26,8 @@ pub struct SchedulerSettings {
     pub prefill_chunk: usize,
     pub kv_cache_blocks: usize,
     pub threads: usize,
+    /// Pause after each pass (tests and demos only).
+    pub step_delay: Duration,
 }
 
 struct Loop {
@@ -271,6 +273,9 @@ impl Loop {
             self.running[i].fed += n;
         }
         self.emit_tokens(&want);
+        if !self.settings.step_delay.is_zero() {
+            std::thread::sleep(self.settings.step_delay);
+        }
     }
 
     /// Samples for every sequence that produced logits, streams the token, retires finished ones.

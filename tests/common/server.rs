@@ -1,0 +1,88 @@
+//! A real cllm server on 127.0.0.1:0, started in-process through the library's `serve`.
+
+use cllm::config::ServerConfig;
+use std::path::Path;
+use std::time::Duration;
+
+pub struct TestServer {
+    pub base: String,
+    pub http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server on `model_dir`; `tweak` adjusts the config first.
+    pub async fn start(model_dir: &Path, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let mut config = ServerConfig::default();
+        config.model.path = Some(model_dir.to_path_buf());
+        config.model.threads = 1;
+        config.scheduler.kv_cache_mb = 32;
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(cllm::server::serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        let server = TestServer {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        };
+        for _ in 0..200 {
+            if let Ok(r) = server.http.get(server.url("/health/live")).send().await {
+                if r.status().is_success() {
+                    return server;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("server did not come up");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        let r = self
+            .http
+            .get(self.url("/health"))
+            .send()
+            .await
+            .expect("health");
+        r.json().await.expect("health json")
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = task.await.expect("server task");
+            result.expect("server exits cleanly");
+        }
+    }
+}
+
+/// Parses an SSE body into the JSON of each `data:` event.
+pub fn sse_events(body: &str) -> Vec<serde_json::Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).expect("event json"))
+        .collect()
+}

@@ -1,0 +1,654 @@
+//! The real server on 127.0.0.1:0 with real models: golden tokens over HTTP, streaming,
+//! admission (429, 503 queue_full / queue_timeout, priority), cancellation, ids, errors, metrics.
+
+mod common;
+
+use common::server::{sse_events, TestServer};
+use common::{fixture, repo_root, shared_dir, Fixture};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn stories() -> std::path::PathBuf {
+    repo_root().join("models/stories260K")
+}
+
+async fn greedy_ids(server: &TestServer, prompt: &str, max_new_tokens: usize) -> Vec<u32> {
+    let r = server
+        .post(
+            "/generate",
+            json!({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": true}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.expect("json");
+    body["details"]["tokens"]
+        .as_array()
+        .expect("details.tokens")
+        .iter()
+        .map(|t| t["id"].as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// Golden tokens for every case, first alone, then while 16 sampled requests run beside them.
+async fn check_golden_over_http(fx: &Fixture) {
+    let server = TestServer::start(&fx.model_dir, |_| {}).await;
+    let n = fx.golden.max_new_tokens;
+    for case in &fx.golden.cases {
+        assert_eq!(
+            greedy_ids(&server, &case.prompt, n).await,
+            case.output_ids,
+            "{} alone",
+            fx.name
+        );
+    }
+    let noise: Vec<_> = (0..16)
+        .map(|i| {
+            let (http, url) = (server.http.clone(), server.url("/generate"));
+            tokio::spawn(async move {
+                let body = json!({"inputs": format!("Tom had {i} apples"),
+                    "parameters": {"max_new_tokens": 40, "temperature": 0.8, "seed": i}});
+                http.post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("sent")
+                    .status()
+            })
+        })
+        .collect();
+    let golden: Vec<_> = fx
+        .golden
+        .cases
+        .iter()
+        .map(|case| greedy_ids(&server, &case.prompt, n))
+        .collect();
+    let results = futures_util::future::join_all(golden).await;
+    for (case, ids) in fx.golden.cases.iter().zip(results) {
+        assert_eq!(
+            ids, case.output_ids,
+            "{} under load: {:?}",
+            fx.name, case.prompt
+        );
+    }
+    for task in noise {
+        assert_eq!(task.await.expect("task"), 200);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_matches_golden_stories260k() {
+    let fx = fixture("stories260K").expect("bundled fixture");
+    check_golden_over_http(&fx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_matches_golden_tiny_llama_f32() {
+    let Some(fx) = fixture("tiny-llama-f32") else {
+        return;
+    };
+    check_golden_over_http(&fx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_delivers_golden_tokens_as_they_come() {
+    let fx = fixture("stories260K").expect("bundled fixture");
+    let server = TestServer::start(&fx.model_dir, |c| c.scheduler.debug_step_delay_ms = 10).await;
+    let case = &fx.golden.cases[0];
+    let start = Instant::now();
+    let mut response = server
+        .post(
+            "/generate_stream",
+            json!({"inputs": case.prompt, "parameters": {"max_new_tokens": 30}}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut body = String::new();
+    let mut first_event_at = None;
+    while let Some(chunk) = response.chunk().await.expect("chunk") {
+        body.push_str(&String::from_utf8_lossy(&chunk));
+        if first_event_at.is_none() && body.contains("data:") {
+            first_event_at = Some(start.elapsed());
+        }
+    }
+    let total = start.elapsed();
+    let events = sse_events(&body);
+    assert_eq!(events.len(), 30);
+    let ids: Vec<u32> = events
+        .iter()
+        .map(|e| e["token"]["id"].as_u64().expect("id") as u32)
+        .collect();
+    assert_eq!(ids, case.output_ids[..30]);
+    assert!(events[0]["generated_text"].is_null());
+    let last = events.last().expect("last");
+    assert_eq!(last["details"]["finish_reason"], "length");
+    assert!(last["generated_text"]
+        .as_str()
+        .expect("text")
+        .starts_with(", there was"));
+    // 30 steps of >= 10 ms: the first token must arrive well before the end.
+    let first = first_event_at.expect("an event");
+    assert!(
+        first + Duration::from_millis(150) < total,
+        "first {first:?}, total {total:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_gives_429_with_retry_after_per_client() {
+    let server = TestServer::start(&stories(), |c| {
+        c.rate_limiter.max_requests = 2;
+        c.rate_limiter.time_window_ms = 60_000;
+    })
+    .await;
+    let send = |client: &'static str| {
+        let (http, url) = (server.http.clone(), server.url("/generate"));
+        async move {
+            http.post(url)
+                .header("x-client-id", client)
+                .json(&json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}))
+                .send()
+                .await
+                .expect("sent")
+        }
+    };
+    assert_eq!(send("alice").await.status(), 200);
+    assert_eq!(send("alice").await.status(), 200);
+    let limited = send("alice").await;
+    assert_eq!(limited.status(), 429);
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("secs");
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    let body: Value = limited.json().await.expect("json");
+    assert_eq!(body["error_type"], "rate_limited");
+    assert_eq!(
+        send("bob").await.status(),
+        200,
+        "other clients are not limited"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_503_queue_full_and_long_wait_is_503_queue_timeout() {
+    let server = TestServer::start(&stories(), |c| {
+        c.scheduler.max_running_sequences = 1;
+        c.scheduler.debug_step_delay_ms = 20;
+        c.request_queue.max_queue_size = 1;
+        c.request_queue.max_wait_time_ms = 400;
+    })
+    .await;
+    // A: runs for ~60 steps x 20 ms.
+    let a = server
+        .post(
+            "/generate_stream",
+            json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 60}}),
+        )
+        .await;
+    assert_eq!(a.status(), 200);
+    // B waits in the one queue slot; C finds the queue full.
+    let b = {
+        let (http, url) = (server.http.clone(), server.url("/generate"));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = http
+                .post(url)
+                .json(&json!({"inputs": "Hello", "parameters": {"max_new_tokens": 2}}))
+                .send()
+                .await
+                .expect("sent");
+            (
+                r.status(),
+                r.json::<Value>().await.expect("json"),
+                started.elapsed(),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let c = server
+        .post(
+            "/generate",
+            json!({"inputs": "Hey", "parameters": {"max_new_tokens": 2}}),
+        )
+        .await;
+    assert_eq!(c.status(), 503);
+    assert!(c.headers().contains_key("retry-after"));
+    let body: Value = c.json().await.expect("json");
+    assert_eq!(body["error_type"], "queue_full");
+    let (status, body, waited) = b.await.expect("task");
+    assert_eq!(status, 503);
+    assert_eq!(body["error_type"], "queue_timeout");
+    assert!(
+        waited >= Duration::from_millis(350),
+        "timed out after {waited:?}"
+    );
+    drop(a);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_queued_later_is_served_first() {
+    let server = TestServer::start(&stories(), |c| {
+        c.scheduler.max_running_sequences = 1;
+        c.scheduler.debug_step_delay_ms = 15;
+    })
+    .await;
+    let blocker = server
+        .post(
+            "/generate_stream",
+            json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 30}}),
+        )
+        .await;
+    assert_eq!(blocker.status(), 200);
+    let send = |priority: i32, delay_ms: u64| {
+        let (http, url) = (server.http.clone(), server.url("/generate"));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let body =
+                json!({"inputs": "Hi", "parameters": {"max_new_tokens": 3, "priority": priority}});
+            let r = http.post(url).json(&body).send().await.expect("sent");
+            assert_eq!(r.status(), 200);
+            Instant::now()
+        })
+    };
+    let low = send(0, 30);
+    let high = send(10, 90);
+    let (low_done, high_done) = (low.await.expect("low"), high.await.expect("high"));
+    assert!(
+        high_done < low_done,
+        "the priority-10 request should finish first"
+    );
+    drop(blocker);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_stream_is_cancelled_and_frees_its_kv_blocks() {
+    let server = TestServer::start(&stories(), |c| c.scheduler.debug_step_delay_ms = 10).await;
+    let mut stream = server
+        .post(
+            "/generate_stream",
+            json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 300}}),
+        )
+        .await;
+    let rid = stream.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    let mut seen = String::new();
+    while sse_events(&seen).len() < 3 {
+        let chunk = stream.chunk().await.expect("chunk").expect("more");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let busy = server.health().await;
+    assert!(busy["metrics"]["kv_blocks_used"].as_u64().expect("used") > 0);
+    drop(stream);
+    // Another request is unaffected.
+    assert_eq!(
+        greedy_ids(&server, "Once upon a time", 5).await,
+        [432, 383, 286, 261, 376]
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let h = server.health().await;
+        if h["metrics"]["kv_blocks_used"] == 0 && h["metrics"]["running_sequences"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "blocks not freed: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let record: Value = server
+        .http
+        .get(server.url(&format!("/requests/{rid}")))
+        .send()
+        .await
+        .expect("record")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(record["state"], "cancelled", "{record}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_round_trips_and_lifecycle_is_recorded_in_order() {
+    let server = TestServer::start(&stories(), |_| {}).await;
+    let r = server
+        .http
+        .post(server.url("/generate"))
+        .header("x-request-id", "test-req-42")
+        .json(&json!({"inputs": "Hi", "parameters": {"max_new_tokens": 3}}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.headers()["x-request-id"], "test-req-42");
+    let generated = server
+        .http
+        .get(server.url("/health/live"))
+        .send()
+        .await
+        .expect("live");
+    assert_eq!(
+        generated.headers()["x-request-id"].len(),
+        32,
+        "an id is generated when none is given"
+    );
+    let record: Value = server
+        .http
+        .get(server.url("/requests/test-req-42"))
+        .send()
+        .await
+        .expect("record")
+        .json()
+        .await
+        .expect("json");
+    let stages: Vec<&str> = record["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["stage"].as_str().expect("stage"))
+        .collect();
+    assert_eq!(
+        stages,
+        ["received", "queued", "scheduled", "first_token", "finished"]
+    );
+    let times: Vec<f64> = record["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["at_ms"].as_f64().expect("t"))
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    let missing = server
+        .http
+        .get(server.url("/requests/nope"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(missing.status(), 404);
+    server.shutdown().await;
+}
+
+async fn expect_error(r: reqwest::Response, status: u16, error_type: &str) {
+    assert_eq!(r.status(), status);
+    let body: Value = r.json().await.expect("json error body");
+    assert_eq!(body["error_type"], error_type, "{body}");
+    assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_row_has_its_status_and_type() {
+    let server = TestServer::start(&stories(), |c| c.http.max_body_bytes = 4096).await;
+    let raw = |body: String| {
+        let (http, url) = (server.http.clone(), server.url("/generate"));
+        async move {
+            http.post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("sent")
+        }
+    };
+    expect_error(raw("{not json".into()).await, 400, "malformed_json").await;
+    expect_error(
+        raw(format!("{{\"inputs\": \"{}\"}}", "a".repeat(5000))).await,
+        413,
+        "body_too_large",
+    )
+    .await;
+    let cases = [
+        json!({"inputs": ""}),
+        json!({"inputs": "Hi", "parameters": {"max_new_tokens": 600}}),
+        json!({"inputs": "Hi", "parameters": {"temperature": -1.0}}),
+        json!({"inputs": "Hi", "parameters": {"top_p": 1.5}}),
+        json!({"inputs": "Hi", "parameters": {"top_p": 0.0}}),
+        json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}, "surprise": 1}),
+        json!({"inputs": "Hi", "parameters": {"bogus": 1}}),
+        json!({"inputs": 5}),
+    ];
+    for body in cases {
+        expect_error(
+            server.post("/generate", body.clone()).await,
+            422,
+            "validation",
+        )
+        .await;
+        expect_error(
+            server.post("/generate_stream", body).await,
+            422,
+            "validation",
+        )
+        .await;
+    }
+    expect_error(
+        server
+            .http
+            .get(server.url("/nowhere"))
+            .send()
+            .await
+            .expect("sent"),
+        404,
+        "not_found",
+    )
+    .await;
+    // The server still serves after all that.
+    assert_eq!(greedy_ids(&server, "Once upon a time", 2).await, [432, 383]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_everything_but_open_paths() {
+    let server = TestServer::start(&stories(), |c| {
+        c.auth.enabled = true;
+        c.auth.api_keys = vec![cllm::config::ApiKeyEntry {
+            name: "ops".into(),
+            key: "s3cret-key".into(),
+        }];
+    })
+    .await;
+    let body = json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}});
+    let url = server.url("/generate");
+    expect_error(
+        server
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .expect("sent"),
+        401,
+        "unauthorized",
+    )
+    .await;
+    let wrong = server
+        .http
+        .post(&url)
+        .bearer_auth("nope")
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    expect_error(wrong, 401, "unauthorized").await;
+    let ok = server
+        .http
+        .post(&url)
+        .bearer_auth("s3cret-key")
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ok.status(), 200);
+    for open in ["/health/live", "/metrics"] {
+        assert_eq!(
+            server
+                .http
+                .get(server.url(open))
+                .send()
+                .await
+                .expect("sent")
+                .status(),
+            200,
+            "{open}"
+        );
+    }
+    assert_eq!(
+        server
+            .http
+            .get(server.url("/health"))
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        401
+    );
+    server.shutdown().await;
+}
+
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_counters_move() {
+    let server = TestServer::start(&stories(), |_| {}).await;
+    let scrape = || async {
+        server
+            .http
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .expect("sent")
+            .text()
+            .await
+            .expect("text")
+    };
+    let ok_series = r#"cllm_requests_total{endpoint="/generate",status="200"}"#;
+    let before = metric_value(&scrape().await, ok_series);
+    greedy_ids(&server, "Once upon a time", 4).await;
+    greedy_ids(&server, "Once upon a time", 4).await;
+    let _ = server.post("/generate", json!({"inputs": ""})).await;
+    let text = scrape().await;
+    assert_eq!(metric_value(&text, ok_series) - before, 2.0);
+    assert!(metric_value(&text, "cllm_generated_tokens_total") >= 8.0);
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"cllm_errors_total{endpoint="/generate",error_type="validation"}"#
+        ),
+        1.0
+    );
+    for name in [
+        "cllm_request_duration_seconds_bucket",
+        "cllm_time_to_first_token_seconds_bucket",
+        "cllm_inter_token_latency_seconds_bucket",
+        "cllm_queue_wait_seconds_bucket",
+        "cllm_batch_size_bucket",
+        "cllm_kv_cache_usage_ratio",
+        "cllm_running_sequences",
+        "cllm_queue_size",
+        "cllm_prompt_tokens_total",
+    ] {
+        assert!(text.contains(name), "missing {name}");
+    }
+    match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write");
+            let out = child.wait_with_output().expect("promtool");
+            let report = String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout);
+            // Lint notes (e.g. about counters) are fine; parse errors are not.
+            assert!(
+                !report.contains("error while linting")
+                    && !report.contains("text format parsing error"),
+                "{report}"
+            );
+        }
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("promtool missing in CI (.ci/run installs it)")
+        }
+        Err(_) => common::say(
+            "SKIPPED: promtool not installed; Prometheus format checked by our own assertions only",
+        ),
+    }
+    server.shutdown().await;
+}
+
+#[test]
+fn sigterm_during_a_stream_lets_it_finish() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cllm"))
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--set",
+            "scheduler.debug_step_delay_ms=20",
+            "--model",
+        ])
+        .arg(stories())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts cllm serve");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("log") > 0,
+            "server exited early"
+        );
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().expect("addr").to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    let body = r#"{"inputs": "Once upon a time", "parameters": {"max_new_tokens": 40}}"#;
+    write!(conn, "POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("send");
+    let mut first = [0u8; 256];
+    let n = conn.read(&mut first).expect("first bytes");
+    assert!(n > 0);
+    let pid = child.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let mut rest = String::new();
+    conn.read_to_string(&mut rest).expect("rest of the stream");
+    let all = String::from_utf8_lossy(&first[..n]).to_string() + &rest;
+    assert!(
+        all.contains("\"finish_reason\":\"length\""),
+        "stream cut short: {all}"
+    );
+    let status = child.wait().expect("exit");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn shared_dir_is_reported() {
+    if shared_dir().is_none() {
+        common::say("SKIPPED: ../shared absent; server tests on tiny-llama-f32 do not run");
+    }
+}
