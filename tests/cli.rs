@@ -170,3 +170,54 @@ fn bench_runs_on_a_model_folder() {
         assert!(table.contains(row), "missing {row:?} in\n{table}");
     }
 }
+
+#[test]
+fn serve_refuses_a_bad_config_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cases = [
+        ("request_queue:\n  max_size: 3\n", "max_size"),
+        ("http:\n  port: lots\n", "http.port"),
+        (
+            "request_queue:\n  max_queue_size: 0\n",
+            "request_queue.max_queue_size",
+        ),
+        ("surprise: 1\n", "surprise"),
+    ];
+    for (i, (yaml, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&path, yaml).expect("write");
+        let out = cllm()
+            .args([
+                "serve",
+                "--model",
+                "models/stories260K",
+                "--port",
+                "0",
+                "--config",
+            ])
+            .arg(&path)
+            .current_dir(common::repo_root())
+            .output()
+            .expect("runs cllm");
+        assert!(!out.status.success(), "{yaml} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(key),
+            "{yaml}: error {stderr:?} does not name {key}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let out = cllm()
+        .args([
+            "serve",
+            "--model",
+            "models/stories260K",
+            "--set",
+            "scheduler.nope=1",
+        ])
+        .current_dir(common::repo_root())
+        .output()
+        .expect("runs cllm");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("scheduler.nope"));
+}

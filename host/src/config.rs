@@ -82,6 +82,7 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// Request lifecycle tracking (`/requests/{id}`).
     pub tracker: TrackerConfig,
+    pub plugins: PluginsConfig,
 }
 
 /// `http` section: the listener.
@@ -303,6 +304,56 @@ impl fmt::Debug for ApiKeyEntry {
     }
 }
 
+/// What a policy plugin's failure (trap, deadline, out of memory) means for the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Act as if the plugin were absent (the built-in policy applies).
+    FailOpen,
+    /// Refuse the request with 503 `policy_unavailable`.
+    FailClosed,
+}
+
+/// `plugins` section: WebAssembly policy plugins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Folder watched for `*.wasm` plugins (created if missing); null = no plugins.
+    pub dir: Option<PathBuf>,
+    /// Deadline of one rate-limiter or prioritizer call, in ms.
+    pub call_deadline_ms: u64,
+    /// Deadline of one health-check call, in ms.
+    pub health_deadline_ms: u64,
+    /// Most linear memory one plugin instance may use, in MiB.
+    pub memory_limit_mb: usize,
+    /// What a faulting rate limiter means for the request.
+    pub limiter_failure_mode: FailureMode,
+    /// What a faulting prioritizer means for the request.
+    pub priority_failure_mode: FailureMode,
+    /// Consecutive faults after which a plugin is disabled until its file changes.
+    pub max_consecutive_faults: u32,
+    /// Request headers passed to plugins (lower-case names).
+    pub headers: Vec<String>,
+    /// Quiet time after the last file event before a plugin is (re)loaded, in ms.
+    pub reload_quiet_ms: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            call_deadline_ms: 5,
+            health_deadline_ms: 50,
+            memory_limit_mb: 32,
+            limiter_failure_mode: FailureMode::FailOpen,
+            priority_failure_mode: FailureMode::FailOpen,
+            max_consecutive_faults: 3,
+            headers: vec!["x-tier".to_string()],
+            reload_quiet_ms: 50,
+        }
+    }
+}
+
 /// `tracker` section: request lifecycle history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -388,6 +439,32 @@ impl ServerConfig {
         self.validate_health(&mut errors);
         self.validate_scheduler(&mut errors);
         self.validate_auth(&mut errors);
+        let p = &self.plugins;
+        at_least(
+            &mut errors,
+            "plugins.call_deadline_ms",
+            p.call_deadline_ms as usize,
+            1,
+        );
+        at_least(
+            &mut errors,
+            "plugins.health_deadline_ms",
+            p.health_deadline_ms as usize,
+            1,
+        );
+        at_least(&mut errors, "plugins.memory_limit_mb", p.memory_limit_mb, 1);
+        at_least(
+            &mut errors,
+            "plugins.max_consecutive_faults",
+            p.max_consecutive_faults as usize,
+            1,
+        );
+        if p.headers
+            .iter()
+            .any(|h| h.is_empty() || h.to_ascii_lowercase() != *h)
+        {
+            errors.push("plugins.headers must be non-empty lower-case header names".to_string());
+        }
         if errors.is_empty() {
             Ok(())
         } else {

@@ -28,6 +28,8 @@ pub enum ApiError {
     },
     #[error("request waited {waited_ms} ms in the queue (max_wait_time {max_ms} ms)")]
     QueueTimeout { waited_ms: u64, max_ms: u64 },
+    #[error("policy plugin unavailable: {0}")]
+    PolicyUnavailable(String),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("not found: {0}")]
@@ -44,9 +46,10 @@ impl ApiError {
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::QueueFull { .. } | ApiError::QueueTimeout { .. } | ApiError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::QueueFull { .. }
+            | ApiError::QueueTimeout { .. }
+            | ApiError::PolicyUnavailable(_)
+            | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::QueueTimeout { .. } => "queue_timeout",
+            ApiError::PolicyUnavailable(_) => "policy_unavailable",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::NotFound(_) => "not_found",
             ApiError::Internal(_) => "internal",

@@ -19,7 +19,7 @@ pub enum Status {
 /// Completed requests of the last minute, for requests/s and average response time.
 pub struct RecentRequests {
     window: Duration,
-    done: Mutex<VecDeque<(Instant, Duration)>>,
+    done: Mutex<VecDeque<(Instant, Duration, bool)>>,
 }
 
 impl RecentRequests {
@@ -30,33 +30,66 @@ impl RecentRequests {
         }
     }
 
-    pub fn record(&self, took: Duration) {
+    /// Records a finished request; `failed` for server-side failures (5xx).
+    pub fn record(&self, took: Duration, failed: bool) {
         let now = Instant::now();
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        done.push_back((now, took));
+        done.push_back((now, took, failed));
         while done
             .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
+            .is_some_and(|(at, _, _)| now.duration_since(*at) > self.window)
         {
             done.pop_front();
         }
     }
 
-    /// (requests per second, average response time in seconds) over the window.
-    pub fn rates(&self) -> (f64, f64) {
+    /// (requests per second, average response time in seconds, error rate) over the window.
+    pub fn rates(&self) -> (f64, f64, f64) {
         let now = Instant::now();
         let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        let recent: Vec<Duration> = done
+        let recent: Vec<(Duration, bool)> = done
             .iter()
-            .filter(|(at, _)| now.duration_since(*at) <= self.window)
-            .map(|(_, took)| *took)
+            .filter(|(at, _, _)| now.duration_since(*at) <= self.window)
+            .map(|(_, took, failed)| (*took, *failed))
             .collect();
         if recent.is_empty() {
-            return (0.0, 0.0);
+            return (0.0, 0.0, 0.0);
         }
-        let avg = recent.iter().map(Duration::as_secs_f64).sum::<f64>() / recent.len() as f64;
-        (recent.len() as f64 / self.window.as_secs_f64(), avg)
+        let n = recent.len() as f64;
+        let avg = recent.iter().map(|(t, _)| t.as_secs_f64()).sum::<f64>() / n;
+        let errors = recent.iter().filter(|(_, failed)| *failed).count() as f64;
+        (n / self.window.as_secs_f64(), avg, errors / n)
     }
+}
+
+/// Runs every health-check plugin on `snapshot`: (file, status, message) for each. A plugin
+/// that faults reports `degraded` with the fault, so a broken check is visible but not fatal.
+pub fn plugin_verdicts(
+    registry: &crate::plugins::PluginRegistry,
+    snapshot: &crate::plugins::bindings::HealthSnapshot,
+) -> Vec<(String, Status, String)> {
+    use crate::plugins::bindings::HealthStatus;
+    registry
+        .current()
+        .health
+        .iter()
+        .filter(|p| !p.is_disabled())
+        .map(|plugin| match plugin.health(snapshot) {
+            Ok(report) => {
+                let status = match report.status {
+                    HealthStatus::Healthy => Status::Ok,
+                    HealthStatus::Degraded => Status::Degraded,
+                    HealthStatus::Unhealthy => Status::Unhealthy,
+                };
+                (plugin.file.clone(), status, report.message)
+            }
+            Err(fault) => (
+                plugin.file.clone(),
+                Status::Degraded,
+                format!("health check failed: {}", fault.as_str()),
+            ),
+        })
+        .collect()
 }
 
 /// The scheduler's verdict: dead or stalled with work waiting is unhealthy.

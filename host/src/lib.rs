@@ -11,6 +11,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod plugins;
 pub mod scheduler;
 pub mod server;
 pub mod tracker;

@@ -98,6 +98,22 @@ impl Metrics {
                 "cllm_rate_limited_total",
                 "Requests refused by the rate limiter.",
             ),
+            (
+                "cllm_plugin_calls_total",
+                "Calls into policy plugins, by plugin and kind.",
+            ),
+            (
+                "cllm_plugin_call_duration_seconds",
+                "Duration of policy plugin calls.",
+            ),
+            (
+                "cllm_plugin_faults_total",
+                "Plugin traps, deadline hits and out-of-memory, by plugin, kind and fault.",
+            ),
+            (
+                "cllm_plugin_reloads_total",
+                "Plugin file (re)loads, by result: loaded, refused, removed.",
+            ),
         ];
         for (name, text) in help {
             self.recorder

@@ -36,7 +36,25 @@ pub async fn serve(
     let model = tokio::task::spawn_blocking(move || Model::load(&model_dir))
         .await
         .context("model loader panicked")??;
-    let state = build_state(Arc::new(model), &config)?;
+    let plugins = match &config.plugins.dir {
+        Some(dir) => {
+            let metrics = Arc::new(Metrics::new(config.metrics.enabled));
+            Some((
+                crate::plugins::PluginRegistry::start(dir, &config.plugins, metrics.clone())?,
+                metrics,
+            ))
+        }
+        None => None,
+    };
+    let state = build_state(Arc::new(model), &config, plugins)?;
+    let _watcher = match &state.plugins {
+        Some(registry) => Some(crate::plugins::watcher::watch(registry.clone())?),
+        None => None,
+    };
+    spawn_health_timer(
+        state.clone(),
+        Duration::from_millis(config.health.check_interval_ms),
+    );
     let app = router(state.clone());
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening on {addr}");
@@ -73,8 +91,49 @@ pub async fn serve(
     Ok(())
 }
 
-fn build_state(model: Arc<Model>, config: &ServerConfig) -> anyhow::Result<Arc<AppState>> {
-    let metrics = Arc::new(Metrics::new(config.metrics.enabled));
+/// Runs the health-check plugins on a timer, so a failing check shows in the logs and metrics
+/// even when nobody polls `/health`.
+fn spawn_health_timer(state: Arc<AppState>, every: Duration) {
+    if state.plugins.is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every.max(Duration::from_millis(10)));
+        loop {
+            interval.tick().await;
+            if Arc::strong_count(&state) == 1 {
+                return; // the server is gone
+            }
+            let app = state.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(registry) = &app.plugins {
+                    for (plugin, status, message) in crate::health::plugin_verdicts(
+                        registry,
+                        &crate::http::admin::health_snapshot(&app),
+                    ) {
+                        if status != crate::health::Status::Ok {
+                            tracing::warn!(plugin, ?status, message, "health check");
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    });
+}
+
+type PluginParts = Option<(Arc<crate::plugins::PluginRegistry>, Arc<Metrics>)>;
+
+fn build_state(
+    model: Arc<Model>,
+    config: &ServerConfig,
+    plugins: PluginParts,
+) -> anyhow::Result<Arc<AppState>> {
+    // Plugins record into the same metrics as the rest of the server.
+    let (plugins, metrics) = match plugins {
+        Some((registry, metrics)) => (Some(registry), metrics),
+        None => (None, Arc::new(Metrics::new(config.metrics.enabled))),
+    };
     let tracker = Arc::new(RequestTracker::new(if config.tracker.enabled {
         config.tracker.capacity
     } else {
@@ -143,5 +202,6 @@ fn build_state(model: Arc<Model>, config: &ServerConfig) -> anyhow::Result<Arc<A
         max_queue_wait: max_wait,
         max_body_bytes: config.http.max_body_bytes,
         next_queue_id: AtomicU64::new(1),
+        plugins,
     }))
 }

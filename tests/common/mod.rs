@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod server;
+pub mod wasm;
 
 use serde::Deserialize;
 use std::io::Write;

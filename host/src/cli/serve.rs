@@ -18,6 +18,9 @@ pub struct ServeArgs {
     /// Port; 0 picks a free one (overrides http.port).
     #[arg(long)]
     port: Option<u16>,
+    /// Folder of WebAssembly policy plugins, watched for changes (overrides plugins.dir).
+    #[arg(long)]
+    plugins_dir: Option<PathBuf>,
     /// Override any config key: --set request_queue.max_queue_size=64 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -40,6 +43,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(model) = args.model {
         config.model.path = Some(model);
+    }
+    if let Some(dir) = args.plugins_dir {
+        config.plugins.dir = Some(dir);
     }
     if let Some(host) = args.host {
         config.http.host = host;

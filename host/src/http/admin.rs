@@ -3,7 +3,8 @@
 use super::body::JsonBody;
 use super::AppState;
 use crate::error::ApiError;
-use crate::health::{scheduler_status, Status};
+use crate::health::{plugin_verdicts, scheduler_status, Status};
+use crate::plugins::bindings::HealthSnapshot;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -73,10 +74,44 @@ pub async fn live() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// The numbers health-check plugins judge from.
+pub fn health_snapshot(state: &AppState) -> HealthSnapshot {
+    let stats = &state.scheduler.stats;
+    let queue = state.scheduler.queue.stats();
+    let (rps, _, error_rate) = state.recent.rates();
+    HealthSnapshot {
+        queue_size: queue.size as u32,
+        max_queue_size: queue.max_size.min(u32::MAX as usize) as u32,
+        running_sequences: stats.running_sequences.load(Ordering::Relaxed) as u32,
+        kv_blocks_used: stats.kv_blocks_used.load(Ordering::Relaxed) as u32,
+        kv_blocks_total: stats.kv_blocks_total.load(Ordering::Relaxed) as u32,
+        requests_per_second: rps,
+        average_wait_ms: queue.average_wait.as_secs_f64() * 1e3,
+        p99_time_to_first_token_ms: stats.p99_ttft_ms(),
+        ms_since_last_step: stats.ms_since_last_tick(),
+        error_rate,
+    }
+}
+
+pub async fn plugins(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let list = state.plugins.as_ref().map(|r| r.list()).unwrap_or_default();
+    let dir = state.plugins.as_ref().map(|r| r.dir.display().to_string());
+    Json(json!({ "dir": dir, "plugins": list }))
+}
+
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let cfg = &state.health;
     let stats = &state.scheduler.stats;
     let queue = state.scheduler.queue.stats();
+    let verdicts = match &state.plugins {
+        Some(registry) => plugin_verdicts(registry, &health_snapshot(&state)),
+        None => Vec::new(),
+    };
+    let plugin_status = verdicts
+        .iter()
+        .map(|(_, s, _)| *s)
+        .max()
+        .unwrap_or(Status::Ok);
     let has_work = queue.size > 0 || stats.running_sequences.load(Ordering::Relaxed) > 0;
     let (sched_status, sched_message) = scheduler_status(stats, has_work, cfg.stall_timeout);
     let queue_fraction = queue.size as f64 / queue.max_size.max(1) as f64;
@@ -85,8 +120,13 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     } else {
         Status::Ok
     };
-    let status = sched_status.max(queue_status);
-    let (rps, avg_response) = state.recent.rates();
+    let status = sched_status.max(queue_status).max(plugin_status);
+    let (rps, avg_response, error_rate) = state.recent.rates();
+    let policy: Vec<Value> = verdicts
+        .iter()
+        .map(|(file, status, message)| json!({ "plugin": file, "status": status, "message": message }))
+        .collect();
+    let plugin_list = state.plugins.as_ref().map(|r| r.list()).unwrap_or_default();
     let body = json!({
         "healthy": status != Status::Unhealthy,
         "status": status,
@@ -97,12 +137,16 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             "model_executor": { "status": sched_status, "backend": "cpu" },
             "tokenizer": { "status": Status::Ok },
             "request_queue": { "status": queue_status, "size": queue.size, "max_size": queue.max_size },
+            "policy": { "status": plugin_status, "checks": policy },
         },
+        "plugins": plugin_list,
         "metrics": {
             "queue_size": queue.size,
             "average_wait_time": queue.average_wait.as_secs_f64(),
             "requests_per_second": rps,
             "average_response_time": avg_response,
+            "error_rate": error_rate,
+            "p99_time_to_first_token_ms": stats.p99_ttft_ms(),
             "running_sequences": stats.running_sequences.load(Ordering::Relaxed),
             "kv_cache_usage": stats.kv_usage(),
             "kv_blocks_used": stats.kv_blocks_used.load(Ordering::Relaxed),

@@ -70,6 +70,12 @@ pub async fn generate(
                 }
                 if let Some(finish) = finish {
                     drop(guard);
+                    super::policy::record_usage(
+                        &state,
+                        &ctx,
+                        valid.prompt_ids.len(),
+                        finish.generated_tokens,
+                    );
                     let mut body =
                         json!({ "generated_text": full_text(&valid, &finish.generated_text) });
                     if valid.details {
@@ -125,6 +131,12 @@ impl StreamState {
                         body["details"] = details_json(&finish, reported_seed(&self.valid), None);
                         self.done = true;
                         self.app.observe_stream_end(&self.ctx, 200);
+                        super::policy::record_usage(
+                            &self.app,
+                            &self.ctx,
+                            self.valid.prompt_ids.len(),
+                            finish.generated_tokens,
+                        );
                     }
                     return Some(Event::default().data(body.to_string()));
                 }

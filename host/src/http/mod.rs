@@ -1,10 +1,11 @@
 //! The HTTP edge: routes, per-request context (id, client), auth, and request metrics.
 //! Handlers validate and admit requests; they never touch the model.
 
-mod admin;
+pub mod admin;
 pub mod body;
 mod generate;
 pub mod params;
+mod policy;
 mod submit;
 
 use crate::admission::auth::ApiKeys;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub max_queue_wait: Duration,
     pub max_body_bytes: usize,
     pub next_queue_id: AtomicU64,
+    /// Policy plugins, when a plugin folder is configured.
+    pub plugins: Option<Arc<crate::plugins::PluginRegistry>>,
 }
 
 /// Who sent a request, and its id; put in request extensions by the middleware.
@@ -63,6 +66,8 @@ pub struct RequestContext {
     pub client_id: String,
     pub endpoint: &'static str,
     pub received_at: Instant,
+    /// The request headers plugins may see (names from `plugins.headers`).
+    pub headers: Vec<(String, String)>,
 }
 
 /// Marks a streamed response, whose duration the stream itself records when it ends.
@@ -86,7 +91,7 @@ impl AppState {
             )
             .record(took.as_secs_f64());
         if endpoint.starts_with("/generate") || endpoint.starts_with("/v1/") {
-            self.recent.record(took);
+            self.recent.record(took, status >= 500);
         }
     }
 
@@ -108,6 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health/live", get(admin::live))
         .route("/metrics", get(admin::metrics))
         .route("/requests/{id}", get(admin::request_record))
+        .route("/plugins", get(admin::plugins))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), edge))
         .layer(DefaultBodyLimit::max(limit))
@@ -125,6 +131,7 @@ fn endpoint_of(path: &str) -> &'static str {
         "/health" => "/health",
         "/health/live" => "/health/live",
         "/metrics" => "/metrics",
+        "/plugins" => "/plugins",
         "/v1/completions" => "/v1/completions",
         "/v1/chat/completions" => "/v1/chat/completions",
         p if p.starts_with("/requests/") => "/requests/{id}",
@@ -164,11 +171,22 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
             if is_generation {
                 state.tracker.record(&request_id, Stage::Received);
             }
+            let headers = state.plugins.as_ref().map_or_else(Vec::new, |registry| {
+                registry
+                    .headers
+                    .iter()
+                    .filter_map(|name| {
+                        let value = req.headers().get(name.as_str())?.to_str().ok()?;
+                        Some((name.clone(), value.to_string()))
+                    })
+                    .collect()
+            });
             let ctx = RequestContext {
                 request_id: request_id.clone(),
                 client_id,
                 endpoint,
                 received_at,
+                headers,
             };
             req.extensions_mut().insert(ctx);
             req.extensions_mut().insert(BodyLimit(state.max_body_bytes));

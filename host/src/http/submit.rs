@@ -7,7 +7,7 @@ use crate::scheduler::{Pending, SeqEvent};
 use crate::tracker::Stage;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// A request the scheduler has taken: its token events arrive on `events`.
@@ -42,18 +42,7 @@ pub async fn submit(
     valid: &ValidRequest,
 ) -> Result<Submission, ApiError> {
     let rid = &ctx.request_id;
-    if let Err(limited) = state.limiter.check(&ctx.client_id, Instant::now()) {
-        state.tracker.record(rid, Stage::RateLimited);
-        state
-            .metrics
-            .counter("cllm_rate_limited_total", &[])
-            .increment(1);
-        return Err(ApiError::RateLimited {
-            retry_after: limited.retry_after,
-            reason: format!("too many requests ({:?} limit)", limited.scope).to_lowercase(),
-        });
-    }
-    let priority = valid.requested_priority.unwrap_or(0);
+    let priority = super::policy::admit(state, ctx, valid)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let pending = Pending {
         request_id: rid.clone(),

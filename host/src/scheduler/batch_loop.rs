@@ -45,6 +45,8 @@ struct Loop {
     logits: Vec<f32>,
 }
 
+/// The loop's body: owns everything it is handed until the server stops.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     model: Arc<Model>,
     settings: SchedulerSettings,
@@ -53,6 +55,7 @@ pub(super) fn run(
     stop: Arc<AtomicBool>,
     tracker: Arc<RequestTracker>,
     metrics: Arc<Metrics>,
+    ready: std::sync::mpsc::Sender<()>,
 ) {
     let _ = stats.started.set(Instant::now());
     // Any one request that fits the context must fit the cache, or it could never run.
@@ -75,6 +78,7 @@ pub(super) fn run(
         logits: Vec::new(),
     };
     state.stats.alive.store(true, Ordering::SeqCst);
+    let _ = ready.send(());
     loop {
         state.tick();
         state.drop_gone_clients();
@@ -303,9 +307,11 @@ impl Loop {
             match seq.last_token_at {
                 None => {
                     self.tracker.record(id, Stage::FirstToken);
+                    let ttft = now - seq.pending.received_at;
                     self.metrics
                         .histogram("cllm_time_to_first_token_seconds", &[])
-                        .record((now - seq.pending.received_at).as_secs_f64());
+                        .record(ttft.as_secs_f64());
+                    self.stats.record_ttft(ttft.as_secs_f64() * 1e3);
                 }
                 Some(prev) => self
                     .metrics
@@ -322,15 +328,19 @@ impl Loop {
                 generated_text: seq.generation.text().to_string(),
                 generated_tokens: seq.generation.output_ids().len(),
             });
+            // Recorded before the last token goes out, so a client that has its answer
+            // always finds the request finished.
+            if let Some(reason) = event.finished {
+                self.tracker
+                    .record_with(id, Stage::Finished, reason.as_str());
+            }
             let delivered = seq.send(SeqEvent::Token {
                 id: event.id,
                 text: event.text,
                 special,
                 finish,
             });
-            if let Some(reason) = event.finished {
-                self.tracker
-                    .record_with(id, Stage::Finished, reason.as_str());
+            if event.finished.is_some() {
                 finished.push(i);
             } else if !delivered {
                 self.tracker

@@ -59,6 +59,8 @@ pub struct SchedulerStats {
     pub steps: AtomicU64,
     pub alive: AtomicBool,
     pub started: std::sync::OnceLock<Instant>,
+    /// Time to first token of recent requests, in ms (the last 1000).
+    pub recent_ttft_ms: std::sync::Mutex<std::collections::VecDeque<f64>>,
 }
 
 impl SchedulerStats {
@@ -68,6 +70,32 @@ impl SchedulerStats {
         };
         let now = started.elapsed().as_millis() as u64;
         now.saturating_sub(self.last_tick_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn record_ttft(&self, ms: f64) {
+        let mut ring = self
+            .recent_ttft_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if ring.len() >= 1000 {
+            ring.pop_front();
+        }
+        ring.push_back(ms);
+    }
+
+    /// 99th percentile of recent times to first token, in ms (0 when none).
+    pub fn p99_ttft_ms(&self) -> f64 {
+        let ring = self
+            .recent_ttft_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut values: Vec<f64> = ring.iter().copied().collect();
+        drop(ring);
+        if values.is_empty() {
+            return 0.0;
+        }
+        values.sort_by(f64::total_cmp);
+        values[((values.len() as f64 * 0.99).ceil() as usize).clamp(1, values.len()) - 1]
     }
 
     pub fn kv_usage(&self) -> f64 {
@@ -98,14 +126,23 @@ impl Scheduler {
     ) -> std::io::Result<Scheduler> {
         let stats = Arc::new(SchedulerStats::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = {
             let (queue, stats, stop) = (queue.clone(), stats.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("cllm-scheduler".into())
                 .spawn(move || {
-                    batch_loop::run(model, settings, queue, stats, stop, tracker, metrics)
+                    batch_loop::run(
+                        model, settings, queue, stats, stop, tracker, metrics, ready_tx,
+                    )
                 })?
         };
+        // Serve only once the loop runs (its KV cache allocated), so /health is right at once.
+        if ready_rx.recv().is_err() {
+            return Err(std::io::Error::other(
+                "the scheduler thread died while starting",
+            ));
+        }
         Ok(Scheduler {
             queue,
             stats,

@@ -1,0 +1,137 @@
+//! Turning a `.wasm` file into a [`Plugin`]: compile, find which of cllm's worlds it
+//! implements (and at which version), pre-link it, and give it one trial call.
+
+use super::bindings::{health, limiter, prioritizer, HealthSnapshot, RequestInfo};
+use super::engine::PluginEngine;
+use super::plugin::{CallLimits, Plugin, PluginKind, Pre};
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use wasmtime::component::Component;
+
+/// The package version this server speaks; a component must match its major (and, while the
+/// major is 0, its minor) version.
+pub const POLICY_VERSION: (u64, u64) = (0, 1);
+
+/// Which world `component` implements, from its exports, and the version it was built for.
+fn detect_world(
+    engine: &PluginEngine,
+    component: &Component,
+) -> Result<(PluginKind, String), String> {
+    let ty = component.component_type();
+    let mut ours = Vec::new();
+    let mut others = Vec::new();
+    for (name, _) in ty.exports(&engine.engine) {
+        match name.strip_prefix("cllm:policy/") {
+            Some(rest) => ours.push(rest.to_string()),
+            None => others.push(name.to_string()),
+        }
+    }
+    let Some(export) = ours.first() else {
+        return Err(format!(
+            "implements none of cllm's worlds (rate-limiter, prioritizer, health-checker); it exports [{}]",
+            others.join(", ")
+        ));
+    };
+    let (interface, version) = export.split_once('@').unwrap_or((export.as_str(), ""));
+    let kind = match interface {
+        "rate-limit" => PluginKind::RateLimiter,
+        "priority" => PluginKind::Prioritizer,
+        "health-check" => PluginKind::HealthChecker,
+        other => return Err(format!("exports unknown cllm:policy interface {other:?}")),
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+    let (major, minor) = (parts.next().flatten(), parts.next().flatten());
+    let (want_major, want_minor) = POLICY_VERSION;
+    let compatible = major == Some(want_major) && (want_major > 0 || minor == Some(want_minor));
+    if !compatible {
+        return Err(format!(
+            "built for cllm:policy@{version}, but this server speaks cllm:policy@{want_major}.{want_minor}.x (wrong major version)"
+        ));
+    }
+    Ok((kind, version.to_string()))
+}
+
+/// A request-info for trial calls.
+pub fn trial_request() -> RequestInfo {
+    RequestInfo {
+        request_id: "cllm-trial".into(),
+        client_id: "cllm-trial".into(),
+        endpoint: "/generate".into(),
+        prompt_tokens: 1,
+        max_new_tokens: 1,
+        requested_priority: None,
+        headers: Vec::new(),
+    }
+}
+
+/// Compiles and checks `bytes`; the error is the reason the file is refused.
+#[allow(clippy::too_many_arguments)]
+pub fn load(
+    engine: &Arc<PluginEngine>,
+    file: &str,
+    bytes: &[u8],
+    config: String,
+    sha256: String,
+    limits: &CallLimits,
+    health_limits: &CallLimits,
+    metrics: &Arc<Metrics>,
+) -> Result<Plugin, String> {
+    let component = Component::new(&engine.engine, bytes)
+        .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?;
+    let (kind, version) = detect_world(engine, &component)?;
+    let linker = engine
+        .linker_for(&component)
+        .map_err(|e| format!("cannot link: {e:#}"))?;
+    let instance_pre = linker
+        .instantiate_pre(&component)
+        .map_err(|e| format!("cannot link: {e:#}"))?;
+    let bad_world =
+        |e: wasmtime::Error| format!("does not match the {} world: {e:#}", kind.as_str());
+    let pre = match kind {
+        PluginKind::RateLimiter => {
+            Pre::Limiter(limiter::RateLimiterPre::new(instance_pre).map_err(bad_world)?)
+        }
+        PluginKind::Prioritizer => {
+            Pre::Prioritizer(prioritizer::PrioritizerPre::new(instance_pre).map_err(bad_world)?)
+        }
+        PluginKind::HealthChecker => {
+            Pre::Health(health::HealthCheckerPre::new(instance_pre).map_err(bad_world)?)
+        }
+    };
+    let limits = if kind == PluginKind::HealthChecker {
+        health_limits
+    } else {
+        limits
+    };
+    let plugin = Plugin::new(
+        file.to_string(),
+        kind,
+        version,
+        sha256,
+        engine.clone(),
+        pre,
+        config,
+        limits.clone(),
+        metrics.clone(),
+    );
+    let trial = match kind {
+        PluginKind::RateLimiter => plugin.check(&trial_request()).map(drop),
+        PluginKind::Prioritizer => plugin.priority(&trial_request()).map(drop),
+        PluginKind::HealthChecker => plugin
+            .health(&HealthSnapshot {
+                queue_size: 0,
+                max_queue_size: 1,
+                running_sequences: 0,
+                kv_blocks_used: 0,
+                kv_blocks_total: 1,
+                requests_per_second: 0.0,
+                average_wait_ms: 0.0,
+                p99_time_to_first_token_ms: 0.0,
+                ms_since_last_step: 0,
+                error_rate: 0.0,
+            })
+            .map(drop),
+    };
+    trial.map_err(|fault| format!("trial call failed: {}", fault.as_str()))?;
+    Ok(plugin)
+}

@@ -1,0 +1,265 @@
+//! One loaded plugin: its pre-linked component, one live instance reused between calls (so a
+//! limiter keeps its buckets), and fault accounting. Calls to one plugin are serialized by a
+//! mutex; a trap, a deadline hit or an out-of-memory drops the instance, and the next call
+//! builds a fresh one (state resets). After `max_faults` faults in a row the plugin is disabled
+//! until its file changes.
+
+use super::bindings::{health, limiter, prioritizer};
+use super::bindings::{Decision, HealthReport, HealthSnapshot, RequestInfo, Usage};
+use super::engine::{PluginData, PluginEngine};
+use crate::metrics::Metrics;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wasmtime::{Store, Trap};
+
+/// Which world a plugin implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginKind {
+    RateLimiter,
+    Prioritizer,
+    HealthChecker,
+}
+
+impl PluginKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::RateLimiter => "rate_limiter",
+            PluginKind::Prioritizer => "prioritizer",
+            PluginKind::HealthChecker => "health_checker",
+        }
+    }
+}
+
+/// Why a call did not return a verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Trap,
+    Deadline,
+    OutOfMemory,
+    /// The plugin was disabled after repeated faults; it was not called.
+    Disabled,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Trap => "trap",
+            Fault::Deadline => "deadline",
+            Fault::OutOfMemory => "out_of_memory",
+            Fault::Disabled => "disabled",
+        }
+    }
+}
+
+pub(super) enum Pre {
+    Limiter(limiter::RateLimiterPre<PluginData>),
+    Prioritizer(prioritizer::PrioritizerPre<PluginData>),
+    Health(health::HealthCheckerPre<PluginData>),
+}
+
+enum Bindings {
+    Limiter(limiter::RateLimiter),
+    Prioritizer(prioritizer::Prioritizer),
+    Health(health::HealthChecker),
+}
+
+struct Live {
+    store: Store<PluginData>,
+    bindings: Bindings,
+}
+
+/// Limits a plugin runs under.
+#[derive(Clone, Debug)]
+pub struct CallLimits {
+    pub deadline: Duration,
+    pub memory_bytes: usize,
+    pub max_faults: u32,
+}
+
+pub struct Plugin {
+    pub file: String,
+    pub kind: PluginKind,
+    /// The `cllm:policy` version the component was built against.
+    pub version: String,
+    pub sha256: String,
+    pub loaded_at: std::time::SystemTime,
+    engine: Arc<PluginEngine>,
+    pre: Pre,
+    config: String,
+    limits: CallLimits,
+    live: Mutex<Option<Live>>,
+    metrics: Arc<Metrics>,
+    pub calls: AtomicU64,
+    pub faults: AtomicU64,
+    consecutive_faults: AtomicU32,
+    disabled: AtomicBool,
+}
+
+impl Plugin {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        file: String,
+        kind: PluginKind,
+        version: String,
+        sha256: String,
+        engine: Arc<PluginEngine>,
+        pre: Pre,
+        config: String,
+        limits: CallLimits,
+        metrics: Arc<Metrics>,
+    ) -> Plugin {
+        Plugin {
+            file,
+            kind,
+            version,
+            sha256,
+            loaded_at: std::time::SystemTime::now(),
+            engine,
+            pre,
+            config,
+            limits,
+            live: Mutex::new(None),
+            metrics,
+            calls: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            consecutive_faults: AtomicU32::new(0),
+            disabled: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.disabled.load(Ordering::Relaxed)
+    }
+
+    fn instantiate(&self) -> wasmtime::Result<Live> {
+        let data = PluginData {
+            name: self.file.clone(),
+            config: self.config.clone(),
+            memory_limit: self.limits.memory_bytes,
+            out_of_memory: false,
+        };
+        let mut store = Store::new(&self.engine.engine, data);
+        store.limiter(|data| data);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(PluginEngine::ticks(self.limits.deadline));
+        let bindings = match &self.pre {
+            Pre::Limiter(pre) => Bindings::Limiter(pre.instantiate(&mut store)?),
+            Pre::Prioritizer(pre) => Bindings::Prioritizer(pre.instantiate(&mut store)?),
+            Pre::Health(pre) => Bindings::Health(pre.instantiate(&mut store)?),
+        };
+        Ok(Live { store, bindings })
+    }
+
+    /// Runs `f` on the live instance under the deadline; a failure is a fault. Only calls that
+    /// return a verdict (`verdict`) end a run of consecutive faults: a limiter whose `check`
+    /// always traps stays broken even if its `record-usage` works.
+    fn call<R>(
+        &self,
+        verdict: bool,
+        f: impl FnOnce(&mut Store<PluginData>, &Bindings) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        if self.is_disabled() {
+            return Err(Fault::Disabled);
+        }
+        let started = Instant::now();
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let result = (|| {
+            if live.is_none() {
+                *live = Some(self.instantiate()?);
+            }
+            let Some(Live { store, bindings }) = live.as_mut() else {
+                wasmtime::bail!("no instance");
+            };
+            store.set_epoch_deadline(PluginEngine::ticks(self.limits.deadline));
+            f(store, bindings)
+        })();
+        let labels = [
+            ("plugin", self.file.clone()),
+            ("kind", self.kind.as_str().to_string()),
+        ];
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .counter("cllm_plugin_calls_total", &labels)
+            .increment(1);
+        self.metrics
+            .histogram("cllm_plugin_call_duration_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(value) => {
+                if verdict {
+                    self.consecutive_faults.store(0, Ordering::Relaxed);
+                }
+                Ok(value)
+            }
+            Err(error) => {
+                let out_of_memory = live.as_ref().is_some_and(|l| l.store.data().out_of_memory);
+                // A trapped instance cannot be entered again: drop it, rebuild on next call.
+                *live = None;
+                drop(live);
+                Err(self.record_fault(&error, out_of_memory))
+            }
+        }
+    }
+
+    fn record_fault(&self, error: &wasmtime::Error, out_of_memory: bool) -> Fault {
+        let fault = if out_of_memory {
+            Fault::OutOfMemory
+        } else {
+            classify(error)
+        };
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        let labels = [
+            ("plugin", self.file.clone()),
+            ("kind", self.kind.as_str().to_string()),
+            ("fault", fault.as_str().to_string()),
+        ];
+        self.metrics
+            .counter("cllm_plugin_faults_total", &labels)
+            .increment(1);
+        let in_a_row = self.consecutive_faults.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row >= self.limits.max_faults && !self.disabled.swap(true, Ordering::Relaxed) {
+            tracing::error!(plugin = %self.file, faults = in_a_row, "plugin disabled after repeated faults; replace its file to re-enable it");
+        } else {
+            tracing::warn!(plugin = %self.file, fault = fault.as_str(), "plugin fault: {error:#}");
+        }
+        fault
+    }
+
+    pub fn check(&self, request: &RequestInfo) -> Result<Decision, Fault> {
+        self.call(true, |store, bindings| match bindings {
+            Bindings::Limiter(b) => b.cllm_policy_rate_limit().call_check(store, request),
+            _ => wasmtime::bail!("not a rate limiter"),
+        })
+    }
+
+    pub fn record_usage(&self, usage: &Usage) -> Result<(), Fault> {
+        self.call(false, |store, bindings| match bindings {
+            Bindings::Limiter(b) => b.cllm_policy_rate_limit().call_record_usage(store, usage),
+            _ => wasmtime::bail!("not a rate limiter"),
+        })
+    }
+
+    pub fn priority(&self, request: &RequestInfo) -> Result<i32, Fault> {
+        self.call(true, |store, bindings| match bindings {
+            Bindings::Prioritizer(b) => b.cllm_policy_priority().call_priority(store, request),
+            _ => wasmtime::bail!("not a prioritizer"),
+        })
+    }
+
+    pub fn health(&self, snapshot: &HealthSnapshot) -> Result<HealthReport, Fault> {
+        self.call(true, |store, bindings| match bindings {
+            Bindings::Health(b) => b.cllm_policy_health_check().call_check(store, *snapshot),
+            _ => wasmtime::bail!("not a health checker"),
+        })
+    }
+}
+
+fn classify(error: &wasmtime::Error) -> Fault {
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => Fault::Deadline,
+        _ => Fault::Trap,
+    }
+}

@@ -1,0 +1,509 @@
+//! Policy plugins end to end: real `.wasm` components dropped into the watched folder of a
+//! running server. Hot load, config change, removal, isolation of faulty plugins, refusal of
+//! bad files, and a hot swap under load.
+
+mod common;
+
+use common::repo_root;
+use common::server::TestServer;
+use common::wasm::plugin_wasm;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn stories() -> PathBuf {
+    repo_root().join("models/stories260K")
+}
+
+/// Writes `bytes` as `dir/name` the way editors do: a temporary file, then a rename.
+fn put(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.partial"));
+    std::fs::write(&tmp, bytes).expect("write temp");
+    std::fs::rename(&tmp, dir.join(name)).expect("rename into place");
+}
+
+fn put_plugin(dir: &Path, name: &str, plugin: &str) {
+    put(
+        dir,
+        name,
+        &std::fs::read(plugin_wasm(plugin)).expect("built plugin"),
+    );
+}
+
+async fn plugins(server: &TestServer) -> Vec<Value> {
+    let body: Value = server
+        .http
+        .get(server.url("/plugins"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    body["plugins"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until `/plugins` shows `file` in `state` (or, with state "absent", not at all).
+async fn wait_for(server: &TestServer, file: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = plugins(server).await;
+        let found = list.iter().find(|p| p["file"] == file).cloned();
+        match (&found, state) {
+            (None, "absent") => return Value::Null,
+            (Some(p), _) if p["state"] == state => return p.clone(),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{file} never became {state}: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn generate_as(
+    server: &TestServer,
+    client: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = server
+        .http
+        .post(server.url("/generate"))
+        .header("x-client-id", client)
+        .json(&json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("sent")
+}
+
+async fn start_with_plugins(
+    dir: &Path,
+    tweak: impl FnOnce(&mut cllm::config::ServerConfig),
+) -> TestServer {
+    let dir = dir.to_path_buf();
+    TestServer::start(&stories(), move |c| {
+        c.plugins.dir = Some(dir);
+        tweak(c);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_bucket_dropped_in_limits_within_a_second_and_config_changes_apply() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    // The built-in limit must not be what answers 429 here.
+    let server = start_with_plugins(&dir, |c| c.rate_limiter.max_requests = 1_000_000).await;
+    for _ in 0..5 {
+        assert_eq!(
+            generate_as(&server, "alice", &[]).await.status(),
+            200,
+            "built-in limit is generous"
+        );
+    }
+    put(
+        &dir,
+        "limiter.json",
+        br#"{"rate_per_sec": 0.01, "burst": 3}"#,
+    );
+    let dropped = Instant::now();
+    put_plugin(&dir, "limiter.wasm", "token-bucket");
+    let limited = loop {
+        let r = generate_as(&server, "alice", &[]).await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert!(
+            dropped.elapsed() < Duration::from_secs(1),
+            "no 429 within a second of the drop"
+        );
+    };
+    assert!(dropped.elapsed() < Duration::from_secs(1));
+    assert!(limited.headers().contains_key("retry-after"));
+    let body: Value = limited.json().await.expect("json");
+    assert_eq!(body["error_type"], "rate_limited");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("msg")
+            .contains("limiter.wasm"),
+        "{body}"
+    );
+    assert_eq!(
+        generate_as(&server, "bob", &[]).await.status(),
+        200,
+        "other clients keep their own bucket"
+    );
+
+    // A bigger burst in the sidecar config reloads the plugin (fresh buckets, new limit).
+    put(
+        &dir,
+        "limiter.json",
+        br#"{"rate_per_sec": 0.01, "burst": 50}"#,
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if generate_as(&server, "alice", &[]).await.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "config change did not apply");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        assert_eq!(generate_as(&server, "alice", &[]).await.status(), 200);
+    }
+    let listed = wait_for(&server, "limiter.wasm", "active").await;
+    assert_eq!(listed["kind"], "rate_limiter");
+    assert_eq!(listed["world_version"], "0.1.0");
+    assert_eq!(listed["sha256"].as_str().expect("sha").len(), 64);
+    assert!(listed["calls"].as_u64().expect("calls") >= 10);
+
+    // Deleting the file restores the built-in policy.
+    std::fs::remove_file(dir.join("limiter.wasm")).expect("rm");
+    wait_for(&server, "limiter.wasm", "absent").await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_budget_is_charged_from_record_usage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put(
+        &dir,
+        "budget.json",
+        br#"{"rate_per_sec": 1000, "burst": 1000, "tokens_per_minute": 5}"#,
+    );
+    put_plugin(&dir, "budget.wasm", "token-bucket");
+    let server = start_with_plugins(&dir, |_| {}).await;
+    wait_for(&server, "budget.wasm", "active").await;
+    // Each request generates 2 tokens: the third one finds the budget of 5 spent.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(generate_as(&server, "carol", &[]).await.status().as_u16());
+    }
+    assert_eq!(&statuses[..3], [200, 200, 200], "{statuses:?}");
+    assert_eq!(statuses[3], 429, "{statuses:?}");
+    server.shutdown().await;
+}
+
+/// Completion order of a low- and a high-tier request queued behind a running one.
+async fn tier_order(server: &TestServer) -> (Instant, Instant) {
+    let blocker = server
+        .post(
+            "/generate_stream",
+            json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 25}}),
+        )
+        .await;
+    assert_eq!(blocker.status(), 200);
+    let send = |tier: &'static str, delay_ms: u64| {
+        let (http, url) = (server.http.clone(), server.url("/generate"));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let r = http
+                .post(url)
+                .header("x-tier", tier)
+                .json(&json!({"inputs": "Hi", "parameters": {"max_new_tokens": 3}}))
+                .send()
+                .await
+                .expect("sent");
+            assert_eq!(r.status(), 200);
+            Instant::now()
+        })
+    };
+    let bronze = send("bronze", 30);
+    let gold = send("gold", 90);
+    let order = (bronze.await.expect("bronze"), gold.await.expect("gold"));
+    drop(blocker);
+    order
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiered_priority_reorders_the_queue_and_removal_restores_arrival_order() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put(
+        &dir,
+        "tiers.json",
+        br#"{"tiers": {"gold": 100, "bronze": 0}, "default": 0}"#,
+    );
+    put_plugin(&dir, "tiers.wasm", "tiered-priority");
+    let server = start_with_plugins(&dir, |c| {
+        c.scheduler.max_running_sequences = 1;
+        c.scheduler.debug_step_delay_ms = 15;
+    })
+    .await;
+    wait_for(&server, "tiers.wasm", "active").await;
+    let (bronze, gold) = tier_order(&server).await;
+    assert!(gold < bronze, "gold, queued later, should be served first");
+    std::fs::remove_file(dir.join("tiers.wasm")).expect("rm");
+    wait_for(&server, "tiers.wasm", "absent").await;
+    let (bronze, gold) = tier_order(&server).await;
+    assert!(bronze < gold, "without the plugin, arrival order rules");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_health_verdict_appears_in_health() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put_plugin(&dir, "qh.wasm", "queue-health");
+    let server = start_with_plugins(&dir, |_| {}).await;
+    wait_for(&server, "qh.wasm", "active").await;
+    let health = server.health().await;
+    let checks = &health["components"]["policy"]["checks"];
+    assert_eq!(checks[0]["plugin"], "qh.wasm", "{health}");
+    assert_eq!(checks[0]["status"], "ok", "{health}");
+    assert_eq!(health["status"], "ok");
+    // A threshold every queue exceeds: the plugin says degraded, and so does /health (still 200).
+    put(&dir, "qh.json", br#"{"queue_fraction": 0.0}"#);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let r = server
+            .http
+            .get(server.url("/health"))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(r.status(), 200);
+        let health: Value = r.json().await.expect("json");
+        if health["status"] == "degraded" {
+            let check = &health["components"]["policy"]["checks"][0];
+            assert_eq!(check["status"], "degraded");
+            assert!(!check["message"].as_str().expect("message").is_empty());
+            break;
+        }
+        assert!(Instant::now() < deadline, "verdict never changed: {health}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn looping_trapping_and_memory_eating_plugins_are_cut_off() {
+    for plugin in ["loop-forever", "trap", "grow-memory"] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("plugins");
+        let server = start_with_plugins(&dir, |c| {
+            c.plugins.max_consecutive_faults = 3;
+            c.plugins.memory_limit_mb = 16;
+        })
+        .await;
+        put_plugin(&dir, "bad.wasm", plugin);
+        wait_for(&server, "bad.wasm", "active").await;
+        for i in 0..4 {
+            let started = Instant::now();
+            let r = generate_as(&server, "victim", &[]).await;
+            assert_eq!(
+                r.status(),
+                200,
+                "{plugin}: fail-open lets request {i} through"
+            );
+            assert!(
+                started.elapsed() < Duration::from_millis(1500),
+                "{plugin}: request {i} took {:?}",
+                started.elapsed()
+            );
+        }
+        let listed = wait_for(&server, "bad.wasm", "disabled").await;
+        assert!(
+            listed["faults"].as_u64().expect("faults") >= 3,
+            "{plugin}: {listed}"
+        );
+        let metrics = server
+            .http
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .expect("sent")
+            .text()
+            .await
+            .expect("text");
+        assert!(
+            metrics.contains("cllm_plugin_faults_total{"),
+            "{plugin}: faults not counted"
+        );
+        // Disabled, it is no longer called: requests are fast and fine.
+        let started = Instant::now();
+        assert_eq!(generate_as(&server, "victim", &[]).await.status(), 200);
+        assert!(started.elapsed() < Duration::from_millis(500));
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_limiter_faults_answer_503_policy_unavailable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    let server = start_with_plugins(&dir, |c| {
+        c.plugins.limiter_failure_mode = cllm::config::FailureMode::FailClosed;
+        c.plugins.max_consecutive_faults = 100;
+    })
+    .await;
+    put_plugin(&dir, "bad.wasm", "trap");
+    wait_for(&server, "bad.wasm", "active").await;
+    let r = generate_as(&server, "victim", &[]).await;
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error_type"], "policy_unavailable");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_files_are_refused_and_the_previous_policy_stays() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put_plugin(&dir, "policy.wasm", "deny-all");
+    let server = start_with_plugins(&dir, |_| {}).await;
+    wait_for(&server, "policy.wasm", "active").await;
+    assert_eq!(generate_as(&server, "dave", &[]).await.status(), 429);
+    let allow = std::fs::read(plugin_wasm("allow-all")).expect("allow-all");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "corrupt",
+            b"\0asm this is not a component at all".to_vec(),
+            "not a valid",
+        ),
+        (
+            "truncated",
+            allow[..allow.len() / 2].to_vec(),
+            "not a valid",
+        ),
+        (
+            "wrong world",
+            std::fs::read(plugin_wasm("wrong-world")).expect("wrong-world"),
+            "none of cllm's worlds",
+        ),
+        (
+            "future major",
+            std::fs::read(plugin_wasm("future-major")).expect("future-major"),
+            "wrong major version",
+        ),
+    ];
+    for (what, bytes, reason) in cases {
+        put(&dir, "policy.wasm", &bytes);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listed = loop {
+            let list = plugins(&server).await;
+            let entry = list
+                .iter()
+                .find(|p| p["file"] == "policy.wasm")
+                .cloned()
+                .expect("listed");
+            if entry["reason"].as_str().is_some_and(|r| r.contains(reason)) {
+                break entry;
+            }
+            assert!(Instant::now() < deadline, "{what}: never refused: {entry}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(
+            listed["state"], "active",
+            "{what}: the previous policy stays active: {listed}"
+        );
+        assert_eq!(
+            generate_as(&server, "dave", &[]).await.status(),
+            429,
+            "{what}: deny-all still applies"
+        );
+    }
+    // A new file renamed into place is picked up, once.
+    let reloads = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with(r#"cllm_plugin_reloads_total{result="loaded"}"#))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let scrape = || async {
+        server
+            .http
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .expect("m")
+            .text()
+            .await
+            .expect("t")
+    };
+    let before = reloads(&scrape().await);
+    put(&dir, "renamed.wasm", &allow);
+    wait_for(&server, "renamed.wasm", "active").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        reloads(&scrape().await) - before,
+        1.0,
+        "renamed file loaded exactly once"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swap_under_load_loses_no_request() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let allow = std::fs::read(plugin_wasm("allow-all")).expect("allow-all");
+    let deny = std::fs::read(plugin_wasm("deny-all")).expect("deny-all");
+    put(&dir, "swap.wasm", &allow);
+    let server = start_with_plugins(&dir, |c| {
+        c.rate_limiter.enabled = false;
+        c.scheduler.max_running_sequences = 64;
+    })
+    .await;
+    wait_for(&server, "swap.wasm", "active").await;
+    let swapper = {
+        let dir = dir.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                put(&dir, "swap.wasm", if i % 2 == 0 { &deny } else { &allow });
+            }
+        })
+    };
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let (http, url) = (server.http.clone(), server.url("/generate"));
+            tokio::spawn(async move {
+                let mut counts = [0u32; 3]; // 200, 429, other
+                for _ in 0..250 {
+                    let r = http
+                        .post(&url)
+                        .header("x-client-id", format!("worker-{w}"))
+                        .json(&json!({"inputs": "Hi", "parameters": {"max_new_tokens": 1}}))
+                        .send()
+                        .await
+                        .expect("sent");
+                    match r.status().as_u16() {
+                        200 => counts[0] += 1,
+                        429 => {
+                            let body: Value = r.json().await.expect("json");
+                            assert!(
+                                body["error"].as_str().expect("msg").contains("deny-all"),
+                                "{body}"
+                            );
+                            counts[1] += 1;
+                        }
+                        _ => counts[2] += 1,
+                    }
+                }
+                counts
+            })
+        })
+        .collect();
+    let mut total = [0u32; 3];
+    for w in workers {
+        let c = w.await.expect("worker");
+        for i in 0..3 {
+            total[i] += c[i];
+        }
+    }
+    swapper.await.expect("swapper");
+    assert_eq!(total[0] + total[1] + total[2], 2000);
+    assert_eq!(total[2], 0, "responses other than 200/429: {total:?}");
+    assert!(total[0] > 0, "{total:?}");
+    server.shutdown().await;
+}
