@@ -221,3 +221,37 @@ fn serve_refuses_a_bad_config_naming_the_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("scheduler.nope"));
 }
+
+#[test]
+fn bench_plugins_prints_call_and_reload_latency() {
+    let wasm_dir = common::wasm::plugin_wasm("token-bucket")
+        .parent()
+        .expect("folder")
+        .to_path_buf();
+    let out = cllm()
+        .args([
+            "bench-plugins",
+            "--calls",
+            "2000",
+            "--reloads",
+            "2",
+            "--wasm-dir",
+        ])
+        .arg(&wasm_dir)
+        .output()
+        .expect("runs cllm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    for row in [
+        "built-in limiter check",
+        "token-bucket plugin check",
+        "tiered-priority plugin priority",
+        "reload, file write to active",
+    ] {
+        assert!(table.contains(row), "missing {row:?} in\n{table}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Command-line entry points. `main` only calls [`run`].
 
 mod bench;
+mod bench_plugins;
 mod generate;
 mod serve;
 
@@ -21,6 +22,8 @@ pub struct Cli {
 enum Command {
     /// Generate text from a prompt and stream it to the terminal.
     Generate(generate::GenerateArgs),
+    /// Measure policy plugin call and reload latency.
+    BenchPlugins(bench_plugins::BenchPluginsArgs),
     /// Serve the model over HTTP.
     Serve(serve::ServeArgs),
     /// Measure prefill and decode speed on a model folder or a synthetic model.
@@ -34,6 +37,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::BenchPlugins(args) => bench_plugins::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

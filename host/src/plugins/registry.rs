@@ -61,6 +61,11 @@ pub struct PluginRegistry {
     active: RwLock<Arc<PluginSet>>,
 }
 
+/// The sha256 of a file, as `/plugins` reports it.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    Ok(sha256_hex(&std::fs::read(path)?))
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
