@@ -9,6 +9,17 @@ fn cllm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cllm"))
 }
 
+/// Runs `cmd`, which must succeed and print a table with each of `rows`.
+fn assert_table_rows(mut cmd: Command, rows: &[&str]) {
+    let out = cmd.output().expect("runs cllm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    for row in rows {
+        assert!(table.contains(row), "missing {row:?} in\n{table}");
+    }
+}
+
 #[test]
 fn generate_json_matches_golden_for_every_model() {
     for name in ALL_MODELS {
@@ -142,33 +153,26 @@ fn bench_runs_on_a_model_folder() {
     let Some(fx) = fixture("stories260K") else {
         return;
     };
-    let out = cllm()
-        .args([
-            "bench",
-            "--prompt-tokens",
-            "64",
-            "--decode-tokens",
-            "16",
-            "--model",
-        ])
-        .arg(&fx.model_dir)
-        .output()
-        .expect("runs cllm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let mut cmd = cllm();
+    cmd.args([
+        "bench",
+        "--prompt-tokens",
+        "64",
+        "--decode-tokens",
+        "16",
+        "--model",
+    ])
+    .arg(&fx.model_dir);
+    assert_table_rows(
+        cmd,
+        &[
+            "prefill",
+            "decode, batch 1",
+            "GB/s",
+            "decode, batch 8",
+            "baseline",
+        ],
     );
-    let table = String::from_utf8_lossy(&out.stdout);
-    for row in [
-        "prefill",
-        "decode, batch 1",
-        "GB/s",
-        "decode, batch 8",
-        "baseline",
-    ] {
-        assert!(table.contains(row), "missing {row:?} in\n{table}");
-    }
 }
 
 #[test]
@@ -228,30 +232,23 @@ fn bench_plugins_prints_call_and_reload_latency() {
         .parent()
         .expect("folder")
         .to_path_buf();
-    let out = cllm()
-        .args([
-            "bench-plugins",
-            "--calls",
-            "2000",
-            "--reloads",
-            "2",
-            "--wasm-dir",
-        ])
-        .arg(&wasm_dir)
-        .output()
-        .expect("runs cllm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let mut cmd = cllm();
+    cmd.args([
+        "bench-plugins",
+        "--calls",
+        "2000",
+        "--reloads",
+        "2",
+        "--wasm-dir",
+    ])
+    .arg(&wasm_dir);
+    assert_table_rows(
+        cmd,
+        &[
+            "built-in limiter check",
+            "token-bucket plugin check",
+            "tiered-priority plugin priority",
+            "reload, file write to active",
+        ],
     );
-    let table = String::from_utf8_lossy(&out.stdout);
-    for row in [
-        "built-in limiter check",
-        "token-bucket plugin check",
-        "tiered-priority plugin priority",
-        "reload, file write to active",
-    ] {
-        assert!(table.contains(row), "missing {row:?} in\n{table}");
-    }
 }

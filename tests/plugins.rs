@@ -5,7 +5,7 @@
 mod common;
 
 use common::repo_root;
-use common::server::TestServer;
+use common::server::{metric_value, TestServer};
 use common::wasm::plugin_wasm;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -314,15 +314,7 @@ async fn looping_trapping_and_memory_eating_plugins_are_cut_off() {
             listed["faults"].as_u64().expect("faults") >= 3,
             "{plugin}: {listed}"
         );
-        let metrics = server
-            .http
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .expect("sent")
-            .text()
-            .await
-            .expect("text");
+        let metrics = server.metrics().await;
         assert!(
             metrics.contains("cllm_plugin_faults_total{"),
             "{plugin}: faults not counted"
@@ -412,29 +404,13 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
         );
     }
     // A new file renamed into place is picked up, once.
-    let reloads = |text: &str| {
-        text.lines()
-            .find(|l| l.starts_with(r#"cllm_plugin_reloads_total{result="loaded"}"#))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let scrape = || async {
-        server
-            .http
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .expect("m")
-            .text()
-            .await
-            .expect("t")
-    };
-    let before = reloads(&scrape().await);
+    let loaded = r#"cllm_plugin_reloads_total{result="loaded"}"#;
+    let before = metric_value(&server.metrics().await, loaded);
     put(&dir, "renamed.wasm", &allow);
     wait_for(&server, "renamed.wasm", "active").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        reloads(&scrape().await) - before,
+        metric_value(&server.metrics().await, loaded) - before,
         1.0,
         "renamed file loaded exactly once"
     );

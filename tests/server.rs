@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::server::{sse_events, TestServer};
+use common::server::{metric_value, sse_events, TestServer};
 use common::{fixture, repo_root, shared_dir, Fixture};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -509,34 +509,15 @@ async fn api_keys_guard_everything_but_open_paths() {
     server.shutdown().await;
 }
 
-fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_counters_move() {
     let server = TestServer::start(&stories(), |_| {}).await;
-    let scrape = || async {
-        server
-            .http
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .expect("sent")
-            .text()
-            .await
-            .expect("text")
-    };
     let ok_series = r#"cllm_requests_total{endpoint="/generate",status="200"}"#;
-    let before = metric_value(&scrape().await, ok_series);
+    let before = metric_value(&server.metrics().await, ok_series);
     greedy_ids(&server, "Once upon a time", 4).await;
     greedy_ids(&server, "Once upon a time", 4).await;
     let _ = server.post("/generate", json!({"inputs": ""})).await;
-    let text = scrape().await;
+    let text = server.metrics().await;
     assert_eq!(metric_value(&text, ok_series) - before, 2.0);
     assert!(metric_value(&text, "cllm_generated_tokens_total") >= 8.0);
     assert_eq!(
