@@ -92,6 +92,9 @@ pub struct Plugin {
     limits: CallLimits,
     live: Mutex<Option<Live>>,
     metrics: Arc<Metrics>,
+    /// Registered once: a call only bumps them.
+    calls_metric: metrics::Counter,
+    duration_metric: metrics::Histogram,
     pub calls: AtomicU64,
     pub faults: AtomicU64,
     consecutive_faults: AtomicU32,
@@ -111,7 +114,13 @@ impl Plugin {
         limits: CallLimits,
         metrics: Arc<Metrics>,
     ) -> Plugin {
+        let labels = [
+            ("plugin", file.clone()),
+            ("kind", kind.as_str().to_string()),
+        ];
         Plugin {
+            calls_metric: metrics.counter("cllm_plugin_calls_total", &labels),
+            duration_metric: metrics.histogram("cllm_plugin_call_duration_seconds", &labels),
             file,
             kind,
             version,
@@ -176,17 +185,9 @@ impl Plugin {
             store.set_epoch_deadline(PluginEngine::ticks(self.limits.deadline));
             f(store, bindings)
         })();
-        let labels = [
-            ("plugin", self.file.clone()),
-            ("kind", self.kind.as_str().to_string()),
-        ];
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .counter("cllm_plugin_calls_total", &labels)
-            .increment(1);
-        self.metrics
-            .histogram("cllm_plugin_call_duration_seconds", &labels)
-            .record(started.elapsed().as_secs_f64());
+        self.calls_metric.increment(1);
+        self.duration_metric.record(started.elapsed().as_secs_f64());
         match result {
             Ok(value) => {
                 if verdict {

@@ -30,13 +30,42 @@ pub struct SchedulerSettings {
     pub step_delay: Duration,
 }
 
+/// The loop's metric handles, registered once (a step only bumps them).
+struct LoopMetrics {
+    running: metrics::Gauge,
+    kv_usage: metrics::Gauge,
+    queue_size: metrics::Gauge,
+    queue_wait: metrics::Histogram,
+    prompt_tokens: metrics::Counter,
+    batch_size: metrics::Histogram,
+    ttft: metrics::Histogram,
+    itl: metrics::Histogram,
+    generated_tokens: metrics::Counter,
+}
+
+impl LoopMetrics {
+    fn new(m: &Metrics) -> Self {
+        LoopMetrics {
+            running: m.gauge("cllm_running_sequences"),
+            kv_usage: m.gauge("cllm_kv_cache_usage_ratio"),
+            queue_size: m.gauge("cllm_queue_size"),
+            queue_wait: m.histogram("cllm_queue_wait_seconds", &[]),
+            prompt_tokens: m.counter("cllm_prompt_tokens_total", &[]),
+            batch_size: m.histogram("cllm_batch_size", &[]),
+            ttft: m.histogram("cllm_time_to_first_token_seconds", &[]),
+            itl: m.histogram("cllm_inter_token_latency_seconds", &[]),
+            generated_tokens: m.counter("cllm_generated_tokens_total", &[]),
+        }
+    }
+}
+
 struct Loop {
     model: Arc<Model>,
     settings: SchedulerSettings,
     queue: Arc<RequestQueue<Pending>>,
     stats: Arc<SchedulerStats>,
     tracker: Arc<RequestTracker>,
-    metrics: Arc<Metrics>,
+    metrics: LoopMetrics,
     executor: CpuExecutor,
     kv: KvCache,
     running: Vec<Sequence>,
@@ -72,7 +101,7 @@ pub(super) fn run(
         queue,
         stats,
         tracker,
-        metrics,
+        metrics: LoopMetrics::new(&metrics),
         running: Vec::new(),
         preempted: VecDeque::new(),
         logits: Vec::new(),
@@ -106,15 +135,9 @@ impl Loop {
             .store(self.running.len(), Ordering::Relaxed);
         s.kv_blocks_used
             .store(self.kv.used_blocks(), Ordering::Relaxed);
-        self.metrics
-            .gauge("cllm_running_sequences")
-            .set(self.running.len() as f64);
-        self.metrics
-            .gauge("cllm_kv_cache_usage_ratio")
-            .set(s.kv_usage());
-        self.metrics
-            .gauge("cllm_queue_size")
-            .set(self.queue.len() as f64);
+        self.metrics.running.set(self.running.len() as f64);
+        self.metrics.kv_usage.set(s.kv_usage());
+        self.metrics.queue_size.set(self.queue.len() as f64);
     }
 
     fn drop_gone_clients(&mut self) {
@@ -169,11 +192,9 @@ impl Loop {
                 );
                 continue;
             }
+            self.metrics.queue_wait.record(popped.waited.as_secs_f64());
             self.metrics
-                .histogram("cllm_queue_wait_seconds", &[])
-                .record(popped.waited.as_secs_f64());
-            self.metrics
-                .counter("cllm_prompt_tokens_total", &[])
+                .prompt_tokens
                 .increment(pending.prompt_ids.len() as u64);
             let mut seq = Sequence::new(pending, &self.model);
             if self.kv.reserve(&mut seq.kv, seq.tokens.len()).is_err() {
@@ -256,9 +277,7 @@ impl Loop {
                     want_logits,
                 });
             }
-            self.metrics
-                .histogram("cllm_batch_size", &[])
-                .record(batch.len() as f64);
+            self.metrics.batch_size.record(batch.len() as f64);
             let model = &self.model;
             self.executor.forward(
                 &model.config,
@@ -308,20 +327,13 @@ impl Loop {
                 None => {
                     self.tracker.record(id, Stage::FirstToken);
                     let ttft = now - seq.pending.received_at;
-                    self.metrics
-                        .histogram("cllm_time_to_first_token_seconds", &[])
-                        .record(ttft.as_secs_f64());
+                    self.metrics.ttft.record(ttft.as_secs_f64());
                     self.stats.record_ttft(ttft.as_secs_f64() * 1e3);
                 }
-                Some(prev) => self
-                    .metrics
-                    .histogram("cllm_inter_token_latency_seconds", &[])
-                    .record((now - prev).as_secs_f64()),
+                Some(prev) => self.metrics.itl.record((now - prev).as_secs_f64()),
             }
             seq.last_token_at = Some(now);
-            self.metrics
-                .counter("cllm_generated_tokens_total", &[])
-                .increment(1);
+            self.metrics.generated_tokens.increment(1);
             let special = self.model.tokenizer.is_special(event.id);
             let finish = event.finished.map(|reason| Finish {
                 reason,
