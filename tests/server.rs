@@ -633,3 +633,164 @@ fn shared_dir_is_reported() {
         common::say("SKIPPED: ../shared absent; server tests on tiny-llama-f32 do not run");
     }
 }
+
+/// The generated ids of a greedy request.
+async fn greedy_text_ids(
+    server: &TestServer,
+    prompt: &str,
+    max_new_tokens: usize,
+) -> (Vec<u32>, String) {
+    let r = server
+        .http
+        .post(server.url("/generate"))
+        .json(&json!({"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": true}}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    let rid = r.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    let body: Value = r.json().await.expect("json");
+    let ids = body["details"]["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t["id"].as_u64().expect("id") as u32)
+        .collect();
+    (ids, rid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempted_sequences_resume_with_the_same_tokens() {
+    // 33 blocks of 16 tokens: the least the scheduler allows for a 512-token context. Two
+    // prompts of ~250 tokens fit side by side, but not once both cross token 256.
+    let server = TestServer::start(&stories(), |c| c.scheduler.kv_cache_blocks = Some(33)).await;
+    let mut prompts = Vec::new();
+    for (i, sentence) in [
+        "Tom and Lily went to the park. ",
+        "The little dog ran to the big tree. ",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut text = format!("Story {i}: ");
+        loop {
+            let ids: Value = server
+                .post("/encode", json!({"inputs": text}))
+                .await
+                .json()
+                .await
+                .expect("json");
+            if ids["ids"].as_array().expect("ids").len() >= 236 {
+                break;
+            }
+            text.push_str(sentence);
+        }
+        prompts.push(text);
+    }
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(greedy_text_ids(&server, p, 40).await.0);
+    }
+    let together =
+        futures_util::future::join_all(prompts.iter().map(|p| greedy_text_ids(&server, p, 40)))
+            .await;
+    let mut preempted = false;
+    for ((ids, rid), alone) in together.iter().zip(&solo) {
+        assert_eq!(
+            ids, alone,
+            "batching and preemption must not change greedy tokens"
+        );
+        let record: Value = server
+            .http
+            .get(server.url(&format!("/requests/{rid}")))
+            .send()
+            .await
+            .expect("r")
+            .json()
+            .await
+            .expect("j");
+        preempted |= record["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["stage"] == "preempted");
+    }
+    let lengths: Vec<usize> = solo.iter().map(Vec::len).collect();
+    if lengths.iter().all(|&n| n >= 30) {
+        assert!(
+            preempted,
+            "both sequences crossed token 256 in a 33-block cache: one must have been preempted"
+        );
+    }
+    let health = server.health().await;
+    assert_eq!(health["metrics"]["kv_blocks_used"], 0, "{health}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_scheduler_makes_health_unhealthy_with_503() {
+    let server = TestServer::start(&stories(), |c| {
+        c.scheduler.debug_step_delay_ms = 1500;
+        c.health.stall_timeout_ms = 300;
+    })
+    .await;
+    assert_eq!(
+        server
+            .http
+            .get(server.url("/health"))
+            .send()
+            .await
+            .expect("h")
+            .status(),
+        200
+    );
+    let stuck = {
+        let (http, url) = (server.http.clone(), server.url("/generate"));
+        tokio::spawn(async move {
+            let body = json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}});
+            http.post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("sent")
+                .status()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = server
+            .http
+            .get(server.url("/health"))
+            .send()
+            .await
+            .expect("health");
+        if r.status() == 503 {
+            let body: Value = r.json().await.expect("json");
+            assert_eq!(body["status"], "unhealthy");
+            assert_eq!(body["healthy"], false);
+            assert!(body["components"]["scheduler"]["message"]
+                .as_str()
+                .expect("msg")
+                .contains("stalled"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "health never turned unhealthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Liveness does not depend on the scheduler.
+    assert_eq!(
+        server
+            .http
+            .get(server.url("/health/live"))
+            .send()
+            .await
+            .expect("live")
+            .status(),
+        200
+    );
+    assert_eq!(stuck.await.expect("task"), 200);
+    server.shutdown().await;
+}
