@@ -4,7 +4,7 @@
 mod common;
 
 use common::server::{metric_value, sse_events, TestServer};
-use common::{fixture, repo_root, shared_dir, Fixture};
+use common::{fixture, repo_root, Fixture};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -625,13 +625,6 @@ fn sigterm_during_a_stream_lets_it_finish() {
     );
     let status = child.wait().expect("exit");
     assert!(status.success(), "exit status {status}");
-}
-
-#[test]
-fn shared_dir_is_reported() {
-    if shared_dir().is_none() {
-        common::say("SKIPPED: ../shared absent; server tests on tiny-llama-f32 do not run");
-    }
 }
 
 /// The generated ids of a greedy request.

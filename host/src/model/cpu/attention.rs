@@ -4,12 +4,12 @@ use super::matmul::{axpy, dot};
 use super::ops::softmax;
 use super::pool::ThreadPool;
 use super::shared::DisjointSlice;
-use crate::model::kv_cache::SequenceKv;
 use std::sync::Mutex;
 
-/// Where one query token sits: its sequence's block table and its position.
-pub struct QueryToken<'a> {
-    pub kv: &'a SequenceKv,
+/// Where one query token sits: the batch entry whose cache it reads, and its position.
+#[derive(Clone, Copy)]
+pub struct QueryToken {
+    pub entry: usize,
     pub pos: usize,
 }
 
@@ -35,6 +35,7 @@ pub struct AttentionScratch {
 pub fn attention(
     pool: &ThreadPool,
     heads: Heads,
+    batch: &[super::BatchEntry],
     tokens: &[QueryToken],
     q: &[f32],
     keys: &[f32],
@@ -68,13 +69,14 @@ pub fn attention(
         }
         for task in (chunk..n_tasks).step_by(n_chunks) {
             let (t, h) = (task / num_heads, task % num_heads);
-            let token = &tokens[t];
+            let token = tokens[t];
+            let kv = &*batch[token.entry].kv;
             let kv_off = (h / group) * d;
             let q_head = &q[t * q_dim + h * d..][..d];
             let first = window.map_or(0, |w| (token.pos + 1).saturating_sub(w));
             let span = &mut buf[..token.pos + 1 - first];
             for (s, pos) in span.iter_mut().zip(first..) {
-                let slot = token.kv.slot(pos) * kv_dim + kv_off;
+                let slot = kv.slot(pos) * kv_dim + kv_off;
                 *s = dot(q_head, &keys[slot..slot + d]) * scale;
             }
             softmax(span);
@@ -82,7 +84,7 @@ pub fn attention(
             let o = unsafe { out.part(t * q_dim + h * d, d) };
             o.fill(0.0);
             for (&p, pos) in span.iter().zip(first..) {
-                let slot = token.kv.slot(pos) * kv_dim + kv_off;
+                let slot = kv.slot(pos) * kv_dim + kv_off;
                 axpy(o, p, &values[slot..slot + d]);
             }
         }

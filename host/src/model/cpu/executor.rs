@@ -69,6 +69,9 @@ pub struct CpuExecutor {
     acts: Activations,
     matmul_scratch: MatmulScratch,
     attn_scratch: AttentionScratch,
+    /// Per-pass bookkeeping, kept to avoid allocating in the decode loop.
+    queries: Vec<QueryToken>,
+    wanted: Vec<usize>,
 }
 
 impl CpuExecutor {
@@ -80,6 +83,8 @@ impl CpuExecutor {
             acts: Activations::default(),
             matmul_scratch: MatmulScratch::default(),
             attn_scratch: AttentionScratch::default(),
+            queries: Vec::new(),
+            wanted: Vec::new(),
         }
     }
 
@@ -125,16 +130,15 @@ impl CpuExecutor {
             head_dim: d,
             window: config.sliding_window,
         };
-        let queries: Vec<QueryToken> = batch
-            .iter()
-            .flat_map(|e| {
-                let kv: &SequenceKv = e.kv;
-                (0..e.tokens.len()).map(move |i| QueryToken {
-                    kv,
-                    pos: kv.len() + i,
-                })
-            })
-            .collect();
+        let queries = &mut self.queries;
+        queries.clear();
+        for (entry, e) in batch.iter().enumerate() {
+            queries.extend((0..e.tokens.len()).map(|i| QueryToken {
+                entry,
+                pos: e.kv.len() + i,
+            }));
+        }
+        let queries = &self.queries;
         for (layer_idx, layer) in weights.layers.iter().enumerate() {
             let x = &mut acts.x[..n * h];
             let normed = sized(&mut acts.normed, n * h);
@@ -162,7 +166,7 @@ impl CpuExecutor {
             // Store the new keys and values, then attend over each sequence's cache.
             let (keys, values) = kv.layer_mut(layer_idx);
             for (t, query) in queries.iter().enumerate() {
-                let slot = query.kv.slot(query.pos) * kv_dim;
+                let slot = batch[query.entry].kv.slot(query.pos) * kv_dim;
                 keys[slot..slot + kv_dim].copy_from_slice(&k[t * kv_dim..][..kv_dim]);
                 values[slot..slot + kv_dim].copy_from_slice(&v[t * kv_dim..][..kv_dim]);
             }
@@ -170,7 +174,8 @@ impl CpuExecutor {
             attention(
                 pool,
                 heads,
-                &queries,
+                batch,
+                queries,
                 q,
                 keys,
                 values,
@@ -201,18 +206,17 @@ impl CpuExecutor {
         }
 
         // Final norm and lm_head, only for the rows that want logits.
-        let wanted: Vec<usize> = {
-            let mut end = 0;
-            batch
-                .iter()
-                .filter_map(|e| {
-                    end += e.tokens.len();
-                    e.want_logits.then_some(end - 1)
-                })
-                .collect()
-        };
+        let wanted = &mut self.wanted;
+        wanted.clear();
+        let mut end = 0;
+        for e in batch.iter() {
+            end += e.tokens.len();
+            if e.want_logits {
+                wanted.push(end - 1);
+            }
+        }
         let rows = sized(&mut acts.last_rows, wanted.len() * h);
-        for (out, &t) in rows.chunks_exact_mut(h).zip(&wanted) {
+        for (out, &t) in rows.chunks_exact_mut(h).zip(wanted.iter()) {
             rms_norm(
                 &acts.x[t * h..(t + 1) * h],
                 &weights.norm,
@@ -231,7 +235,6 @@ impl CpuExecutor {
             logits,
             &mut self.matmul_scratch,
         );
-        drop(queries);
         for entry in batch.iter_mut() {
             entry.kv.advance(entry.tokens.len());
         }
