@@ -296,6 +296,8 @@ impl Loop {
             self.running[i].fed += n;
         }
         self.emit_tokens(&want);
+        // Publish the freed blocks now rather than at the next iteration.
+        self.tick();
         if !self.settings.step_delay.is_zero() {
             std::thread::sleep(self.settings.step_delay);
         }
