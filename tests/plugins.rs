@@ -4,9 +4,9 @@
 
 mod common;
 
-use common::repo_root;
 use common::server::{metric_value, TestServer};
 use common::wasm::plugin_wasm;
+use common::{eventually, repo_root};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -45,21 +45,16 @@ async fn plugins(server: &TestServer) -> Vec<Value> {
 
 /// Waits until `/plugins` shows `file` in `state` (or, with state "absent", not at all).
 async fn wait_for(server: &TestServer, file: &str, state: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let what = format!("{file} never became {state}");
+    eventually(&what, Duration::from_secs(5), || async {
         let list = plugins(server).await;
-        let found = list.iter().find(|p| p["file"] == file).cloned();
-        match (&found, state) {
-            (None, "absent") => return Value::Null,
-            (Some(p), _) if p["state"] == state => return p.clone(),
-            _ => {}
+        match list.iter().find(|p| p["file"] == file) {
+            None if state == "absent" => Ok(Value::Null),
+            Some(p) if p["state"] == state => Ok(p.clone()),
+            _ => Err(format!("{list:?}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "{file} never became {state}: {list:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 async fn generate_as(
@@ -143,14 +138,17 @@ async fn token_bucket_dropped_in_limits_within_a_second_and_config_changes_apply
         "limiter.json",
         br#"{"rate_per_sec": 0.01, "burst": 50}"#,
     );
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        if generate_as(&server, "alice", &[]).await.status() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "config change did not apply");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "config change did not apply",
+        Duration::from_secs(3),
+        || async {
+            match generate_as(&server, "alice", &[]).await.status().as_u16() {
+                200 => Ok(()),
+                other => Err(format!("status {other}")),
+            }
+        },
+    )
+    .await;
     for _ in 0..10 {
         assert_eq!(generate_as(&server, "alice", &[]).await.status(), 200);
     }

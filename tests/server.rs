@@ -4,7 +4,7 @@
 mod common;
 
 use common::server::{metric_value, sse_events, TestServer};
-use common::{fixture, repo_root, Fixture};
+use common::{eventually, fixture, repo_root, Fixture};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -292,15 +292,16 @@ async fn dropped_stream_is_cancelled_and_frees_its_kv_blocks() {
         greedy_ids(&server, "Once upon a time", 5).await,
         [432, 383, 286, 261, 376]
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually("blocks freed", Duration::from_secs(5), || async {
         let h = server.health().await;
-        if h["metrics"]["kv_blocks_used"] == 0 && h["metrics"]["running_sequences"] == 0 {
-            break;
+        let idle = h["metrics"]["kv_blocks_used"] == 0 && h["metrics"]["running_sequences"] == 0;
+        if idle {
+            Ok(())
+        } else {
+            Err(h.to_string())
         }
-        assert!(Instant::now() < deadline, "blocks not freed: {h}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let record: Value = server
         .http
         .get(server.url(&format!("/requests/{rid}")))
@@ -719,15 +720,15 @@ async fn preempted_sequences_resume_with_the_same_tokens() {
         );
     }
     // Stats are published by the scheduler loop: give it a moment to catch up.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let health = server.health().await;
-        if health["metrics"]["kv_blocks_used"] == 0 {
-            break;
+    eventually("blocks returned", Duration::from_secs(5), || async {
+        let h = server.health().await;
+        if h["metrics"]["kv_blocks_used"] == 0 {
+            Ok(())
+        } else {
+            Err(h.to_string())
         }
-        assert!(Instant::now() < deadline, "blocks not returned: {health}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     server.shutdown().await;
 }
 

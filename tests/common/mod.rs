@@ -24,6 +24,23 @@ pub fn shared_dir() -> Option<PathBuf> {
     dir.join("models").is_dir().then_some(dir)
 }
 
+/// Polls `probe` every 10 ms until it returns `Ok`, and returns that; after `within`, fails
+/// the test with the last `Err` (what was seen instead).
+pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) if std::time::Instant::now() >= deadline => panic!("{what}: {seen}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Prints past the test harness's output capture, so skips show in a plain `cargo test`.
 pub fn say(message: &str) {
     let _ = writeln!(std::io::stderr(), "{message}");
