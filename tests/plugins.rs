@@ -31,15 +31,7 @@ fn put_plugin(dir: &Path, name: &str, plugin: &str) {
 }
 
 async fn plugins(server: &TestServer) -> Vec<Value> {
-    let body: Value = server
-        .http
-        .get(server.url("/plugins"))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let body: Value = server.get_json("/plugins").await;
     body["plugins"].as_array().cloned().unwrap_or_default()
 }
 

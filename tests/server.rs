@@ -302,15 +302,7 @@ async fn dropped_stream_is_cancelled_and_frees_its_kv_blocks() {
         }
     })
     .await;
-    let record: Value = server
-        .http
-        .get(server.url(&format!("/requests/{rid}")))
-        .send()
-        .await
-        .expect("record")
-        .json()
-        .await
-        .expect("json");
+    let record: Value = server.get_json(&format!("/requests/{rid}")).await;
     assert_eq!(record["state"], "cancelled", "{record}");
     server.shutdown().await;
 }
@@ -338,15 +330,7 @@ async fn request_id_round_trips_and_lifecycle_is_recorded_in_order() {
         32,
         "an id is generated when none is given"
     );
-    let record: Value = server
-        .http
-        .get(server.url("/requests/test-req-42"))
-        .send()
-        .await
-        .expect("record")
-        .json()
-        .await
-        .expect("json");
+    let record: Value = server.get_json("/requests/test-req-42").await;
     let stages: Vec<&str> = record["events"]
         .as_array()
         .expect("events")
@@ -697,15 +681,7 @@ async fn preempted_sequences_resume_with_the_same_tokens() {
             ids, alone,
             "batching and preemption must not change greedy tokens"
         );
-        let record: Value = server
-            .http
-            .get(server.url(&format!("/requests/{rid}")))
-            .send()
-            .await
-            .expect("r")
-            .json()
-            .await
-            .expect("j");
+        let record: Value = server.get_json(&format!("/requests/{rid}")).await;
         preempted |= record["events"]
             .as_array()
             .expect("events")

@@ -36,17 +36,17 @@ pub async fn serve(
     let model = tokio::task::spawn_blocking(move || Model::load(&model_dir))
         .await
         .context("model loader panicked")??;
+    // One recorder for the whole server: plugins count into it too.
+    let metrics = Arc::new(Metrics::new(config.metrics.enabled));
     let plugins = match &config.plugins.dir {
-        Some(dir) => {
-            let metrics = Arc::new(Metrics::new(config.metrics.enabled));
-            Some((
-                crate::plugins::PluginRegistry::start(dir, &config.plugins, metrics.clone())?,
-                metrics,
-            ))
-        }
+        Some(dir) => Some(crate::plugins::PluginRegistry::start(
+            dir,
+            &config.plugins,
+            metrics.clone(),
+        )?),
         None => None,
     };
-    let state = build_state(Arc::new(model), &config, plugins)?;
+    let state = build_state(Arc::new(model), &config, metrics, plugins)?;
     let _watcher = match &state.plugins {
         Some(registry) => Some(crate::plugins::watcher::watch(registry.clone())?),
         None => None,
@@ -122,18 +122,12 @@ fn spawn_health_timer(state: Arc<AppState>, every: Duration) {
     });
 }
 
-type PluginParts = Option<(Arc<crate::plugins::PluginRegistry>, Arc<Metrics>)>;
-
 fn build_state(
     model: Arc<Model>,
     config: &ServerConfig,
-    plugins: PluginParts,
+    metrics: Arc<Metrics>,
+    plugins: Option<Arc<crate::plugins::PluginRegistry>>,
 ) -> anyhow::Result<Arc<AppState>> {
-    // Plugins record into the same metrics as the rest of the server.
-    let (plugins, metrics) = match plugins {
-        Some((registry, metrics)) => (Some(registry), metrics),
-        None => (None, Arc::new(Metrics::new(config.metrics.enabled))),
-    };
     let tracker = Arc::new(RequestTracker::new(if config.tracker.enabled {
         config.tracker.capacity
     } else {

@@ -57,14 +57,19 @@ impl TestServer {
             .expect("request sent")
     }
 
-    pub async fn health(&self) -> serde_json::Value {
+    /// GET `path` and parse the JSON body (whatever the status).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let r = self
             .http
-            .get(self.url("/health"))
+            .get(self.url(path))
             .send()
             .await
-            .expect("health");
-        r.json().await.expect("health json")
+            .expect("GET sent");
+        r.json().await.expect("JSON body")
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        self.get_json("/health").await
     }
 
     /// The Prometheus text of `/metrics`.
