@@ -473,3 +473,189 @@ async fn hot_swap_under_load_loses_no_request() {
     assert!(total[0] > 0, "{total:?}");
     server.shutdown().await;
 }
+
+fn chat_template() -> PathBuf {
+    repo_root().join("tests/fixtures/chat_templates/llama3-style.jinja")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_and_prioritizer_plugins_apply_to_the_openai_routes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put(
+        &dir,
+        "limiter.json",
+        br#"{"rate_per_sec": 0.01, "burst": 2}"#,
+    );
+    put_plugin(&dir, "limiter.wasm", "token-bucket");
+    put(
+        &dir,
+        "tiers.json",
+        br#"{"tiers": {"gold": 100, "bronze": 0}, "default": 0}"#,
+    );
+    put_plugin(&dir, "tiers.wasm", "tiered-priority");
+    let server = start_with_plugins(&dir, |c| {
+        c.model.chat_template = Some(chat_template());
+        c.scheduler.max_running_sequences = 1;
+        c.scheduler.debug_step_delay_ms = 15;
+    })
+    .await;
+    wait_for(&server, "limiter.wasm", "active").await;
+    wait_for(&server, "tiers.wasm", "active").await;
+    let chat = |client: &'static str| {
+        server
+            .http
+            .post(server.url("/v1/chat/completions"))
+            .header("x-client-id", client)
+            .json(&json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}))
+            .send()
+    };
+    assert_eq!(chat("dave").await.expect("sent").status(), 200);
+    assert_eq!(chat("dave").await.expect("sent").status(), 200);
+    let limited = chat("dave").await.expect("sent");
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
+    let body: Value = limited.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .expect("msg")
+        .contains("limiter.wasm"));
+
+    // Priority: behind a running stream, a gold request sent later finishes first.
+    let blocker = server
+        .http
+        .post(server.url("/v1/completions"))
+        .header("x-client-id", "blocker")
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 25, "stream": true}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(blocker.status(), 200);
+    let send = |tier: &'static str, delay_ms: u64| {
+        let (http, url) = (server.http.clone(), server.url("/v1/completions"));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let r = http
+                .post(url)
+                .header("x-tier", tier)
+                .header("x-client-id", tier)
+                .json(&json!({"prompt": "Hi", "max_tokens": 3}))
+                .send()
+                .await
+                .expect("sent");
+            assert_eq!(r.status(), 200);
+            Instant::now()
+        })
+    };
+    let bronze = send("bronze", 30);
+    let gold = send("gold", 90);
+    let (bronze, gold) = (bronze.await.expect("bronze"), gold.await.expect("gold"));
+    drop(blocker);
+    assert!(gold < bronze, "gold, queued later, should be served first");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_openai_stream_is_still_charged_through_record_usage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put(
+        &dir,
+        "budget.json",
+        br#"{"rate_per_sec": 1000, "burst": 1000, "tokens_per_minute": 10}"#,
+    );
+    put_plugin(&dir, "budget.wasm", "token-bucket");
+    let server = start_with_plugins(&dir, |c| c.scheduler.debug_step_delay_ms = 10).await;
+    wait_for(&server, "budget.wasm", "active").await;
+    let mut stream = server
+        .http
+        .post(server.url("/v1/completions"))
+        .header("x-client-id", "erin")
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 200, "stream": true}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(stream.status(), 200);
+    // Read until well past the budget of 10 tokens, then hang up.
+    let mut body = String::new();
+    while body.matches("\"text\"").count() < 15 {
+        let chunk = stream.chunk().await.expect("chunk").expect("more");
+        body.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(stream);
+    eventually(
+        "the hung-up stream was not charged",
+        Duration::from_secs(3),
+        || async {
+            match generate_as(&server, "erin", &[]).await.status().as_u16() {
+                429 => Ok(()),
+                other => Err(format!("status {other}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(generate_as(&server, "frank", &[]).await.status(), 200);
+    server.shutdown().await;
+}
+
+/// Every `cllm_*` series a dashboard expression names.
+fn dashboard_metrics(dashboard: &Value) -> Vec<String> {
+    let mut names = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(at) = rest.find("cllm_") {
+                let tail = &rest[at..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                names.push(tail[..end].to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_dashboard_queries_is_exported() {
+    let text = std::fs::read_to_string(repo_root().join("dashboards/cllm.json")).expect("read");
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboard JSON parses");
+    let names = dashboard_metrics(&dashboard);
+    assert!(names.len() >= 15, "{names:?}");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put(
+        &dir,
+        "limiter.json",
+        br#"{"rate_per_sec": 0.01, "burst": 3}"#,
+    );
+    put_plugin(&dir, "limiter.wasm", "token-bucket");
+    put_plugin(&dir, "faulty.wasm", "trap");
+    let server = start_with_plugins(&dir, |_| {}).await;
+    wait_for(&server, "limiter.wasm", "active").await;
+    wait_for(&server, "faulty.wasm", "active").await;
+    // Traffic that moves every series: answers, an error, a rate limit, plugin calls and faults.
+    for _ in 0..4 {
+        generate_as(&server, "gina", &[]).await;
+    }
+    let r = server.post("/generate", json!({"inputs": ""})).await;
+    assert_eq!(r.status(), 422);
+    let metrics = server.metrics().await;
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|name| !metrics.lines().any(|l| l.starts_with(name.as_str())))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not exported: {missing:?}\n{metrics}"
+    );
+    server.shutdown().await;
+}

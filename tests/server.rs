@@ -525,38 +525,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
     ] {
         assert!(text.contains(name), "missing {name}");
     }
-    match std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    {
-        Ok(mut child) => {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(text.as_bytes())
-                .expect("write");
-            let out = child.wait_with_output().expect("promtool");
-            let report = String::from_utf8_lossy(&out.stderr).to_string()
-                + &String::from_utf8_lossy(&out.stdout);
-            // Lint notes (e.g. about counters) are fine; parse errors are not.
-            assert!(
-                !report.contains("error while linting")
-                    && !report.contains("text format parsing error"),
-                "{report}"
-            );
-        }
-        Err(_) if std::env::var_os("CI").is_some() => {
-            panic!("promtool missing in CI (.ci/run installs it)")
-        }
-        Err(_) => common::say(
-            "SKIPPED: promtool not installed; Prometheus format checked by our own assertions only",
-        ),
-    }
+    common::server::promtool_check(&text);
     server.shutdown().await;
 }
 

@@ -83,6 +83,8 @@ pub struct ServerConfig {
     /// Request lifecycle tracking (`/requests/{id}`).
     pub tracker: TrackerConfig,
     pub plugins: PluginsConfig,
+    /// OpenAI-compatible API limits.
+    pub openai: OpenAiConfig,
 }
 
 /// `http` section: the listener.
@@ -97,6 +99,9 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// How long shutdown waits for in-flight requests, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// On shutdown, how long to keep accepting requests while `/health/ready` already answers
+    /// 503, so a load balancer stops sending before the listener closes, in milliseconds.
+    pub shutdown_delay_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -106,6 +111,7 @@ impl Default for HttpConfig {
             port: 8080,
             max_body_bytes: 1024 * 1024,
             drain_timeout_ms: 30_000,
+            shutdown_delay_ms: 0,
         }
     }
 }
@@ -204,11 +210,38 @@ impl Default for HealthConfig {
 pub struct MetricsConfig {
     /// Whether `/metrics` is served.
     pub enabled: bool,
+    /// Also export queue length, running requests, KV-cache usage and cache config under
+    /// vLLM's names (`vllm:num_requests_waiting`, ...), which gateway endpoint pickers
+    /// (Gateway API Inference Extension, llm-d) scrape by default.
+    pub vllm_compatible: bool,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            vllm_compatible: false,
+        }
+    }
+}
+
+/// `openai` section: limits of `/v1/completions` and `/v1/chat/completions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiConfig {
+    /// Most choices one request may ask for (`n`, times the prompts of a prompt list).
+    pub max_n: usize,
+    /// Most alternatives per token a request may ask for (`logprobs`, `top_logprobs`, and
+    /// TGI's `top_n_tokens`).
+    pub max_logprobs: usize,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            max_n: 8,
+            max_logprobs: 20,
+        }
     }
 }
 
@@ -220,6 +253,10 @@ pub struct ModelConfig {
     pub path: Option<PathBuf>,
     /// Compute threads (0 = all cores).
     pub threads: usize,
+    /// The model's name in the OpenAI API (`model`, `/v1/models`); null = the folder's name.
+    pub served_model_name: Option<String>,
+    /// A Jinja chat template file used instead of the model folder's own template.
+    pub chat_template: Option<PathBuf>,
 }
 
 /// `scheduler` section: continuous batching and the KV cache.
@@ -280,7 +317,11 @@ impl Default for AuthConfig {
             enabled: false,
             api_keys: Vec::new(),
             api_keys_file: None,
-            open_paths: vec!["/health/live".to_string(), "/metrics".to_string()],
+            open_paths: vec![
+                "/health/live".to_string(),
+                "/health/ready".to_string(),
+                "/metrics".to_string(),
+            ],
         }
     }
 }
@@ -439,6 +480,15 @@ impl ServerConfig {
         self.validate_health(&mut errors);
         self.validate_scheduler(&mut errors);
         self.validate_auth(&mut errors);
+        at_least(&mut errors, "openai.max_n", self.openai.max_n, 1);
+        if self
+            .model
+            .served_model_name
+            .as_deref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            errors.push("model.served_model_name must not be empty".to_string());
+        }
         let p = &self.plugins;
         at_least(
             &mut errors,
@@ -689,7 +739,10 @@ mod tests {
         assert_eq!(c.health.stall_timeout_ms, 10_000);
         assert_eq!(c.scheduler.max_batch_tokens, 512);
         assert!(!c.auth.enabled);
-        assert_eq!(c.auth.open_paths, vec!["/health/live", "/metrics"]);
+        assert_eq!(
+            c.auth.open_paths,
+            vec!["/health/live", "/health/ready", "/metrics"]
+        );
         assert_eq!(c.tracker.capacity, 1000);
     }
 
@@ -969,7 +1022,7 @@ mod tests {
         assert!(invalid(&c).contains("auth.api_keys[0].name"));
         c.auth.api_keys.clear();
         c.auth.open_paths.push("metrics".to_string());
-        assert!(invalid(&c).contains("auth.open_paths[2]"));
+        assert!(invalid(&c).contains("auth.open_paths[3]"));
     }
 
     #[test]

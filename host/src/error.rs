@@ -1,4 +1,6 @@
-//! The one error type of the HTTP edge, and its one table to status code and `error_type`.
+//! The one error type of the request path, its one table to status code and `error_type`, and
+//! its two renderings: TGI's `{"error", "error_type"}` and OpenAI's `{"error": {message, type,
+//! param, code}}` (for `/v1/*`).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +16,12 @@ pub enum ApiError {
     /// JSON of the wrong shape or with values out of range.
     #[error("{0}")]
     Validation(String),
+    /// One named request field is missing, malformed, out of range or not supported.
+    #[error("{message}")]
+    InvalidParam { param: String, message: String },
+    /// The request names a model this server does not serve.
+    #[error("the model `{0}` does not exist")]
+    ModelNotFound(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("rate limit exceeded: {reason}")]
@@ -43,7 +51,10 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation(_) | ApiError::InvalidParam { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueueFull { .. }
@@ -60,7 +71,8 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::BodyTooLarge { .. } => "body_too_large",
-            ApiError::Validation(_) => "validation",
+            ApiError::Validation(_) | ApiError::InvalidParam { .. } => "validation",
+            ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::QueueFull { .. } => "queue_full",
@@ -87,14 +99,51 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({ "error": self.to_string(), "error_type": self.error_type() })
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status(), axum::Json(self.body())).into_response();
-        response
-            .extensions_mut()
-            .insert(crate::http::ErrorKind(self.error_type()));
+    /// The status on OpenAI's routes: invalid parameters are 400 there, not 422.
+    pub fn openai_status(&self) -> StatusCode {
+        match self.status() {
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            status => status,
+        }
+    }
+
+    /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn openai_body(&self) -> serde_json::Value {
+        let kind = match self.openai_status().as_u16() {
+            400 | 404 | 413 => "invalid_request_error",
+            401 => "authentication_error",
+            429 => "rate_limit_error",
+            503 => "service_unavailable_error",
+            _ => "server_error",
+        };
+        let code = match self {
+            ApiError::Unauthorized(_) => "invalid_api_key",
+            ApiError::RateLimited { .. } => "rate_limit_exceeded",
+            ApiError::InvalidParam { .. } | ApiError::Validation(_) => "invalid_value",
+            other => other.error_type(),
+        };
+        let param = match self {
+            ApiError::InvalidParam { param, .. } => Some(param.as_str()),
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        };
+        serde_json::json!({ "error": {
+            "message": self.to_string(),
+            "type": kind,
+            "param": param,
+            "code": code,
+        }})
+    }
+
+    /// The response in OpenAI's shape (same headers as the TGI one).
+    pub fn into_openai_response(self) -> Response {
+        let response = (self.openai_status(), axum::Json(self.openai_body())).into_response();
+        self.decorate(response)
+    }
+
+    /// Adds `Retry-After` and the extensions the edge reads (metrics, the error itself).
+    fn decorate(self, mut response: Response) -> Response {
         if let Some(wait) = self.retry_after() {
             // Retry-After is whole seconds: round up so a client never retries too early.
             let secs = wait.as_millis().div_ceil(1000).max(1);
@@ -103,6 +152,29 @@ impl IntoResponse for ApiError {
             }
         }
         response
+            .extensions_mut()
+            .insert(ErrorKind(self.error_type()));
+        response.extensions_mut().insert(self);
+        response
+    }
+}
+
+/// The `error_type` of an error response, put in its extensions for the errors metric.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorKind(pub &'static str);
+
+/// Builds an [`ApiError::InvalidParam`].
+pub fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> ApiError {
+    ApiError::InvalidParam {
+        param: param.into(),
+        message: message.into(),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let response = (self.status(), axum::Json(self.body())).into_response();
+        self.decorate(response)
     }
 }
 

@@ -119,6 +119,27 @@ impl Metrics {
             self.recorder
                 .describe_counter(name.into(), None, text.into());
         }
+        let vllm = [
+            (
+                "vllm:num_requests_waiting",
+                "Requests waiting in the queue (vLLM's name).",
+            ),
+            (
+                "vllm:num_requests_running",
+                "Requests in the running batch (vLLM's name).",
+            ),
+            (
+                "vllm:kv_cache_usage_perc",
+                "KV cache usage, 0 to 1 (vLLM's name).",
+            ),
+            (
+                "vllm:cache_config_info",
+                "KV cache configuration as labels (vLLM's name).",
+            ),
+        ];
+        for (name, text) in vllm {
+            self.recorder.describe_gauge(name.into(), None, text.into());
+        }
     }
 
     fn key(name: &'static str, labels: &[(&'static str, String)]) -> Key {
@@ -138,11 +159,15 @@ impl Metrics {
     }
 
     pub fn gauge(&self, name: &'static str) -> Gauge {
+        self.gauge_with(name, &[])
+    }
+
+    pub fn gauge_with(&self, name: &'static str, labels: &[(&'static str, String)]) -> Gauge {
         if !self.enabled {
             return Gauge::noop();
         }
         self.recorder
-            .register_gauge(&Self::key(name, &[]), &METADATA)
+            .register_gauge(&Self::key(name, labels), &METADATA)
     }
 
     pub fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {

@@ -4,11 +4,13 @@
 use crate::admission::auth::ApiKeys;
 use crate::admission::queue::RequestQueue;
 use crate::admission::rate_limiter::RateLimiter;
+use crate::admission::{Admission, Policy};
 use crate::config::ServerConfig;
 use crate::health::RecentRequests;
 use crate::http::params::Limits;
 use crate::http::{router, AppState, HealthSettings};
 use crate::metrics::Metrics;
+use crate::model::chat_template::ChatTemplate;
 use crate::model::kv_cache::KvCache;
 use crate::model::Model;
 use crate::scheduler::{Scheduler, SchedulerSettings};
@@ -16,7 +18,7 @@ use crate::tracker::RequestTracker;
 use anyhow::Context;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +48,8 @@ pub async fn serve(
         )?),
         None => None,
     };
-    let state = build_state(Arc::new(model), &config, metrics, plugins)?;
+    let chat_template = load_chat_template(&model, &config)?;
+    let state = build_state(Arc::new(model), &config, metrics, plugins, chat_template)?;
     let _watcher = match &state.plugins {
         Some(registry) => Some(crate::plugins::watcher::watch(registry.clone())?),
         None => None,
@@ -61,6 +64,7 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain = Duration::from_millis(config.http.drain_timeout_ms);
+    let delay = Duration::from_millis(config.http.shutdown_delay_ms);
     let mut stop_wait = stop_rx.clone();
     let server = axum::serve(
         listener,
@@ -69,8 +73,16 @@ pub async fn serve(
     .with_graceful_shutdown(async move {
         let _ = stop_wait.wait_for(|stopped| *stopped).await;
     });
+    // Shutdown: not ready at once; the listener closes after `delay`; streams then get `drain`.
+    let draining = state.clone();
     tokio::spawn(async move {
         shutdown.await;
+        draining.draining.store(true, Ordering::SeqCst);
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "shutting down: not ready; closing the listener after the shutdown delay"
+        );
+        tokio::time::sleep(delay).await;
         let _ = stop_tx.send(true);
     });
     let mut drain_wait = stop_rx;
@@ -122,11 +134,49 @@ fn spawn_health_timer(state: Arc<AppState>, every: Duration) {
     });
 }
 
+/// The chat template: `model.chat_template` (a file; an unreadable or broken one stops the
+/// start), else the model's own. A broken model template does not stop the start: chat
+/// requests are answered with its error.
+fn load_chat_template(
+    model: &Model,
+    config: &ServerConfig,
+) -> anyhow::Result<Result<ChatTemplate, String>> {
+    let tokenizer = &model.tokenizer;
+    let bos = tokenizer.bos_token().map(str::to_string).or_else(|| {
+        model
+            .config
+            .bos_token_id
+            .and_then(|id| tokenizer.token_text(id))
+    });
+    let eos = tokenizer.eos_token().map(str::to_string).or_else(|| {
+        let id = model.eos_token_ids.first()?;
+        tokenizer.token_text(*id)
+    });
+    let compile = |source: &str| ChatTemplate::new(source, bos.as_deref(), eos.as_deref());
+    if let Some(path) = &config.model.chat_template {
+        let source = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the chat template {}", path.display()))?;
+        let template = compile(&source)
+            .map_err(|e| anyhow::anyhow!("chat template {}: {e}", path.display()))?;
+        return Ok(Ok(template));
+    }
+    Ok(match tokenizer.chat_template() {
+        Some(source) => compile(source).map_err(|e| {
+            tracing::warn!(error = %e, "the model's chat template does not compile");
+            format!("the model's chat template does not compile: {e}")
+        }),
+        None => Err("this model has no chat template: start cllm with \
+                     --chat-template FILE to use the chat API"
+            .to_string()),
+    })
+}
+
 fn build_state(
     model: Arc<Model>,
     config: &ServerConfig,
     metrics: Arc<Metrics>,
     plugins: Option<Arc<crate::plugins::PluginRegistry>>,
+    chat_template: Result<ChatTemplate, String>,
 ) -> anyhow::Result<Arc<AppState>> {
     let tracker = Arc::new(RequestTracker::new(if config.tracker.enabled {
         config.tracker.capacity
@@ -140,6 +190,12 @@ fn build_state(
         (usize::MAX, Duration::from_secs(365 * 24 * 3600))
     };
     let queue = Arc::new(RequestQueue::new(max_queue));
+    let served_model_name = config.model.served_model_name.clone().unwrap_or_else(|| {
+        model
+            .dir
+            .file_name()
+            .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
+    });
     let s = &config.scheduler;
     let block_bytes = KvCache::block_bytes(model.kv_layout());
     let kv_cache_blocks = s
@@ -152,6 +208,10 @@ fn build_state(
         kv_cache_blocks,
         threads: config.model.threads,
         step_delay: Duration::from_millis(s.debug_step_delay_ms),
+        vllm_model_name: config
+            .metrics
+            .vllm_compatible
+            .then(|| served_model_name.clone()),
     };
     let info = serde_json::json!({
         "model_id": model.dir.display().to_string(),
@@ -170,10 +230,16 @@ fn build_state(
     let scheduler = Scheduler::start(
         model.clone(),
         settings,
-        queue,
+        queue.clone(),
         tracker.clone(),
         metrics.clone(),
     )?;
+    let policy = Policy::new(
+        RateLimiter::new(&config.rate_limiter),
+        plugins.clone(),
+        tracker.clone(),
+        &metrics,
+    );
     Ok(Arc::new(AppState {
         tokenizer: model.tokenizer.clone(),
         vocab_size: model.config.vocab_size,
@@ -181,10 +247,16 @@ fn build_state(
             context: model.config.max_position_embeddings,
             default_max_new_tokens: s.default_max_new_tokens,
             max_new_tokens_limit: s.max_new_tokens_limit,
+            max_logprobs: config.openai.max_logprobs,
+            max_choices: config.openai.max_n,
         },
         info,
+        served_model_name,
+        started_unix: crate::http::unix_now(),
+        chat_template,
         scheduler,
-        limiter: RateLimiter::new(&config.rate_limiter),
+        admission: Admission::new(policy, queue, max_wait),
+        draining: AtomicBool::new(false),
         keys: ApiKeys::from_config(&config.auth)?,
         tracker,
         metrics,
@@ -193,9 +265,7 @@ fn build_state(
             stall_timeout: Duration::from_millis(config.health.stall_timeout_ms),
             degraded_queue_fraction: config.health.degraded_queue_fraction,
         },
-        max_queue_wait: max_wait,
         max_body_bytes: config.http.max_body_bytes,
-        next_queue_id: AtomicU64::new(1),
         plugins,
     }))
 }

@@ -46,6 +46,19 @@ pub fn say(message: &str) {
     let _ = writeln!(std::io::stderr(), "{message}");
 }
 
+/// Whether a test's outside requirement is met. When it is not: a visible skip (false), or,
+/// under CI (`CI=true`), where everything must be present, a failure.
+pub fn require(present: bool, what: &str) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but this test needs {what}, which is missing");
+    }
+    say(&format!("SKIPPED: needs {what}"));
+    false
+}
+
 /// A model with its golden file: from the repository when it ships one, else from `../shared`.
 pub struct Fixture {
     pub name: String,
@@ -67,9 +80,10 @@ pub fn fixture(name: &str) -> Option<Fixture> {
             shared.join("golden").join(format!("{name}.json")),
         )
     } else {
-        say(&format!(
-            "SKIPPED: fixture {name} needs ../shared (models and golden files), which is absent"
-        ));
+        require(
+            false,
+            &format!("fixture {name} from ../shared (models and golden files)"),
+        );
         return None;
     };
     let text = std::fs::read_to_string(&golden_path)

@@ -111,3 +111,32 @@ pub fn sse_events(body: &str) -> Vec<serde_json::Value> {
         .map(|d| serde_json::from_str(d.trim()).expect("event json"))
         .collect()
 }
+
+/// Checks Prometheus text with `promtool check metrics` (installed by `.ci/run`): lint notes
+/// are fine, parse errors are not. Without promtool: a visible skip, or a failure under CI.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        super::require(false, "promtool (Debian's prometheus package)");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    let report =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !report.contains("error while linting") && !report.contains("text format parsing error"),
+        "{report}"
+    );
+}

@@ -3,7 +3,7 @@
 
 use crate::model::config::ModelConfig;
 use crate::model::cpu::pool::ThreadPool;
-use crate::model::cpu::{BatchEntry, CpuExecutor};
+use crate::model::cpu::{BatchEntry, CpuExecutor, LogitRows};
 use crate::model::kv_cache::{KvCache, SequenceKv};
 use crate::model::llama::ModelWeights;
 use crate::model::rng::Rng;
@@ -127,7 +127,7 @@ impl Bench<'_> {
             let mut entries = [BatchEntry {
                 tokens: prompt,
                 kv: seq,
-                want_logits: true,
+                logits: LogitRows::Last,
             }];
             executor.forward(
                 self.config,
@@ -148,7 +148,7 @@ impl Bench<'_> {
                 .map(|(kv, token)| BatchEntry {
                     tokens: token,
                     kv,
-                    want_logits: true,
+                    logits: LogitRows::Last,
                 })
                 .collect();
             executor.forward(

@@ -72,9 +72,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_p: args.top_p,
             repetition_penalty: args.repetition_penalty,
             seed: args.seed.unwrap_or_else(Rng::fresh_seed),
+            ..SamplingParams::default()
         },
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
+        ..GenerationParams::default()
     };
     let mut executor = CpuExecutor::new(&model.config, args.threads);
     let stream = !args.json;

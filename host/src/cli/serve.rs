@@ -21,6 +21,14 @@ pub struct ServeArgs {
     /// Folder of WebAssembly policy plugins, watched for changes (overrides plugins.dir).
     #[arg(long)]
     plugins_dir: Option<PathBuf>,
+    /// The model's name in the OpenAI API; default: the model folder's name (overrides
+    /// model.served_model_name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Jinja chat template file, used instead of the model's own (overrides
+    /// model.chat_template).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Override any config key: --set request_queue.max_queue_size=64 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -46,6 +54,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = args.plugins_dir {
         config.plugins.dir = Some(dir);
+    }
+    if let Some(name) = args.served_model_name {
+        config.model.served_model_name = Some(name);
+    }
+    if let Some(file) = args.chat_template {
+        config.model.chat_template = Some(file);
     }
     if let Some(host) = args.host {
         config.http.host = host;

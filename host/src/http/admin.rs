@@ -74,6 +74,19 @@ pub async fn live() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// Readiness, for load balancers and Kubernetes: 200 while the model is loaded and the
+/// scheduler runs, 503 once shutdown has begun (draining) or when the scheduler has stopped.
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let draining = state.draining.load(Ordering::SeqCst);
+    let running = state.scheduler.stats.alive.load(Ordering::Relaxed);
+    let (code, status) = match (draining, running) {
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "scheduler_stopped"),
+        (false, true) => (StatusCode::OK, "ready"),
+    };
+    (code, Json(json!({ "status": status }))).into_response()
+}
+
 /// The numbers health-check plugins judge from.
 pub fn health_snapshot(state: &AppState) -> HealthSnapshot {
     let stats = &state.scheduler.stats;

@@ -15,20 +15,33 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+/// The body's bytes, with the same errors as [`JsonBody`] (for handlers that parse it
+/// more than once).
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let limit = req
             .extensions()
             .get::<BodyLimit>()
             .map_or(usize::MAX, |l| l.0);
-        let bytes = Bytes::from_request(req, state)
+        Bytes::from_request(req, state)
             .await
+            .map(RawBody)
             .map_err(|e: BytesRejection| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::BodyTooLarge { limit }
                 } else {
                     ApiError::MalformedJson(e.body_text())
                 }
-            })?;
-        parse_json(&bytes).map(JsonBody)
+            })
     }
 }
 
@@ -36,9 +49,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
 
+/// Parses a JSON body. A value of the wrong type or shape is an [`ApiError::InvalidParam`]
+/// naming the field's path (`parameters.top_k`, `messages[1].content`).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::Validation(e.to_string()),
-        _ => ApiError::MalformedJson(e.to_string()),
-    })
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data if path != "." && !path.is_empty() => {
+                ApiError::InvalidParam {
+                    message: format!("{path}: {inner}"),
+                    param: path,
+                }
+            }
+            serde_json::error::Category::Data => ApiError::Validation(inner.to_string()),
+            _ => ApiError::MalformedJson(inner.to_string()),
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    Ok(value)
 }

@@ -1,11 +1,13 @@
-//! `POST /generate` (one JSON answer) and `POST /generate_stream` (SSE, one event per token),
-//! in TGI's shapes.
+//! `POST /generate` (one JSON answer), `POST /generate_stream` (SSE, one event per token) and
+//! TGI's compat route `POST /` (either, by the body's `stream` flag), in TGI's shapes.
 
 use super::body::JsonBody;
 use super::params::{GenerateRequest, ValidRequest};
-use super::submit::{submit, Submission};
+use super::stream_end::StreamEnd;
 use super::{AppState, RequestContext};
+use crate::admission::{SequenceEvents, SequenceSpec};
 use crate::error::ApiError;
+use crate::model::logprobs::TokenLogprobs;
 use crate::scheduler::{Finish, SeqEvent};
 use crate::tracker::Stage;
 use axum::extract::State;
@@ -17,21 +19,41 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 /// One generated token as TGI reports it.
-fn token_json(id: u32, text: &str, special: bool) -> Value {
-    json!({ "id": id, "text": text, "logprob": null, "special": special })
+fn token_json(id: u32, text: &str, logprob: Option<f32>, special: bool) -> Value {
+    json!({ "id": id, "text": text, "logprob": logprob, "special": special })
 }
 
-fn details_json(finish: &Finish, seed: Option<u64>, tokens: Option<Vec<Value>>) -> Value {
-    let mut details = json!({
+/// A token's `top_tokens` entry: the most likely alternatives at its step.
+fn top_tokens_json(state: &AppState, logprobs: Option<&TokenLogprobs>) -> Value {
+    let top = logprobs.map_or(&[][..], |l| &l.top[..]);
+    top.iter()
+        .map(|&(id, logprob)| {
+            let text = state.tokenizer.token_string(id);
+            token_json(id, &text, Some(logprob), state.tokenizer.is_special(id))
+        })
+        .collect()
+}
+
+/// `details.prefill`: the prompt tokens, each (after the first) with its log-probability.
+fn prefill_json(state: &AppState, valid: &ValidRequest, logprobs: &[f32]) -> Value {
+    valid
+        .prompt_ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let text = state.tokenizer.token_string(id);
+            let logprob = i.checked_sub(1).and_then(|j| logprobs.get(j)).copied();
+            json!({ "id": id, "text": text, "logprob": logprob })
+        })
+        .collect()
+}
+
+fn details_json(finish: &Finish, seed: Option<u64>) -> Value {
+    json!({
         "finish_reason": finish.reason.as_str(),
         "generated_tokens": finish.generated_tokens,
         "seed": seed,
-    });
-    if let Some(tokens) = tokens {
-        details["prefill"] = json!([]);
-        details["tokens"] = Value::Array(tokens);
-    }
-    details
+    })
 }
 
 /// The seed to report: only sampled requests have one that matters.
@@ -48,39 +70,85 @@ fn full_text(valid: &ValidRequest, generated: &str) -> String {
     }
 }
 
+/// Validates and admits a TGI request: its one sequence's events.
+async fn admit(
+    state: &Arc<AppState>,
+    ctx: &RequestContext,
+    request: GenerateRequest,
+    streaming: bool,
+) -> Result<(ValidRequest, SequenceEvents), ApiError> {
+    let valid = request.validate(&state.tokenizer, &state.limits, streaming)?;
+    let spec = SequenceSpec {
+        prompt_ids: valid.prompt_ids.clone(),
+        params: valid.params.clone(),
+    };
+    let ticket = ctx.ticket(valid.requested_priority, vec![spec]);
+    let mut admitted = state.admission.admit(ticket).await?;
+    let events = admitted
+        .sequences
+        .pop()
+        .ok_or_else(|| ApiError::Internal("admission returned no sequence".into()))?;
+    Ok((valid, events))
+}
+
+/// `POST /`: TGI's compat route, streaming when the body says `"stream": true`.
+pub async fn compat(
+    state: State<Arc<AppState>>,
+    ctx: Extension<RequestContext>,
+    JsonBody(request): JsonBody<GenerateRequest>,
+) -> Result<Response, ApiError> {
+    if request.stream == Some(true) {
+        generate_stream(state, ctx, JsonBody(request)).await
+    } else {
+        generate(state, ctx, JsonBody(request))
+            .await
+            .map(IntoResponse::into_response)
+    }
+}
+
 pub async fn generate(
     State(state): State<Arc<AppState>>,
     Extension(ctx): Extension<RequestContext>,
     JsonBody(request): JsonBody<GenerateRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let valid = request.validate(&state.tokenizer, &state.limits)?;
-    let Submission { mut events, guard } = submit(&state, &ctx, &valid).await?;
+    let (valid, mut events) = admit(&state, &ctx, request, false).await?;
     let mut tokens = Vec::new();
-    while let Some(event) = events.recv().await {
+    let mut top_tokens = Vec::new();
+    let mut prompt_logprobs = Vec::new();
+    while let Some(event) = events.next().await {
         match event {
             SeqEvent::Scheduled => {}
+            SeqEvent::PromptLogprobs(values) => prompt_logprobs = values,
             SeqEvent::Token {
                 id,
                 text,
                 special,
+                logprobs,
                 finish,
             } => {
                 if valid.details {
-                    tokens.push(token_json(id, &text, special));
+                    let logprob = logprobs.as_ref().map(|l| l.logprob);
+                    tokens.push(token_json(id, &text, logprob, special));
+                    if valid.top_n_tokens > 0 {
+                        top_tokens.push(top_tokens_json(&state, logprobs.as_ref()));
+                    }
                 }
                 if let Some(finish) = finish {
-                    drop(guard);
-                    super::policy::record_usage(
-                        &state,
-                        &ctx,
-                        valid.prompt_ids.len(),
-                        finish.generated_tokens,
-                    );
+                    drop(events);
                     let mut body =
                         json!({ "generated_text": full_text(&valid, &finish.generated_text) });
                     if valid.details {
-                        body["details"] =
-                            details_json(&finish, reported_seed(&valid), Some(tokens));
+                        let mut details = details_json(&finish, reported_seed(&valid));
+                        details["prefill"] = if valid.decoder_input_details {
+                            prefill_json(&state, &valid, &prompt_logprobs)
+                        } else {
+                            json!([])
+                        };
+                        details["tokens"] = Value::Array(tokens);
+                        if valid.top_n_tokens > 0 {
+                            details["top_tokens"] = Value::Array(top_tokens);
+                        }
+                        body["details"] = details;
                     }
                     return Ok(Json(body));
                 }
@@ -95,12 +163,12 @@ pub async fn generate(
 
 /// State carried from one SSE event to the next.
 struct StreamState {
-    submission: Submission,
+    /// Dropped as soon as the sequence ends, so its usage is recorded before the last event.
+    events: Option<SequenceEvents>,
     valid: ValidRequest,
     index: usize,
     done: bool,
-    ctx: RequestContext,
-    app: Arc<AppState>,
+    end: StreamEnd,
 }
 
 impl StreamState {
@@ -110,49 +178,52 @@ impl StreamState {
             return None;
         }
         loop {
-            match self.submission.events.recv().await {
-                Some(SeqEvent::Scheduled) => continue,
+            let next = match self.events.as_mut() {
+                Some(events) => events.next().await,
+                None => None,
+            };
+            match next {
+                Some(SeqEvent::Scheduled) | Some(SeqEvent::PromptLogprobs(_)) => continue,
                 Some(SeqEvent::Token {
                     id,
                     text,
                     special,
+                    logprobs,
                     finish,
                 }) => {
                     self.index += 1;
+                    let logprob = logprobs.as_ref().map(|l| l.logprob);
                     let mut body = json!({
                         "index": self.index,
-                        "token": token_json(id, &text, special),
+                        "token": token_json(id, &text, logprob, special),
                         "generated_text": null,
                         "details": null,
                     });
+                    if self.valid.top_n_tokens > 0 {
+                        body["top_tokens"] = top_tokens_json(self.end.app(), logprobs.as_ref());
+                    }
                     if let Some(finish) = finish {
                         body["generated_text"] =
                             json!(full_text(&self.valid, &finish.generated_text));
-                        body["details"] = details_json(&finish, reported_seed(&self.valid), None);
+                        body["details"] = details_json(&finish, reported_seed(&self.valid));
                         self.done = true;
-                        self.app.observe_stream_end(&self.ctx, 200);
-                        super::policy::record_usage(
-                            &self.app,
-                            &self.ctx,
-                            self.valid.prompt_ids.len(),
-                            finish.generated_tokens,
-                        );
+                        self.events = None;
+                        self.end.ended(200);
                     }
                     return Some(Event::default().data(body.to_string()));
                 }
                 Some(SeqEvent::Failed(message)) => {
-                    self.app.tracker.record_with(
-                        &self.ctx.request_id,
-                        Stage::Failed,
-                        message.clone(),
-                    );
+                    let ctx = self.end.ctx();
+                    let tracker = &self.end.app().tracker;
+                    tracker.record_with(&ctx.request_id, Stage::Failed, message.clone());
                     self.done = true;
+                    self.end.ended(500);
                     let err = ApiError::Internal(message);
-                    self.app.observe_stream_end(&self.ctx, 500);
                     return Some(Event::default().data(err.body().to_string()));
                 }
                 None => {
                     self.done = true;
+                    self.end.ended(500);
                     let err = ApiError::Internal("generation stopped".into());
                     return Some(Event::default().data(err.body().to_string()));
                 }
@@ -166,15 +237,13 @@ pub async fn generate_stream(
     Extension(ctx): Extension<RequestContext>,
     JsonBody(request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
-    let valid = request.validate(&app.tokenizer, &app.limits)?;
-    let submission = submit(&app, &ctx, &valid).await?;
+    let (valid, events) = admit(&app, &ctx, request, true).await?;
     let state = StreamState {
-        submission,
+        events: Some(events),
         valid,
         index: 0,
         done: false,
-        ctx,
-        app,
+        end: StreamEnd::new(app, ctx),
     };
     let stream = futures_util::stream::unfold(state, |mut state| async move {
         let event = state.next_event().await?;

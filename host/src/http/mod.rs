@@ -3,14 +3,15 @@
 
 pub mod admin;
 pub mod body;
+mod chat;
 mod generate;
+mod openai;
 pub mod params;
-mod policy;
-mod submit;
+mod stream_end;
 
 use crate::admission::auth::ApiKeys;
-use crate::admission::rate_limiter::RateLimiter;
-use crate::error::ApiError;
+use crate::admission::{Admission, SequenceSpec, Ticket};
+use crate::error::{ApiError, ErrorKind};
 use crate::health::RecentRequests;
 use crate::metrics::Metrics;
 use crate::model::tokenizer::ModelTokenizer;
@@ -25,7 +26,6 @@ use axum::Router;
 use body::BodyLimit;
 use params::Limits;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,16 +45,23 @@ pub struct AppState {
     pub vocab_size: usize,
     pub limits: Limits,
     pub info: serde_json::Value,
+    /// The name clients use for the model (`model` in OpenAI requests and `/v1/models`).
+    pub served_model_name: String,
+    /// When the server started, in Unix seconds (`created` of `/v1/models`).
+    pub started_unix: u64,
+    /// The chat template, or why there is none usable (the error for chat requests).
+    pub chat_template: Result<crate::model::chat_template::ChatTemplate, String>,
     pub scheduler: Scheduler,
-    pub limiter: RateLimiter,
+    /// Rate limit → priority → queue → scheduler, for every generation endpoint.
+    pub admission: Arc<Admission>,
+    /// Set when shutdown begins: `/health/ready` answers 503 from then on.
+    pub draining: std::sync::atomic::AtomicBool,
     pub keys: ApiKeys,
     pub tracker: Arc<RequestTracker>,
     pub metrics: Arc<Metrics>,
     pub recent: RecentRequests,
     pub health: HealthSettings,
-    pub max_queue_wait: Duration,
     pub max_body_bytes: usize,
-    pub next_queue_id: AtomicU64,
     /// Policy plugins, when a plugin folder is configured.
     pub plugins: Option<Arc<crate::plugins::PluginRegistry>>,
 }
@@ -70,9 +77,36 @@ pub struct RequestContext {
     pub headers: Vec<(String, String)>,
 }
 
+impl RequestContext {
+    /// What admission needs to decide on this request.
+    pub fn ticket(&self, requested_priority: Option<i32>, sequences: Vec<SequenceSpec>) -> Ticket {
+        Ticket {
+            request_id: self.request_id.clone(),
+            client_id: self.client_id.clone(),
+            endpoint: self.endpoint,
+            received_at: self.received_at,
+            headers: self.headers.clone(),
+            requested_priority,
+            sequences,
+        }
+    }
+}
+
 /// Marks a streamed response, whose duration the stream itself records when it ends.
 #[derive(Clone, Copy)]
 struct Streamed;
+
+/// Seconds since the Unix epoch (OpenAI's `created`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `path` is one of OpenAI's routes, whose errors take OpenAI's shape.
+fn is_openai_path(path: &str) -> bool {
+    path == "/v1" || path.starts_with("/v1/")
+}
 
 impl AppState {
     /// Counts a finished request in the metrics and the recent-requests window.
@@ -90,27 +124,44 @@ impl AppState {
                 &[("endpoint", endpoint.to_string())],
             )
             .record(took.as_secs_f64());
-        if endpoint.starts_with("/generate") || endpoint.starts_with("/v1/") {
+        if is_generation_endpoint(endpoint) {
             self.recent.record(took, status >= 500);
         }
     }
 
-    /// Called by a stream when its last event is sent.
+    /// Called by a stream when it ends (its last event sent, or its client gone).
     pub fn observe_stream_end(&self, ctx: &RequestContext, status: u16) {
         self.observe(ctx.endpoint, status, ctx.received_at.elapsed());
+    }
+
+    /// Checks an OpenAI request's `model` against the served name (absent means this one).
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(name) if name != self.served_model_name => {
+                Err(ApiError::ModelNotFound(name.to_string()))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
+        .route("/", post(generate::compat))
         .route("/generate", post(generate::generate))
         .route("/generate_stream", post(generate::generate_stream))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*model}", get(openai::model))
+        .route("/chat_tokenize", post(chat::chat_tokenize))
         .route("/encode", post(admin::encode))
         .route("/decode", post(admin::decode))
         .route("/info", get(admin::info))
         .route("/health", get(admin::health))
         .route("/health/live", get(admin::live))
+        .route("/health/ready", get(admin::ready))
         .route("/metrics", get(admin::metrics))
         .route("/requests/{id}", get(admin::request_record))
         .route("/plugins", get(admin::plugins))
@@ -120,9 +171,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The endpoints that generate (and so pass admission).
+fn is_generation_endpoint(endpoint: &str) -> bool {
+    matches!(
+        endpoint,
+        "/" | "/generate" | "/generate_stream" | "/v1/completions" | "/v1/chat/completions"
+    )
+}
+
 /// Endpoint label for metrics: the route, never the raw path (ids would explode cardinality).
 fn endpoint_of(path: &str) -> &'static str {
     match path {
+        "/" => "/",
         "/generate" => "/generate",
         "/generate_stream" => "/generate_stream",
         "/encode" => "/encode",
@@ -130,6 +190,10 @@ fn endpoint_of(path: &str) -> &'static str {
         "/info" => "/info",
         "/health" => "/health",
         "/health/live" => "/health/live",
+        "/health/ready" => "/health/ready",
+        "/chat_tokenize" => "/chat_tokenize",
+        "/v1/models" => "/v1/models",
+        p if p.starts_with("/v1/models/") => "/v1/models/{model}",
         "/metrics" => "/metrics",
         "/plugins" => "/plugins",
         "/v1/completions" => "/v1/completions",
@@ -150,7 +214,7 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
         .map_or_else(RequestTracker::generate_id, str::to_string);
     let path = req.uri().path().to_string();
     let endpoint = endpoint_of(&path);
-    let is_generation = endpoint.starts_with("/generate") || endpoint.starts_with("/v1/");
+    let is_generation = is_generation_endpoint(endpoint);
 
     let response = match authenticate(&state, &req, &path) {
         Err(err) => err.into_response(),
@@ -202,6 +266,11 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
         }
     };
     let mut response = response;
+    if is_openai_path(&path) {
+        if let Some(err) = response.extensions().get::<ApiError>() {
+            response = err.clone().into_openai_response();
+        }
+    }
     let status = response.status().as_u16();
     if let Some(kind) = response.extensions().get::<ErrorKind>() {
         let labels = [
@@ -249,7 +318,3 @@ fn authenticate(state: &AppState, req: &Request, path: &str) -> Result<Option<St
         .map(|name| Some(name.to_string()))
         .map_err(|e| ApiError::Unauthorized(e.to_string()))
 }
-
-/// The `error_type` of an error response, for the errors metric.
-#[derive(Clone, Copy)]
-pub struct ErrorKind(pub &'static str);

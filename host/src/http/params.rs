@@ -38,10 +38,12 @@ pub struct Parameters {
     pub return_full_text: Option<bool>,
     /// Keep only the last `truncate` prompt tokens.
     pub truncate: Option<usize>,
+    /// Report the prompt tokens with their log-probabilities in `details.prefill`.
     pub decoder_input_details: Option<bool>,
     pub best_of: Option<u32>,
     pub typical_p: Option<f32>,
     pub watermark: Option<bool>,
+    /// Report this many most likely alternatives per generated token (`top_tokens`).
     pub top_n_tokens: Option<u32>,
     pub frequency_penalty: Option<f32>,
     pub grammar: Option<serde_json::Value>,
@@ -55,6 +57,10 @@ pub struct Limits {
     pub context: usize,
     pub default_max_new_tokens: usize,
     pub max_new_tokens_limit: usize,
+    /// Most alternatives per token a request may ask for (`top_n_tokens`, `logprobs`).
+    pub max_logprobs: usize,
+    /// Most choices one OpenAI request may ask for (`n`, times the prompts of a list).
+    pub max_choices: usize,
 }
 
 /// A request that passed validation: tokenized, with every parameter in range.
@@ -66,6 +72,10 @@ pub struct ValidRequest {
     pub details: bool,
     pub return_full_text: bool,
     pub requested_priority: Option<i32>,
+    /// Alternatives per generated token to report (0: none).
+    pub top_n_tokens: usize,
+    /// Report the prompt tokens and their log-probabilities.
+    pub decoder_input_details: bool,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -78,7 +88,6 @@ impl Parameters {
             ("best_of", self.best_of.is_some_and(|n| n > 1)),
             ("typical_p", self.typical_p.is_some_and(|p| p < 1.0)),
             ("watermark", self.watermark == Some(true)),
-            ("top_n_tokens", self.top_n_tokens.is_some_and(|n| n > 0)),
             (
                 "frequency_penalty",
                 self.frequency_penalty.is_some_and(|p| p != 0.0),
@@ -88,10 +97,6 @@ impl Parameters {
                 self.grammar.as_ref().is_some_and(|g| !g.is_null()),
             ),
             ("adapter_id", self.adapter_id.is_some()),
-            (
-                "decoder_input_details",
-                self.decoder_input_details == Some(true),
-            ),
         ];
         match unsupported.iter().find(|(_, used)| *used) {
             Some((name, _)) => Err(invalid(format!("parameters.{name} is not supported"))),
@@ -127,19 +132,33 @@ impl Parameters {
             top_k: top_k as usize,
             top_p,
             repetition_penalty,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: self.seed.unwrap_or_else(Rng::fresh_seed),
         })
     }
 }
 
 impl GenerateRequest {
+    /// Checks every parameter and tokenizes the prompt. `streaming` requests report each
+    /// token's log-probability, as TGI's stream events do.
     pub fn validate(
         self,
         tokenizer: &ModelTokenizer,
         limits: &Limits,
+        streaming: bool,
     ) -> Result<ValidRequest, ApiError> {
         let p = &self.parameters;
         p.refuse_unsupported()?;
+        let top_n_tokens = p.top_n_tokens.unwrap_or(0) as usize;
+        if top_n_tokens > limits.max_logprobs {
+            return Err(invalid(format!(
+                "parameters.top_n_tokens must be at most {}",
+                limits.max_logprobs
+            )));
+        }
+        let details = p.details.unwrap_or(false);
+        let decoder_input_details = p.decoder_input_details.unwrap_or(false);
         if self.inputs.is_empty() {
             return Err(invalid("inputs must not be empty"));
         }
@@ -188,10 +207,14 @@ impl GenerateRequest {
                 sampling,
                 stop,
                 ignore_eos: false,
+                logprobs: (details || streaming || top_n_tokens > 0).then_some(top_n_tokens),
+                prompt_logprobs: decoder_input_details,
             },
-            details: p.details.unwrap_or(false),
+            details,
             return_full_text: p.return_full_text.unwrap_or(false),
             requested_priority: p.priority,
+            top_n_tokens,
+            decoder_input_details,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! chunks, then all sequences decode together until each one finishes. The CLI and the tests
 //! use it; the server's scheduler drives the same executor with requests coming and going.
 
-use super::cpu::{BatchEntry, CpuExecutor, ExecError};
+use super::cpu::{BatchEntry, CpuExecutor, ExecError, LogitRows};
 use super::error::ModelError;
 use super::generation::{Generation, GenerationParams, TokenEvent};
 use super::kv_cache::{KvCache, KvCacheFull, SequenceKv};
@@ -104,7 +104,11 @@ pub fn generate_batch(
             batch.push(BatchEntry {
                 tokens,
                 kv: &mut slot.kv,
-                want_logits,
+                logits: if want_logits {
+                    LogitRows::Last
+                } else {
+                    LogitRows::None
+                },
             });
         }
         if batch.is_empty() {

@@ -2,6 +2,7 @@
 //! The scheduler (and the CLI's simple driver) feed it one row of logits per step.
 
 use super::error::Result;
+use super::logprobs::{token_logprobs, TokenLogprobs};
 use super::sampling::{Sampler, SamplingParams};
 use super::tokenizer::{ModelTokenizer, StreamDecoder};
 
@@ -13,6 +14,10 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// Report the log-probability of every prompt token after the first.
+    pub prompt_logprobs: bool,
 }
 
 impl Default for GenerationParams {
@@ -22,6 +27,8 @@ impl Default for GenerationParams {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
+            prompt_logprobs: false,
         }
     }
 }
@@ -52,6 +59,8 @@ pub struct TokenEvent {
     /// Text this token completed (may be empty while a character is still partial).
     pub text: String,
     pub finished: Option<FinishReason>,
+    /// When the parameters ask for them.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 pub struct Generation {
@@ -62,6 +71,10 @@ pub struct Generation {
     output_ids: Vec<u32>,
     text: String,
     finished: Option<FinishReason>,
+    /// The unmodified logits of this step, kept when log-probabilities are asked for
+    /// (sampling penalties change the row in place).
+    raw_logits: Vec<f32>,
+    top_scratch: Vec<(f32, u32)>,
 }
 
 impl Generation {
@@ -83,19 +96,30 @@ impl Generation {
             output_ids: Vec::new(),
             text: String::new(),
             finished: None,
+            raw_logits: Vec::new(),
+            top_scratch: Vec::new(),
         }
     }
 
     /// Samples from `logits` (one row of vocab size), appends the token, checks stop conditions.
     pub fn step(&mut self, logits: &mut [f32], tokenizer: &ModelTokenizer) -> Result<TokenEvent> {
+        let Some(n) = self.params.logprobs else {
+            let id = self.sampler.sample(logits);
+            return self.push_token(id, tokenizer);
+        };
+        self.raw_logits.clear();
+        self.raw_logits.extend_from_slice(logits);
         let id = self.sampler.sample(logits);
-        self.push_token(id, tokenizer)
+        let logprobs = token_logprobs(&self.raw_logits, id, n, &mut self.top_scratch);
+        let mut event = self.push_token(id, tokenizer)?;
+        event.logprobs = Some(logprobs);
+        Ok(event)
     }
 
     /// Appends `id` as if it had been sampled.
     pub fn push_token(&mut self, id: u32, tokenizer: &ModelTokenizer) -> Result<TokenEvent> {
         debug_assert!(self.finished.is_none(), "step after finish");
-        self.sampler.observe(id);
+        self.sampler.observe_generated(id);
         self.output_ids.push(id);
         let is_eos = !self.params.ignore_eos && self.eos_token_ids.contains(&id);
         let mut piece = self.decoder.push(tokenizer, id)?;
@@ -118,6 +142,7 @@ impl Generation {
             id,
             text: piece,
             finished: self.finished,
+            logprobs: None,
         })
     }
 

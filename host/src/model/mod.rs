@@ -1,5 +1,6 @@
 //! A Hugging Face Llama-family model folder and the executor that runs it.
 
+pub mod chat_template;
 pub mod config;
 pub mod cpu;
 pub mod driver;
@@ -7,6 +8,7 @@ pub mod error;
 pub mod generation;
 pub mod kv_cache;
 pub mod llama;
+pub mod logprobs;
 pub mod rng;
 pub mod rope;
 pub mod sampling;

@@ -1,5 +1,6 @@
 //! Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p,
-//! after an optional repetition penalty (HF order: penalty, temperature, top-k, top-p).
+//! after the optional penalties (HF order: repetition penalty, temperature, top-k, top-p; then
+//! OpenAI's presence and frequency penalties, applied with the repetition penalty).
 
 use super::rng::Rng;
 
@@ -14,6 +15,10 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// HF repetition penalty over prompt and generated tokens; 1.0 is none.
     pub repetition_penalty: f32,
+    /// OpenAI's presence penalty: subtracted once from the logit of every token generated so far.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -25,6 +30,8 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -43,6 +50,10 @@ pub struct Sampler {
     rng: Rng,
     /// Tokens seen in prompt or output (each penalised once, as HF does).
     seen: Vec<bool>,
+    /// How often each token was generated (for presence / frequency penalties), by id.
+    generated_counts: Vec<u32>,
+    /// The distinct generated tokens, so penalties touch only those.
+    generated: Vec<u32>,
     candidates: Vec<(f32, u32)>,
 }
 
@@ -55,6 +66,12 @@ impl Sampler {
             } else {
                 Vec::new()
             },
+            generated_counts: if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
+                vec![0; vocab_size]
+            } else {
+                Vec::new()
+            },
+            generated: Vec::new(),
             params,
             candidates: Vec::new(),
         }
@@ -71,9 +88,21 @@ impl Sampler {
         }
     }
 
+    /// Records a generated token: seen (repetition penalty) and counted (presence / frequency).
+    pub fn observe_generated(&mut self, token: u32) {
+        self.observe(token);
+        if let Some(count) = self.generated_counts.get_mut(token as usize) {
+            if *count == 0 {
+                self.generated.push(token);
+            }
+            *count += 1;
+        }
+    }
+
     /// Picks the next token; `logits` may be modified.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_repetition_penalty(logits);
+        self.apply_presence_frequency(logits);
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -122,6 +151,16 @@ impl Sampler {
         c.last().map_or(0, |cand| cand.1)
     }
 
+    fn apply_presence_frequency(&self, logits: &mut [f32]) {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        for &token in &self.generated {
+            let count = self.generated_counts[token as usize];
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit -= presence + frequency * count as f32;
+            }
+        }
+    }
+
     fn apply_repetition_penalty(&self, logits: &mut [f32]) {
         let penalty = self.params.repetition_penalty;
         if penalty == 1.0 {
@@ -159,6 +198,25 @@ mod tests {
             seed,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_follow_openai() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..SamplingParams::default()
+        };
+        let mut s = Sampler::new(params, 3);
+        s.observe(0); // a prompt token: not penalised by these two
+        s.observe_generated(1);
+        s.observe_generated(1);
+        s.observe_generated(2);
+        let mut logits = [1.0, 2.0, 1.5];
+        s.apply_presence_frequency(&mut logits);
+        assert_eq!(logits, [1.0, 2.0 - 0.5 - 0.5, 1.5 - 0.5 - 0.25]);
+        // Greedy now prefers token 0, whose logit was untouched.
+        assert_eq!(s.sample(&mut [1.0, 2.0, 1.5]), 0);
     }
 
     #[test]

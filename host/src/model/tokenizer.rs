@@ -5,9 +5,16 @@ use super::error::{read_json, ModelError, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// A byte range `(start, end)` of the text a token came from.
+pub type Span = (usize, usize);
+
 pub struct ModelTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+    /// Ids of the added tokens marked special (looked up per generated token).
+    special_ids: std::collections::HashSet<u32>,
+    /// Whether the vocabulary is byte-level BPE (GPT-2's byte-to-character mapping).
+    byte_level: bool,
     bos_token: Option<String>,
     eos_token: Option<String>,
     chat_template: Option<String>,
@@ -58,18 +65,24 @@ impl ModelTokenizer {
         } else {
             TokenizerConfig::default()
         };
-        let chat_template = match config.chat_template {
-            Some(serde_json::Value::String(t)) => Some(t),
-            // A list of named templates: take the default one.
-            Some(serde_json::Value::Array(items)) => items.iter().find_map(|item| {
-                (item.get("name")?.as_str()? == "default")
-                    .then(|| item.get("template")?.as_str().map(str::to_string))?
-            }),
-            _ => None,
+        let chat_template = match chat_template_file(dir)? {
+            Some(text) => Some(text),
+            None => config.chat_template.as_ref().and_then(template_of),
         };
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter_map(|(id, token)| token.special.then_some(id))
+            .collect();
+        let byte_level = inner
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .is_some_and(|json| json.contains("\"ByteLevel\""));
         Ok(ModelTokenizer {
             inner,
             path,
+            special_ids,
+            byte_level,
             bos_token: config.bos_token.map(SpecialToken::into_text),
             eos_token: config.eos_token.map(SpecialToken::into_text),
             chat_template,
@@ -83,6 +96,19 @@ impl ModelTokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| self.error(e))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Ids with the byte range of the text each came from.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<(Vec<u32>, Vec<Span>)> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.error(e))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// Ids with their token strings, as `/encode` reports them.
@@ -109,10 +135,39 @@ impl ModelTokenizer {
 
     /// Whether `id` is one of the tokenizer's special (added, special) tokens.
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner
-            .get_added_tokens_decoder()
-            .get(&id)
-            .is_some_and(|t| t.special)
+        self.special_ids.contains(&id)
+    }
+
+    /// The bytes one token stands for on its own: byte-level BPE characters mapped back to
+    /// bytes, SentencePiece's `▁` as a space and its `<0xHH>` byte tokens as that byte; special
+    /// tokens as their text. What OpenAI's `logprobs` report per token.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if self.is_special(id) {
+            return piece.into_bytes();
+        }
+        if self.byte_level {
+            let table = byte_level_table();
+            if let Some(bytes) = piece.chars().map(|c| table.get(&c).copied()).collect() {
+                return bytes;
+            }
+            return piece.into_bytes();
+        }
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            if let Ok(byte) = u8::from_str_radix(hex, 16) {
+                if hex.len() == 2 {
+                    return vec![byte];
+                }
+            }
+        }
+        piece.replace('\u{2581}', " ").into_bytes()
+    }
+
+    /// [`Self::token_bytes`] as text (a lone partial character shows as U+FFFD).
+    pub fn token_string(&self, id: u32) -> String {
+        String::from_utf8_lossy(&self.token_bytes(id)).into_owned()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -137,6 +192,60 @@ impl ModelTokenizer {
             message: e.to_string(),
         }
     }
+}
+
+/// GPT-2's byte-level alphabet, inverted: the character that stands for each byte → the byte.
+/// Printable bytes stand for themselves; the other 68 are shifted to U+0100 onwards, in order.
+fn byte_level_table() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u8| matches!(b, 33..=126 | 161..=172 | 174..=255);
+        let mut shifted = 0u32;
+        (0..=255u8)
+            .map(|b| {
+                let c = if printable(b) {
+                    char::from(b)
+                } else {
+                    shifted += 1;
+                    char::from_u32(255 + shifted).unwrap_or('\u{FFFD}')
+                };
+                (c, b)
+            })
+            .collect()
+    })
+}
+
+/// `chat_template` as `tokenizer_config.json` (or `chat_template.json`) holds it: a string, or a
+/// list of named templates of which the one named `default` is used.
+fn template_of(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(t) => Some(t.clone()),
+        serde_json::Value::Array(items) => items.iter().find_map(|item| {
+            (item.get("name")?.as_str()? == "default")
+                .then(|| item.get("template")?.as_str().map(str::to_string))?
+        }),
+        _ => None,
+    }
+}
+
+/// A template saved on its own beside the tokenizer, as newer transformers versions do:
+/// `chat_template.jinja` (the text), else `chat_template.json` (`{"chat_template": ...}`).
+fn chat_template_file(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let text = std::fs::read_to_string(&jinja).map_err(|source| ModelError::Io {
+            path: jinja.clone(),
+            source,
+        })?;
+        return Ok(Some(text));
+    }
+    let json = dir.join("chat_template.json");
+    if json.is_file() {
+        let value: serde_json::Value = read_json(&json)?;
+        return Ok(value.get("chat_template").and_then(template_of));
+    }
+    Ok(None)
 }
 
 /// Turns a growing list of generated ids into text pieces, holding back bytes that do not yet

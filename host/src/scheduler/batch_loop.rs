@@ -7,8 +7,9 @@ use super::sequence::Sequence;
 use super::{Finish, Pending, SchedulerStats, SeqEvent};
 use crate::admission::queue::RequestQueue;
 use crate::metrics::Metrics;
-use crate::model::cpu::{BatchEntry, CpuExecutor};
+use crate::model::cpu::{BatchEntry, CpuExecutor, LogitRows};
 use crate::model::kv_cache::KvCache;
+use crate::model::logprobs::logprob_of;
 use crate::model::Model;
 use crate::tracker::{RequestTracker, Stage};
 use std::collections::VecDeque;
@@ -28,6 +29,8 @@ pub struct SchedulerSettings {
     pub threads: usize,
     /// Pause after each pass (tests and demos only).
     pub step_delay: Duration,
+    /// Also publish vLLM's gauges, labelled with this model name (`metrics.vllm_compatible`).
+    pub vllm_model_name: Option<String>,
 }
 
 /// The loop's metric handles, registered once (a step only bumps them).
@@ -41,6 +44,29 @@ struct LoopMetrics {
     ttft: metrics::Histogram,
     itl: metrics::Histogram,
     generated_tokens: metrics::Counter,
+    vllm: Option<VllmGauges>,
+}
+
+/// The gauges gateway endpoint pickers read, under vLLM's names.
+struct VllmGauges {
+    waiting: metrics::Gauge,
+    running: metrics::Gauge,
+    kv_usage: metrics::Gauge,
+}
+
+impl VllmGauges {
+    fn new(m: &Metrics, model_name: &str, block_size: usize, blocks: usize) -> Self {
+        let model = || vec![("model_name", model_name.to_string())];
+        let mut info = model();
+        info.push(("block_size", block_size.to_string()));
+        info.push(("num_gpu_blocks", blocks.to_string()));
+        m.gauge_with("vllm:cache_config_info", &info).set(1.0);
+        VllmGauges {
+            waiting: m.gauge_with("vllm:num_requests_waiting", &model()),
+            running: m.gauge_with("vllm:num_requests_running", &model()),
+            kv_usage: m.gauge_with("vllm:kv_cache_usage_perc", &model()),
+        }
+    }
 }
 
 impl LoopMetrics {
@@ -55,6 +81,7 @@ impl LoopMetrics {
             ttft: m.histogram("cllm_time_to_first_token_seconds", &[]),
             itl: m.histogram("cllm_inter_token_latency_seconds", &[]),
             generated_tokens: m.counter("cllm_generated_tokens_total", &[]),
+            vllm: None,
         }
     }
 }
@@ -106,6 +133,11 @@ pub(super) fn run(
         preempted: VecDeque::new(),
         logits: Vec::new(),
     };
+    if let Some(name) = &state.settings.vllm_model_name {
+        let blocks = state.kv.total_blocks();
+        let gauges = VllmGauges::new(&metrics, name, crate::model::kv_cache::BLOCK_SIZE, blocks);
+        state.metrics.vllm = Some(gauges);
+    }
     state.stats.alive.store(true, Ordering::SeqCst);
     let _ = ready.send(());
     loop {
@@ -135,9 +167,15 @@ impl Loop {
             .store(self.running.len(), Ordering::Relaxed);
         s.kv_blocks_used
             .store(self.kv.used_blocks(), Ordering::Relaxed);
+        let queued = self.queue.len() + self.preempted.len();
         self.metrics.running.set(self.running.len() as f64);
         self.metrics.kv_usage.set(s.kv_usage());
         self.metrics.queue_size.set(self.queue.len() as f64);
+        if let Some(v) = &self.metrics.vllm {
+            v.waiting.set(queued as f64);
+            v.running.set(self.running.len() as f64);
+            v.kv_usage.set(s.kv_usage());
+        }
     }
 
     fn drop_gone_clients(&mut self) {
@@ -258,7 +296,8 @@ impl Loop {
                 return;
             }
         }
-        let mut want = vec![false; self.running.len()];
+        // Logit rows each running sequence gets from this pass (none when not planned).
+        let mut rows_of = vec![LogitRows::None; self.running.len()];
         let result = {
             let mut order: Vec<(usize, usize)> = plan.clone();
             order.sort_unstable_by_key(|&(i, _)| i);
@@ -268,13 +307,19 @@ impl Loop {
                 let Some(&(_, n)) = planned.next_if(|(j, _)| *j == i) else {
                     continue;
                 };
-                let want_logits = seq.fed + n == seq.tokens.len();
-                want[i] = want_logits;
+                let completes = seq.fed + n == seq.tokens.len();
+                rows_of[i] = if seq.wants_prompt_logprobs() {
+                    LogitRows::All
+                } else if completes {
+                    LogitRows::Last
+                } else {
+                    LogitRows::None
+                };
                 let tokens = &seq.tokens[seq.fed..seq.fed + n];
                 batch.push(BatchEntry {
                     tokens,
                     kv: &mut seq.kv,
-                    want_logits,
+                    logits: rows_of[i],
                 });
             }
             self.metrics.batch_size.record(batch.len() as f64);
@@ -292,10 +337,12 @@ impl Loop {
             self.fail_all(&format!("forward pass failed: {e}"));
             return;
         }
+        let mut fed_before = vec![0; self.running.len()];
         for &(i, n) in &plan {
+            fed_before[i] = self.running[i].fed;
             self.running[i].fed += n;
         }
-        self.emit_tokens(&want);
+        self.emit_tokens(&rows_of, &fed_before);
         // Publish the freed blocks now rather than at the next iteration.
         self.tick();
         if !self.settings.step_delay.is_zero() {
@@ -304,13 +351,35 @@ impl Loop {
     }
 
     /// Samples for every sequence that produced logits, streams the token, retires finished ones.
-    fn emit_tokens(&mut self, want: &[bool]) {
+    /// `rows_of[i]` says which logit rows sequence `i` got; `fed_before[i]` where its tokens began.
+    fn emit_tokens(&mut self, rows_of: &[LogitRows], fed_before: &[usize]) {
         let vocab = self.model.config.vocab_size;
         let mut finished = Vec::new();
         let mut rows = self.logits.chunks_exact_mut(vocab);
         let now = Instant::now();
         for (i, seq) in self.running.iter_mut().enumerate() {
-            if !want[i] {
+            if rows_of[i] == LogitRows::All {
+                // Row j predicts token fed_before + j + 1: prompt rows give its log-probability,
+                // and the row after the last prompt token (if this pass reached it) is sampled.
+                let fed = fed_before[i];
+                let prompt_len = seq.pending.prompt_ids.len();
+                for pos in fed..seq.fed {
+                    if pos + 1 >= prompt_len {
+                        break;
+                    }
+                    let Some(row) = rows.next() else { break };
+                    if seq.prompt_logprobs.len() == pos {
+                        let next = seq.tokens[pos + 1];
+                        seq.prompt_logprobs.push(logprob_of(row, next));
+                    }
+                }
+                if seq.fed < seq.tokens.len() {
+                    continue; // the prompt is not all in yet: nothing to sample
+                }
+                if !seq.wants_prompt_logprobs() && seq.last_token_at.is_none() {
+                    seq.send(SeqEvent::PromptLogprobs(seq.prompt_logprobs.clone()));
+                }
+            } else if rows_of[i] == LogitRows::None {
                 continue;
             }
             let Some(row) = rows.next() else { break };
@@ -352,6 +421,7 @@ impl Loop {
                 id: event.id,
                 text: event.text,
                 special,
+                logprobs: event.logprobs,
                 finish,
             });
             if event.finished.is_some() {

@@ -9,6 +9,7 @@ pub use batch_loop::SchedulerSettings;
 
 use crate::admission::queue::RequestQueue;
 use crate::model::generation::{FinishReason, GenerationParams};
+use crate::model::logprobs::TokenLogprobs;
 use crate::model::Model;
 use crate::tracker::RequestTracker;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,11 +31,16 @@ pub struct Pending {
 pub enum SeqEvent {
     /// Left the queue and joined the running batch.
     Scheduled,
+    /// Log-probabilities of the prompt tokens after the first (when the parameters ask for
+    /// them); sent once, before the first token.
+    PromptLogprobs(Vec<f32>),
     /// A generated token; the last one carries how the generation ended.
     Token {
         id: u32,
         text: String,
         special: bool,
+        /// When the parameters ask for them.
+        logprobs: Option<TokenLogprobs>,
         finish: Option<Finish>,
     },
     Failed(String),

@@ -15,6 +15,8 @@ pub struct Sequence {
     pub kv: SequenceKv,
     pub generation: Generation,
     pub last_token_at: Option<Instant>,
+    /// Log-probabilities of prompt tokens 1.. as prefill computes them (when asked for).
+    pub prompt_logprobs: Vec<f32>,
 }
 
 impl Sequence {
@@ -32,7 +34,15 @@ impl Sequence {
             generation,
             pending,
             last_token_at: None,
+            prompt_logprobs: Vec::new(),
         }
+    }
+
+    /// Whether this pass must compute logits for every token fed: prompt log-probabilities are
+    /// asked for and not all computed yet (a recompute after preemption does not redo them).
+    pub fn wants_prompt_logprobs(&self) -> bool {
+        self.pending.params.prompt_logprobs
+            && self.prompt_logprobs.len() + 1 < self.pending.prompt_ids.len()
     }
 
     /// Tokens not yet in the cache (the whole prompt at first, then the last sampled token).

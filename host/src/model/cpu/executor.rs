@@ -16,8 +16,29 @@ pub struct BatchEntry<'a> {
     pub tokens: &'a [u32],
     /// Its cache; must have room for `tokens` (see [`KvCache::reserve`]). Advanced by the pass.
     pub kv: &'a mut SequenceKv,
-    /// Produce logits for this entry's last token.
-    pub want_logits: bool,
+    /// Which of this entry's tokens get logits.
+    pub logits: LogitRows,
+}
+
+/// Which tokens of a batch entry the pass computes logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    None,
+    /// The last token only: what sampling the next token needs.
+    Last,
+    /// Every token, in order (prompt log-probabilities need them).
+    All,
+}
+
+impl LogitRows {
+    /// Logit rows an entry of `tokens` tokens produces.
+    pub fn count(self, tokens: usize) -> usize {
+        match self {
+            LogitRows::None => 0,
+            LogitRows::Last => 1,
+            LogitRows::All => tokens,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,8 +113,8 @@ impl CpuExecutor {
         self.pool.threads()
     }
 
-    /// Runs `batch` through the model. Logits of the entries with `want_logits`, in batch order,
-    /// are written to `logits` as rows of `vocab_size`.
+    /// Runs `batch` through the model. The logit rows each entry asks for, in batch order, are
+    /// written to `logits` as rows of `vocab_size`.
     pub fn forward(
         &mut self,
         config: &ModelConfig,
@@ -210,9 +231,12 @@ impl CpuExecutor {
         wanted.clear();
         let mut end = 0;
         for e in batch.iter() {
+            let start = end;
             end += e.tokens.len();
-            if e.want_logits {
-                wanted.push(end - 1);
+            match e.logits {
+                LogitRows::None => {}
+                LogitRows::Last => wanted.push(end - 1),
+                LogitRows::All => wanted.extend(start..end),
             }
         }
         let rows = sized(&mut acts.last_rows, wanted.len() * h);

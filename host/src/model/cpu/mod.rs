@@ -7,4 +7,4 @@ pub mod ops;
 pub mod pool;
 mod shared;
 
-pub use executor::{BatchEntry, CpuExecutor, ExecError};
+pub use executor::{BatchEntry, CpuExecutor, ExecError, LogitRows};

@@ -1,0 +1,147 @@
+//! The policy half of admission: plugin rate limiters (all must allow, in file-name order) or
+//! the built-in limiter, then the plugin prioritizer or the request's own priority; and, when
+//! a request ends, telling the limiters what it used.
+
+use super::{Outcome, Ticket};
+use crate::admission::rate_limiter::RateLimiter;
+use crate::config::FailureMode;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::plugins::bindings::{Decision, RequestInfo, Usage};
+use crate::plugins::{Fault, Plugin, PluginRegistry};
+use crate::tracker::{RequestTracker, Stage};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the policy stage consults.
+pub struct Policy {
+    pub limiter: RateLimiter,
+    pub plugins: Option<Arc<PluginRegistry>>,
+    pub tracker: Arc<RequestTracker>,
+    pub rate_limited: metrics::Counter,
+}
+
+impl Policy {
+    pub fn new(
+        limiter: RateLimiter,
+        plugins: Option<Arc<PluginRegistry>>,
+        tracker: Arc<RequestTracker>,
+        metrics: &Metrics,
+    ) -> Policy {
+        Policy {
+            limiter,
+            plugins,
+            tracker,
+            rate_limited: metrics.counter("cllm_rate_limited_total", &[]),
+        }
+    }
+
+    fn request_info(ticket: &Ticket) -> RequestInfo {
+        let sum = |f: fn(&super::SequenceSpec) -> usize| {
+            ticket
+                .sequences
+                .iter()
+                .map(f)
+                .sum::<usize>()
+                .min(u32::MAX as usize) as u32
+        };
+        RequestInfo {
+            request_id: ticket.request_id.clone(),
+            client_id: ticket.client_id.clone(),
+            endpoint: ticket.endpoint.to_string(),
+            prompt_tokens: sum(|s| s.prompt_ids.len()),
+            max_new_tokens: sum(|s| s.params.max_new_tokens),
+            requested_priority: ticket.requested_priority,
+            headers: ticket.headers.clone(),
+        }
+    }
+
+    fn refuse(&self, ticket: &Ticket, retry_after: Duration, reason: String) -> ApiError {
+        self.tracker
+            .record_with(&ticket.request_id, Stage::RateLimited, reason.clone());
+        self.rate_limited.increment(1);
+        ApiError::RateLimited {
+            retry_after,
+            reason,
+        }
+    }
+
+    fn mode(&self, pick: fn(&PluginRegistry) -> FailureMode) -> FailureMode {
+        self.plugins.as_deref().map_or(FailureMode::FailOpen, pick)
+    }
+
+    /// Runs the rate limiters and the prioritizer; the request's queue priority.
+    pub fn decide(&self, ticket: &Ticket) -> Result<i32, ApiError> {
+        let own_priority = ticket.requested_priority.unwrap_or(0);
+        let set = self.plugins.as_ref().map(|r| r.current());
+        let limiters: Vec<&Arc<Plugin>> = set
+            .iter()
+            .flat_map(|s| s.limiters.iter())
+            .filter(|p| !p.is_disabled())
+            .collect();
+        if limiters.is_empty() {
+            if let Err(limited) = self.limiter.check(&ticket.client_id, Instant::now()) {
+                let reason = format!("too many requests ({} limit)", limited.scope.as_str());
+                return Err(self.refuse(ticket, limited.retry_after, reason));
+            }
+        }
+        let prioritizer = set
+            .as_ref()
+            .and_then(|s| s.prioritizer.clone())
+            .filter(|p| !p.is_disabled());
+        if limiters.is_empty() && prioritizer.is_none() {
+            return Ok(own_priority);
+        }
+        let info = Self::request_info(ticket);
+        for plugin in &limiters {
+            match plugin.check(&info) {
+                Ok(Decision::Allow) => {}
+                Ok(Decision::Reject(r)) => {
+                    let reason = format!("{} ({})", r.reason, plugin.file);
+                    let wait = Duration::from_millis(r.retry_after_ms);
+                    return Err(self.refuse(ticket, wait, reason));
+                }
+                Err(fault) => on_fault(self.mode(|r| r.limiter_failure_mode), plugin, fault)?,
+            }
+        }
+        match prioritizer {
+            Some(plugin) => match plugin.priority(&info) {
+                Ok(priority) => Ok(priority),
+                Err(fault) => on_fault(self.mode(|r| r.priority_failure_mode), &plugin, fault)
+                    .map(|()| own_priority),
+            },
+            None => Ok(own_priority),
+        }
+    }
+
+    /// Tells the plugin rate limiters what an admitted request used, however it ended.
+    pub fn record_usage(&self, usage: &Usage, outcome: Outcome) {
+        tracing::debug!(
+            request_id = usage.request_id,
+            outcome = outcome.as_str(),
+            prompt_tokens = usage.prompt_tokens,
+            generated_tokens = usage.generated_tokens,
+            "usage"
+        );
+        let Some(registry) = &self.plugins else {
+            return;
+        };
+        let set = registry.current();
+        for plugin in set.limiters.iter().filter(|p| !p.is_disabled()) {
+            // A fault is counted by the plugin itself; usage reporting never fails a request.
+            let _ = plugin.record_usage(usage);
+        }
+    }
+}
+
+fn on_fault(mode: FailureMode, plugin: &Plugin, fault: Fault) -> Result<(), ApiError> {
+    match (fault, mode) {
+        // A disabled plugin is as good as absent.
+        (Fault::Disabled, _) | (_, FailureMode::FailOpen) => Ok(()),
+        (_, FailureMode::FailClosed) => Err(ApiError::PolicyUnavailable(format!(
+            "{} failed ({})",
+            plugin.file,
+            fault.as_str()
+        ))),
+    }
+}

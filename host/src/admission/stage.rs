@@ -1,0 +1,164 @@
+//! [`Admission::admit`]: policy (rate limit, priority), then the queue, then waiting until the
+//! scheduler takes every sequence of the request (or the queue wait runs out).
+
+use super::policy::Policy;
+use super::usage::{Admitted, Ledger, Outcome, SequenceEvents};
+use crate::error::ApiError;
+use crate::model::generation::GenerationParams;
+use crate::scheduler::{Pending, SeqEvent};
+use crate::tracker::Stage;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// One sequence a request asks for: OpenAI's `n` and prompt lists make several.
+#[derive(Clone, Debug)]
+pub struct SequenceSpec {
+    pub prompt_ids: Vec<u32>,
+    pub params: GenerationParams,
+}
+
+/// Everything admission decides on: who asks, through which endpoint, and for what.
+#[derive(Clone, Debug)]
+pub struct Ticket {
+    pub request_id: String,
+    pub client_id: String,
+    /// The route template (`/generate`, `/v1/chat/completions`, ...).
+    pub endpoint: &'static str,
+    pub received_at: Instant,
+    /// The request headers plugins may see.
+    pub headers: Vec<(String, String)>,
+    /// The priority the request asked for (TGI's `parameters.priority`, OpenAI's `priority`).
+    pub requested_priority: Option<i32>,
+    /// At least one.
+    pub sequences: Vec<SequenceSpec>,
+}
+
+/// The admission stage; one per server.
+pub struct Admission {
+    pub policy: Policy,
+    queue: Arc<crate::admission::queue::RequestQueue<Pending>>,
+    max_queue_wait: Duration,
+    next_queue_id: AtomicU64,
+}
+
+/// Takes a request's sequences out of the queue if admission is abandoned (the client went
+/// away) before the scheduler took them.
+struct QueueGuard<'a> {
+    admission: &'a Admission,
+    request_id: &'a str,
+    queued: Vec<u64>,
+}
+
+impl QueueGuard<'_> {
+    /// Removes every still-queued sequence; true when at least one was still there.
+    fn withdraw(&mut self) -> bool {
+        let mut any = false;
+        for id in self.queued.drain(..) {
+            any |= self.admission.queue.remove(id).is_some();
+        }
+        any
+    }
+}
+
+impl Drop for QueueGuard<'_> {
+    fn drop(&mut self) {
+        if self.withdraw() {
+            let tracker = &self.admission.policy.tracker;
+            tracker.record_with(self.request_id, Stage::Cancelled, "client disconnected");
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(
+        policy: Policy,
+        queue: Arc<crate::admission::queue::RequestQueue<Pending>>,
+        max_queue_wait: Duration,
+    ) -> Arc<Admission> {
+        Arc::new(Admission {
+            policy,
+            queue,
+            max_queue_wait,
+            next_queue_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Admits `ticket`: an error is the response to send (429, 503, ...); `Ok` means the
+    /// scheduler runs every sequence and their tokens arrive on [`Admitted::sequences`].
+    pub async fn admit(self: &Arc<Self>, ticket: Ticket) -> Result<Admitted, ApiError> {
+        let priority = self.policy.decide(&ticket)?;
+        let ledger = Arc::new(Ledger::new(self.clone(), &ticket));
+        let mut guard = QueueGuard {
+            admission: self,
+            request_id: &ticket.request_id,
+            queued: Vec::with_capacity(ticket.sequences.len()),
+        };
+        let mut receivers = Vec::with_capacity(ticket.sequences.len());
+        for spec in &ticket.sequences {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let pending = Pending {
+                request_id: ticket.request_id.clone(),
+                prompt_ids: spec.prompt_ids.clone(),
+                params: spec.params.clone(),
+                events: tx,
+                received_at: ticket.received_at,
+            };
+            let queue_id = self.next_queue_id.fetch_add(1, Ordering::Relaxed);
+            if self.queue.push(queue_id, priority, pending).is_err() {
+                guard.withdraw();
+                ledger.end(Outcome::Refused);
+                return Err(ApiError::QueueFull {
+                    max_size: self.queue.max_size(),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            guard.queued.push(queue_id);
+            receivers.push(rx);
+        }
+        self.policy
+            .tracker
+            .record(&ticket.request_id, Stage::Queued);
+        let deadline = tokio::time::Instant::now() + self.max_queue_wait;
+        let mut sequences = Vec::with_capacity(receivers.len());
+        for (i, mut events) in receivers.into_iter().enumerate() {
+            let first = match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(event) => event,
+                Err(_elapsed) => {
+                    if self.queue.remove(guard.queued[i]).is_some() {
+                        // Still waiting: the request times out. What is still queued leaves
+                        // now; what was scheduled is cancelled when its receiver drops.
+                        guard.queued.drain(..=i);
+                        guard.withdraw();
+                        let tracker = &self.policy.tracker;
+                        tracker.record_with(&ticket.request_id, Stage::Cancelled, "queue_timeout");
+                        ledger.end(Outcome::TimedOut);
+                        let max_ms = self.max_queue_wait.as_millis() as u64;
+                        return Err(ApiError::QueueTimeout {
+                            waited_ms: max_ms,
+                            max_ms,
+                        });
+                    }
+                    // Taken by the scheduler just now: its Scheduled event is on the way.
+                    events.recv().await
+                }
+            };
+            match first {
+                // Scheduled is always the first event.
+                Some(SeqEvent::Scheduled) => {}
+                Some(SeqEvent::Failed(message)) => {
+                    ledger.end(Outcome::Failed);
+                    return Err(ApiError::Internal(message));
+                }
+                Some(_) | None => {
+                    ledger.end(Outcome::Failed);
+                    return Err(ApiError::Internal("scheduler stopped".into()));
+                }
+            }
+            sequences.push(SequenceEvents::new(events, ledger.clone()));
+        }
+        guard.queued.clear();
+        Ok(Admitted { sequences })
+    }
+}

@@ -1,0 +1,173 @@
+//! The admitted side of a request: its sequences' event streams, and the ledger that tells the
+//! rate limiters what the request used once all its sequences have ended, whatever the ending.
+
+use super::stage::{Admission, Ticket};
+use crate::model::generation::FinishReason;
+use crate::plugins::bindings::Usage;
+use crate::scheduler::SeqEvent;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// How a request ended, for usage accounting and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Ended by length or an end-of-sequence token.
+    Finished,
+    /// Ended by one of its stop sequences.
+    Stopped,
+    /// The client went away first.
+    Cancelled,
+    /// Waited in the queue past the limit.
+    TimedOut,
+    /// The scheduler or the model failed it.
+    Failed,
+    /// Never queued (the queue was full): nothing to record.
+    Refused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Finished => "finished",
+            Outcome::Stopped => "stopped",
+            Outcome::Cancelled => "cancelled",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Failed => "failed",
+            Outcome::Refused => "refused",
+        }
+    }
+
+    fn of_finish(reason: FinishReason) -> Outcome {
+        match reason {
+            FinishReason::StopSequence => Outcome::Stopped,
+            FinishReason::Length | FinishReason::EosToken => Outcome::Finished,
+        }
+    }
+}
+
+/// Usage of one admitted request, summed over its sequences; recorded once, when the last
+/// holder (admission or a sequence stream) lets go.
+pub(super) struct Ledger {
+    admission: Arc<Admission>,
+    request_id: String,
+    client_id: String,
+    prompt_tokens: usize,
+    generated: AtomicUsize,
+    /// The worst ending seen so far (`None`: nothing ended yet, which means cancelled).
+    outcome: Mutex<Option<Outcome>>,
+}
+
+impl Ledger {
+    pub(super) fn new(admission: Arc<Admission>, ticket: &Ticket) -> Ledger {
+        Ledger {
+            admission,
+            request_id: ticket.request_id.clone(),
+            client_id: ticket.client_id.clone(),
+            prompt_tokens: ticket.sequences.iter().map(|s| s.prompt_ids.len()).sum(),
+            generated: AtomicUsize::new(0),
+            outcome: Mutex::new(None),
+        }
+    }
+
+    /// Notes an ending; the worst of a request's endings is the request's.
+    pub(super) fn end(&self, outcome: Outcome) {
+        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(slot.map_or(outcome, |o| o.max(outcome)));
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        let outcome = self
+            .outcome
+            .get_mut()
+            .map_or(Some(Outcome::Failed), |o| *o)
+            .unwrap_or(Outcome::Cancelled);
+        if outcome == Outcome::Refused {
+            return;
+        }
+        let clamp = |n: usize| n.min(u32::MAX as usize) as u32;
+        let usage = Usage {
+            request_id: std::mem::take(&mut self.request_id),
+            client_id: std::mem::take(&mut self.client_id),
+            prompt_tokens: clamp(self.prompt_tokens),
+            generated_tokens: clamp(*self.generated.get_mut()),
+        };
+        self.admission.policy.record_usage(&usage, outcome);
+    }
+}
+
+/// An admitted request: one event stream per sequence, in the order they were asked for.
+pub struct Admitted {
+    pub sequences: Vec<SequenceEvents>,
+}
+
+/// The token events of one sequence. Dropping it before the sequence ended cancels the
+/// sequence (the scheduler sees the closed channel) and counts it as cancelled, with every
+/// token generated up to then charged.
+pub struct SequenceEvents {
+    events: mpsc::UnboundedReceiver<SeqEvent>,
+    ledger: Arc<Ledger>,
+    ended: bool,
+}
+
+impl SequenceEvents {
+    pub(super) fn new(events: mpsc::UnboundedReceiver<SeqEvent>, ledger: Arc<Ledger>) -> Self {
+        SequenceEvents {
+            events,
+            ledger,
+            ended: false,
+        }
+    }
+
+    /// The next event; `None` once the sequence has ended (its last token or a failure was
+    /// returned) or the scheduler is gone.
+    pub async fn next(&mut self) -> Option<SeqEvent> {
+        if self.ended {
+            return None;
+        }
+        let event = self.events.recv().await;
+        match &event {
+            Some(event) => self.account(event),
+            None => {
+                self.ended = true;
+                self.ledger.end(Outcome::Failed);
+            }
+        }
+        event
+    }
+
+    fn account(&mut self, event: &SeqEvent) {
+        match event {
+            SeqEvent::Token { finish, .. } => {
+                self.ledger.generated.fetch_add(1, Ordering::Relaxed);
+                if let Some(finish) = finish {
+                    self.ended = true;
+                    self.ledger.end(Outcome::of_finish(finish.reason));
+                }
+            }
+            SeqEvent::Failed(_) => {
+                self.ended = true;
+                self.ledger.end(Outcome::Failed);
+            }
+            SeqEvent::Scheduled | SeqEvent::PromptLogprobs(_) => {}
+        }
+    }
+}
+
+impl Drop for SequenceEvents {
+    fn drop(&mut self) {
+        // Tokens the scheduler sent that nobody read were still generated: charge them.
+        self.events.close();
+        while !self.ended {
+            match self.events.try_recv() {
+                Ok(event) => self.account(&event),
+                Err(_) => break,
+            }
+        }
+        if !self.ended {
+            self.ledger.end(Outcome::Cancelled);
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! OpenAI's API: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`.
+//! Requests are validated into a [`request::Job`], admitted like every other generation
+//! request, and answered whole or as a stream of chunks. Errors take OpenAI's shape (the edge
+//! converts them for every `/v1/*` path).
+
+mod holdback;
+mod render;
+mod request;
+mod stream;
+
+use super::body::{parse_json, RawBody};
+use super::chat::render_prompt;
+use super::{AppState, RequestContext};
+use crate::admission::{Admitted, SequenceEvents};
+use crate::error::{invalid_param, ApiError};
+use crate::scheduler::SeqEvent;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use render::{usage_json, Choice, Envelope, Generated};
+use request::{build_job, Api, ChatFields, Common, CompletionFields, Job, Prompt};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The prompts of a completion request, tokenized (token-id prompts are checked against the
+/// vocabulary).
+fn completion_prompts(state: &AppState, prompt: Option<Prompt>) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: &str| {
+        state
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))
+    };
+    let prompts = match prompt {
+        None => return Err(invalid_param("prompt", "`prompt` is required")),
+        Some(Prompt::Text(text)) => vec![encode(&text)?],
+        Some(Prompt::Texts(texts)) => texts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Some(Prompt::Ids(ids)) => vec![ids],
+        Some(Prompt::IdLists(lists)) => lists,
+    };
+    if prompts.is_empty() {
+        return Err(invalid_param(
+            "prompt",
+            "`prompt` must not be an empty list",
+        ));
+    }
+    if let Some(bad) = prompts
+        .iter()
+        .flatten()
+        .find(|&&id| id as usize >= state.vocab_size)
+    {
+        return Err(invalid_param(
+            "prompt",
+            format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                state.vocab_size
+            ),
+        ));
+    }
+    Ok(prompts)
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    Extension(ctx): Extension<RequestContext>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let common: Common = parse_json(&body)?;
+    state.check_model(common.model.as_deref())?;
+    let fields: CompletionFields = parse_json(&body)?;
+    fields.refuse_unsupported(&common)?;
+    let logprobs = fields.logprobs.map(|k| k as usize);
+    if logprobs.is_some_and(|k| k > state.limits.max_logprobs) {
+        return Err(invalid_param(
+            "logprobs",
+            format!("`logprobs` must be at most {}", state.limits.max_logprobs),
+        ));
+    }
+    let prompts = completion_prompts(&state, fields.prompt)?;
+    let job = build_job(Api::Completions, &common, prompts, logprobs, &state.limits)?;
+    answer(state, ctx, job).await
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    Extension(ctx): Extension<RequestContext>,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    let common: Common = parse_json(&body)?;
+    state.check_model(common.model.as_deref())?;
+    let fields: ChatFields = parse_json(&body)?;
+    fields.refuse_unsupported(&common)?;
+    let logprobs = fields.logprobs(&state.limits)?;
+    let messages = fields
+        .messages
+        .ok_or_else(|| invalid_param("messages", "`messages` is required"))?;
+    let (_, ids) = render_prompt(&state, &messages)?;
+    let job = build_job(Api::Chat, &common, vec![ids], logprobs, &state.limits)?;
+    answer(state, ctx, job).await
+}
+
+/// Admits `job` and answers it whole or streamed.
+async fn answer(state: Arc<AppState>, ctx: RequestContext, job: Job) -> Result<Response, ApiError> {
+    let ticket = ctx.ticket(job.priority, job.sequences());
+    let admitted = state.admission.admit(ticket).await?;
+    let envelope = Envelope::new(job.api, &ctx.request_id, &state.served_model_name);
+    if job.stream {
+        return Ok(stream::respond(state, ctx, job, envelope, admitted));
+    }
+    whole(&state, &job, &envelope, admitted)
+        .await
+        .map(|body| Json(body).into_response())
+}
+
+/// Runs one choice to its end: its JSON and how many tokens it generated.
+async fn run_choice(
+    state: &AppState,
+    job: &Job,
+    index: usize,
+    mut events: SequenceEvents,
+) -> Result<(Value, usize), ApiError> {
+    let mut choice = Choice::new(index, job);
+    while let Some(event) = events.next().await {
+        match event {
+            SeqEvent::Scheduled | SeqEvent::PromptLogprobs(_) => {}
+            SeqEvent::Token {
+                id,
+                special,
+                logprobs,
+                finish,
+                ..
+            } => {
+                choice.token(Generated {
+                    id,
+                    text: "",
+                    special,
+                    logprobs,
+                    finish: finish.as_ref().map(|f| (f.reason, f.generated_tokens)),
+                });
+                if let Some(finish) = finish {
+                    let value = choice.finished_json(&state.tokenizer, job, &finish.generated_text);
+                    return Ok((value, finish.generated_tokens));
+                }
+            }
+            SeqEvent::Failed(message) => return Err(ApiError::Internal(message)),
+        }
+    }
+    Err(ApiError::Internal(
+        "scheduler stopped before the request finished".into(),
+    ))
+}
+
+/// The non-streamed response: every choice run concurrently to its end.
+async fn whole(
+    state: &AppState,
+    job: &Job,
+    envelope: &Envelope,
+    admitted: Admitted,
+) -> Result<Value, ApiError> {
+    let runs = admitted
+        .sequences
+        .into_iter()
+        .enumerate()
+        .map(|(index, events)| run_choice(state, job, index, events));
+    let mut choices = Vec::with_capacity(job.choices());
+    let mut completion_tokens = 0;
+    for result in futures_util::future::join_all(runs).await {
+        let (choice, generated) = result?;
+        completion_tokens += generated;
+        choices.push(choice);
+    }
+    let prompt_tokens = job.prompts.iter().map(Vec::len).sum();
+    Ok(envelope.response(choices, usage_json(prompt_tokens, completion_tokens)))
+}
+
+fn model_json(state: &AppState) -> Value {
+    json!({
+        "id": state.served_model_name,
+        "object": "model",
+        "created": state.started_unix,
+        "owned_by": "cllm",
+        "root": state.served_model_name,
+        "max_model_len": state.limits.context,
+    })
+}
+
+/// `GET /v1/models`: the one model this server serves.
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({ "object": "list", "data": [model_json(&state)] }))
+}
+
+/// `GET /v1/models/{model}`.
+pub async fn model(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.check_model(Some(&name))?;
+    Ok(Json(model_json(&state)))
+}
