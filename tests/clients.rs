@@ -66,6 +66,13 @@ fn run_script(python: &PathBuf, script: &str, config: serde_json::Value) {
     common::say(&format!("{script}: {}", stdout.trim().replace('\n', "; ")));
 }
 
+/// [`run_script`] off the async workers (the server under test runs on them).
+async fn run_script_beside(python: PathBuf, script: &'static str, config: serde_json::Value) {
+    tokio::task::spawn_blocking(move || run_script(&python, script, config))
+        .await
+        .expect("script task");
+}
+
 fn chatml_template() -> PathBuf {
     repo_root().join("tests/fixtures/chat_templates/chatml-smollm2.jinja")
 }
@@ -90,10 +97,7 @@ async fn openai_client_completions_chat_streaming_and_errors() {
         "cases": golden_cases(5, 64),
         "client_burst": burst,
     });
-    let python2 = python.clone();
-    tokio::task::spawn_blocking(move || run_script(&python2, "openai_checks.py", config))
-        .await
-        .expect("script task");
+    run_script_beside(python, "openai_checks.py", config).await;
     server.shutdown().await;
 }
 
@@ -112,9 +116,7 @@ async fn openai_client_sees_authentication_errors() {
     let config = json!({
         "base_url": server.base, "mode": "auth", "model": "stories260K", "api_key": "sk-test-123",
     });
-    tokio::task::spawn_blocking(move || run_script(&python, "openai_checks.py", config))
-        .await
-        .expect("script task");
+    run_script_beside(python, "openai_checks.py", config).await;
     server.shutdown().await;
 }
 
@@ -123,8 +125,6 @@ async fn tgi_inference_client_gets_golden_tokens() {
     let Some(python) = python() else { return };
     let server = TestServer::start(&repo_root().join("models/stories260K"), |_| {}).await;
     let config = json!({ "base_url": server.base, "cases": golden_cases(3, 32) });
-    tokio::task::spawn_blocking(move || run_script(&python, "tgi_checks.py", config))
-        .await
-        .expect("script task");
+    run_script_beside(python, "tgi_checks.py", config).await;
     server.shutdown().await;
 }

@@ -65,6 +65,17 @@ async fn generate_as(
     req.send().await.expect("sent")
 }
 
+/// Sends `/generate` as `client` until it answers `status` (within 3 s).
+async fn until_status(server: &TestServer, client: &str, status: u16, what: &str) {
+    eventually(what, Duration::from_secs(3), || async {
+        match generate_as(server, client, &[]).await.status().as_u16() {
+            s if s == status => Ok(()),
+            other => Err(format!("status {other}")),
+        }
+    })
+    .await;
+}
+
 async fn start_with_plugins(
     dir: &Path,
     tweak: impl FnOnce(&mut cllm::config::ServerConfig),
@@ -130,17 +141,7 @@ async fn token_bucket_dropped_in_limits_within_a_second_and_config_changes_apply
         "limiter.json",
         br#"{"rate_per_sec": 0.01, "burst": 50}"#,
     );
-    eventually(
-        "config change did not apply",
-        Duration::from_secs(3),
-        || async {
-            match generate_as(&server, "alice", &[]).await.status().as_u16() {
-                200 => Ok(()),
-                other => Err(format!("status {other}")),
-            }
-        },
-    )
-    .await;
+    until_status(&server, "alice", 200, "config change did not apply").await;
     for _ in 0..10 {
         assert_eq!(generate_as(&server, "alice", &[]).await.status(), 200);
     }
@@ -156,19 +157,27 @@ async fn token_bucket_dropped_in_limits_within_a_second_and_config_changes_apply
     server.shutdown().await;
 }
 
+/// A server whose token-bucket plugin allows each client `tokens_per_minute` generated tokens.
+async fn start_with_token_budget(
+    tmp: &Path,
+    tokens_per_minute: u32,
+    tweak: impl FnOnce(&mut cllm::config::ServerConfig),
+) -> TestServer {
+    let dir = tmp.join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let config =
+        json!({"rate_per_sec": 1000, "burst": 1000, "tokens_per_minute": tokens_per_minute});
+    put(&dir, "budget.json", config.to_string().as_bytes());
+    put_plugin(&dir, "budget.wasm", "token-bucket");
+    let server = start_with_plugins(&dir, tweak).await;
+    wait_for(&server, "budget.wasm", "active").await;
+    server
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_budget_is_charged_from_record_usage() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = tmp.path().join("plugins");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    put(
-        &dir,
-        "budget.json",
-        br#"{"rate_per_sec": 1000, "burst": 1000, "tokens_per_minute": 5}"#,
-    );
-    put_plugin(&dir, "budget.wasm", "token-bucket");
-    let server = start_with_plugins(&dir, |_| {}).await;
-    wait_for(&server, "budget.wasm", "active").await;
+    let server = start_with_token_budget(tmp.path(), 5, |_| {}).await;
     // Each request generates 2 tokens: the third one finds the budget of 5 spent.
     let mut statuses = Vec::new();
     for _ in 0..4 {
@@ -179,23 +188,43 @@ async fn token_budget_is_charged_from_record_usage() {
     server.shutdown().await;
 }
 
-/// Completion order of a low- and a high-tier request queued behind a running one.
-async fn tier_order(server: &TestServer) -> (Instant, Instant) {
-    let blocker = server
-        .post(
-            "/generate_stream",
-            json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 25}}),
+/// Completion order of a low- and a high-tier request queued behind a running stream, on
+/// TGI's routes or (`openai`) OpenAI's.
+async fn tier_order(server: &TestServer, openai: bool) -> (Instant, Instant) {
+    let (stream_path, path) = if openai {
+        ("/v1/completions", "/v1/completions")
+    } else {
+        ("/generate_stream", "/generate")
+    };
+    let (blocker_body, body) = if openai {
+        (
+            json!({"prompt": "Once upon a time", "max_tokens": 25, "stream": true}),
+            json!({"prompt": "Hi", "max_tokens": 3}),
         )
-        .await;
+    } else {
+        (
+            json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 25}}),
+            json!({"inputs": "Hi", "parameters": {"max_new_tokens": 3}}),
+        )
+    };
+    let blocker = server
+        .http
+        .post(server.url(stream_path))
+        .header("x-client-id", "blocker")
+        .json(&blocker_body)
+        .send()
+        .await
+        .expect("sent");
     assert_eq!(blocker.status(), 200);
     let send = |tier: &'static str, delay_ms: u64| {
-        let (http, url) = (server.http.clone(), server.url("/generate"));
+        let (http, url, body) = (server.http.clone(), server.url(path), body.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             let r = http
                 .post(url)
                 .header("x-tier", tier)
-                .json(&json!({"inputs": "Hi", "parameters": {"max_new_tokens": 3}}))
+                .header("x-client-id", tier)
+                .json(&body)
                 .send()
                 .await
                 .expect("sent");
@@ -227,11 +256,11 @@ async fn tiered_priority_reorders_the_queue_and_removal_restores_arrival_order()
     })
     .await;
     wait_for(&server, "tiers.wasm", "active").await;
-    let (bronze, gold) = tier_order(&server).await;
+    let (bronze, gold) = tier_order(&server, false).await;
     assert!(gold < bronze, "gold, queued later, should be served first");
     std::fs::remove_file(dir.join("tiers.wasm")).expect("rm");
     wait_for(&server, "tiers.wasm", "absent").await;
-    let (bronze, gold) = tier_order(&server).await;
+    let (bronze, gold) = tier_order(&server, false).await;
     assert!(bronze < gold, "without the plugin, arrival order rules");
     server.shutdown().await;
 }
@@ -524,35 +553,7 @@ async fn limiter_and_prioritizer_plugins_apply_to_the_openai_routes() {
         .contains("limiter.wasm"));
 
     // Priority: behind a running stream, a gold request sent later finishes first.
-    let blocker = server
-        .http
-        .post(server.url("/v1/completions"))
-        .header("x-client-id", "blocker")
-        .json(&json!({"prompt": "Once upon a time", "max_tokens": 25, "stream": true}))
-        .send()
-        .await
-        .expect("sent");
-    assert_eq!(blocker.status(), 200);
-    let send = |tier: &'static str, delay_ms: u64| {
-        let (http, url) = (server.http.clone(), server.url("/v1/completions"));
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-            let r = http
-                .post(url)
-                .header("x-tier", tier)
-                .header("x-client-id", tier)
-                .json(&json!({"prompt": "Hi", "max_tokens": 3}))
-                .send()
-                .await
-                .expect("sent");
-            assert_eq!(r.status(), 200);
-            Instant::now()
-        })
-    };
-    let bronze = send("bronze", 30);
-    let gold = send("gold", 90);
-    let (bronze, gold) = (bronze.await.expect("bronze"), gold.await.expect("gold"));
-    drop(blocker);
+    let (bronze, gold) = tier_order(&server, true).await;
     assert!(gold < bronze, "gold, queued later, should be served first");
     server.shutdown().await;
 }
@@ -560,16 +561,8 @@ async fn limiter_and_prioritizer_plugins_apply_to_the_openai_routes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnected_openai_stream_is_still_charged_through_record_usage() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = tmp.path().join("plugins");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    put(
-        &dir,
-        "budget.json",
-        br#"{"rate_per_sec": 1000, "burst": 1000, "tokens_per_minute": 10}"#,
-    );
-    put_plugin(&dir, "budget.wasm", "token-bucket");
-    let server = start_with_plugins(&dir, |c| c.scheduler.debug_step_delay_ms = 10).await;
-    wait_for(&server, "budget.wasm", "active").await;
+    let server =
+        start_with_token_budget(tmp.path(), 10, |c| c.scheduler.debug_step_delay_ms = 10).await;
     let mut stream = server
         .http
         .post(server.url("/v1/completions"))
@@ -586,17 +579,7 @@ async fn a_disconnected_openai_stream_is_still_charged_through_record_usage() {
         body.push_str(&String::from_utf8_lossy(&chunk));
     }
     drop(stream);
-    eventually(
-        "the hung-up stream was not charged",
-        Duration::from_secs(3),
-        || async {
-            match generate_as(&server, "erin", &[]).await.status().as_u16() {
-                429 => Ok(()),
-                other => Err(format!("status {other}")),
-            }
-        },
-    )
-    .await;
+    until_status(&server, "erin", 429, "the hung-up stream was not charged").await;
     assert_eq!(generate_as(&server, "frank", &[]).await.status(), 200);
     server.shutdown().await;
 }

@@ -18,7 +18,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use render::{usage_json, Choice, Envelope, Generated};
-use request::{build_job, Api, ChatFields, Common, CompletionFields, Job, Prompt};
+use request::{build_job, Api, ChatFields, Common, CompletionFields, Fields, Job, Prompt};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -60,15 +60,22 @@ fn completion_prompts(state: &AppState, prompt: Option<Prompt>) -> Result<Vec<Ve
     Ok(prompts)
 }
 
+/// The fields both APIs share and the endpoint's own, checked for the model and for fields
+/// cllm does not support.
+fn parse_request<F: Fields>(state: &AppState, body: &[u8]) -> Result<(Common, F), ApiError> {
+    let common: Common = parse_json(body)?;
+    state.check_model(common.model.as_deref())?;
+    let fields: F = parse_json(body)?;
+    fields.refuse_unsupported(&common)?;
+    Ok((common, fields))
+}
+
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     Extension(ctx): Extension<RequestContext>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let common: Common = parse_json(&body)?;
-    state.check_model(common.model.as_deref())?;
-    let fields: CompletionFields = parse_json(&body)?;
-    fields.refuse_unsupported(&common)?;
+    let (common, fields) = parse_request::<CompletionFields>(&state, &body)?;
     let logprobs = fields.logprobs.map(|k| k as usize);
     if logprobs.is_some_and(|k| k > state.limits.max_logprobs) {
         return Err(invalid_param(
@@ -86,10 +93,7 @@ pub async fn chat_completions(
     Extension(ctx): Extension<RequestContext>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let common: Common = parse_json(&body)?;
-    state.check_model(common.model.as_deref())?;
-    let fields: ChatFields = parse_json(&body)?;
-    fields.refuse_unsupported(&common)?;
+    let (common, fields) = parse_request::<ChatFields>(&state, &body)?;
     let logprobs = fields.logprobs(&state.limits)?;
     let messages = fields
         .messages

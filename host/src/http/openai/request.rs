@@ -162,8 +162,14 @@ fn nonempty(v: &Option<Value>) -> bool {
     }
 }
 
-impl CompletionFields {
-    pub fn refuse_unsupported(&self, common: &Common) -> Result<(), ApiError> {
+/// An endpoint's own fields.
+pub trait Fields: serde::de::DeserializeOwned {
+    /// Refuses known fields that are set to something cllm does not implement.
+    fn refuse_unsupported(&self, common: &Common) -> Result<(), ApiError>;
+}
+
+impl Fields for CompletionFields {
+    fn refuse_unsupported(&self, common: &Common) -> Result<(), ApiError> {
         refuse_if(self.echo == Some(true), "echo", "")?;
         refuse_if(
             self.suffix.as_deref().is_some_and(|s| !s.is_empty()),
@@ -179,8 +185,8 @@ impl CompletionFields {
     }
 }
 
-impl ChatFields {
-    pub fn refuse_unsupported(&self, common: &Common) -> Result<(), ApiError> {
+impl Fields for ChatFields {
+    fn refuse_unsupported(&self, common: &Common) -> Result<(), ApiError> {
         let text_format = self
             .response_format
             .as_ref()
@@ -211,7 +217,9 @@ impl ChatFields {
         refuse_if(is_set(&self.reasoning_effort), "reasoning_effort", "")?;
         refuse_if(nonempty(&common.logit_bias), "logit_bias", "")
     }
+}
 
+impl ChatFields {
     /// `logprobs: true` with `top_logprobs: k` → `Some(k)`.
     pub fn logprobs(&self, limits: &Limits) -> Result<Option<usize>, ApiError> {
         let top = self.top_logprobs.map(|k| k as usize);
