@@ -117,7 +117,10 @@ async fn v1_errors_take_openai_shape_and_tgi_routes_keep_theirs() {
 async fn tgi_compat_route_streams_or_answers_and_reports_top_tokens_and_prefill() {
     let fx = fixture("stories260K").expect("bundled fixture");
     let case = &fx.golden.cases[0];
-    let server = TestServer::start(&fx.model_dir, |_| {}).await;
+    // The prompt's last token comes in a chunk of its own, after every prompt log-probability
+    // was already computed: the first token's pass must still report them.
+    let chunk = case.input_ids.len() - 1;
+    let server = TestServer::start(&fx.model_dir, |c| c.scheduler.prefill_chunk = chunk).await;
     let params = json!({"max_new_tokens": 6, "details": true, "top_n_tokens": 2,
                         "decoder_input_details": true});
     let r = server

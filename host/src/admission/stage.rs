@@ -95,7 +95,9 @@ impl Admission {
             request_id: &ticket.request_id,
             queued: Vec::with_capacity(ticket.sequences.len()),
         };
-        let mut receivers = Vec::with_capacity(ticket.sequences.len());
+        // Wrapped at once: if admission gives up half way, dropping them cancels what the
+        // scheduler already took and charges what it generated.
+        let mut sequences = Vec::with_capacity(ticket.sequences.len());
         for spec in &ticket.sequences {
             let (tx, rx) = mpsc::unbounded_channel();
             let pending = Pending {
@@ -108,27 +110,28 @@ impl Admission {
             let queue_id = self.next_queue_id.fetch_add(1, Ordering::Relaxed);
             if self.queue.push(queue_id, priority, pending).is_err() {
                 guard.withdraw();
-                ledger.end(Outcome::Refused);
+                if sequences.is_empty() {
+                    ledger.end(Outcome::Refused);
+                }
                 return Err(ApiError::QueueFull {
                     max_size: self.queue.max_size(),
                     retry_after: Duration::from_secs(1),
                 });
             }
             guard.queued.push(queue_id);
-            receivers.push(rx);
+            sequences.push(SequenceEvents::new(rx, ledger.clone()));
         }
         self.policy
             .tracker
             .record(&ticket.request_id, Stage::Queued);
         let deadline = tokio::time::Instant::now() + self.max_queue_wait;
-        let mut sequences = Vec::with_capacity(receivers.len());
-        for (i, mut events) in receivers.into_iter().enumerate() {
-            let first = match tokio::time::timeout_at(deadline, events.recv()).await {
+        for (i, events) in sequences.iter_mut().enumerate() {
+            let first = match tokio::time::timeout_at(deadline, events.next()).await {
                 Ok(event) => event,
                 Err(_elapsed) => {
                     if self.queue.remove(guard.queued[i]).is_some() {
                         // Still waiting: the request times out. What is still queued leaves
-                        // now; what was scheduled is cancelled when its receiver drops.
+                        // now; what was scheduled is cancelled when its events are dropped.
                         guard.queued.drain(..=i);
                         guard.withdraw();
                         let tracker = &self.policy.tracker;
@@ -141,22 +144,16 @@ impl Admission {
                         });
                     }
                     // Taken by the scheduler just now: its Scheduled event is on the way.
-                    events.recv().await
+                    events.next().await
                 }
             };
+            // Scheduled is always the first event; a failure or a closed channel is recorded
+            // as failed by `next` itself.
             match first {
-                // Scheduled is always the first event.
                 Some(SeqEvent::Scheduled) => {}
-                Some(SeqEvent::Failed(message)) => {
-                    ledger.end(Outcome::Failed);
-                    return Err(ApiError::Internal(message));
-                }
-                Some(_) | None => {
-                    ledger.end(Outcome::Failed);
-                    return Err(ApiError::Internal("scheduler stopped".into()));
-                }
+                Some(SeqEvent::Failed(message)) => return Err(ApiError::Internal(message)),
+                Some(_) | None => return Err(ApiError::Internal("scheduler stopped".into())),
             }
-            sequences.push(SequenceEvents::new(events, ledger.clone()));
         }
         guard.queued.clear();
         Ok(Admitted { sequences })

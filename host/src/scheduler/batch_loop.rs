@@ -376,11 +376,13 @@ impl Loop {
                 if seq.fed < seq.tokens.len() {
                     continue; // the prompt is not all in yet: nothing to sample
                 }
-                if !seq.wants_prompt_logprobs() && seq.last_token_at.is_none() {
-                    seq.send(SeqEvent::PromptLogprobs(seq.prompt_logprobs.clone()));
-                }
             } else if rows_of[i] == LogitRows::None {
                 continue;
+            }
+            // Before the first token, whichever pass samples it (the prompt's last chunk may
+            // have needed no rows of its own).
+            if seq.pending.params.prompt_logprobs && seq.last_token_at.is_none() {
+                seq.send(SeqEvent::PromptLogprobs(seq.prompt_logprobs.clone()));
             }
             let Some(row) = rows.next() else { break };
             let id = &seq.pending.request_id;
