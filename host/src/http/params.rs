@@ -208,7 +208,8 @@ impl GenerateRequest {
                 stop,
                 ignore_eos: false,
                 logprobs: (details || streaming || top_n_tokens > 0).then_some(top_n_tokens),
-                prompt_logprobs: decoder_input_details,
+                // Only `/generate` with details reports them (`details.prefill`).
+                prompt_logprobs: decoder_input_details && details && !streaming,
             },
             details,
             return_full_text: p.return_full_text.unwrap_or(false),
