@@ -18,7 +18,9 @@ fi
 mkdir -p "$out"
 for workspace in "$repo/plugins" "$repo/tests/plugins"; do
     echo "building $workspace" >&2
-    cargo build --release --target "$target" --manifest-path "$workspace/Cargo.toml"
+    # Its own target folder, whatever CARGO_TARGET_DIR says: the .wasm files are copied from it.
+    cargo build --release --target "$target" --manifest-path "$workspace/Cargo.toml" \
+        --target-dir "$workspace/target"
     for wasm in "$workspace/target/$target/release/"*.wasm; do
         cp "$wasm" "$out/"
         printf '%8d  %s\n' "$(wc -c <"$wasm")" "$out/$(basename "$wasm")"
