@@ -139,7 +139,7 @@ pub async fn generate(
                         json!({ "generated_text": full_text(&valid, &finish.generated_text) });
                     if valid.details {
                         let mut details = details_json(&finish, reported_seed(&valid));
-                        details["prefill"] = if valid.decoder_input_details {
+                        details["prefill"] = if valid.params.prompt_logprobs {
                             prefill_json(&state, &valid, &prompt_logprobs)
                         } else {
                             json!([])

@@ -74,8 +74,6 @@ pub struct ValidRequest {
     pub requested_priority: Option<i32>,
     /// Alternatives per generated token to report (0: none).
     pub top_n_tokens: usize,
-    /// Report the prompt tokens and their log-probabilities.
-    pub decoder_input_details: bool,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -158,7 +156,6 @@ impl GenerateRequest {
             )));
         }
         let details = p.details.unwrap_or(false);
-        let decoder_input_details = p.decoder_input_details.unwrap_or(false);
         if self.inputs.is_empty() {
             return Err(invalid("inputs must not be empty"));
         }
@@ -209,13 +206,12 @@ impl GenerateRequest {
                 ignore_eos: false,
                 logprobs: (details || streaming || top_n_tokens > 0).then_some(top_n_tokens),
                 // Only `/generate` with details reports them (`details.prefill`).
-                prompt_logprobs: decoder_input_details && details && !streaming,
+                prompt_logprobs: p.decoder_input_details == Some(true) && details && !streaming,
             },
             details,
             return_full_text: p.return_full_text.unwrap_or(false),
             requested_priority: p.priority,
             top_n_tokens,
-            decoder_input_details,
         })
     }
 }

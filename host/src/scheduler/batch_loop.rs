@@ -167,12 +167,13 @@ impl Loop {
             .store(self.running.len(), Ordering::Relaxed);
         s.kv_blocks_used
             .store(self.kv.used_blocks(), Ordering::Relaxed);
-        let queued = self.queue.len() + self.preempted.len();
         self.metrics.running.set(self.running.len() as f64);
         self.metrics.kv_usage.set(s.kv_usage());
         self.metrics.queue_size.set(self.queue.len() as f64);
         if let Some(v) = &self.metrics.vllm {
-            v.waiting.set(queued as f64);
+            // vLLM counts preempted requests as waiting.
+            v.waiting
+                .set((self.queue.len() + self.preempted.len()) as f64);
             v.running.set(self.running.len() as f64);
             v.kv_usage.set(s.kv_usage());
         }
@@ -296,8 +297,9 @@ impl Loop {
                 return;
             }
         }
-        // Logit rows each running sequence gets from this pass (none when not planned).
-        let mut rows_of = vec![LogitRows::None; self.running.len()];
+        // Per running sequence: the logit rows this pass gives it (none when not planned) and
+        // the position of the first token it feeds.
+        let mut rows_of = vec![(LogitRows::None, 0); self.running.len()];
         let result = {
             let mut order: Vec<(usize, usize)> = plan.clone();
             order.sort_unstable_by_key(|&(i, _)| i);
@@ -308,18 +310,19 @@ impl Loop {
                     continue;
                 };
                 let completes = seq.fed + n == seq.tokens.len();
-                rows_of[i] = if seq.wants_prompt_logprobs() {
+                let rows = if seq.wants_prompt_logprobs() {
                     LogitRows::All
                 } else if completes {
                     LogitRows::Last
                 } else {
                     LogitRows::None
                 };
+                rows_of[i] = (rows, seq.fed);
                 let tokens = &seq.tokens[seq.fed..seq.fed + n];
                 batch.push(BatchEntry {
                     tokens,
                     kv: &mut seq.kv,
-                    logits: rows_of[i],
+                    logits: rows,
                 });
             }
             self.metrics.batch_size.record(batch.len() as f64);
@@ -337,12 +340,10 @@ impl Loop {
             self.fail_all(&format!("forward pass failed: {e}"));
             return;
         }
-        let mut fed_before = vec![0; self.running.len()];
         for &(i, n) in &plan {
-            fed_before[i] = self.running[i].fed;
             self.running[i].fed += n;
         }
-        self.emit_tokens(&rows_of, &fed_before);
+        self.emit_tokens(&rows_of);
         // Publish the freed blocks now rather than at the next iteration.
         self.tick();
         if !self.settings.step_delay.is_zero() {
@@ -351,17 +352,17 @@ impl Loop {
     }
 
     /// Samples for every sequence that produced logits, streams the token, retires finished ones.
-    /// `rows_of[i]` says which logit rows sequence `i` got; `fed_before[i]` where its tokens began.
-    fn emit_tokens(&mut self, rows_of: &[LogitRows], fed_before: &[usize]) {
+    /// `rows_of[i]`: which logit rows sequence `i` got, and the position its tokens began at.
+    fn emit_tokens(&mut self, rows_of: &[(LogitRows, usize)]) {
         let vocab = self.model.config.vocab_size;
         let mut finished = Vec::new();
         let mut rows = self.logits.chunks_exact_mut(vocab);
         let now = Instant::now();
         for (i, seq) in self.running.iter_mut().enumerate() {
-            if rows_of[i] == LogitRows::All {
-                // Row j predicts token fed_before + j + 1: prompt rows give its log-probability,
-                // and the row after the last prompt token (if this pass reached it) is sampled.
-                let fed = fed_before[i];
+            let (rows_got, fed) = rows_of[i];
+            if rows_got == LogitRows::All {
+                // Row j predicts token fed + j + 1: prompt rows give its log-probability, and
+                // the row after the last prompt token (if this pass reached it) is sampled.
                 let prompt_len = seq.pending.prompt_ids.len();
                 for pos in fed..seq.fed {
                     if pos + 1 >= prompt_len {
@@ -376,7 +377,7 @@ impl Loop {
                 if seq.fed < seq.tokens.len() {
                     continue; // the prompt is not all in yet: nothing to sample
                 }
-            } else if rows_of[i] == LogitRows::None {
+            } else if rows_got == LogitRows::None {
                 continue;
             }
             // Before the first token, whichever pass samples it (the prompt's last chunk may

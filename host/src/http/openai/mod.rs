@@ -143,7 +143,7 @@ async fn run_choice(
                 });
                 if let Some(finish) = finish {
                     let value = choice.finished_json(&state.tokenizer, job, &finish.generated_text);
-                    return Ok((value, finish.generated_tokens));
+                    return Ok((value, choice.completion_tokens));
                 }
             }
             SeqEvent::Failed(message) => return Err(ApiError::Internal(message)),

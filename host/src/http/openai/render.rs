@@ -93,6 +93,7 @@ pub struct Choice {
     /// Characters of text reported so far (completions' `text_offset`).
     offset: usize,
     pub finish_reason: Option<&'static str>,
+    /// Tokens the choice generated, known once it ends (its `usage` share).
     pub completion_tokens: usize,
 }
 

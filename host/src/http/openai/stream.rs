@@ -49,7 +49,6 @@ struct ChunkStream {
     started: bool,
     finished: usize,
     done: bool,
-    completion_tokens: usize,
     end: StreamEnd,
 }
 
@@ -135,7 +134,6 @@ impl ChunkStream {
             _ => {}
         }
         if finish_reason.is_some() {
-            self.completion_tokens += end.map_or(0, |(_, n)| n);
             self.finished += 1;
             if self.finished == self.choices.len() {
                 self.close(200);
@@ -147,7 +145,8 @@ impl ChunkStream {
     fn close(&mut self, status: u16) {
         if self.job.include_usage && status == 200 {
             let prompt_tokens = self.job.prompts.iter().map(Vec::len).sum();
-            let usage = usage_json(prompt_tokens, self.completion_tokens);
+            let completion_tokens = self.choices.iter().map(|c| c.completion_tokens).sum();
+            let usage = usage_json(prompt_tokens, completion_tokens);
             let chunk = self.envelope.chunk(Vec::new(), Some(usage));
             self.ready.push_back(data(&chunk));
         }
@@ -215,7 +214,6 @@ pub fn respond(
         started: false,
         finished: 0,
         done: false,
-        completion_tokens: 0,
         end: StreamEnd::new(state, ctx),
     };
     let body = futures_util::stream::unfold(stream, |mut stream| async move {
