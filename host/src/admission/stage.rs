@@ -87,7 +87,7 @@ impl Admission {
 
     /// Admits `ticket`: an error is the response to send (429, 503, ...); `Ok` means the
     /// scheduler runs every sequence and their tokens arrive on [`Admitted::sequences`].
-    pub async fn admit(self: &Arc<Self>, ticket: Ticket) -> Result<Admitted, ApiError> {
+    pub async fn admit(self: &Arc<Self>, mut ticket: Ticket) -> Result<Admitted, ApiError> {
         let priority = self.policy.decide(&ticket)?;
         let ledger = Arc::new(Ledger::new(self.clone(), &ticket));
         let mut guard = QueueGuard {
@@ -95,15 +95,17 @@ impl Admission {
             request_id: &ticket.request_id,
             queued: Vec::with_capacity(ticket.sequences.len()),
         };
-        // Wrapped at once: if admission gives up half way, dropping them cancels what the
-        // scheduler already took and charges what it generated.
-        let mut sequences = Vec::with_capacity(ticket.sequences.len());
-        for spec in &ticket.sequences {
+        // Policy and ledger have read the specs: they move into the queue. Each sequence's
+        // events are wrapped at once: if admission gives up half way, dropping them cancels
+        // what the scheduler already took and charges what it generated.
+        let specs = std::mem::take(&mut ticket.sequences);
+        let mut sequences = Vec::with_capacity(specs.len());
+        for spec in specs {
             let (tx, rx) = mpsc::unbounded_channel();
             let pending = Pending {
                 request_id: ticket.request_id.clone(),
-                prompt_ids: spec.prompt_ids.clone(),
-                params: spec.params.clone(),
+                prompt_ids: spec.prompt_ids,
+                params: spec.params,
                 events: tx,
                 received_at: ticket.received_at,
             };

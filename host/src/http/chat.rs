@@ -82,25 +82,17 @@ fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
         .collect()
 }
 
-/// The prompt a conversation renders to, and its ids (tokenized without adding special
-/// tokens: the template writes them).
-pub fn render_prompt(
-    state: &AppState,
-    messages: &[ChatMessage],
-) -> Result<(String, Vec<u32>), ApiError> {
+/// The prompt a conversation renders to. Tokenize it without adding special tokens: the
+/// template writes them.
+pub fn render_prompt(state: &AppState, messages: &[ChatMessage]) -> Result<String, ApiError> {
     let template = state
         .chat_template
         .as_ref()
         .map_err(|why| invalid_param("messages", why.clone()))?;
     let messages = template_messages(messages)?;
-    let prompt = template
+    template
         .render(&messages, true)
-        .map_err(|e| invalid_param("messages", format!("chat template error: {e}")))?;
-    let ids = state
-        .tokenizer
-        .encode(&prompt, false)
-        .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
-    Ok((prompt, ids))
+        .map_err(|e| invalid_param("messages", format!("chat template error: {e}")))
 }
 
 /// `POST /chat_tokenize` body: a chat request (only `messages` matters here).
@@ -114,7 +106,7 @@ pub async fn chat_tokenize(
     State(state): State<Arc<AppState>>,
     JsonBody(request): JsonBody<ChatTokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let (prompt, _) = render_prompt(&state, &request.messages)?;
+    let prompt = render_prompt(&state, &request.messages)?;
     let (ids, offsets) = state
         .tokenizer
         .encode_with_offsets(&prompt, false)

@@ -89,13 +89,15 @@ impl ModelTokenizer {
         })
     }
 
+    fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
+        self.inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.error(e))
+    }
+
     /// Token ids of `text`, with the special tokens (e.g. BOS) the tokenizer adds itself.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.error(e))?;
-        Ok(encoding.get_ids().to_vec())
+        Ok(self.encoding(text, add_special_tokens)?.get_ids().to_vec())
     }
 
     /// Ids with the byte range of the text each came from.
@@ -104,16 +106,13 @@ impl ModelTokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<(Vec<u32>, Vec<Span>)> {
-        let encoding = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.error(e))?;
+        let encoding = self.encoding(text, add_special_tokens)?;
         Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// Ids with their token strings, as `/encode` reports them.
     pub fn encode_with_tokens(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
-        let encoding = self.inner.encode(text, true).map_err(|e| self.error(e))?;
+        let encoding = self.encoding(text, true)?;
         Ok((encoding.get_ids().to_vec(), encoding.get_tokens().to_vec()))
     }
 

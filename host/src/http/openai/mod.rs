@@ -98,7 +98,11 @@ pub async fn chat_completions(
     let messages = fields
         .messages
         .ok_or_else(|| invalid_param("messages", "`messages` is required"))?;
-    let (_, ids) = render_prompt(&state, &messages)?;
+    let prompt = render_prompt(&state, &messages)?;
+    let ids = state
+        .tokenizer
+        .encode(&prompt, false)
+        .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
     let job = build_job(Api::Chat, &common, vec![ids], logprobs, &state.limits)?;
     answer(state, ctx, job).await
 }
