@@ -2,21 +2,23 @@
 //! measured in the same run (decode on a CPU is bound by it).
 
 use crate::model::config::ModelConfig;
-use crate::model::cpu::pool::ThreadPool;
+use crate::model::cpu::matmul::Numerics;
+use crate::model::cpu::pool::{PoolTimes, ThreadPool};
+use crate::model::cpu::profile::{Phase, PhaseTimes};
 use crate::model::cpu::{BatchEntry, CpuExecutor, LogitRows};
 use crate::model::kv_cache::{KvCache, SequenceKv};
+use crate::model::kv_layout;
 use crate::model::llama::ModelWeights;
 use crate::model::rng::Rng;
 use crate::model::synthetic::{self, SyntheticSize};
-use crate::model::weights::DType;
-use crate::model::{kv_layout, Model};
+use crate::model::weights::{DType, SafetensorsStore};
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["model", "synthetic"])))]
 pub struct BenchArgs {
-    /// Hugging Face model folder.
+    /// Hugging Face model folder (config.json and safetensors; no tokenizer needed).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Random weights with real Llama shapes.
@@ -25,15 +27,29 @@ pub struct BenchArgs {
     /// Stored dtype of the synthetic weights: bf16, f16 or f32.
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     dtype: DType,
-    /// Prompt tokens for the prefill measurement.
+    /// Prompt tokens for the prefill measurement, prefilled in one pass; decode is measured
+    /// after them. 0: no prefill, decode from an empty context.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
     /// Tokens decoded per measurement.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
+    /// Sequences decoded together for the batched measurement (0: skip it).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// fast or exact: how products with bf16 weights compute (see model.numerics).
+    #[arg(long, default_value = "fast", value_parser = super::parse_numerics)]
+    numerics: Numerics,
+    /// Also print where the time of one prefill pass and one decode step goes, phase by
+    /// phase (measured in an extra run, since reading the clock costs a little).
+    #[arg(long)]
+    profile: bool,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -43,24 +59,27 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (name, config, weights) = match (&args.model, args.synthetic) {
         (Some(dir), _) => {
-            let model = Model::load(dir)?;
-            (dir.display().to_string(), model.config, model.weights)
+            let config = ModelConfig::from_file(&dir.join("config.json"))?;
+            let store = SafetensorsStore::open(dir)?;
+            let weights = ModelWeights::load(&store, &config)?;
+            (dir.display().to_string(), config, weights)
         }
         (None, Some(size)) => {
             let config = synthetic::config(size);
-            eprintln!("generating random {} weights...", args.dtype.name());
+            if !args.json {
+                eprintln!("generating random {} weights...", args.dtype.name());
+            }
             let weights = synthetic::weights(&config, args.dtype, 1);
             (format!("synthetic {size:?}"), config, weights)
         }
         (None, None) => anyhow::bail!("give --model DIR or --synthetic 110m|1b"),
     };
-    let mut executor = CpuExecutor::new(&config, args.threads);
+    let mut executor = CpuExecutor::new(&config, args.threads, args.numerics);
     let context = config.max_position_embeddings;
     let prompt_len = args
         .prompt_tokens
-        .min(context.saturating_sub(args.decode_tokens + 1))
-        .max(1);
-    let decode_tokens = args.decode_tokens.min(context - prompt_len);
+        .min(context.saturating_sub(args.decode_tokens + 1));
+    let decode_tokens = args.decode_tokens.min(context - prompt_len).max(1);
     let weight_bytes = weights.decode_bytes();
 
     let baseline_gbs = read_bandwidth_gbs(&ThreadPool::new(args.threads), weight_bytes);
@@ -68,28 +87,139 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         config: &config,
         weights: &weights,
     };
-    let (prefill_tps, decode_tps) = bench.run(&mut executor, 1, prompt_len, decode_tokens)?;
-    let (_, decode8_tps) = bench.run(&mut executor, 8, 64.min(prompt_len), decode_tokens)?;
-    let decode_gbs = decode_tps * weight_bytes as f64 / 1e9;
+    // Warm up: fault in memory-mapped weights and size the buffers.
+    bench.run(&mut executor, 1, prompt_len.min(16), 2)?;
+    let single = bench.run(&mut executor, 1, prompt_len, decode_tokens)?;
+    let batched = if args.batch > 0 {
+        Some(bench.run(&mut executor, args.batch, 64.min(prompt_len), decode_tokens)?)
+    } else {
+        None
+    };
+    let decode_gbs = single.decode_tps * weight_bytes as f64 / 1e9;
+    let profiled = if args.profile {
+        executor.set_profiling(true);
+        let run = bench.run(&mut executor, 1, prompt_len, decode_tokens)?;
+        executor.set_profiling(false);
+        Some(run)
+    } else {
+        None
+    };
+    let numerics = effective_numerics(args.numerics, &weights);
 
+    if args.json {
+        let report = serde_json::json!({
+            "model": name,
+            "dtype": weights.dtype().name(),
+            "numerics": numerics,
+            "threads": executor.threads(),
+            "prompt_tokens": prompt_len,
+            "decode_tokens": decode_tokens,
+            "prefill_tokens_per_s": single.prefill_tps,
+            "decode_tokens_per_s": single.decode_tps,
+            "batch": args.batch,
+            "decode_batch_tokens_per_s": batched.as_ref().map(|b| b.decode_tps),
+            "decode_weight_gbs": decode_gbs,
+            "baseline_read_gbs": baseline_gbs,
+        });
+        println!("{report}");
+        return Ok(());
+    }
     println!(
-        "model: {name}  dtype: {}  weights read per token: {:.1} MB  threads: {}",
+        "model: {name}  dtype: {}  numerics: {numerics}  weights read per token: {:.1} MB  threads: {}",
         weights.dtype().name(),
         weight_bytes as f64 / 1e6,
         executor.threads()
     );
     println!("| measurement | value |");
     println!("|---|---|");
-    println!("| prefill ({prompt_len}-token prompt) | {prefill_tps:.1} tokens/s |");
-    println!("| decode, batch 1 ({decode_tokens} tokens) | {decode_tps:.1} tokens/s |");
+    if let Some(tps) = single.prefill_tps {
+        println!("| prefill ({prompt_len}-token prompt) | {tps:.1} tokens/s |");
+    }
+    println!(
+        "| decode, batch 1 ({decode_tokens} tokens after {prompt_len}) | {:.1} tokens/s |",
+        single.decode_tps
+    );
     println!("| effective weight bandwidth, decode | {decode_gbs:.1} GB/s |");
-    println!("| decode, batch 8 | {decode8_tps:.1} tokens/s |");
+    if let Some(b) = &batched {
+        println!(
+            "| decode, batch {} | {:.1} tokens/s |",
+            args.batch, b.decode_tps
+        );
+    }
     println!("| baseline: plain read bandwidth, same run | {baseline_gbs:.1} GB/s |");
     println!(
         "| decode bandwidth / baseline | {:.2} |",
         decode_gbs / baseline_gbs
     );
+    if let Some(run) = profiled {
+        print_profile(&run, prompt_len, decode_tokens);
+    }
     Ok(())
+}
+
+/// The numerics the matrix products of these weights actually use on this CPU.
+fn effective_numerics(asked: Numerics, weights: &ModelWeights) -> &'static str {
+    let fast = asked == Numerics::Fast
+        && weights.dtype() == DType::Bf16
+        && crate::model::cpu::matmul::bf16_dot_supported();
+    if fast {
+        "fast (bf16 activations, AVX512-BF16)"
+    } else {
+        "exact (f32)"
+    }
+}
+
+/// The phase tables of a profiled run: one prefill pass, and the mean decode step.
+fn print_profile(run: &RunResult, prompt_len: usize, decode_tokens: usize) {
+    let sections = [
+        (
+            format!("prefill pass ({prompt_len} tokens)"),
+            &run.prefill_profile,
+            0,
+        ),
+        (
+            format!("decode step (mean of {decode_tokens}, after {prompt_len})"),
+            &run.decode_profile,
+            run.sampling_ns,
+        ),
+    ];
+    for (title, profile, sampling_ns) in sections {
+        let Some((phases, pool)) = profile else {
+            continue;
+        };
+        let passes = phases.passes.max(1) as f64;
+        let total = (phases.total() + sampling_ns) as f64;
+        println!();
+        println!("{title}: {:.3} ms", total / passes / 1e6);
+        println!("| phase | ms | share |");
+        println!("|---|---|---|");
+        let row = |name: &str, ns: u64| {
+            println!(
+                "| {name} | {:.3} | {:.1}% |",
+                ns as f64 / passes / 1e6,
+                100.0 * ns as f64 / total
+            );
+        };
+        for phase in Phase::ALL {
+            row(phase.name(), phases.get(phase));
+        }
+        if sampling_ns > 0 {
+            row("sampling (argmax)", sampling_ns);
+        }
+        let matmul: u64 = Phase::ALL
+            .iter()
+            .filter(|p| p.is_matmul())
+            .map(|&p| phases.get(p))
+            .sum();
+        row("all matmuls", matmul);
+        println!(
+            "| thread pool: {} jobs, {:.3} ms wall; idle thread time (wake-up, claiming, waiting for the slowest) | {:.3} | {:.1}% of pooled thread time |",
+            pool.runs as f64 / passes,
+            pool.wall_ns as f64 / passes / 1e6,
+            pool.idle_ns() as f64 / passes / 1e6,
+            100.0 * pool.idle_ns() as f64 / (pool.threads as u64 * pool.wall_ns).max(1) as f64
+        );
+    }
 }
 
 struct Bench<'a> {
@@ -97,16 +227,29 @@ struct Bench<'a> {
     weights: &'a ModelWeights,
 }
 
+type Profile = Option<(PhaseTimes, PoolTimes)>;
+
+struct RunResult {
+    /// None without a prompt.
+    prefill_tps: Option<f64>,
+    decode_tps: f64,
+    /// Set when the executor was profiling: the prefill passes and the decode steps apart.
+    prefill_profile: Profile,
+    decode_profile: Profile,
+    /// Time spent picking the next tokens, over all decode steps.
+    sampling_ns: u64,
+}
+
 impl Bench<'_> {
-    /// Prefills `batch` random prompts of `prompt_len` tokens, then decodes `decode_tokens`
-    /// steps for all of them. Returns (prefill tokens/s, decode tokens/s).
+    /// Prefills `batch` random prompts of `prompt_len` tokens (one pass each), then decodes
+    /// `decode_tokens` steps for all of them.
     fn run(
         &self,
         executor: &mut CpuExecutor,
         batch: usize,
         prompt_len: usize,
         decode_tokens: usize,
-    ) -> anyhow::Result<(f64, f64)> {
+    ) -> anyhow::Result<RunResult> {
         let mut rng = Rng::new(42);
         let vocab = self.config.vocab_size as u64;
         let prompts: Vec<Vec<u32>> = (0..batch)
@@ -121,9 +264,13 @@ impl Bench<'_> {
         let mut seqs: Vec<SequenceKv> = (0..batch).map(|_| SequenceKv::new()).collect();
         let mut logits = Vec::new();
 
+        executor.reset_profile();
         let start = Instant::now();
         for (seq, prompt) in seqs.iter_mut().zip(&prompts) {
             kv.reserve(seq, prompt.len() + decode_tokens)?;
+            if prompt.is_empty() {
+                continue;
+            }
             let mut entries = [BatchEntry {
                 tokens: prompt,
                 kv: seq,
@@ -138,8 +285,11 @@ impl Bench<'_> {
             )?;
         }
         let prefill_s = start.elapsed().as_secs_f64();
+        let prefill_profile = executor.profile();
+        executor.reset_profile();
 
         let mut next: Vec<[u32; 1]> = vec![[1]; batch];
+        let mut sampling_ns = 0;
         let start = Instant::now();
         for _ in 0..decode_tokens {
             let mut entries: Vec<BatchEntry> = seqs
@@ -158,15 +308,21 @@ impl Bench<'_> {
                 &mut entries,
                 &mut logits,
             )?;
+            let sampled = Instant::now();
             for (token, row) in next.iter_mut().zip(logits.chunks_exact(vocab as usize)) {
                 *token = [crate::model::sampling::argmax(row)];
             }
+            sampling_ns += sampled.elapsed().as_nanos() as u64;
         }
         let decode_s = start.elapsed().as_secs_f64();
-        Ok((
-            (batch * prompt_len) as f64 / prefill_s,
-            (batch * decode_tokens) as f64 / decode_s,
-        ))
+        let profiled = |p: (PhaseTimes, PoolTimes)| (p.0.passes > 0).then_some(p);
+        Ok(RunResult {
+            prefill_tps: (prompt_len > 0).then(|| (batch * prompt_len) as f64 / prefill_s),
+            decode_tps: (batch * decode_tokens) as f64 / decode_s,
+            prefill_profile: profiled(prefill_profile),
+            decode_profile: profiled(executor.profile()),
+            sampling_ns,
+        })
     }
 }
 

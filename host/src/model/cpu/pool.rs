@@ -52,6 +52,13 @@ struct Shared {
     /// The first panic raised by a task of the current job.
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     shutdown: AtomicBool,
+    /// Whether tasks are timed (see [`ThreadPool::set_profiling`]).
+    profiling: AtomicBool,
+    /// Nanoseconds spent inside tasks of pooled jobs, summed over threads, while profiling.
+    busy_ns: AtomicU64,
+    /// Pooled jobs run, and their wall time from publication to the last task's end.
+    runs: AtomicU64,
+    wall_ns: AtomicU64,
     sleepers: AtomicUsize,
     sleep_lock: Mutex<()>,
     wake: Condvar,
@@ -103,9 +110,14 @@ impl Shared {
             // SAFETY: `run` keeps the closure alive until `done` counts every task, and this
             // task is not counted yet.
             let task = unsafe { task.as_ref() };
+            let start = self.profiling.load(Ordering::Relaxed).then(Instant::now);
             if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| task(index))) {
                 let mut slot = self.panic.lock().unwrap_or_else(PoisonError::into_inner);
                 slot.get_or_insert(payload);
+            }
+            if let Some(start) = start {
+                let ns = start.elapsed().as_nanos() as u64;
+                self.busy_ns.fetch_add(ns, Ordering::Relaxed);
             }
         }
         self.done.fetch_add(1, Ordering::Release);
@@ -195,6 +207,10 @@ impl ThreadPool {
                 done: AtomicUsize::new(0),
                 panic: Mutex::new(None),
                 shutdown: AtomicBool::new(false),
+                profiling: AtomicBool::new(false),
+                busy_ns: AtomicU64::new(0),
+                runs: AtomicU64::new(0),
+                wall_ns: AtomicU64::new(0),
                 sleepers: AtomicUsize::new(0),
                 sleep_lock: Mutex::new(()),
                 wake: Condvar::new(),
@@ -223,6 +239,35 @@ impl ThreadPool {
         self.threads
     }
 
+    /// Starts or stops timing pooled jobs (see [`ThreadPool::times`]); off by default, since
+    /// reading the clock around every task costs a little.
+    pub fn set_profiling(&self, on: bool) {
+        if let Some(shared) = &self.shared {
+            shared.profiling.store(on, Ordering::Relaxed);
+        }
+    }
+
+    /// Time spent in pooled jobs since the last [`ThreadPool::reset_times`], while profiling.
+    pub fn times(&self) -> PoolTimes {
+        let Some(shared) = &self.shared else {
+            return PoolTimes::default();
+        };
+        PoolTimes {
+            threads: self.threads,
+            runs: shared.runs.load(Ordering::Relaxed),
+            wall_ns: shared.wall_ns.load(Ordering::Relaxed),
+            busy_ns: shared.busy_ns.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn reset_times(&self) {
+        if let Some(shared) = &self.shared {
+            for counter in [&shared.runs, &shared.wall_ns, &shared.busy_ns] {
+                counter.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Calls `task(i)` once for every `i` in `0..n_tasks` and returns when all are done.
     ///
     /// Tasks run concurrently on the pool's threads, in no particular order. If a task panics,
@@ -245,6 +290,7 @@ impl ThreadPool {
             Err(TryLockError::WouldBlock) => return run_inline(n_tasks, task),
         };
 
+        let started = shared.profiling.load(Ordering::Relaxed).then(Instant::now);
         let task_ptr = NonNull::from(task);
         // SAFETY: only the trait object's lifetime bound changes. The pointer is dereferenced
         // only by threads holding a claimed task of this job, and we do not return (nor
@@ -273,6 +319,11 @@ impl ThreadPool {
                 thread::yield_now();
             }
         }
+        if let Some(started) = started {
+            let ns = started.elapsed().as_nanos() as u64;
+            shared.wall_ns.fetch_add(ns, Ordering::Relaxed);
+            shared.runs.fetch_add(1, Ordering::Relaxed);
+        }
         // SAFETY: every task has finished and none is claimable; we still hold `run_lock`.
         unsafe {
             *shared.job.get() = Job {
@@ -289,6 +340,26 @@ impl ThreadPool {
         if let Some(payload) = payload {
             panic::resume_unwind(payload);
         }
+    }
+}
+
+/// Where the pool's time went while profiling.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolTimes {
+    pub threads: usize,
+    /// Jobs spread over the threads (jobs run inline are not counted).
+    pub runs: u64,
+    /// Their wall time, publication to last task's end.
+    pub wall_ns: u64,
+    /// Time inside their tasks, summed over threads.
+    pub busy_ns: u64,
+}
+
+impl PoolTimes {
+    /// Thread time in pooled jobs not spent in a task: waking up, claiming, and waiting for
+    /// the slowest thread (load imbalance).
+    pub fn idle_ns(&self) -> u64 {
+        (self.threads as u64 * self.wall_ns).saturating_sub(self.busy_ns)
     }
 }
 
