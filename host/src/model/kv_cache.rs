@@ -2,6 +2,8 @@
 //! per sequence. The scheduler reserves blocks before a forward pass and releases them when a
 //! sequence ends; the executor only reads and writes slots.
 
+use super::huge_buffer::HugeBuffer;
+
 /// Tokens per block.
 pub const BLOCK_SIZE: usize = 16;
 
@@ -64,12 +66,35 @@ pub struct KvLayout {
     pub kv_dim: usize,
 }
 
+/// One layer's keys or values: in huge pages when the system can map them (attention
+/// streams through them every step), else a plain vector.
+enum LayerBuffer {
+    Huge(HugeBuffer<f32>),
+    Plain(Vec<f32>),
+}
+
+impl LayerBuffer {
+    fn new(floats: usize) -> Self {
+        match HugeBuffer::zeroed(floats) {
+            Ok(b) => LayerBuffer::Huge(b),
+            Err(_) => LayerBuffer::Plain(vec![0.0; floats]),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        match self {
+            LayerBuffer::Huge(b) => b,
+            LayerBuffer::Plain(v) => v,
+        }
+    }
+}
+
 /// Keys and values for every layer, in `[slot][kv_head][head_dim]` order, kept in f32.
 pub struct KvCache {
     layout: KvLayout,
     num_blocks: usize,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    keys: Vec<LayerBuffer>,
+    values: Vec<LayerBuffer>,
     free: Vec<u32>,
 }
 
@@ -80,8 +105,12 @@ impl KvCache {
         KvCache {
             layout,
             num_blocks,
-            keys: (0..layout.num_layers).map(|_| vec![0.0; floats]).collect(),
-            values: (0..layout.num_layers).map(|_| vec![0.0; floats]).collect(),
+            keys: (0..layout.num_layers)
+                .map(|_| LayerBuffer::new(floats))
+                .collect(),
+            values: (0..layout.num_layers)
+                .map(|_| LayerBuffer::new(floats))
+                .collect(),
             // Popped from the end: hand out low block numbers first.
             free: (0..num_blocks as u32).rev().collect(),
         }
@@ -135,7 +164,10 @@ impl KvCache {
 
     /// Layer `layer`'s key and value storage.
     pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
-        (&mut self.keys[layer], &mut self.values[layer])
+        (
+            self.keys[layer].as_mut_slice(),
+            self.values[layer].as_mut_slice(),
+        )
     }
 }
 

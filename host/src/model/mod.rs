@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod driver;
 pub mod error;
 pub mod generation;
+pub mod huge_buffer;
 pub mod kv_cache;
 pub mod llama;
 pub mod logprobs;

@@ -83,19 +83,21 @@ fn random_tensor(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> Tenso
             shape,
             (0..n).map(|_| rng.next_signed_f32() * 0.05).collect(),
         ),
-        DType::Bf16 => Tensor::from_half_bits(
-            dtype,
-            shape,
-            (0..n)
-                .map(|_| half::bf16::from_f32(rng.next_signed_f32() * 0.05).to_bits())
-                .collect(),
-        ),
-        DType::F16 => Tensor::from_half_bits(
-            dtype,
-            shape,
-            (0..n)
-                .map(|_| half::f16::from_f32(rng.next_signed_f32() * 0.05).to_bits())
-                .collect(),
-        ),
+        DType::Bf16 | DType::F16 => {
+            let mut next = || {
+                let v = rng.next_signed_f32() * 0.05;
+                if dtype == DType::Bf16 {
+                    half::bf16::from_f32(v).to_bits()
+                } else {
+                    half::f16::from_f32(v).to_bits()
+                }
+            };
+            // Huge pages, as a large model file's page cache usually gets; plain memory if
+            // the system cannot map it.
+            match Tensor::half_in_huge_pages(dtype, shape.clone(), |_| next()) {
+                Ok(t) => t,
+                Err(_) => Tensor::from_half_bits(dtype, shape, (0..n).map(|_| next()).collect()),
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 use super::cpu::matmul::{Matrix, WeightData};
 use super::error::{read_json, ModelError, Result};
+use super::huge_buffer::HugeBuffer;
 use memmap2::Mmap;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -52,6 +53,8 @@ enum Storage {
     F32(Vec<f32>),
     /// bf16 or f16 bits.
     Half(Vec<u16>),
+    /// bf16 or f16 bits in huge pages (large generated tensors).
+    HalfHuge(HugeBuffer<u16>),
 }
 
 /// One weight tensor in its stored dtype.
@@ -83,6 +86,24 @@ impl Tensor {
         }
     }
 
+    /// A bf16 or f16 tensor in huge pages, element `i` = `fill(i)` (see [`HugeBuffer`]).
+    pub fn half_in_huge_pages(
+        dtype: DType,
+        shape: Vec<usize>,
+        mut fill: impl FnMut(usize) -> u16,
+    ) -> std::io::Result<Tensor> {
+        debug_assert!(dtype != DType::F32);
+        let mut bits = HugeBuffer::zeroed(shape.iter().product())?;
+        for (i, b) in bits.iter_mut().enumerate() {
+            *b = fill(i);
+        }
+        Ok(Tensor {
+            dtype,
+            shape,
+            storage: Storage::HalfHuge(bits),
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
@@ -100,6 +121,7 @@ impl Tensor {
         match &self.storage {
             Storage::F32(v) => WeightData::F32(v),
             Storage::Half(v) => self.half(v),
+            Storage::HalfHuge(v) => self.half(v),
             Storage::Mapped { map, range } => {
                 let bytes = &map[range.clone()];
                 // Alignment was checked when the tensor was opened (see `open_tensor`).
