@@ -61,6 +61,12 @@ pub fn attention(
     }
     let out = DisjointSlice::new(out);
     let scores = &scratch.scores;
+    #[cfg(target_arch = "x86_64")]
+    let fast = if super::matmul::Isa::detect() == super::matmul::Isa::Avx512 {
+        super::attention_avx512::Avx512Attention::new(d)
+    } else {
+        None
+    };
     // Chunk c takes tasks c, c + n_chunks, ...: interleaving balances the causal triangle.
     pool.run(n_chunks, &|chunk| {
         let mut buf = scores[chunk].lock().unwrap_or_else(|e| e.into_inner());
@@ -74,6 +80,22 @@ pub fn attention(
             let kv_off = (h / group) * d;
             let q_head = &q[t * q_dim + h * d..][..d];
             let first = window.map_or(0, |w| (token.pos + 1).saturating_sub(w));
+            #[cfg(target_arch = "x86_64")]
+            if let Some(kernel) = fast {
+                let head = super::attention_avx512::HeadQuery {
+                    q: q_head,
+                    blocks: kv.blocks(),
+                    first,
+                    last: token.pos,
+                    kv_off,
+                    kv_dim,
+                    scale,
+                };
+                // SAFETY: task (t, h) is the only writer of this token's head h.
+                let o = unsafe { out.part(t * q_dim + h * d, d) };
+                kernel.attend(&head, keys, values, &mut buf[..], o);
+                continue;
+            }
             let span = &mut buf[..token.pos + 1 - first];
             for (s, pos) in span.iter_mut().zip(first..) {
                 let slot = kv.slot(pos) * kv_dim + kv_off;
