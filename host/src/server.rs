@@ -207,6 +207,7 @@ fn build_state(
         prefill_chunk: s.prefill_chunk,
         kv_cache_blocks,
         threads: config.model.threads,
+        numerics: config.model.numerics,
         step_delay: Duration::from_millis(s.debug_step_delay_ms),
         vllm_model_name: config
             .metrics

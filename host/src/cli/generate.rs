@@ -1,5 +1,6 @@
 //! `cllm generate`: one prompt, text streamed to stdout, speed on stderr.
 
+use crate::model::cpu::matmul::Numerics;
 use crate::model::cpu::CpuExecutor;
 use crate::model::driver::generate_batch;
 use crate::model::generation::GenerationParams;
@@ -45,6 +46,9 @@ pub struct GenerateArgs {
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// fast or exact: how products with bf16 weights compute (see model.numerics).
+    #[arg(long, default_value = "fast", value_parser = super::parse_numerics)]
+    numerics: Numerics,
     prompt: String,
 }
 
@@ -78,7 +82,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
         ..GenerationParams::default()
     };
-    let mut executor = CpuExecutor::new(&model.config, args.threads);
+    let mut executor = CpuExecutor::new(&model.config, args.threads, args.numerics);
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
     if stream {

@@ -30,6 +30,12 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// `--numerics`: `fast` or `exact`.
+fn parse_numerics(s: &str) -> Result<crate::model::cpu::matmul::Numerics, String> {
+    crate::model::cpu::matmul::Numerics::parse(s)
+        .ok_or_else(|| format!("unknown numerics {s:?} (fast, exact)"))
+}
+
 /// Parses the command line and runs the command; the process exit code.
 pub fn run() -> std::process::ExitCode {
     let cli = Cli::parse();

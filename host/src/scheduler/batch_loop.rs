@@ -27,6 +27,7 @@ pub struct SchedulerSettings {
     pub prefill_chunk: usize,
     pub kv_cache_blocks: usize,
     pub threads: usize,
+    pub numerics: crate::model::cpu::matmul::Numerics,
     /// Pause after each pass (tests and demos only).
     pub step_delay: Duration,
     /// Also publish vLLM's gauges, labelled with this model name (`metrics.vllm_compatible`).
@@ -121,7 +122,7 @@ pub(super) fn run(
         .kv_blocks_total
         .store(kv.total_blocks(), Ordering::Relaxed);
     let mut state = Loop {
-        executor: CpuExecutor::new(&model.config, settings.threads),
+        executor: CpuExecutor::new(&model.config, settings.threads, settings.numerics),
         kv,
         model,
         settings,

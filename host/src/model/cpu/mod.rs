@@ -1,10 +1,14 @@
 //! The CPU backend: SIMD matrix products, a thread pool, and the batched forward pass.
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod attention_avx512;
 mod executor;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
+pub mod profile;
 mod shared;
 
 pub use executor::{BatchEntry, CpuExecutor, ExecError, LogitRows};

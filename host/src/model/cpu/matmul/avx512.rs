@@ -128,7 +128,7 @@ fn tail_mask(n: usize) -> __mmask16 {
 /// A shuffle tree: 30 shuffles and 15 adds instead of 16 separate reductions.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn reduce16(v: &[__m512; 16]) -> __m512 {
+pub(crate) fn reduce16(v: &[__m512; 16]) -> __m512 {
     // Fold 256-bit halves: s[i] holds v[2i] in 128-bit lanes 0-1, v[2i+1] in lanes 2-3.
     let mut s = [_mm512_setzero_ps(); 8];
     for (i, s) in s.iter_mut().enumerate() {
@@ -214,6 +214,14 @@ unsafe fn tile<W: Widen, const NT: usize, const NR: usize>(
             }
         }
     }
+    tile_sums(&acc)
+}
+
+/// The sums of a tile's accumulators: `sums[4 * t + r]` = the lanes of `acc[t][r]` added up.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::needless_range_loop)] // index loops over the const-size register tile
+pub(super) fn tile_sums<const NT: usize, const NR: usize>(acc: &[[__m512; NR]; NT]) -> [f32; 16] {
     // Place acc[t][r] at 4r + t so that reduce16 leaves its sum in lane 4t + r.
     let mut v = [_mm512_setzero_ps(); 16];
     for t in 0..NT {
@@ -227,12 +235,69 @@ unsafe fn tile<W: Widen, const NT: usize, const NR: usize>(
     sums
 }
 
+/// `sum_{k < len} x[k] * w[k]` as 16 partial sums, with four independent accumulators so
+/// the multiply-adds' latency never limits the stream.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; `x[0..len]` and `w[0..len]` readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dot_row<W: Widen>(x: *const f32, w: *const W::Elem, len: usize) -> __m512 {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut k = 0;
+    // SAFETY (all loads): k + 64 <= len, k + 16 <= len, or masked to k..len.
+    while k + 64 <= len {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let at = k + 16 * i;
+            let wv = unsafe { W::load(w.add(at)) };
+            *acc = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(x.add(at)) }, wv, *acc);
+        }
+        k += 64;
+    }
+    let mut i = 0;
+    while k + 16 <= len {
+        let wv = unsafe { W::load(w.add(k)) };
+        acc[i] = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(x.add(k)) }, wv, acc[i]);
+        i = (i + 1) % 4;
+        k += 16;
+    }
+    if k < len {
+        let mask = tail_mask(len - k);
+        let wv = unsafe { W::load_tail(w.add(k), mask) };
+        let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add(k)) };
+        acc[i] = _mm512_fmadd_ps(xv, wv, acc[i]);
+    }
+    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
+}
+
 /// # Safety
 /// AVX-512 F/BW/VL available; `block` in bounds (`assert_in_bounds`), `w` is `block.w`'s slice.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn gemm<W: Widen>(block: &Block, w: &[W::Elem], out: &OutBlock) {
     let (x, xs, ws, len) = (block.x.as_ptr(), block.x_stride, block.w_stride, block.len);
     let w = w.as_ptr();
+    if block.n_tokens == 1 {
+        // One token: one dot product per row, rows in memory order, so the weights stream in
+        // as one sequential read; sixteen rows' vector sums are reduced together.
+        let mut r0 = 0;
+        while r0 < block.n_rows {
+            let n = (block.n_rows - r0).min(16);
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (i, v) in v.iter_mut().take(n).enumerate() {
+                // SAFETY: row r0 + i is inside the bounds-checked block.
+                *v = unsafe { dot_row::<W>(x, w.add((r0 + i) * ws), len) };
+            }
+            let mut sums = [0.0f32; 16];
+            // SAFETY: `sums` has room for 16 floats.
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&v)) };
+            for i in 0..n {
+                // reduce16 leaves the sum of v[4a + b] in lane 4b + a.
+                out.put(0, r0 + i, sums[4 * (i % 4) + i / 4]);
+            }
+            r0 += n;
+        }
+        return;
+    }
     let mut t0 = 0;
     while t0 < block.n_tokens {
         let nt = (block.n_tokens - t0).min(4);

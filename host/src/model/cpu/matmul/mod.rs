@@ -22,7 +22,13 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod bf16dot;
 mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::reduce16 as avx512_reduce16;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -155,15 +161,148 @@ impl Isa {
     }
 }
 
+/// How matrix products with 16-bit weights compute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Numerics {
+    /// Weights widened to f32, f32 activations, f32 multiply-adds: reproduces Hugging Face
+    /// transformers' float32 computation.
+    Exact,
+    /// With bf16 weights on a CPU with AVX512-BF16: activations rounded to bf16 (nearest
+    /// even) at the input of a product, then bf16 pair products summed in f32
+    /// (`vdpbf16ps`), as llama.cpp does. The executor uses it for the q/k/v, o, gate and up
+    /// projections; the down projection and the vocabulary projection, attention, norms,
+    /// f32 and f16 weights and CPUs without AVX512-BF16 compute exactly as `Exact`.
+    #[default]
+    Fast,
+}
+
+impl Numerics {
+    pub fn name(self) -> &'static str {
+        match self {
+            Numerics::Exact => "exact",
+            Numerics::Fast => "fast",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Numerics> {
+        match s {
+            "exact" => Some(Numerics::Exact),
+            "fast" => Some(Numerics::Fast),
+            _ => None,
+        }
+    }
+
+    /// Whether products with `w` take the bf16 path on this CPU.
+    fn uses_bf16_dot(self, data: &WeightData) -> bool {
+        self == Numerics::Fast
+            && matches!(data, WeightData::Bf16(_))
+            && Isa::detect() == Isa::Avx512
+            && bf16_dot_supported()
+    }
+}
+
+/// Whether this CPU has AVX512-BF16 (detected once).
+pub fn bf16_dot_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SUPPORTED.get_or_init(|| bf16dot::Bf16Dot::new().is_some())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Reusable buffers for [`matmul`], owned by the caller so the hot loop never allocates.
 ///
-/// One f32 panel per thread; a task locks a free one for its duration.
+/// One f32 panel per thread; a task locks a free one for its duration. `x_bf16` holds the
+/// activations rounded to bf16 for the fast path.
 #[derive(Default)]
 pub struct MatmulScratch {
     panels: Vec<Mutex<Vec<f32>>>,
+    x_bf16: Vec<u16>,
 }
 
-/// `out[t * w.rows + r] = sum_k x[t * w.cols + k] * w[r, k]` for every token `t < n_tokens`.
+/// One product of a [`matmul_group`]: a weight matrix and where its result goes.
+pub struct GroupPart<'a, 'b> {
+    pub w: Matrix<'a>,
+    pub out: &'b mut [f32],
+}
+
+/// Several products of the same activations (`x`, `n_tokens` rows), run as one job so the
+/// threads split all their rows at once (one wake-up and one wait instead of one per matrix).
+pub fn matmul_group<'a, 'b>(
+    pool: &ThreadPool,
+    numerics: Numerics,
+    x: &[f32],
+    n_tokens: usize,
+    parts: impl IntoIterator<Item = GroupPart<'a, 'b>>,
+    scratch: &mut MatmulScratch,
+) {
+    let mut specs = [None; MAX_PARTS];
+    let mut count = 0;
+    for part in parts {
+        assert!(count < MAX_PARTS, "at most {MAX_PARTS} products per group");
+        check_shapes(x, n_tokens, &part.w, part.out);
+        specs[count] = Some(Part {
+            w: part.w,
+            out: OutPtr::new(part.out),
+        });
+        count += 1;
+    }
+    let specs = &specs[..count];
+    let fast = specs
+        .iter()
+        .flatten()
+        .all(|p| numerics.uses_bf16_dot(&p.w.data) && p.w.cols > 0);
+    #[cfg(target_arch = "x86_64")]
+    if fast && count > 0 {
+        if let Some(k) = bf16dot::Bf16Dot::new() {
+            let cols = specs.iter().flatten().next().map_or(0, |p| p.w.cols);
+            let xb = &mut scratch.x_bf16;
+            if xb.len() < x.len() {
+                xb.resize(x.len(), 0);
+            }
+            k.round_to_bf16(x, &mut xb[..x.len()]);
+            let product = bf16dot::Product {
+                x: &xb[..x.len()],
+                n_tokens,
+                cols,
+                parts: specs,
+            };
+            return product.run(k, pool);
+        }
+    }
+    let _ = fast;
+    let product = Product {
+        x,
+        n_tokens,
+        parts: specs,
+    };
+    product.dispatch(Isa::detect(), pool, scratch);
+}
+
+/// Most products in one [`matmul_group`] (q, k and v).
+pub const MAX_PARTS: usize = 3;
+
+fn check_shapes(x: &[f32], n_tokens: usize, w: &Matrix, out: &[f32]) {
+    assert_eq!(x.len(), n_tokens * w.cols, "x must hold n_tokens * cols");
+    assert_eq!(
+        out.len(),
+        n_tokens * w.rows,
+        "out must hold n_tokens * rows"
+    );
+    assert_eq!(
+        w.data.elems(),
+        w.rows * w.cols,
+        "weight data must hold rows * cols elements"
+    );
+}
+
+/// `out[t * w.rows + r] = sum_k x[t * w.cols + k] * w[r, k]` for every token `t < n_tokens`,
+/// computed exactly (f32 arithmetic).
 pub fn matmul(
     pool: &ThreadPool,
     x: &[f32],
@@ -185,43 +324,17 @@ pub fn matmul_with(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) {
-    assert_eq!(x.len(), n_tokens * w.cols, "x must hold n_tokens * cols");
-    assert_eq!(
-        out.len(),
-        n_tokens * w.rows,
-        "out must hold n_tokens * rows"
-    );
-    assert_eq!(
-        w.data.elems(),
-        w.rows * w.cols,
-        "weight data must hold rows * cols elements"
-    );
-    if out.is_empty() {
-        return;
-    }
-    if w.cols == 0 {
-        out.fill(0.0);
-        return;
-    }
+    check_shapes(x, n_tokens, w, out);
+    let parts = [Some(Part {
+        w: *w,
+        out: OutPtr::new(out),
+    })];
     let product = Product {
         x,
         n_tokens,
-        w,
-        out: OutPtr::new(out),
+        parts: &parts,
     };
-    match isa.min(Isa::detect()) {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => match avx512::Avx512::new() {
-            Some(k) => product.run(k, pool, scratch),
-            None => product.run(scalar::Scalar, pool, scratch),
-        },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => match avx2::Avx2::new() {
-            Some(k) => product.run(k, pool, scratch),
-            None => product.run(scalar::Scalar, pool, scratch),
-        },
-        _ => product.run(scalar::Scalar, pool, scratch),
-    }
+    product.dispatch(isa, pool, scratch);
 }
 
 /// Dot product of two equal-length f32 slices.
@@ -364,17 +477,105 @@ const PANEL_TILES: usize = 16;
 /// path with a whole share).
 const DIRECT_TASKS_PER_THREAD: usize = 4;
 
-struct Product<'a> {
-    x: &'a [f32],
-    n_tokens: usize,
-    w: &'a Matrix<'a>,
+/// One product of a job: its weights and its output.
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    w: Matrix<'a>,
     out: OutPtr,
 }
 
+/// How a job's rows are cut into tasks: every part's rows in runs of `rows_per_task`, parts
+/// one after the other; task `i` belongs to the part whose range of task indices holds it.
+#[derive(Clone, Copy)]
+struct TaskSplit {
+    rows_per_task: usize,
+    /// `first[p]`: the first task of part `p`; `first[parts]` is the task count.
+    first: [usize; MAX_PARTS + 1],
+    parts: usize,
+}
+
+impl TaskSplit {
+    fn new(parts: &[Option<Part>], rows_per_task: usize) -> Self {
+        let mut first = [0; MAX_PARTS + 1];
+        for (p, part) in parts.iter().enumerate() {
+            let rows = part.map_or(0, |part| part.w.rows);
+            first[p + 1] = first[p] + rows.div_ceil(rows_per_task);
+        }
+        TaskSplit {
+            rows_per_task,
+            first,
+            parts: parts.len(),
+        }
+    }
+
+    fn tasks(&self) -> usize {
+        self.first[self.parts]
+    }
+
+    /// Task `i`'s part and first row within it.
+    fn locate(&self, i: usize) -> (usize, usize) {
+        let p = (0..self.parts)
+            .find(|&p| i < self.first[p + 1])
+            .unwrap_or(self.parts - 1);
+        (p, (i - self.first[p]) * self.rows_per_task)
+    }
+}
+
+/// Rows all parts of a job have together, and the total multiply-adds.
+fn job_size(parts: &[Option<Part>], n_tokens: usize) -> (usize, usize) {
+    let rows: usize = parts.iter().flatten().map(|p| p.w.rows).sum();
+    let work = parts
+        .iter()
+        .flatten()
+        .map(|p| p.w.rows.saturating_mul(p.w.cols))
+        .sum::<usize>()
+        .saturating_mul(n_tokens);
+    (rows, work)
+}
+
+/// Products of the same f32 activations with one or more matrices of equal `cols`.
+struct Product<'a> {
+    x: &'a [f32],
+    n_tokens: usize,
+    parts: &'a [Option<Part<'a>>],
+}
+
 impl Product<'_> {
+    /// Runs at `isa`, capped at what the CPU supports.
+    fn dispatch(&self, isa: Isa, pool: &ThreadPool, scratch: &mut MatmulScratch) {
+        let parts = || self.parts.iter().flatten();
+        if parts().all(|p| p.out.len == 0) {
+            return;
+        }
+        for part in parts().filter(|p| p.w.cols == 0) {
+            // SAFETY: `out` came from a live `&mut [f32]` of `len` floats that nothing else
+            // touches during the product.
+            unsafe { std::slice::from_raw_parts_mut(part.out.ptr, part.out.len) }.fill(0.0);
+        }
+        if parts().any(|p| p.w.cols == 0) {
+            return;
+        }
+        match isa.min(Isa::detect()) {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => match avx512::Avx512::new() {
+                Some(k) => self.run(k, pool, scratch),
+                None => self.run(scalar::Scalar, pool, scratch),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => match avx2::Avx2::new() {
+                Some(k) => self.run(k, pool, scratch),
+                None => self.run(scalar::Scalar, pool, scratch),
+            },
+            _ => self.run(scalar::Scalar, pool, scratch),
+        }
+    }
+
     fn run<K: Kernels>(&self, k: K, pool: &ThreadPool, scratch: &mut MatmulScratch) {
-        let (rows, cols) = (self.w.rows, self.w.cols);
-        let work = rows.saturating_mul(cols).saturating_mul(self.n_tokens);
+        let Some(first) = self.parts.iter().flatten().next() else {
+            return;
+        };
+        let cols = first.w.cols;
+        let (rows, work) = job_size(self.parts, self.n_tokens);
         let threads = if work < MIN_PARALLEL_WORK {
             1
         } else {
@@ -390,9 +591,14 @@ impl Product<'_> {
             let per = per.clamp(K::ROWS, PANEL_TILES * K::ROWS);
             (per, per)
         };
-        let n_tasks = rows.div_ceil(rows_per_task);
+        let split = TaskSplit::new(self.parts, rows_per_task);
+        let n_tasks = split.tasks();
         // f32 weights need no widening, hence no panel.
-        let widen = !matches!(self.w.data, WeightData::F32(_));
+        let widen = self
+            .parts
+            .iter()
+            .flatten()
+            .any(|p| !matches!(p.w.data, WeightData::F32(_)));
         let panel_len = panel_rows * K_BLOCK.min(cols);
         if !direct && widen {
             // Grow the panels here, once, rather than in whichever task first needs one.
@@ -409,14 +615,19 @@ impl Product<'_> {
         }
         let panels = &scratch.panels[..];
         let task = |i: usize| {
-            let r0 = i * rows_per_task;
-            let r1 = (r0 + rows_per_task).min(rows);
+            let (p, r0) = split.locate(i);
+            let Some(part) = &self.parts[p] else {
+                return;
+            };
+            let r1 = (r0 + rows_per_task).min(part.w.rows);
             if direct {
-                self.direct(k, r0, r1);
+                self.direct(k, part, r0, r1);
             } else if widen {
-                with_panel(panels, panel_len, |panel| self.panel(k, r0, r1, panel));
+                with_panel(panels, panel_len, |panel| {
+                    self.panel(k, part, r0, r1, panel)
+                });
             } else {
-                self.panel(k, r0, r1, &mut []);
+                self.panel(k, part, r0, r1, &mut []);
             }
         };
         if threads == 1 || n_tasks == 1 {
@@ -426,11 +637,11 @@ impl Product<'_> {
         }
     }
 
-    /// Rows `r0..r1` for all tokens, streaming the stored weights. With more tokens than one
-    /// tile holds, one row tile at a time, so its weights stay in L1 across the token tiles
-    /// (and are read from memory once).
-    fn direct<K: Kernels>(&self, k: K, r0: usize, r1: usize) {
-        let cols = self.w.cols;
+    /// Rows `r0..r1` of `part` for all tokens, streaming the stored weights. With more tokens
+    /// than one tile holds, one row tile at a time, so its weights stay in L1 across the token
+    /// tiles (and are read from memory once).
+    fn direct<K: Kernels>(&self, k: K, part: &Part, r0: usize, r1: usize) {
+        let cols = part.w.cols;
         let step = if self.n_tokens > K::TOKENS {
             K::ROWS
         } else {
@@ -442,27 +653,28 @@ impl Product<'_> {
                 x: self.x,
                 x_stride: cols,
                 n_tokens: self.n_tokens,
-                w: self.w.data.tail_from(g0 * cols),
+                w: part.w.data.tail_from(g0 * cols),
                 w_stride: cols,
                 n_rows: g1 - g0,
                 len: cols,
             };
             // SAFETY: tasks own disjoint row ranges, so this block's elements (rows g0..g1 of
             // every token) are written by nobody else; `out` outlives the product.
-            let out = unsafe { OutBlock::new(self.out, g0, self.w.rows, false) };
+            let out = unsafe { OutBlock::new(part.out, g0, part.w.rows, false) };
             k.gemm(&block, &out);
         }
     }
 
-    /// Rows `r0..r1` for all tokens, one block of columns at a time; bf16 and f16 blocks are
-    /// first widened into `panel` (`f32` weights are used in place and `panel` may be empty).
-    fn panel<K: Kernels>(&self, k: K, r0: usize, r1: usize, panel: &mut [f32]) {
-        let cols = self.w.cols;
+    /// Rows `r0..r1` of `part` for all tokens, one block of columns at a time; bf16 and f16
+    /// blocks are first widened into `panel` (`f32` weights are used in place and `panel` may
+    /// be empty).
+    fn panel<K: Kernels>(&self, k: K, part: &Part, r0: usize, r1: usize, panel: &mut [f32]) {
+        let cols = part.w.cols;
         let n_rows = r1 - r0;
         let mut k0 = 0;
         while k0 < cols {
             let len = K_BLOCK.min(cols - k0);
-            let src = self.w.data.tail_from(r0 * cols + k0);
+            let src = part.w.data.tail_from(r0 * cols + k0);
             let (w, w_stride) = match src {
                 WeightData::F32(_) => (src, cols),
                 WeightData::Bf16(_) | WeightData::F16(_) => {
@@ -481,7 +693,7 @@ impl Product<'_> {
                 len,
             };
             // SAFETY: as in `direct`: this task alone writes rows r0..r1.
-            let out = unsafe { OutBlock::new(self.out, r0, self.w.rows, k0 > 0) };
+            let out = unsafe { OutBlock::new(part.out, r0, part.w.rows, k0 > 0) };
             k.gemm(&block, &out);
             k0 += len;
         }
@@ -661,6 +873,109 @@ mod tests {
                 for dtype in DTYPES {
                     for &(rows, cols, n) in &cases {
                         check(isa, pool, rows, cols, n, dtype);
+                    }
+                }
+            }
+        }
+    }
+
+    /// bf16 rounding to nearest even, as the fast path rounds activations.
+    fn round_bf16(v: f32) -> f32 {
+        half::bf16::from_f32(v).to_f32()
+    }
+
+    #[test]
+    fn groups_match_separate_products() {
+        // q/k/v-like parts of different heights sharing one input, both numerics; each part
+        // must equal its own product (exact: bit for bit).
+        let pool = ThreadPool::new(2);
+        let mut rng = Rng(21);
+        let cols = 300;
+        let heights = [96, 32, 37];
+        let ws: Vec<Weights> = heights
+            .iter()
+            .map(|&r| Weights::random(&mut rng, r * cols, Dtype::Bf16))
+            .collect();
+        for n in [1, 3, 4, 7, 40] {
+            let x = rng.vec(n * cols);
+            for numerics in [Numerics::Exact, Numerics::Fast] {
+                let mut outs: Vec<Vec<f32>> = heights.iter().map(|&r| vec![0.0; n * r]).collect();
+                let mut scratch = MatmulScratch::default();
+                let parts = ws
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .zip(heights)
+                    .map(|((w, out), r)| GroupPart {
+                        w: w.matrix(r, cols),
+                        out,
+                    });
+                matmul_group(&pool, numerics, &x, n, parts, &mut scratch);
+                for ((w, out), r) in ws.iter().zip(&outs).zip(heights) {
+                    let mut alone = vec![0.0; n * r];
+                    matmul_group(
+                        &pool,
+                        numerics,
+                        &x,
+                        n,
+                        [GroupPart {
+                            w: w.matrix(r, cols),
+                            out: &mut alone,
+                        }],
+                        &mut scratch,
+                    );
+                    assert_eq!(out, &alone, "{numerics:?} n={n} rows={r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_path_matches_bf16_reference() {
+        // Where the CPU has AVX512-BF16, `Fast` must equal the product of bf16-rounded
+        // activations with the weights, summed in f32 (within f32 summation error); elsewhere
+        // it must be exactly `Exact`.
+        let pool = ThreadPool::new(2);
+        let shapes = [
+            (5, 16),
+            (13, 33),
+            (64, 172),
+            (130, 515),
+            (203, 1100),
+            (40, 2100),
+        ];
+        for &(rows, cols) in &shapes {
+            for n in [1, 2, 3, 4, 5, 9, 33, 70] {
+                let mut rng = Rng(0x51 ^ (rows * 31 + cols * 7 + n) as u64);
+                let w = Weights::random(&mut rng, rows * cols, Dtype::Bf16);
+                let x = rng.vec(n * cols);
+                let m = w.matrix(rows, cols);
+                let mut scratch = MatmulScratch::default();
+                let mut fast = vec![f32::NAN; n * rows];
+                let part = GroupPart {
+                    w: m,
+                    out: &mut fast,
+                };
+                matmul_group(&pool, Numerics::Fast, &x, n, [part], &mut scratch);
+                if !bf16_dot_supported() {
+                    let mut exact = vec![0.0; n * rows];
+                    matmul(&pool, &x, n, &m, &mut exact, &mut scratch);
+                    assert_eq!(fast, exact);
+                    continue;
+                }
+                for t in 0..n {
+                    for r in 0..rows {
+                        let (mut sum, mut bound) = (0.0f64, 0.0f64);
+                        for k in 0..cols {
+                            let p =
+                                round_bf16(x[t * cols + k]) as f64 * w.exact[r * cols + k] as f64;
+                            sum += p;
+                            bound += p.abs();
+                        }
+                        let got = fast[t * rows + r] as f64;
+                        assert!(
+                            (got - sum).abs() <= 1e-5 * bound + 1e-30,
+                            "{rows}x{cols} n={n} t={t} r={r}: {got} vs {sum}"
+                        );
                     }
                 }
             }
