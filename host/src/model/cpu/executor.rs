@@ -269,7 +269,7 @@ impl CpuExecutor {
                 ms,
             );
             prof.end(Phase::GateUpProj);
-            silu_mul(gate, up);
+            parallel_silu_mul(pool, gate, up);
             prof.end(Phase::Elementwise);
             // The down projection stays exact in every mode: its input (silu(gate) * up, up to
             // `intermediate_size` wide, unnormalised) is where bf16 rounding costs the most
@@ -335,6 +335,24 @@ impl CpuExecutor {
         }
         Ok(())
     }
+}
+
+/// [`silu_mul`] split across the pool when there is enough of it (prefill).
+fn parallel_silu_mul(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
+    const MIN_PARALLEL: usize = 1 << 16;
+    if gate.len() < MIN_PARALLEL || pool.threads() == 1 {
+        return silu_mul(gate, up);
+    }
+    let chunk = gate.len().div_ceil(2 * pool.threads()).next_multiple_of(16);
+    let len = gate.len();
+    let parts = super::shared::DisjointSlice::new(gate);
+    pool.run(len.div_ceil(chunk), &|i| {
+        let start = i * chunk;
+        let n = chunk.min(len - start);
+        // SAFETY: task i alone writes elements start..start + n.
+        let g = unsafe { parts.part(start, n) };
+        silu_mul(g, &up[start..start + n]);
+    });
 }
 
 /// `out = x · W^T (+ bias)` for each `(layer, out)`, the products run as one job.

@@ -10,5 +10,8 @@ pub mod ops;
 pub mod pool;
 pub mod profile;
 mod shared;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod vector_math;
 
 pub use executor::{BatchEntry, CpuExecutor, ExecError, LogitRows};

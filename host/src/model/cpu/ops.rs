@@ -11,6 +11,11 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// `gate = silu(gate) * up`, in place.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul::Isa::detect() == super::matmul::Isa::Avx512 {
+        // SAFETY: `detect` saw the CPU support AVX-512 F/BW/VL.
+        return unsafe { super::vector_math::silu_mul(gate, up) };
+    }
     for (g, &u) in gate.iter_mut().zip(up) {
         let silu = *g / (1.0 + (-*g).exp());
         *g = silu * u;
