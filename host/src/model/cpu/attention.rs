@@ -79,7 +79,9 @@ pub fn attention(
             buf.resize(longest * run_len, 0.0);
         }
         for task in (chunk..n_tasks).step_by(n_chunks) {
-            let (t, run) = (task / runs, task % runs);
+            // Tokens vary fastest: a chunk's consecutive tasks then use the same kv head,
+            // whose keys and values stay in L2 between them.
+            let (t, run) = (task % tokens.len(), task / tokens.len());
             let (kv_head, part) = (run / runs_per_group, run % runs_per_group);
             let h0 = kv_head * group + part * run_len;
             let n_heads = run_len.min((kv_head + 1) * group - h0);

@@ -130,12 +130,15 @@ unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32]
             for i in 0..n {
                 // SAFETY: slot + i is inside the block, which lies inside `keys`.
                 let row = unsafe { kp.add((slot + i) * g.kv_dim + g.kv_off) };
-                let mut acc = _mm512_setzero_ps();
+                // Two partial sums, so the multiply-adds of one position form two short
+                // dependency chains rather than one long one.
+                let mut acc = [_mm512_setzero_ps(); 2];
                 for (c, q) in q.iter().enumerate().take(chunks) {
-                    acc = _mm512_fmadd_ps(*q, unsafe { _mm512_loadu_ps(row.add(c * 16)) }, acc);
+                    let k = unsafe { _mm512_loadu_ps(row.add(c * 16)) };
+                    acc[c % 2] = _mm512_fmadd_ps(*q, k, acc[c % 2]);
                 }
                 // reduce16 leaves the sum of v[4a + b] in lane 4b + a: position i -> lane i.
-                v[4 * (i % 4) + i / 4] = acc;
+                v[4 * (i % 4) + i / 4] = _mm512_add_ps(acc[0], acc[1]);
             }
             let s = _mm512_mul_ps(reduce16(&v), scale);
             *max = _mm512_mask_max_ps(*max, mask, *max, s);
@@ -165,8 +168,10 @@ unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32]
             // SAFETY: `weights` holds 16 floats.
             unsafe { _mm512_storeu_ps(weights.as_mut_ptr(), e) };
             let o = out[h * g.head_dim..].as_mut_ptr();
-            let mut acc = [_mm512_setzero_ps(); MAX_CHUNKS];
-            for (c, acc) in acc.iter_mut().enumerate().take(chunks) {
+            // Even and odd positions accumulate apart (two independent chains per chunk),
+            // then meet in `out`.
+            let mut acc = [[_mm512_setzero_ps(); MAX_CHUNKS]; 2];
+            for (c, acc) in acc[0].iter_mut().enumerate().take(chunks) {
                 // SAFETY: head h's output has chunks * 16 floats.
                 *acc = unsafe { _mm512_loadu_ps(o.add(c * 16)) };
             }
@@ -174,13 +179,14 @@ unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32]
                 let w = _mm512_set1_ps(w);
                 // SAFETY: slot + i is inside the block, which lies inside `values`.
                 let row = unsafe { vp.add((slot + i) * g.kv_dim + g.kv_off) };
+                let acc = &mut acc[i % 2];
                 for (c, acc) in acc.iter_mut().enumerate().take(chunks) {
                     *acc = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(row.add(c * 16)) }, *acc);
                 }
             }
-            for (c, acc) in acc.iter().enumerate().take(chunks) {
+            for (c, (even, odd)) in acc[0].iter().zip(&acc[1]).enumerate().take(chunks) {
                 // SAFETY: as above.
-                unsafe { _mm512_storeu_ps(o.add(c * 16), *acc) };
+                unsafe { _mm512_storeu_ps(o.add(c * 16), _mm512_add_ps(*even, *odd)) };
             }
         }
     }

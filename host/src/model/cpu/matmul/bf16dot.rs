@@ -34,7 +34,16 @@ impl Bf16Dot {
     pub(super) fn round_to_bf16(self, src: &[f32], dst: &mut [u16]) {
         assert_eq!(src.len(), dst.len());
         // SAFETY: the token proves CPU support; lengths are equal (checked).
-        unsafe { round_to_bf16(src, dst) }
+        unsafe { round_to_bf16(src, dst, None) }
+    }
+
+    /// `hi[i]` = `src[i]` rounded to bf16, `lo[i]` = the remainder `src[i] - hi[i]` rounded
+    /// to bf16: together 16 significant bits of `src[i]`.
+    pub(super) fn split_to_bf16(self, src: &[f32], hi: &mut [u16], lo: &mut [u16]) {
+        assert_eq!(src.len(), hi.len());
+        assert_eq!(src.len(), lo.len());
+        // SAFETY: the token proves CPU support; lengths are equal (checked).
+        unsafe { round_to_bf16(src, hi, Some(lo)) }
     }
 }
 
@@ -52,6 +61,8 @@ const DIRECT_TASKS_PER_THREAD: usize = 4;
 pub(super) struct Product<'a> {
     /// `[n_tokens, cols]` activations, rounded to bf16.
     pub x: &'a [u16],
+    /// With [`super::Precision::Bf16Split`]: what rounding `x` left, rounded to bf16.
+    pub x_lo: Option<&'a [u16]>,
     pub n_tokens: usize,
     pub cols: usize,
     pub parts: &'a [Option<Part<'a>>],
@@ -60,6 +71,9 @@ pub(super) struct Product<'a> {
 impl Product<'_> {
     pub(super) fn run(&self, k: Bf16Dot, pool: &ThreadPool) {
         assert_eq!(self.x.len(), self.n_tokens * self.cols);
+        if let Some(lo) = self.x_lo {
+            assert_eq!(lo.len(), self.x.len());
+        }
         let (rows, work) = job_size(self.parts, self.n_tokens);
         if rows == 0 || self.n_tokens == 0 {
             return;
@@ -117,6 +131,7 @@ impl Product<'_> {
         r1: usize,
     ) {
         let (cols, x, w) = (self.cols, self.x.as_ptr(), w.as_ptr());
+        let x_lo = self.x_lo.map(|lo| lo.as_ptr());
         if self.n_tokens == 1 {
             // One token: each row is one dot product, rows in memory order, so the task
             // reads its weights as a single sequential stream. Sixteen rows' vector sums are
@@ -127,7 +142,12 @@ impl Product<'_> {
                 let mut v = [_mm512_setzero_ps(); 16];
                 for (i, v) in v.iter_mut().take(n).enumerate() {
                     // SAFETY: row r + i is in bounds; `x` holds `cols` elements.
-                    *v = unsafe { dot_row(x, w.add((r + i) * cols), cols) };
+                    let row = unsafe { w.add((r + i) * cols) };
+                    *v = match x_lo {
+                        // SAFETY: as above; `x_lo` holds `cols` elements too.
+                        Some(lo) => unsafe { dot_row::<true>(x, lo, row, cols) },
+                        None => unsafe { dot_row::<false>(x, x, row, cols) },
+                    };
                 }
                 let mut sums = [0.0f32; 16];
                 // SAFETY: `sums` has room for 16 floats.
@@ -153,7 +173,14 @@ impl Product<'_> {
                 let nr = (r1 - g0).min(TILE);
                 let wr = unsafe { w.add(g0 * cols) };
                 // SAFETY: tokens t0..t0+nt and rows g0..g0+nr are in bounds.
-                let sums = unsafe { tile_dispatch(nt, nr, xt, wr, cols) };
+                let mut sums = unsafe { tile_dispatch(nt, nr, xt, wr, cols) };
+                if let Some(lo) = x_lo {
+                    // SAFETY: as above; `x_lo` has the same shape as `x`.
+                    let lo_sums = unsafe { tile_dispatch(nt, nr, lo.add(t0 * cols), wr, cols) };
+                    for (s, l) in sums.iter_mut().zip(lo_sums) {
+                        *s += l;
+                    }
+                }
                 for t in 0..nt {
                     for r in 0..nr {
                         let i = (t0 + t) * out_rows + g0 + r;
@@ -176,32 +203,46 @@ impl Product<'_> {
 /// AVX-512 F/BW/VL/BF16 available; `x[0..len]` and `w[0..len]` readable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn dot_row(x: *const u16, w: *const u16, len: usize) -> __m512 {
+unsafe fn dot_row<const SPLIT: bool>(
+    x: *const u16,
+    x_lo: *const u16,
+    w: *const u16,
+    len: usize,
+) -> __m512 {
     let mut acc = [_mm512_setzero_ps(); 4];
+    let load = |p: *const u16| as_bh(unsafe { _mm512_loadu_si512(p.cast()) });
     let mut k = 0;
-    // SAFETY (all loads): k + 128 <= len, k + 32 <= len, or masked to k..len.
+    // SAFETY (all loads): k + 128 <= len, k + 32 <= len, or masked to k..len; `x_lo` is only
+    // read when SPLIT, and then has `len` elements too.
     while k + 128 <= len {
         for (i, acc) in acc.iter_mut().enumerate() {
             let at = k + 32 * i;
-            let wv = as_bh(unsafe { _mm512_loadu_si512(w.add(at).cast()) });
-            let xv = as_bh(unsafe { _mm512_loadu_si512(x.add(at).cast()) });
-            *acc = _mm512_dpbf16_ps(*acc, xv, wv);
+            let wv = load(w.wrapping_add(at));
+            *acc = _mm512_dpbf16_ps(*acc, load(x.wrapping_add(at)), wv);
+            if SPLIT {
+                *acc = _mm512_dpbf16_ps(*acc, load(x_lo.wrapping_add(at)), wv);
+            }
         }
         k += 128;
     }
     let mut i = 0;
     while k + 32 <= len {
-        let wv = as_bh(unsafe { _mm512_loadu_si512(w.add(k).cast()) });
-        let xv = as_bh(unsafe { _mm512_loadu_si512(x.add(k).cast()) });
-        acc[i] = _mm512_dpbf16_ps(acc[i], xv, wv);
+        let wv = load(w.wrapping_add(k));
+        acc[i] = _mm512_dpbf16_ps(acc[i], load(x.wrapping_add(k)), wv);
+        if SPLIT {
+            acc[i] = _mm512_dpbf16_ps(acc[i], load(x_lo.wrapping_add(k)), wv);
+        }
         i = (i + 1) % 4;
         k += 32;
     }
     if k < len {
         let mask = ((1u64 << (len - k)) - 1) as __mmask32;
-        let wv = as_bh(unsafe { _mm512_maskz_loadu_epi16(mask, w.add(k).cast()) });
-        let xv = as_bh(unsafe { _mm512_maskz_loadu_epi16(mask, x.add(k).cast()) });
-        acc[i] = _mm512_dpbf16_ps(acc[i], xv, wv);
+        let part = |p: *const u16| as_bh(unsafe { _mm512_maskz_loadu_epi16(mask, p.cast()) });
+        let wv = part(w.wrapping_add(k));
+        acc[i] = _mm512_dpbf16_ps(acc[i], part(x.wrapping_add(k)), wv);
+        if SPLIT {
+            acc[i] = _mm512_dpbf16_ps(acc[i], part(x_lo.wrapping_add(k)), wv);
+        }
     }
     _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
 }
@@ -295,26 +336,33 @@ unsafe fn tile<const NT: usize, const NR: usize>(
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL/BF16 available; `src.len() == dst.len()`.
+/// AVX-512 F/BW/VL/BF16 available; `dst` and `lo` (if any) as long as `src`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
+unsafe fn round_to_bf16(src: &[f32], dst: &mut [u16], lo: Option<&mut [u16]>) {
     let n = src.len();
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let l = lo.map(|lo| lo.as_mut_ptr());
     let mut i = 0;
-    // SAFETY (all loads and stores): i + 16 <= n, or masked to i..n.
-    while i + 16 <= n {
+    while i < n {
+        let mask = if n - i >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << (n - i)) - 1) as __mmask16
+        };
+        // SAFETY: the masked loads and stores touch only elements i..n.
         unsafe {
-            let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s.add(i)));
-            _mm256_storeu_si256(d.add(i).cast(), std::mem::transmute::<__m256bh, __m256i>(v));
+            let v = _mm512_maskz_loadu_ps(mask, s.add(i));
+            let hi = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+            _mm256_mask_storeu_epi16(d.add(i).cast(), mask, hi);
+            if let Some(l) = l {
+                // hi widened back to f32 is its bits shifted up by 16.
+                let hi_f32 =
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)));
+                let rest = _mm512_cvtneps_pbh(_mm512_sub_ps(v, hi_f32));
+                let rest = std::mem::transmute::<__m256bh, __m256i>(rest);
+                _mm256_mask_storeu_epi16(l.add(i).cast(), mask, rest);
+            }
         }
         i += 16;
-    }
-    if i < n {
-        let mask = ((1u32 << (n - i)) - 1) as __mmask16;
-        unsafe {
-            let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, s.add(i)));
-            let bits = std::mem::transmute::<__m256bh, __m256i>(v);
-            _mm256_mask_storeu_epi16(d.add(i).cast(), mask, bits);
-        }
     }
 }

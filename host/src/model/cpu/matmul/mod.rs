@@ -193,9 +193,32 @@ impl Numerics {
         }
     }
 
+    /// The arithmetic of the q/k/v, o, gate and up projections, and of the down projection.
+    pub fn precisions(self) -> (Precision, Precision) {
+        match self {
+            Numerics::Exact => (Precision::F32, Precision::F32),
+            Numerics::Fast => (Precision::Bf16, Precision::Bf16Split),
+        }
+    }
+}
+
+/// The arithmetic of one product with bf16 weights (other weights always compute in f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Weights widened to f32, f32 activations and multiply-adds.
+    F32,
+    /// Activations rounded to bf16, bf16 pair products summed in f32 (AVX512-BF16).
+    Bf16,
+    /// Activations split into two bf16 parts, `hi = bf16(x)` and `lo = bf16(x - hi)`, each
+    /// multiplied as in `Bf16`: x keeps 16 significant bits (relative error below 2^-16), at
+    /// twice `Bf16`'s multiply-adds but no wider weights.
+    Bf16Split,
+}
+
+impl Precision {
     /// Whether products with `w` take the bf16 path on this CPU.
     fn uses_bf16_dot(self, data: &WeightData) -> bool {
-        self == Numerics::Fast
+        self != Precision::F32
             && matches!(data, WeightData::Bf16(_))
             && Isa::detect() == Isa::Avx512
             && bf16_dot_supported()
@@ -218,11 +241,12 @@ pub fn bf16_dot_supported() -> bool {
 /// Reusable buffers for [`matmul`], owned by the caller so the hot loop never allocates.
 ///
 /// One f32 panel per thread; a task locks a free one for its duration. `x_bf16` holds the
-/// activations rounded to bf16 for the fast path.
+/// activations rounded to bf16 for the bf16 paths, `x_bf16_lo` the remainders for the split one.
 #[derive(Default)]
 pub struct MatmulScratch {
     panels: Vec<Mutex<Vec<f32>>>,
     x_bf16: Vec<u16>,
+    x_bf16_lo: Vec<u16>,
 }
 
 /// One product of a [`matmul_group`]: a weight matrix and where its result goes.
@@ -235,7 +259,7 @@ pub struct GroupPart<'a, 'b> {
 /// threads split all their rows at once (one wake-up and one wait instead of one per matrix).
 pub fn matmul_group<'a, 'b>(
     pool: &ThreadPool,
-    numerics: Numerics,
+    precision: Precision,
     x: &[f32],
     n_tokens: usize,
     parts: impl IntoIterator<Item = GroupPart<'a, 'b>>,
@@ -256,7 +280,7 @@ pub fn matmul_group<'a, 'b>(
     let fast = specs
         .iter()
         .flatten()
-        .all(|p| numerics.uses_bf16_dot(&p.w.data) && p.w.cols > 0);
+        .all(|p| precision.uses_bf16_dot(&p.w.data) && p.w.cols > 0);
     #[cfg(target_arch = "x86_64")]
     if fast && count > 0 {
         if let Some(k) = bf16dot::Bf16Dot::new() {
@@ -265,9 +289,20 @@ pub fn matmul_group<'a, 'b>(
             if xb.len() < x.len() {
                 xb.resize(x.len(), 0);
             }
-            k.round_to_bf16(x, &mut xb[..x.len()]);
+            let lo = if precision == Precision::Bf16Split {
+                let lo = &mut scratch.x_bf16_lo;
+                if lo.len() < x.len() {
+                    lo.resize(x.len(), 0);
+                }
+                k.split_to_bf16(x, &mut xb[..x.len()], &mut lo[..x.len()]);
+                Some(&lo[..x.len()])
+            } else {
+                k.round_to_bf16(x, &mut xb[..x.len()]);
+                None
+            };
             let product = bf16dot::Product {
                 x: &xb[..x.len()],
+                x_lo: lo,
                 n_tokens,
                 cols,
                 parts: specs,
@@ -898,7 +933,7 @@ mod tests {
             .collect();
         for n in [1, 3, 4, 7, 40] {
             let x = rng.vec(n * cols);
-            for numerics in [Numerics::Exact, Numerics::Fast] {
+            for numerics in [Precision::F32, Precision::Bf16, Precision::Bf16Split] {
                 let mut outs: Vec<Vec<f32>> = heights.iter().map(|&r| vec![0.0; n * r]).collect();
                 let mut scratch = MatmulScratch::default();
                 let parts = ws
@@ -955,7 +990,7 @@ mod tests {
                     w: m,
                     out: &mut fast,
                 };
-                matmul_group(&pool, Numerics::Fast, &x, n, [part], &mut scratch);
+                matmul_group(&pool, Precision::Bf16, &x, n, [part], &mut scratch);
                 if !bf16_dot_supported() {
                     let mut exact = vec![0.0; n * rows];
                     matmul(&pool, &x, n, &m, &mut exact, &mut scratch);
