@@ -330,7 +330,17 @@ async fn request_id_round_trips_and_lifecycle_is_recorded_in_order() {
         32,
         "an id is generated when none is given"
     );
-    let record: Value = server.get_json("/requests/test-req-42").await;
+    // The lifecycle's last event is recorded as the response body ends, which can trail the
+    // client's read of it by a moment on a loaded machine: wait for it (up to 2 s).
+    let mut record: Value = server.get_json("/requests/test-req-42").await;
+    for _ in 0..100 {
+        let events = record["events"].as_array().map_or(0, |e| e.len());
+        if events >= 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        record = server.get_json("/requests/test-req-42").await;
+    }
     let stages: Vec<&str> = record["events"]
         .as_array()
         .expect("events")
