@@ -253,9 +253,10 @@ pub struct ModelConfig {
     pub path: Option<PathBuf>,
     /// Compute threads (0 = all cores).
     pub threads: usize,
-    /// How products with bf16 weights compute: `fast` rounds activations to bf16 and uses
-    /// AVX512-BF16 where the CPU has it (otherwise it is `exact`); `exact` computes in f32
-    /// and reproduces Hugging Face transformers. f32 and f16 weights always compute exactly.
+    /// How products with bf16 weights compute: `fast` rounds the inputs of the q/k/v, o,
+    /// gate and up projections to bf16 (the down projection's to two bf16 parts) and uses
+    /// AVX512-BF16 where the CPU has it (otherwise it is `exact`); `exact` computes in f32 and
+    /// reproduces Hugging Face transformers. f32 and f16 weights always compute exactly.
     pub numerics: crate::model::cpu::matmul::Numerics,
     /// The model's name in the OpenAI API (`model`, `/v1/models`); null = the folder's name.
     pub served_model_name: Option<String>,

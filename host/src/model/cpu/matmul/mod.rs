@@ -168,11 +168,11 @@ pub enum Numerics {
     /// Weights widened to f32, f32 activations, f32 multiply-adds: reproduces Hugging Face
     /// transformers' float32 computation.
     Exact,
-    /// With bf16 weights on a CPU with AVX512-BF16: activations rounded to bf16 (nearest
-    /// even) at the input of a product, then bf16 pair products summed in f32
-    /// (`vdpbf16ps`), as llama.cpp does. The executor uses it for the q/k/v, o, gate and up
-    /// projections; the down projection and the vocabulary projection, attention, norms,
-    /// f32 and f16 weights and CPUs without AVX512-BF16 compute exactly as `Exact`.
+    /// With bf16 weights on a CPU with AVX512-BF16: the q/k/v, o, gate and up projections
+    /// round their input to bf16 ([`Precision::Bf16`]), the down projection splits its input
+    /// into two bf16 parts ([`Precision::Bf16Split`]), as llama.cpp's bf16 path does with
+    /// one part. The vocabulary projection, attention, norms, f32 and f16 weights and CPUs
+    /// without AVX512-BF16 compute exactly as `Exact`.
     #[default]
     Fast,
 }
