@@ -176,6 +176,114 @@ fn bench_runs_on_a_model_folder() {
 }
 
 #[test]
+fn bench_profile_breaks_a_step_into_phases_that_add_up() {
+    let Some(fx) = fixture("stories260K") else {
+        return;
+    };
+    let out = cllm()
+        .args([
+            "bench",
+            "--profile",
+            "--batch",
+            "0",
+            "--prompt-tokens",
+            "32",
+        ])
+        .args(["--decode-tokens", "8", "--threads", "2", "--model"])
+        .arg(&fx.model_dir)
+        .output()
+        .expect("runs cllm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sections: Vec<&str> = text.split("\n\n").collect();
+    for title in [
+        "prefill pass (32 tokens)",
+        "decode step (mean of 8, after 32)",
+    ] {
+        let section = sections
+            .iter()
+            .find(|s| s.starts_with(title))
+            .unwrap_or_else(|| panic!("no {title:?} section in\n{text}"));
+        for phase in [
+            "embedding + rope angles",
+            "rms norms",
+            "matmul q/k/v",
+            "rope + kv store",
+            "attention",
+            "matmul o",
+            "matmul gate/up",
+            "silu*up + residuals",
+            "matmul down",
+            "matmul lm_head",
+            "all matmuls",
+            "thread pool",
+        ] {
+            assert!(
+                section.contains(&format!("| {phase}")),
+                "{phase:?} missing in\n{section}"
+            );
+        }
+        // The phases (and sampling) cover the whole step: their shares sum to 100%.
+        let total: f64 = section
+            .lines()
+            .filter(|l| {
+                l.starts_with("| ") && !l.contains("all matmuls") && !l.contains("thread pool")
+            })
+            .filter_map(|l| {
+                l.split('|')
+                    .nth(3)?
+                    .trim()
+                    .strip_suffix('%')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .sum();
+        assert!(
+            (total - 100.0).abs() < 1.0,
+            "shares sum to {total} in\n{section}"
+        );
+    }
+}
+
+#[test]
+fn bench_json_reports_an_empty_context_decode() {
+    let Some(fx) = fixture("stories260K") else {
+        return;
+    };
+    let out = cllm()
+        .args(["bench", "--json", "--batch", "2", "--prompt-tokens", "0"])
+        .args(["--decode-tokens", "8", "--numerics", "exact", "--model"])
+        .arg(&fx.model_dir)
+        .output()
+        .expect("runs cllm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(report["prompt_tokens"], 0);
+    assert_eq!(report["decode_tokens"], 8);
+    assert!(report["prefill_tokens_per_s"].is_null(), "{report}");
+    assert_eq!(report["dtype"], "f32");
+    assert_eq!(report["numerics"], "exact (f32)");
+    for key in [
+        "decode_tokens_per_s",
+        "decode_batch_tokens_per_s",
+        "baseline_read_gbs",
+    ] {
+        assert!(
+            report[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} in {report}"
+        );
+    }
+}
+
+#[test]
 fn serve_refuses_a_bad_config_naming_the_key() {
     let dir = tempfile::tempdir().expect("tmp");
     let cases = [
