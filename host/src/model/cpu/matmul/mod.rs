@@ -310,6 +310,8 @@ pub fn matmul_group<'a, 'b>(
             return product.run(k, pool);
         }
     }
+    // Other targets have no bf16 path: `fast` only decides on x86-64.
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = fast;
     let product = Product {
         x,
