@@ -159,10 +159,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// The numerics the matrix products of these weights actually use on this CPU.
 fn effective_numerics(asked: Numerics, weights: &ModelWeights) -> &'static str {
-    let fast = asked == Numerics::Fast
-        && weights.dtype() == DType::Bf16
-        && crate::model::cpu::matmul::bf16_dot_supported();
-    if fast {
+    let (main, _) = asked.precisions();
+    if main.uses_bf16_dot(&weights.embed_tokens.data()) {
         "fast (bf16 activations, AVX512-BF16)"
     } else {
         "exact (f32)"

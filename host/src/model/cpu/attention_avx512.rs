@@ -14,8 +14,8 @@
 
 use std::arch::x86_64::*;
 
+use super::matmul::avx512::{lanes, sums_in_order};
 use super::vector_math::exp;
-use crate::model::cpu::matmul::avx512_reduce16 as reduce16;
 use crate::model::kv_cache::BLOCK_SIZE;
 
 /// Most 16-float chunks in a head this kernel handles (head_dim 128).
@@ -127,7 +127,7 @@ unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32]
                 *q = unsafe { _mm512_loadu_ps(g.q.as_ptr().add((h * chunks + c) * 16)) };
             }
             let mut v = [_mm512_setzero_ps(); 16];
-            for i in 0..n {
+            for (i, v) in v.iter_mut().enumerate().take(n) {
                 // SAFETY: slot + i is inside the block, which lies inside `keys`.
                 let row = unsafe { kp.add((slot + i) * g.kv_dim + g.kv_off) };
                 // Two partial sums, so the multiply-adds of one position form two short
@@ -137,10 +137,9 @@ unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32]
                     let k = unsafe { _mm512_loadu_ps(row.add(c * 16)) };
                     acc[c % 2] = _mm512_fmadd_ps(*q, k, acc[c % 2]);
                 }
-                // reduce16 leaves the sum of v[4a + b] in lane 4b + a: position i -> lane i.
-                v[4 * (i % 4) + i / 4] = _mm512_add_ps(acc[0], acc[1]);
+                *v = _mm512_add_ps(acc[0], acc[1]);
             }
-            let s = _mm512_mul_ps(reduce16(&v), scale);
+            let s = _mm512_mul_ps(sums_in_order(&v), scale);
             *max = _mm512_mask_max_ps(*max, mask, *max, s);
             let at = h * span + pos - g.first;
             // SAFETY: at + n <= heads * span.
@@ -203,10 +202,4 @@ unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32]
             };
         }
     }
-}
-
-/// The lanes `0..n` (`n <= 16`).
-#[inline]
-fn lanes(n: usize) -> __mmask16 {
-    ((1u32 << n) - 1) as __mmask16
 }

@@ -2,6 +2,8 @@
 
 use std::arch::x86_64::*;
 
+use super::matmul::avx512::lanes;
+
 /// Whether the CPU has AVX-512 F, BW and VL.
 #[cfg(test)]
 fn avx512() -> bool {
@@ -51,11 +53,7 @@ pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
     let one = _mm512_set1_ps(1.0);
     let mut i = 0;
     while i < n {
-        let mask = if n - i >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << (n - i)) - 1) as __mmask16
-        };
+        let mask = lanes((n - i).min(16));
         // SAFETY: the masked loads and store touch only elements i..n.
         unsafe {
             let gv = _mm512_maskz_loadu_ps(mask, g.add(i));

@@ -118,17 +118,39 @@ impl Widen for F16 {
     }
 }
 
-/// The lanes `0..n` (`n < 16`).
+/// The lanes `0..n` (`n <= 16`).
 #[inline]
-fn tail_mask(n: usize) -> __mmask16 {
+pub(crate) fn lanes(n: usize) -> __mmask16 {
     ((1u32 << n) - 1) as __mmask16
+}
+
+/// Lane `i` of the result is the sum of the lanes of `v[i]` (one [`reduce16`] tree).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) fn sums_in_order(v: &[__m512; 16]) -> __m512 {
+    // reduce16 leaves the sum of v[4b + a] in lane 4a + b: put vector i = 4a + b there.
+    let mut placed = [_mm512_setzero_ps(); 16];
+    for (i, v) in v.iter().enumerate() {
+        placed[4 * (i % 4) + i / 4] = *v;
+    }
+    reduce16(&placed)
+}
+
+/// [`sums_in_order`], stored: `sums[i]` is the sum of the lanes of `v[i]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) fn lane_sums(v: &[__m512; 16]) -> [f32; 16] {
+    let mut sums = [0.0f32; 16];
+    // SAFETY: `sums` has room for 16 floats.
+    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), sums_in_order(v)) };
+    sums
 }
 
 /// Sums each of 16 vectors: lane `4 * i + j` of the result is the sum of `v[4 * j + i]`.
 /// A shuffle tree: 30 shuffles and 15 adds instead of 16 separate reductions.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-pub(crate) fn reduce16(v: &[__m512; 16]) -> __m512 {
+fn reduce16(v: &[__m512; 16]) -> __m512 {
     // Fold 256-bit halves: s[i] holds v[2i] in 128-bit lanes 0-1, v[2i+1] in lanes 2-3.
     let mut s = [_mm512_setzero_ps(); 8];
     for (i, s) in s.iter_mut().enumerate() {
@@ -201,7 +223,7 @@ unsafe fn tile<W: Widen, const NT: usize, const NR: usize>(
         k += 16;
     }
     if k < len {
-        let mask = tail_mask(len - k);
+        let mask = lanes(len - k);
         for r in 0..NR {
             // SAFETY: the masked load reads only w_r[k..len].
             wv[r] = unsafe { W::load_tail(w.add(r * ws + k), mask) };
@@ -222,17 +244,13 @@ unsafe fn tile<W: Widen, const NT: usize, const NR: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::needless_range_loop)] // index loops over the const-size register tile
 pub(super) fn tile_sums<const NT: usize, const NR: usize>(acc: &[[__m512; NR]; NT]) -> [f32; 16] {
-    // Place acc[t][r] at 4r + t so that reduce16 leaves its sum in lane 4t + r.
     let mut v = [_mm512_setzero_ps(); 16];
     for t in 0..NT {
         for r in 0..NR {
-            v[4 * r + t] = acc[t][r];
+            v[4 * t + r] = acc[t][r];
         }
     }
-    let mut sums = [0.0f32; 16];
-    // SAFETY: `sums` has room for 16 floats.
-    unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&v)) };
-    sums
+    lane_sums(&v)
 }
 
 /// `sum_{k < len} x[k] * w[k]` as 16 partial sums, with four independent accumulators so
@@ -262,7 +280,7 @@ unsafe fn dot_row<W: Widen>(x: *const f32, w: *const W::Elem, len: usize) -> __m
         k += 16;
     }
     if k < len {
-        let mask = tail_mask(len - k);
+        let mask = lanes(len - k);
         let wv = unsafe { W::load_tail(w.add(k), mask) };
         let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add(k)) };
         acc[i] = _mm512_fmadd_ps(xv, wv, acc[i]);
@@ -287,12 +305,9 @@ unsafe fn gemm<W: Widen>(block: &Block, w: &[W::Elem], out: &OutBlock) {
                 // SAFETY: row r0 + i is inside the bounds-checked block.
                 *v = unsafe { dot_row::<W>(x, w.add((r0 + i) * ws), len) };
             }
-            let mut sums = [0.0f32; 16];
-            // SAFETY: `sums` has room for 16 floats.
-            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&v)) };
-            for i in 0..n {
-                // reduce16 leaves the sum of v[4a + b] in lane 4b + a.
-                out.put(0, r0 + i, sums[4 * (i % 4) + i / 4]);
+            let sums = lane_sums(&v);
+            for (i, &sum) in sums.iter().enumerate().take(n) {
+                out.put(0, r0 + i, sum);
             }
             r0 += n;
         }
@@ -360,7 +375,7 @@ unsafe fn widen<W: Widen>(
             k += 16;
         }
         if k < len {
-            let mask = tail_mask(len - k);
+            let mask = lanes(len - k);
             unsafe { _mm512_mask_storeu_ps(d.add(k), mask, W::load_tail(s.add(k), mask)) };
         }
     }
@@ -396,7 +411,7 @@ pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         k += 16;
     }
     if k < n {
-        let mask = tail_mask(n - k);
+        let mask = lanes(n - k);
         unsafe {
             acc1 = _mm512_fmadd_ps(
                 _mm512_maskz_loadu_ps(mask, a.add(k)),
@@ -427,7 +442,7 @@ pub(super) unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
         k += 16;
     }
     if k < n {
-        let mask = tail_mask(n - k);
+        let mask = lanes(n - k);
         unsafe {
             let v = _mm512_fmadd_ps(
                 a,

@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx512::{reduce16, tile_sums};
+use super::avx512::{lane_sums, lanes, tile_sums};
 use super::{job_size, OutPtr, Part, TaskSplit, ThreadPool, WeightData, MIN_PARALLEL_WORK};
 
 /// Proof that the CPU supports AVX-512 F, BW, VL and BF16.
@@ -149,12 +149,8 @@ impl Product<'_> {
                         None => unsafe { dot_row::<false>(x, x, row, cols) },
                     };
                 }
-                let mut sums = [0.0f32; 16];
-                // SAFETY: `sums` has room for 16 floats.
-                unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&v)) };
-                for i in 0..n {
-                    // reduce16 leaves the sum of v[4a + b] in lane 4b + a.
-                    let value = sums[4 * (i % 4) + i / 4];
+                let sums = lane_sums(&v);
+                for (i, &value) in sums.iter().enumerate().take(n) {
                     assert!(r + i < out.len);
                     // SAFETY: in bounds; this task alone writes rows r0..r1.
                     unsafe { *out.ptr.add(r + i) = value };
@@ -344,11 +340,7 @@ unsafe fn round_to_bf16(src: &[f32], dst: &mut [u16], lo: Option<&mut [u16]>) {
     let l = lo.map(|lo| lo.as_mut_ptr());
     let mut i = 0;
     while i < n {
-        let mask = if n - i >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << (n - i)) - 1) as __mmask16
-        };
+        let mask = lanes((n - i).min(16));
         // SAFETY: the masked loads and stores touch only elements i..n.
         unsafe {
             let v = _mm512_maskz_loadu_ps(mask, s.add(i));

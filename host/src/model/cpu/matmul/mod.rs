@@ -21,14 +21,11 @@ mod avx2;
 // declared `rust-version`: this module is what makes the crate need 1.89.
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
-mod avx512;
+pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
 mod bf16dot;
 mod scalar;
-
-#[cfg(target_arch = "x86_64")]
-pub(crate) use avx512::reduce16 as avx512_reduce16;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -216,8 +213,8 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// Whether products with `w` take the bf16 path on this CPU.
-    fn uses_bf16_dot(self, data: &WeightData) -> bool {
+    /// Whether products with `data` take the bf16 path on this CPU.
+    pub fn uses_bf16_dot(self, data: &WeightData) -> bool {
         self != Precision::F32
             && matches!(data, WeightData::Bf16(_))
             && Isa::detect() == Isa::Avx512
