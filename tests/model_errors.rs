@@ -201,3 +201,258 @@ fn sharded_weights_load_like_one_file() {
     let model = Model::load(&dir).expect("sharded model loads");
     assert_eq!(model.config.num_hidden_layers, 5);
 }
+
+// ---- GGUF files ----
+
+use cllm::model::gguf::header::{parse, Header};
+use cllm::model::gguf::metadata::Value;
+use cllm::model::quant::QuantType;
+use cllm::model::weights::DType;
+
+/// A GGUF file's parts, editable: metadata, then tensors as (name, shape outermost first,
+/// GGML type id, data).
+struct GgufParts {
+    version: u32,
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, Vec<usize>, u32, Vec<u8>)>,
+}
+
+fn type_id(dtype: DType) -> u32 {
+    match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::Bf16 => 30,
+        DType::Quant(QuantType::Q4_0) => 2,
+        DType::Quant(QuantType::Q4_1) => 3,
+        DType::Quant(QuantType::Q5_0) => 6,
+        DType::Quant(QuantType::Q5_1) => 7,
+        DType::Quant(QuantType::Q8_0) => 8,
+        DType::Quant(QuantType::Q4K) => 12,
+        DType::Quant(QuantType::Q6K) => 14,
+    }
+}
+
+/// The bundled tiny256 F32 file, taken apart.
+fn tiny256_parts() -> GgufParts {
+    let bytes = std::fs::read(repo_root().join("models/gguf/tiny256-f32.gguf")).expect("fixture");
+    let Header {
+        version,
+        metadata,
+        tensors,
+    } = parse(&bytes).expect("fixture parses");
+    GgufParts {
+        version,
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        tensors: tensors
+            .into_iter()
+            .map(|(name, t)| (name, t.shape, type_id(t.dtype), bytes[t.range].to_vec()))
+            .collect(),
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value, with_type: bool) {
+    let (ty, body): (u32, Vec<u8>) = match v {
+        Value::U8(x) => (0, vec![*x]),
+        Value::I8(x) => (1, vec![*x as u8]),
+        Value::U16(x) => (2, x.to_le_bytes().to_vec()),
+        Value::I16(x) => (3, x.to_le_bytes().to_vec()),
+        Value::U32(x) => (4, x.to_le_bytes().to_vec()),
+        Value::I32(x) => (5, x.to_le_bytes().to_vec()),
+        Value::F32(x) => (6, x.to_le_bytes().to_vec()),
+        Value::Bool(x) => (7, vec![u8::from(*x)]),
+        Value::String(s) => {
+            let mut b = (s.len() as u64).to_le_bytes().to_vec();
+            b.extend_from_slice(s.as_bytes());
+            (8, b)
+        }
+        Value::Array(items) => {
+            let mut b = Vec::new();
+            let mut elem_type = Vec::new();
+            if let Some(first) = items.first() {
+                put_value(&mut elem_type, first, true);
+            }
+            let elem = elem_type
+                .get(..4)
+                .map_or(0, |t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]));
+            b.extend_from_slice(&elem.to_le_bytes());
+            b.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                put_value(&mut b, item, false);
+            }
+            (9, b)
+        }
+        Value::U64(x) => (10, x.to_le_bytes().to_vec()),
+        Value::I64(x) => (11, x.to_le_bytes().to_vec()),
+        Value::F64(x) => (12, x.to_le_bytes().to_vec()),
+    };
+    if with_type {
+        out.extend_from_slice(&ty.to_le_bytes());
+    }
+    out.extend_from_slice(&body);
+}
+
+fn write_gguf(parts: &GgufParts) -> Vec<u8> {
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&parts.version.to_le_bytes());
+    out.extend_from_slice(&(parts.tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(parts.metadata.len() as u64).to_le_bytes());
+    for (key, value) in &parts.metadata {
+        string(&mut out, key);
+        put_value(&mut out, value, true);
+    }
+    let mut offset = 0u64;
+    for (name, shape, ty, data) in &parts.tensors {
+        string(&mut out, name);
+        out.extend_from_slice(&(shape.len() as u32).to_le_bytes());
+        for &d in shape.iter().rev() {
+            out.extend_from_slice(&(d as u64).to_le_bytes());
+        }
+        out.extend_from_slice(&ty.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset += (data.len() as u64).next_multiple_of(32);
+    }
+    out.resize(out.len().next_multiple_of(32), 0);
+    for (_, _, _, data) in &parts.tensors {
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(32), 0);
+    }
+    out
+}
+
+/// Writes `bytes` as a `.gguf` file in a temporary folder and returns its load error.
+fn gguf_error(bytes: &[u8]) -> (String, String) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("broken.gguf");
+    std::fs::write(&path, bytes).expect("write");
+    (load_error(&path), path.display().to_string())
+}
+
+#[test]
+fn rewritten_gguf_still_loads() {
+    // The writer below is faithful: an unedited round trip loads and tokenizes.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("same.gguf");
+    std::fs::write(&path, write_gguf(&tiny256_parts())).expect("write");
+    let model = Model::load(&path).expect("round trip loads");
+    assert_eq!(model.config.num_hidden_layers, 2);
+    assert_eq!(
+        model.tokenizer.encode("Once upon", true).expect("encodes")[0],
+        1
+    );
+}
+
+#[test]
+fn gguf_bad_magic() {
+    let mut bytes = write_gguf(&tiny256_parts());
+    bytes[..4].copy_from_slice(b"GGML");
+    let (message, path) = gguf_error(&bytes);
+    assert_mentions(&message, &[&path, "bad magic", "not a GGUF file"]);
+}
+
+#[test]
+fn gguf_unsupported_version() {
+    let mut parts = tiny256_parts();
+    parts.version = 1;
+    let (message, path) = gguf_error(&write_gguf(&parts));
+    assert_mentions(
+        &message,
+        &[&path, "unsupported GGUF version 1", "supported: 2, 3"],
+    );
+}
+
+#[test]
+fn gguf_truncated_metadata() {
+    let bytes = write_gguf(&tiny256_parts());
+    // Inside the metadata: the vocabulary arrays are long.
+    let (message, path) = gguf_error(&bytes[..2000]);
+    assert_mentions(&message, &[&path, "metadata key", "truncated"]);
+}
+
+#[test]
+fn gguf_tensor_data_past_the_end() {
+    let parts = tiny256_parts();
+    let last = parts.tensors.last().expect("tensors").0.clone();
+    let bytes = write_gguf(&parts);
+    let (message, path) = gguf_error(&bytes[..bytes.len() - 100]);
+    assert_mentions(
+        &message,
+        &[&path, &format!("tensor {last}"), "past the end of the file"],
+    );
+}
+
+#[test]
+fn gguf_unknown_tensor_type() {
+    let mut parts = tiny256_parts();
+    let t = &mut parts.tensors[3];
+    t.2 = 10; // Q2_K
+    let name = t.0.clone();
+    let (message, path) = gguf_error(&write_gguf(&parts));
+    assert_mentions(
+        &message,
+        &[
+            &path,
+            &format!("tensor {name}"),
+            "unsupported tensor type Q2_K",
+            "Q4_K",
+        ],
+    );
+    let mut parts = tiny256_parts();
+    parts.tensors[0].2 = 99;
+    let (message, _) = gguf_error(&write_gguf(&parts));
+    assert_mentions(&message, &["unknown type id 99"]);
+}
+
+#[test]
+fn gguf_missing_tensor() {
+    let mut parts = tiny256_parts();
+    parts.tensors.retain(|t| t.0 != "blk.1.ffn_up.weight");
+    let (message, path) = gguf_error(&write_gguf(&parts));
+    assert_mentions(&message, &[&path, "missing tensor blk.1.ffn_up.weight"]);
+}
+
+#[test]
+fn gguf_unknown_architecture() {
+    let mut parts = tiny256_parts();
+    for (key, value) in &mut parts.metadata {
+        if key == "general.architecture" {
+            *value = Value::String("gpt2".into());
+        }
+    }
+    let (message, path) = gguf_error(&write_gguf(&parts));
+    assert_mentions(
+        &message,
+        &[&path, "unsupported architecture \"gpt2\"", "llama"],
+    );
+}
+
+#[test]
+fn gguf_wrong_metadata_type_and_missing_key() {
+    let mut parts = tiny256_parts();
+    for (key, value) in &mut parts.metadata {
+        if key == "llama.block_count" {
+            *value = Value::String("two".into());
+        }
+    }
+    let (message, _) = gguf_error(&write_gguf(&parts));
+    assert_mentions(
+        &message,
+        &[
+            "llama.block_count",
+            "expected a non-negative integer",
+            "string",
+        ],
+    );
+    let mut parts = tiny256_parts();
+    parts
+        .metadata
+        .retain(|(k, _)| k != "llama.embedding_length");
+    let (message, _) = gguf_error(&write_gguf(&parts));
+    assert_mentions(&message, &["llama.embedding_length is missing"]);
+}

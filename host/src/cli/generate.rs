@@ -14,9 +14,13 @@ use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face model folder (config.json, *.safetensors, tokenizer.json), GGUF file, or
+    /// folder holding one GGUF file.
     #[arg(long)]
     model: PathBuf,
+    /// Folder with tokenizer.json used instead of the model's own tokenizer.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// 0 means greedy decoding.
@@ -62,7 +66,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.repetition_penalty.is_nan() || args.repetition_penalty <= 0.0 {
         anyhow::bail!("--repetition-penalty must be > 0");
     }
-    let model = Model::load(&args.model)?;
+    let model = Model::load_with_tokenizer(&args.model, args.tokenizer.as_deref())?;
     let input_ids = model
         .tokenizer
         .encode(&args.prompt, true)

@@ -6,9 +6,14 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Hugging Face model folder (overrides model.path).
+    /// Hugging Face model folder, GGUF file, or folder holding one GGUF file (overrides
+    /// model.path).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Folder with tokenizer.json used instead of the model's own tokenizer (overrides
+    /// model.tokenizer).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// YAML config file (see cllm.example.yaml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -51,6 +56,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(model) = args.model {
         config.model.path = Some(model);
+    }
+    if let Some(dir) = args.tokenizer {
+        config.model.tokenizer = Some(dir);
     }
     if let Some(dir) = args.plugins_dir {
         config.plugins.dir = Some(dir);

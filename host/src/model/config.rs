@@ -27,6 +27,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// Each frequency divided by its own factor (`head_dim / 2` of them), as GGUF files of
+    /// llama 3.1-style models store the scaling (`rope_freqs.weight`).
+    FreqFactors(Vec<f32>),
 }
 
 /// Everything the executor needs to know about the model's shape.

@@ -41,6 +41,8 @@ pub enum ModelError {
         dtype: String,
         model_dtype: String,
     },
+    #[error("{path}: GGUF: {message}")]
+    Gguf { path: PathBuf, message: String },
     #[error("{path}: cannot load tokenizer: {message}")]
     Tokenizer { path: PathBuf, message: String },
 }

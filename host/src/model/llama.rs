@@ -2,7 +2,7 @@
 
 use super::config::ModelConfig;
 use super::error::Result;
-use super::weights::{DType, SafetensorsStore, Tensor};
+use super::weights::{DType, Tensor, TensorSource};
 
 /// A linear layer: `[out, in]` weight and an optional bias (widened to f32).
 pub struct Linear {
@@ -34,7 +34,7 @@ pub struct ModelWeights {
 
 impl ModelWeights {
     /// Loads and shape-checks every tensor the config calls for.
-    pub fn load(store: &SafetensorsStore, config: &ModelConfig) -> Result<Self> {
+    pub fn load(store: &dyn TensorSource, config: &ModelConfig) -> Result<Self> {
         let h = config.hidden_size;
         let vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             Ok(store.tensor(name, &[len])?.to_f32_vec())
@@ -90,9 +90,12 @@ impl ModelWeights {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// The dtype the large matrices are stored in.
+    /// The dtype most weights are stored in (the first layer's gate projection's; GGUF files
+    /// may keep the embedding and a few matrices in other types).
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype
+        self.layers
+            .first()
+            .map_or(self.embed_tokens.dtype, |l| l.gate_proj.weight.dtype)
     }
 
     /// Bytes of weights read for one decode step (every matrix once).

@@ -17,14 +17,19 @@ impl Rope {
                 (1.0 / base.powf(exponent as f64)) as f32
             })
             .collect();
-        match config.rope_scaling {
+        match &config.rope_scaling {
             RopeScaling::None => {}
-            RopeScaling::Linear { factor } => {
+            RopeScaling::FreqFactors(factors) => {
+                for (f, &factor) in inv_freq.iter_mut().zip(factors) {
+                    *f /= factor;
+                }
+            }
+            &RopeScaling::Linear { factor } => {
                 for f in &mut inv_freq {
                     *f = (*f as f64 / factor) as f32;
                 }
             }
-            RopeScaling::Llama3 {
+            &RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,

@@ -69,6 +69,24 @@ impl ModelTokenizer {
             Some(text) => Some(text),
             None => config.chat_template.as_ref().and_then(template_of),
         };
+        Ok(Self::from_parts(
+            inner,
+            path,
+            config.bos_token.map(SpecialToken::into_text),
+            config.eos_token.map(SpecialToken::into_text),
+            chat_template,
+        ))
+    }
+
+    /// A tokenizer built elsewhere (from a GGUF file's vocabulary); `path` names its source
+    /// in errors.
+    pub fn from_parts(
+        inner: tokenizers::Tokenizer,
+        path: PathBuf,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        chat_template: Option<String>,
+    ) -> Self {
         let special_ids = inner
             .get_added_tokens_decoder()
             .into_iter()
@@ -78,15 +96,23 @@ impl ModelTokenizer {
             .get_decoder()
             .and_then(|d| serde_json::to_string(d).ok())
             .is_some_and(|json| json.contains("\"ByteLevel\""));
-        Ok(ModelTokenizer {
+        ModelTokenizer {
             inner,
             path,
             special_ids,
             byte_level,
-            bos_token: config.bos_token.map(SpecialToken::into_text),
-            eos_token: config.eos_token.map(SpecialToken::into_text),
+            bos_token,
+            eos_token,
             chat_template,
-        })
+        }
+    }
+
+    /// The same tokenizer with `template` as its chat template when it has none.
+    pub fn with_fallback_template(mut self, template: Option<String>) -> Self {
+        if self.chat_template.is_none() {
+            self.chat_template = template;
+        }
+        self
     }
 
     fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {

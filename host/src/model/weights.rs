@@ -1,8 +1,10 @@
-//! Tensors from `*.safetensors` files, memory-mapped and kept in their stored dtype.
+//! Weight tensors in their stored dtype, and the `*.safetensors` files they come from
+//! (memory-mapped). GGUF files are read by [`super::gguf`].
 
 use super::cpu::matmul::{Matrix, WeightData};
 use super::error::{read_json, ModelError, Result};
 use super::huge_buffer::HugeBuffer;
+use super::quant::QuantType;
 use memmap2::Mmap;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -15,13 +17,26 @@ pub enum DType {
     F32,
     F16,
     Bf16,
+    /// GGML block quantization (GGUF files).
+    Quant(QuantType),
 }
 
 impl DType {
-    pub fn size(self) -> usize {
+    /// Bytes of `elems` elements (for a quantized type, a multiple of its block).
+    pub fn bytes_for(self, elems: usize) -> usize {
+        match self {
+            DType::F32 => 4 * elems,
+            DType::F16 | DType::Bf16 => 2 * elems,
+            DType::Quant(qt) => qt.bytes_for(elems),
+        }
+    }
+
+    /// The alignment the in-memory element type needs.
+    fn align(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::Bf16 => 2,
+            DType::Quant(_) => 1,
         }
     }
 
@@ -30,6 +45,7 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::Bf16 => "bf16",
+            DType::Quant(qt) => qt.name(),
         }
     }
 
@@ -38,7 +54,10 @@ impl DType {
             "f32" | "float32" => Some(DType::F32),
             "f16" | "float16" => Some(DType::F16),
             "bf16" | "bfloat16" => Some(DType::Bf16),
-            _ => None,
+            other => QuantType::ALL
+                .into_iter()
+                .find(|qt| qt.name().eq_ignore_ascii_case(other))
+                .map(DType::Quant),
         }
     }
 }
@@ -55,6 +74,8 @@ enum Storage {
     Half(Vec<u16>),
     /// bf16 or f16 bits in huge pages (large generated tensors).
     HalfHuge(HugeBuffer<u16>),
+    /// Quantized blocks (rows reordered at load, see `Tensor::with_rows_permuted`).
+    Blocks(Vec<u8>),
 }
 
 /// One weight tensor in its stored dtype.
@@ -86,6 +107,16 @@ impl Tensor {
         }
     }
 
+    /// A quantized tensor owning its blocks (`shape`'s rows a multiple of the block).
+    pub fn from_blocks(qt: QuantType, shape: Vec<usize>, bytes: Vec<u8>) -> Tensor {
+        debug_assert_eq!(qt.bytes_for(shape.iter().product()), bytes.len());
+        Tensor {
+            dtype: DType::Quant(qt),
+            shape,
+            storage: Storage::Blocks(bytes),
+        }
+    }
+
     /// A bf16 or f16 tensor in huge pages, element `i` = `fill(i)` (see [`HugeBuffer`]).
     pub fn half_in_huge_pages(
         dtype: DType,
@@ -113,7 +144,60 @@ impl Tensor {
     }
 
     pub fn size_bytes(&self) -> usize {
-        self.len() * self.dtype.size()
+        self.dtype.bytes_for(self.len())
+    }
+
+    /// A tensor whose storage is `map[range]`, read in place when aligned for `dtype`.
+    pub(crate) fn mapped(
+        map: &Arc<Mmap>,
+        range: Range<usize>,
+        dtype: DType,
+        shape: Vec<usize>,
+    ) -> Tensor {
+        open_tensor(
+            map,
+            &TensorEntry {
+                file: 0,
+                dtype,
+                shape,
+                range,
+            },
+        )
+    }
+
+    /// This `[rows, cols]` tensor with its rows reordered: row `i` of the result is row
+    /// `from[i]` of `self` (a copy; rows are whole blocks for quantized types).
+    pub(crate) fn with_rows_permuted(&self, from: &[usize]) -> Tensor {
+        let rows = self.shape[0];
+        assert_eq!(from.len(), rows);
+        let row_bytes = self.size_bytes() / rows.max(1);
+        let bytes: &[u8] = match self.data() {
+            WeightData::F32(d) => bytemuck::cast_slice(d),
+            WeightData::Bf16(d) | WeightData::F16(d) => bytemuck::cast_slice(d),
+            WeightData::Quant(_, d) => d,
+        };
+        let mut out = Vec::with_capacity(bytes.len());
+        for &r in from {
+            out.extend_from_slice(&bytes[r * row_bytes..][..row_bytes]);
+        }
+        let storage = match self.dtype {
+            DType::F32 => Storage::F32(
+                out.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            DType::F16 | DType::Bf16 => Storage::Half(
+                out.chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            DType::Quant(_) => Storage::Blocks(out),
+        };
+        Tensor {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            storage,
+        }
     }
 
     /// The elements in their stored dtype.
@@ -122,14 +206,23 @@ impl Tensor {
             Storage::F32(v) => WeightData::F32(v),
             Storage::Half(v) => self.half(v),
             Storage::HalfHuge(v) => self.half(v),
+            Storage::Blocks(v) => self.blocks(v),
             Storage::Mapped { map, range } => {
                 let bytes = &map[range.clone()];
                 // Alignment was checked when the tensor was opened (see `open_tensor`).
                 match self.dtype {
                     DType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
-                    _ => self.half(bytemuck::cast_slice(bytes)),
+                    DType::Quant(_) => self.blocks(bytes),
+                    DType::F16 | DType::Bf16 => self.half(bytemuck::cast_slice(bytes)),
                 }
             }
+        }
+    }
+
+    fn blocks<'a>(&self, bytes: &'a [u8]) -> WeightData<'a> {
+        match self.dtype {
+            DType::Quant(qt) => WeightData::Quant(qt, bytes),
+            _ => unreachable!("block storage holds quantized tensors only"),
         }
     }
 
@@ -180,6 +273,23 @@ pub struct SafetensorsStore {
 #[derive(serde::Deserialize)]
 struct ShardIndex {
     weight_map: HashMap<String, String>,
+}
+
+/// Where a model's tensors come from, by their Hugging Face names.
+pub trait TensorSource {
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor `name`, checked to have `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+}
+
+impl TensorSource for SafetensorsStore {
+    fn contains(&self, name: &str) -> bool {
+        SafetensorsStore::contains(self, name)
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        SafetensorsStore::tensor(self, name, shape)
+    }
 }
 
 impl SafetensorsStore {
@@ -284,12 +394,14 @@ impl SafetensorsStore {
 /// Wraps a mapped byte range, copying it only when the file leaves it misaligned for its dtype.
 fn open_tensor(map: &Arc<Mmap>, entry: &TensorEntry) -> Tensor {
     let bytes = &map[entry.range.clone()];
-    let aligned = (bytes.as_ptr() as usize).is_multiple_of(entry.dtype.size());
+    let aligned = (bytes.as_ptr() as usize).is_multiple_of(entry.dtype.align());
     let storage = if aligned {
         Storage::Mapped {
             map: Arc::clone(map),
             range: entry.range.clone(),
         }
+    } else if let DType::Quant(_) = entry.dtype {
+        Storage::Blocks(bytes.to_vec())
     } else if entry.dtype == DType::F32 {
         let values = bytes
             .chunks_exact(4)

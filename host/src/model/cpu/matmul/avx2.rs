@@ -31,6 +31,7 @@ impl Kernels for Avx2 {
                 WeightData::F32(w) => gemm::<F32>(block, w, out),
                 WeightData::Bf16(w) => gemm::<Bf16>(block, w, out),
                 WeightData::F16(w) => gemm::<F16>(block, w, out),
+                WeightData::Quant(..) => unreachable!("quantized weights go through panels"),
             }
         }
     }
@@ -47,6 +48,7 @@ impl Kernels for Avx2 {
                 WeightData::F32(s) => widen::<F32>(&s[..need], stride, n_rows, len, dst),
                 WeightData::Bf16(s) => widen::<Bf16>(&s[..need], stride, n_rows, len, dst),
                 WeightData::F16(s) => widen::<F16>(&s[..need], stride, n_rows, len, dst),
+                WeightData::Quant(..) => super::dequant::widen_quant(src, stride, n_rows, len, dst),
             }
         }
     }

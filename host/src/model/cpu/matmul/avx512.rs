@@ -30,6 +30,7 @@ impl Kernels for Avx512 {
                 WeightData::F32(w) => gemm::<F32>(block, w, out),
                 WeightData::Bf16(w) => gemm::<Bf16>(block, w, out),
                 WeightData::F16(w) => gemm::<F16>(block, w, out),
+                WeightData::Quant(..) => unreachable!("quantized weights go through panels"),
             }
         }
     }
@@ -46,13 +47,14 @@ impl Kernels for Avx512 {
                 WeightData::F32(s) => widen::<F32>(&s[..need], stride, n_rows, len, dst),
                 WeightData::Bf16(s) => widen::<Bf16>(&s[..need], stride, n_rows, len, dst),
                 WeightData::F16(s) => widen::<F16>(&s[..need], stride, n_rows, len, dst),
+                WeightData::Quant(..) => super::dequant::widen_quant(src, stride, n_rows, len, dst),
             }
         }
     }
 }
 
 /// A stored weight dtype and how to widen 16 of its elements into a zmm of f32.
-trait Widen {
+pub(super) trait Widen {
     type Elem: Copy;
     /// How many elements ahead to prefetch each weight row (0: none). Streaming 16-bit
     /// weights from DRAM gains a little from it; f32 streams (and panels in L2) do not.
@@ -63,9 +65,9 @@ trait Widen {
     unsafe fn load_tail(p: *const Self::Elem, mask: __mmask16) -> __m512;
 }
 
-struct F32;
-struct Bf16;
-struct F16;
+pub(super) struct F32;
+pub(super) struct Bf16;
+pub(super) struct F16;
 
 impl Widen for F32 {
     type Elem = f32;
@@ -260,7 +262,11 @@ pub(super) fn tile_sums<const NT: usize, const NR: usize>(acc: &[[__m512; NR]; N
 /// AVX-512 F/BW/VL available; `x[0..len]` and `w[0..len]` readable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn dot_row<W: Widen>(x: *const f32, w: *const W::Elem, len: usize) -> __m512 {
+pub(super) unsafe fn dot_row<X: Widen, W: Widen>(
+    x: *const X::Elem,
+    w: *const W::Elem,
+    len: usize,
+) -> __m512 {
     let mut acc = [_mm512_setzero_ps(); 4];
     let mut k = 0;
     // SAFETY (all loads): k + 64 <= len, k + 16 <= len, or masked to k..len.
@@ -268,21 +274,21 @@ unsafe fn dot_row<W: Widen>(x: *const f32, w: *const W::Elem, len: usize) -> __m
         for (i, acc) in acc.iter_mut().enumerate() {
             let at = k + 16 * i;
             let wv = unsafe { W::load(w.add(at)) };
-            *acc = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(x.add(at)) }, wv, *acc);
+            *acc = _mm512_fmadd_ps(unsafe { X::load(x.add(at)) }, wv, *acc);
         }
         k += 64;
     }
     let mut i = 0;
     while k + 16 <= len {
         let wv = unsafe { W::load(w.add(k)) };
-        acc[i] = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(x.add(k)) }, wv, acc[i]);
+        acc[i] = _mm512_fmadd_ps(unsafe { X::load(x.add(k)) }, wv, acc[i]);
         i = (i + 1) % 4;
         k += 16;
     }
     if k < len {
         let mask = lanes(len - k);
         let wv = unsafe { W::load_tail(w.add(k), mask) };
-        let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add(k)) };
+        let xv = unsafe { X::load_tail(x.add(k), mask) };
         acc[i] = _mm512_fmadd_ps(xv, wv, acc[i]);
     }
     _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
@@ -303,7 +309,7 @@ unsafe fn gemm<W: Widen>(block: &Block, w: &[W::Elem], out: &OutBlock) {
             let mut v = [_mm512_setzero_ps(); 16];
             for (i, v) in v.iter_mut().take(n).enumerate() {
                 // SAFETY: row r0 + i is inside the bounds-checked block.
-                *v = unsafe { dot_row::<W>(x, w.add((r0 + i) * ws), len) };
+                *v = unsafe { dot_row::<F32, W>(x, w.add((r0 + i) * ws), len) };
             }
             let sums = lane_sums(&v);
             for (i, &sum) in sums.iter().enumerate().take(n) {

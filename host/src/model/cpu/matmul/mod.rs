@@ -25,19 +25,29 @@ pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
 mod bf16dot;
+mod dequant;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod dequant_avx512;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod half_input;
 mod scalar;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::pool::ThreadPool;
+use crate::model::quant::QuantType;
 
-/// A weight matrix's elements in their stored dtype (bf16 and f16 as raw bits).
+/// A weight matrix's elements in their stored dtype (bf16 and f16 as raw bits, quantized
+/// types as their blocks; a quantized matrix's rows are whole blocks).
 #[derive(Clone, Copy, Debug)]
 pub enum WeightData<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
     F16(&'a [u16]),
+    Quant(QuantType, &'a [u8]),
 }
 
 impl<'a> WeightData<'a> {
@@ -45,6 +55,7 @@ impl<'a> WeightData<'a> {
         match self {
             WeightData::F32(d) => d.len(),
             WeightData::Bf16(d) | WeightData::F16(d) => d.len(),
+            WeightData::Quant(qt, d) => d.len() / qt.block_bytes() * qt.block_elems(),
         }
     }
 
@@ -54,6 +65,13 @@ impl<'a> WeightData<'a> {
             WeightData::F32(d) => WeightData::F32(&d[start..]),
             WeightData::Bf16(d) => WeightData::Bf16(&d[start..]),
             WeightData::F16(d) => WeightData::F16(&d[start..]),
+            WeightData::Quant(qt, d) => {
+                assert!(
+                    start.is_multiple_of(qt.block_elems()),
+                    "not at a block start"
+                );
+                WeightData::Quant(qt, &d[qt.bytes_for(start)..])
+            }
         }
     }
 }
@@ -74,6 +92,13 @@ impl Matrix<'_> {
             WeightData::F32(d) => d[i],
             WeightData::Bf16(d) => bf16_to_f32(d[i]),
             WeightData::F16(d) => half::f16::from_bits(d[i]).to_f32(),
+            WeightData::Quant(qt, d) => {
+                let be = qt.block_elems();
+                let start = qt.bytes_for(i - i % be);
+                let mut block = [0.0f32; 256];
+                dequant::dequantize(qt, &d[start..][..qt.block_bytes()], &mut block[..be]);
+                block[i % be]
+            }
         }
     }
 
@@ -82,6 +107,9 @@ impl Matrix<'_> {
         assert!(r < self.rows, "row {r} out of range ({} rows)", self.rows);
         assert_eq!(out.len(), self.cols, "output length must equal cols");
         let src = self.data.tail_from(r * self.cols);
+        if let WeightData::Quant(..) = src {
+            return dequant::widen_quant(src, self.cols, 1, self.cols, out);
+        }
         match Isa::detect() {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => widen_with(avx512::Avx512::new(), src, self.cols, out),
@@ -165,11 +193,16 @@ pub enum Numerics {
     /// Weights widened to f32, f32 activations, f32 multiply-adds: reproduces Hugging Face
     /// transformers' float32 computation.
     Exact,
-    /// With bf16 weights on a CPU with AVX512-BF16: the q/k/v, o, gate and up projections
-    /// round their input to bf16 ([`Precision::Bf16`]), the down projection splits its input
-    /// into two bf16 parts ([`Precision::Bf16Split`]), as llama.cpp's bf16 path does with
-    /// one part. The vocabulary projection, attention, norms, f32 and f16 weights and CPUs
-    /// without AVX512-BF16 compute exactly as `Exact`.
+    /// On CPUs with AVX-512, 16-bit activations:
+    /// - bf16 weights, with AVX512-BF16: the q/k/v, o, gate and up projections round their
+    ///   input to bf16 ([`Precision::Bf16`]), as llama.cpp's bf16 path does; the down
+    ///   projection splits its input into two bf16 parts ([`Precision::Bf16Split`]) when
+    ///   several tokens go through it, and rounds it to f16 for one token (decode).
+    /// - f16 weights: every projection of one token rounds its input to f16, as llama.cpp's
+    ///   f16 path does; several tokens compute as `Exact`.
+    ///
+    /// The vocabulary projection, attention, norms, f32 weights and CPUs without AVX-512
+    /// compute exactly as `Exact`.
     #[default]
     Fast,
 }
@@ -213,6 +246,18 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Whether a product of one token with `data` rounds its input to f16 on this CPU
+    /// (f16 weights in any fast precision; bf16 weights with `Bf16Split`).
+    pub fn uses_half_input(self, data: &WeightData) -> bool {
+        let fits = match data {
+            WeightData::F32(_) => false,
+            WeightData::F16(_) => self != Precision::F32,
+            WeightData::Bf16(_) => self == Precision::Bf16Split,
+            WeightData::Quant(..) => false,
+        };
+        fits && Isa::detect() == Isa::Avx512
+    }
+
     /// Whether products with `data` take the bf16 path on this CPU.
     pub fn uses_bf16_dot(self, data: &WeightData) -> bool {
         self != Precision::F32
@@ -238,12 +283,14 @@ pub fn bf16_dot_supported() -> bool {
 /// Reusable buffers for [`matmul`], owned by the caller so the hot loop never allocates.
 ///
 /// One f32 panel per thread; a task locks a free one for its duration. `x_bf16` holds the
-/// activations rounded to bf16 for the bf16 paths, `x_bf16_lo` the remainders for the split one.
+/// activations rounded to bf16 for the bf16 paths, `x_bf16_lo` the remainders for the split one,
+/// `x_f16` the activations rounded to f16 for one-token products that take them so.
 #[derive(Default)]
 pub struct MatmulScratch {
     panels: Vec<Mutex<Vec<f32>>>,
     x_bf16: Vec<u16>,
     x_bf16_lo: Vec<u16>,
+    x_f16: Vec<u16>,
 }
 
 /// One product of a [`matmul_group`]: a weight matrix and where its result goes.
@@ -274,6 +321,23 @@ pub fn matmul_group<'a, 'b>(
         count += 1;
     }
     let specs = &specs[..count];
+    #[cfg(target_arch = "x86_64")]
+    if n_tokens == 1
+        && count > 0
+        && specs
+            .iter()
+            .flatten()
+            .all(|p| precision.uses_half_input(&p.w.data) && p.w.cols > 0)
+    {
+        if let Some(cpu) = avx512::Avx512::new() {
+            let xh = &mut scratch.x_f16;
+            if xh.len() < x.len() {
+                xh.resize(x.len(), 0);
+            }
+            half_input::round(cpu, x, &mut xh[..x.len()]);
+            return half_input::run(cpu, pool, &xh[..x.len()], specs);
+        }
+    }
     let fast = specs
         .iter()
         .flatten()
@@ -504,6 +568,9 @@ const DIRECT_MAX_X: usize = 1 << 16;
 /// panel block stays in L2 and a token tile's block in L1.
 const K_BLOCK: usize = 1024;
 
+/// Most panel rows per task when a few tokens go through quantized weights.
+const QUANT_DECODE_PANEL_ROWS: usize = 16;
+
 /// Panel rows per task in the panel schedule, in micro-kernel row tiles.
 const PANEL_TILES: usize = 16;
 
@@ -615,10 +682,24 @@ impl Product<'_> {
         } else {
             pool.threads()
         };
-        let direct = self.n_tokens <= K::TOKENS || self.n_tokens * cols <= DIRECT_MAX_X;
+        // Quantized weights are always dequantized into panels first.
+        let quant = self
+            .parts
+            .iter()
+            .flatten()
+            .any(|p| matches!(p.w.data, WeightData::Quant(..)));
+        let direct = !quant && (self.n_tokens <= K::TOKENS || self.n_tokens * cols <= DIRECT_MAX_X);
         let (rows_per_task, panel_rows) = if direct {
             let per = (rows.div_ceil(threads * DIRECT_TASKS_PER_THREAD)).next_multiple_of(K::ROWS);
             (per.max(K::ROWS), 0)
+        } else if self.n_tokens <= K::TOKENS {
+            // Decode through quantized weights: small panels (they stay in L1/L2), several
+            // per thread.
+            let per = rows.div_ceil(threads * DIRECT_TASKS_PER_THREAD);
+            let per = per
+                .clamp(K::ROWS, QUANT_DECODE_PANEL_ROWS)
+                .next_multiple_of(K::ROWS);
+            (per, per)
         } else {
             // At least two panels per thread when the matrix allows it, for balance.
             let per = rows.div_ceil(2 * threads).next_multiple_of(K::ROWS);
@@ -711,6 +792,11 @@ impl Product<'_> {
             let src = part.w.data.tail_from(r0 * cols + k0);
             let (w, w_stride) = match src {
                 WeightData::F32(_) => (src, cols),
+                WeightData::Quant(..) => {
+                    let panel = &mut panel[..n_rows * len];
+                    dequant::widen_quant(src, cols, n_rows, len, panel);
+                    (WeightData::F32(panel), len)
+                }
                 WeightData::Bf16(_) | WeightData::F16(_) => {
                     let panel = &mut panel[..n_rows * len];
                     k.widen(src, cols, n_rows, len, panel);
@@ -1011,6 +1097,148 @@ mod tests {
                             "{rows}x{cols} n={n} t={t} r={r}: {got} vs {sum}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_token_half_input_matches_f16_reference() {
+        // Where AVX-512 is present, one token through f16 weights (any fast precision) or bf16
+        // weights (`Bf16Split`) must equal the product of the f16-rounded, range-clamped input
+        // with the weights, summed in f32; elsewhere, and for several tokens, it is not taken.
+        let pool = ThreadPool::new(2);
+        let cases = [
+            (Dtype::F16, Precision::Bf16),
+            (Dtype::F16, Precision::Bf16Split),
+            (Dtype::Bf16, Precision::Bf16Split),
+        ];
+        for &(rows, cols) in &[(5, 16), (13, 33), (64, 172), (203, 1100), (40, 5632)] {
+            for &(dtype, precision) in &cases {
+                let mut rng = Rng(0x77 ^ (rows * 31 + cols * 7) as u64);
+                let w = Weights::random(&mut rng, rows * cols, dtype);
+                let mut x = rng.vec(cols);
+                // Beyond f16's range: clamped to 65504, not infinity.
+                x[cols / 2] = 1.0e6;
+                let m = w.matrix(rows, cols);
+                assert_eq!(
+                    precision.uses_half_input(&m.data),
+                    Isa::detect() == Isa::Avx512
+                );
+                assert!(!Precision::F32.uses_half_input(&m.data));
+                let mut got = vec![f32::NAN; rows];
+                let part = GroupPart {
+                    w: m,
+                    out: &mut got,
+                };
+                matmul_group(
+                    &pool,
+                    precision,
+                    &x,
+                    1,
+                    [part],
+                    &mut MatmulScratch::default(),
+                );
+                if Isa::detect() != Isa::Avx512 {
+                    continue;
+                }
+                for (r, &got) in got.iter().enumerate() {
+                    let (mut sum, mut bound) = (0.0f64, 0.0f64);
+                    for (k, &xk) in x.iter().enumerate() {
+                        let xh = half::f16::from_f32(xk.clamp(-65504.0, 65504.0)).to_f32();
+                        let p = xh as f64 * w.exact[r * cols + k] as f64;
+                        sum += p;
+                        bound += p.abs();
+                    }
+                    assert!(
+                        (got as f64 - sum).abs() <= 1e-5 * bound + 1e-30,
+                        "{dtype:?} {precision:?} {rows}x{cols} r={r}: {got} vs {sum}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `n` random blocks of `qt`: random bytes, with every f16 scale (and min) set to a
+    /// finite value of either sign.
+    fn random_blocks(rng: &mut Rng, qt: QuantType, n: usize) -> Vec<u8> {
+        let bb = qt.block_bytes();
+        let mut bytes: Vec<u8> = (0..n * bb)
+            .map(|_| ((rng.next() + 1.0) * 128.0) as u8)
+            .collect();
+        let scale_at: &[usize] = match qt {
+            QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => &[0],
+            QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K => &[0, 2],
+            QuantType::Q6K => &[208],
+        };
+        for block in bytes.chunks_exact_mut(bb) {
+            for &at in scale_at {
+                let v = half::f16::from_f32(rng.next() * 0.05)
+                    .to_bits()
+                    .to_le_bytes();
+                block[at..at + 2].copy_from_slice(&v);
+            }
+        }
+        bytes
+    }
+
+    #[test]
+    fn simd_dequantization_equals_the_reference() {
+        let mut rng = Rng(0x0dd);
+        for qt in QuantType::ALL {
+            let blocks = random_blocks(&mut rng, qt, 9);
+            let mut want = vec![0.0; 9 * qt.block_elems()];
+            crate::model::quant::dequantize_scalar(qt, &blocks, &mut want);
+            let mut got = vec![f32::NAN; want.len()];
+            dequant::dequantize(qt, &blocks, &mut got);
+            let same = want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{}: {:?} vs {:?}", qt.name(), &got[..8], &want[..8]);
+        }
+    }
+
+    #[test]
+    fn quantized_products_match_dequantized_reference() {
+        // Every type, one token (decode) and several (prefill), against the scalar
+        // dequantization followed by an f64 dot product.
+        let pool = ThreadPool::new(2);
+        for qt in QuantType::ALL {
+            for &(rows, cols) in &[(5, 256), (37, 512), (20, 1280)] {
+                for n in [1, 2, 5, 33] {
+                    let mut rng = Rng(0x9e ^ (rows * 31 + cols * 7 + n) as u64);
+                    let blocks = random_blocks(&mut rng, qt, rows * cols / qt.block_elems());
+                    let mut exact = vec![0.0; rows * cols];
+                    crate::model::quant::dequantize_scalar(qt, &blocks, &mut exact);
+                    let x = rng.vec(n * cols);
+                    let m = Matrix {
+                        data: WeightData::Quant(qt, &blocks),
+                        rows,
+                        cols,
+                    };
+                    let mut out = vec![f32::NAN; n * rows];
+                    matmul(&pool, &x, n, &m, &mut out, &mut MatmulScratch::default());
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let (mut sum, mut bound) = (0.0f64, 0.0f64);
+                            for k in 0..cols {
+                                let p = x[t * cols + k] as f64 * exact[r * cols + k] as f64;
+                                sum += p;
+                                bound += p.abs();
+                            }
+                            let got = out[t * rows + r] as f64;
+                            assert!(
+                                (got - sum).abs() <= 1e-5 * bound + 1e-30,
+                                "{} {rows}x{cols} n={n} t={t} r={r}: {got} vs {sum}",
+                                qt.name()
+                            );
+                        }
+                    }
+                    let mut row = vec![0.0; cols];
+                    m.row_to_f32(rows - 1, &mut row);
+                    assert_eq!(row, exact[(rows - 1) * cols..]);
+                    assert_eq!(m.get(1, cols - 3), exact[cols + cols - 3]);
                 }
             }
         }

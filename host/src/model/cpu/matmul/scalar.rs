@@ -24,6 +24,7 @@ impl Kernels for Scalar {
                     WeightData::F32(w) => dot_widened(x, &w[start..][..len], |v| v),
                     WeightData::Bf16(w) => dot_widened(x, &w[start..][..len], bf16_to_f32),
                     WeightData::F16(w) => dot_widened(x, &w[start..][..len], f16_to_f32),
+                    WeightData::Quant(..) => unreachable!("quantized weights go through panels"),
                 };
                 out.put(t, r, sum);
             }
@@ -31,6 +32,9 @@ impl Kernels for Scalar {
     }
 
     fn widen(self, src: WeightData, stride: usize, n_rows: usize, len: usize, dst: &mut [f32]) {
+        if let WeightData::Quant(..) = src {
+            return super::dequant::widen_quant(src, stride, n_rows, len, dst);
+        }
         for r in 0..n_rows {
             let d = &mut dst[r * len..][..len];
             let start = r * stride;
@@ -38,6 +42,7 @@ impl Kernels for Scalar {
                 WeightData::F32(s) => d.copy_from_slice(&s[start..][..len]),
                 WeightData::Bf16(s) => widen_into(d, &s[start..][..len], bf16_to_f32),
                 WeightData::F16(s) => widen_into(d, &s[start..][..len], f16_to_f32),
+                WeightData::Quant(..) => {}
             }
         }
     }
