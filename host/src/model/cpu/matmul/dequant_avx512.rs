@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::avx512::Avx512;
-use crate::model::quant::{f16_at, q4k_scale_min, QuantType};
+use crate::model::quant::{q4k_scale_min, QuantType};
 
 /// Dequantizes whole blocks (`out.len()` = blocks × block elements).
 pub(super) fn dequantize(_cpu: Avx512, qt: QuantType, blocks: &[u8], out: &mut [f32]) {
@@ -27,6 +27,15 @@ pub(super) fn dequantize(_cpu: Avx512, qt: QuantType, blocks: &[u8], out: &mut [
             }
         }
     }
+}
+
+/// The f16 stored little-endian at `b[0..2]`, converted by the hardware (`half`'s portable
+/// conversion costs more than dequantizing the rest of a 32-element block).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn f16_at(b: &[u8]) -> f32 {
+    let bits = u16::from_le_bytes([b[0], b[1]]);
+    _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16(bits as i16)))
 }
 
 /// 16 bytes at `p` as 16 unsigned i32 lanes.
@@ -80,7 +89,11 @@ unsafe fn q4_5(b: &[u8], y: &mut [f32], m: Option<f32>, five: bool) {
         .into_iter()
         .enumerate()
     {
-        let q = _mm512_or_si512(q, _mm512_maskz_mov_epi32(bits, sixteen));
+        let q = if five {
+            _mm512_or_si512(q, _mm512_maskz_mov_epi32(bits, sixteen))
+        } else {
+            q
+        };
         let v = match m {
             Some(m) => _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d), _mm512_set1_ps(m)),
             None => _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, centre)), d),
@@ -167,5 +180,142 @@ unsafe fn q6_k(b: &[u8], y: &mut [f32]) {
                 unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(128 * half + 32 * k + l), v) };
             }
         }
+    }
+}
+
+/// One quantized type's block, for the kernels generic over it.
+trait Block {
+    const ELEMS: usize;
+    const BYTES: usize;
+    /// # Safety
+    /// AVX-512 F/BW/VL; `b` one block, `y` `ELEMS` floats.
+    unsafe fn dequant(b: &[u8], y: &mut [f32]);
+}
+
+macro_rules! block_type {
+    ($name:ident, $elems:expr, $bytes:expr, |$b:ident, $y:ident| $body:expr) => {
+        struct $name;
+        impl Block for $name {
+            const ELEMS: usize = $elems;
+            const BYTES: usize = $bytes;
+            #[inline]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            unsafe fn dequant($b: &[u8], $y: &mut [f32]) {
+                // SAFETY: as the trait requires.
+                unsafe { $body }
+            }
+        }
+    };
+}
+
+block_type!(BQ8_0, 32, 34, |b, y| q8_0(b, y));
+block_type!(BQ4_0, 32, 18, |b, y| q4_5(b, y, None, false));
+block_type!(BQ4_1, 32, 20, |b, y| q4_5(
+    b,
+    y,
+    Some(f16_at(&b[2..])),
+    false
+));
+block_type!(BQ5_0, 32, 22, |b, y| q4_5(b, y, None, true));
+block_type!(BQ5_1, 32, 24, |b, y| q4_5(
+    b,
+    y,
+    Some(f16_at(&b[2..])),
+    true
+));
+block_type!(BQ4K, 256, 144, |b, y| q4_k(b, y));
+block_type!(BQ6K, 256, 210, |b, y| q6_k(b, y));
+
+/// Most tokens [`few_tokens`] takes at once.
+pub(super) const FEW_TOKENS: usize = 4;
+
+/// `out[t * out_rows + r] = sum_k x[t * cols + k] * w[r, k]` for rows `r0..r1` and tokens
+/// `t < n` (at most [`FEW_TOKENS`]): each block is dequantized into a buffer that stays in L1
+/// and multiplied with every token at once, rows in memory order (one sequential stream), and
+/// sixteen rows' sums reduced together. For decode, where the panel schedule's bookkeeping
+/// costs more than the arithmetic.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn few_tokens(
+    _cpu: Avx512,
+    qt: QuantType,
+    w: &[u8],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    rows: std::ops::Range<usize>,
+    out: super::OutPtr,
+    out_rows: usize,
+) {
+    assert!(n <= FEW_TOKENS && x.len() >= n * cols);
+    assert!(w.len() >= qt.bytes_for(rows.end * cols));
+    assert!(n == 0 || (n - 1) * out_rows + rows.end <= out.len);
+    // SAFETY: the token proves CPU support; the reads and writes are in bounds (checked).
+    unsafe {
+        match qt {
+            QuantType::Q8_0 => few::<BQ8_0>(w, cols, x, n, rows, out, out_rows),
+            QuantType::Q4_0 => few::<BQ4_0>(w, cols, x, n, rows, out, out_rows),
+            QuantType::Q4_1 => few::<BQ4_1>(w, cols, x, n, rows, out, out_rows),
+            QuantType::Q5_0 => few::<BQ5_0>(w, cols, x, n, rows, out, out_rows),
+            QuantType::Q5_1 => few::<BQ5_1>(w, cols, x, n, rows, out, out_rows),
+            QuantType::Q4K => few::<BQ4K>(w, cols, x, n, rows, out, out_rows),
+            QuantType::Q6K => few::<BQ6K>(w, cols, x, n, rows, out, out_rows),
+        }
+    }
+}
+
+/// # Safety
+/// As [`few_tokens`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::needless_range_loop)] // index loops over the per-token accumulators
+unsafe fn few<B: Block>(
+    w: &[u8],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    rows: std::ops::Range<usize>,
+    out: super::OutPtr,
+    out_rows: usize,
+) {
+    let row_bytes = cols / B::ELEMS * B::BYTES;
+    let mut buf = [0.0f32; 256];
+    let mut r = rows.start;
+    while r < rows.end {
+        let g = (rows.end - r).min(16);
+        let mut v = [[_mm512_setzero_ps(); 16]; FEW_TOKENS];
+        for i in 0..g {
+            let row = &w[(r + i) * row_bytes..][..row_bytes];
+            // Four accumulators per token, so the multiply-adds' latency never limits.
+            let mut acc = [[_mm512_setzero_ps(); 4]; FEW_TOKENS];
+            for (b, block) in row.chunks_exact(B::BYTES).enumerate() {
+                // SAFETY: one whole block into the buffer's first ELEMS floats.
+                unsafe { B::dequant(block, &mut buf[..B::ELEMS]) };
+                let k0 = b * B::ELEMS;
+                for t in 0..n {
+                    let xt = &x[t * cols + k0..][..B::ELEMS];
+                    for j in 0..B::ELEMS / 16 {
+                        // SAFETY: 16 floats at 16j of both the buffer and this token's slice.
+                        let (xv, wv) = unsafe {
+                            (
+                                _mm512_loadu_ps(xt.as_ptr().add(16 * j)),
+                                _mm512_loadu_ps(buf.as_ptr().add(16 * j)),
+                            )
+                        };
+                        acc[t][j % 4] = _mm512_fmadd_ps(xv, wv, acc[t][j % 4]);
+                    }
+                }
+            }
+            for t in 0..n {
+                let a = &acc[t];
+                v[t][i] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            }
+        }
+        for t in 0..n {
+            for (i, &value) in super::avx512::lane_sums(&v[t]).iter().enumerate().take(g) {
+                // SAFETY: t * out_rows + r + i < out.len (checked by the caller); the caller's
+                // task alone writes these rows.
+                unsafe { *out.ptr.add(t * out_rows + r + i) = value };
+            }
+        }
+        r += g;
     }
 }

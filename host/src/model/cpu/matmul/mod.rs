@@ -568,9 +568,6 @@ const DIRECT_MAX_X: usize = 1 << 16;
 /// panel block stays in L2 and a token tile's block in L1.
 const K_BLOCK: usize = 1024;
 
-/// Most panel rows per task when a few tokens go through quantized weights.
-const QUANT_DECODE_PANEL_ROWS: usize = 16;
-
 /// Panel rows per task in the panel schedule, in micro-kernel row tiles.
 const PANEL_TILES: usize = 16;
 
@@ -688,18 +685,20 @@ impl Product<'_> {
             .iter()
             .flatten()
             .any(|p| matches!(p.w.data, WeightData::Quant(..)));
-        let direct = !quant && (self.n_tokens <= K::TOKENS || self.n_tokens * cols <= DIRECT_MAX_X);
+        // A few tokens through quantized weights: dequantized block by block in registers
+        // and L1 where the CPU has AVX-512 (`dequant_avx512::few_tokens`).
+        #[cfg(target_arch = "x86_64")]
+        let few_quant = quant
+            && self.n_tokens <= dequant_avx512::FEW_TOKENS
+            && Isa::detect() == Isa::Avx512
+            && avx512::Avx512::new().is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let few_quant = false;
+        let direct = few_quant
+            || (!quant && (self.n_tokens <= K::TOKENS || self.n_tokens * cols <= DIRECT_MAX_X));
         let (rows_per_task, panel_rows) = if direct {
             let per = (rows.div_ceil(threads * DIRECT_TASKS_PER_THREAD)).next_multiple_of(K::ROWS);
             (per.max(K::ROWS), 0)
-        } else if self.n_tokens <= K::TOKENS {
-            // Decode through quantized weights: small panels (they stay in L1/L2), several
-            // per thread.
-            let per = rows.div_ceil(threads * DIRECT_TASKS_PER_THREAD);
-            let per = per
-                .clamp(K::ROWS, QUANT_DECODE_PANEL_ROWS)
-                .next_multiple_of(K::ROWS);
-            (per, per)
         } else {
             // At least two panels per thread when the matrix allows it, for balance.
             let per = rows.div_ceil(2 * threads).next_multiple_of(K::ROWS);
@@ -735,6 +734,26 @@ impl Product<'_> {
                 return;
             };
             let r1 = (r0 + rows_per_task).min(part.w.rows);
+            #[cfg(target_arch = "x86_64")]
+            if few_quant {
+                if let (Some(cpu), WeightData::Quant(qt, w)) = (avx512::Avx512::new(), part.w.data)
+                {
+                    let rows = r0..r1;
+                    let x = self.x;
+                    let (n, cols) = (self.n_tokens, part.w.cols);
+                    return dequant_avx512::few_tokens(
+                        cpu,
+                        qt,
+                        w,
+                        cols,
+                        x,
+                        n,
+                        rows,
+                        part.out,
+                        part.w.rows,
+                    );
+                }
+            }
             if direct {
                 self.direct(k, part, r0, r1);
             } else if widen {
