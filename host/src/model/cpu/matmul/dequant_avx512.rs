@@ -1,6 +1,8 @@
-//! AVX-512 dequantization of GGML blocks to f32 (the layouts are in `model::quant`). Every
-//! value is computed with the same operations, in the same order, as the portable reference
-//! (`quant::dequantize_scalar`), so the two agree bit for bit.
+//! AVX-512 dequantization of GGML blocks to f32 (the layouts are in `model::quant`), and the
+//! few-token products that multiply the dequantized vectors straight away. Every value equals
+//! the portable reference's (`quant::dequantize_scalar`): the same operations in the same
+//! order, or a fused multiply-add whose one rounding is of the same exact value (a zero may
+//! come out with the other sign).
 
 use std::arch::x86_64::*;
 
@@ -15,6 +17,7 @@ pub(super) fn dequantize(_cpu: Avx512, qt: QuantType, blocks: &[u8], out: &mut [
     for (b, y) in blocks.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
         // SAFETY: the token proves CPU support; `b` is one whole block and `y` its
         // `be` outputs (the chunk sizes guarantee both).
+        let y = &mut Store(y);
         unsafe {
             match qt {
                 QuantType::Q8_0 => q8_0(b, y),
@@ -38,6 +41,56 @@ fn f16_at(b: &[u8]) -> f32 {
     _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16(bits as i16)))
 }
 
+/// Where a block's dequantized vectors go: `put(i, v)` receives elements `i..i + 16`.
+trait Sink {
+    /// # Safety
+    /// AVX-512 F/BW/VL; `i + 16` at most the block's element count.
+    unsafe fn put(&mut self, i: usize, v: __m512);
+}
+
+/// Stores the elements into a slice of the block's length.
+struct Store<'a>(&'a mut [f32]);
+
+impl Sink for Store<'_> {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn put(&mut self, i: usize, v: __m512) {
+        assert!(i + 16 <= self.0.len());
+        // SAFETY: in bounds (checked).
+        unsafe { _mm512_storeu_ps(self.0.as_mut_ptr().add(i), v) }
+    }
+}
+
+/// Multiplies the elements with up to [`FEW_TOKENS`] tokens' activations at once: token `t`'s
+/// block of activations starts at `x + t * stride`; four accumulators per token.
+struct Dot<'a> {
+    x: *const f32,
+    stride: usize,
+    n: usize,
+    acc: &'a mut [[__m512; 4]; FEW_TOKENS],
+}
+
+impl Sink for Dot<'_> {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn put(&mut self, i: usize, v: __m512) {
+        let a = (i / 16) % 4;
+        for t in 0..self.n {
+            // SAFETY: the caller made `x + t * stride` the start of token t's activations
+            // for this block, which has at least i + 16 elements.
+            let xv = unsafe { _mm512_loadu_ps(self.x.add(t * self.stride + i)) };
+            self.acc[t][a] = _mm512_fmadd_ps(xv, v, self.acc[t][a]);
+        }
+    }
+}
+
+/// [`f16_at`] in every lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn f16_splat(b: &[u8]) -> __m512 {
+    _mm512_cvtph_ps(_mm256_set1_epi16(u16::from_le_bytes([b[0], b[1]]) as i16))
+}
+
 /// 16 bytes at `p` as 16 unsigned i32 lanes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -49,16 +102,13 @@ unsafe fn u8x16(p: *const u8) -> __m512i {
 /// # Safety
 /// AVX-512 F/BW/VL; `b` one Q8_0 block, `y` 32 floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn q8_0(b: &[u8], y: &mut [f32]) {
-    let d = _mm512_set1_ps(f16_at(b));
+unsafe fn q8_0(b: &[u8], y: &mut impl Sink) {
+    let d = f16_splat(b);
     for h in 0..2 {
         // SAFETY: bytes 2 + 16h .. 18 + 16h and floats 16h .. 16h + 16 are in the block.
         unsafe {
             let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.as_ptr().add(2 + 16 * h).cast()));
-            _mm512_storeu_ps(
-                y.as_mut_ptr().add(16 * h),
-                _mm512_mul_ps(d, _mm512_cvtepi32_ps(q)),
-            );
+            y.put(16 * h, _mm512_mul_ps(d, _mm512_cvtepi32_ps(q)));
         }
     }
 }
@@ -68,8 +118,8 @@ unsafe fn q8_0(b: &[u8], y: &mut [f32]) {
 /// # Safety
 /// AVX-512 F/BW/VL; `b` one block of that type, `y` 32 floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn q4_5(b: &[u8], y: &mut [f32], m: Option<f32>, five: bool) {
-    let d = _mm512_set1_ps(f16_at(b));
+unsafe fn q4_5(b: &[u8], y: &mut impl Sink, m: Option<f32>, five: bool) {
+    let d = f16_splat(b);
     let rest = if m.is_some() { &b[4..] } else { &b[2..] };
     let (qh, qs) = if five {
         (
@@ -84,29 +134,31 @@ unsafe fn q4_5(b: &[u8], y: &mut [f32], m: Option<f32>, five: bool) {
     let low = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0f));
     let high = _mm512_srli_epi32::<4>(bytes);
     let sixteen = _mm512_set1_epi32(16);
-    let centre = _mm512_set1_epi32(if five { 16 } else { 8 });
+    // (q - c)·d as one fused multiply-add q·d + (-c·d): -c·d is exact (c is a power of two)
+    // and so is q·d - c·d before the one rounding, so the value is the reference's.
+    let offset = _mm512_mul_ps(d, _mm512_set1_ps(if five { -16.0 } else { -8.0 }));
     for (h, (q, bits)) in [(low, qh as u16), (high, (qh >> 16) as u16)]
         .into_iter()
         .enumerate()
     {
         let q = if five {
-            _mm512_or_si512(q, _mm512_maskz_mov_epi32(bits, sixteen))
+            _mm512_mask_add_epi32(q, bits, q, sixteen)
         } else {
             q
         };
         let v = match m {
             Some(m) => _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d), _mm512_set1_ps(m)),
-            None => _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, centre)), d),
+            None => _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, offset),
         };
         // SAFETY: floats 16h .. 16h + 16 of the block's 32.
-        unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(16 * h), v) };
+        unsafe { y.put(16 * h, v) };
     }
 }
 
 /// # Safety
 /// AVX-512 F/BW/VL; `b` one Q4_K block, `y` 256 floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn q4_k(b: &[u8], y: &mut [f32]) {
+unsafe fn q4_k(b: &[u8], y: &mut impl Sink) {
     let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
     let scales = &b[4..16];
     let mask = _mm512_set1_epi32(0x0f);
@@ -130,7 +182,7 @@ unsafe fn q4_k(b: &[u8], y: &mut [f32]) {
                         _mm512_and_si512(bytes, mask)
                     };
                     let v = _mm512_sub_ps(_mm512_mul_ps(scale, _mm512_cvtepi32_ps(q)), min);
-                    _mm512_storeu_ps(y.as_mut_ptr().add(64 * c + 32 * s + 16 * h), v);
+                    y.put(64 * c + 32 * s + 16 * h, v);
                 }
             }
         }
@@ -140,7 +192,7 @@ unsafe fn q4_k(b: &[u8], y: &mut [f32]) {
 /// # Safety
 /// AVX-512 F/BW/VL; `b` one Q6_K block, `y` 256 floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn q6_k(b: &[u8], y: &mut [f32]) {
+unsafe fn q6_k(b: &[u8], y: &mut impl Sink) {
     let d = f16_at(&b[208..]);
     let (nib, two, off) = (
         _mm512_set1_epi32(0x0f),
@@ -177,7 +229,7 @@ unsafe fn q6_k(b: &[u8], y: &mut [f32]) {
                 let scale = _mm512_set1_ps(d * f32::from(sc));
                 let v = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, off)));
                 // SAFETY: floats 128·half + 32k + l .. +16 of the block's 256.
-                unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(128 * half + 32 * k + l), v) };
+                unsafe { y.put(128 * half + 32 * k + l, v) };
             }
         }
     }
@@ -188,8 +240,8 @@ trait Block {
     const ELEMS: usize;
     const BYTES: usize;
     /// # Safety
-    /// AVX-512 F/BW/VL; `b` one block, `y` `ELEMS` floats.
-    unsafe fn dequant(b: &[u8], y: &mut [f32]);
+    /// AVX-512 F/BW/VL; `b` one block; `y` takes `ELEMS` elements.
+    unsafe fn dequant(b: &[u8], y: &mut impl Sink);
 }
 
 macro_rules! block_type {
@@ -200,7 +252,7 @@ macro_rules! block_type {
             const BYTES: usize = $bytes;
             #[inline]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-            unsafe fn dequant($b: &[u8], $y: &mut [f32]) {
+            unsafe fn dequant($b: &[u8], $y: &mut impl Sink) {
                 // SAFETY: as the trait requires.
                 unsafe { $body }
             }
@@ -230,8 +282,8 @@ block_type!(BQ6K, 256, 210, |b, y| q6_k(b, y));
 pub(super) const FEW_TOKENS: usize = 4;
 
 /// `out[t * out_rows + r] = sum_k x[t * cols + k] * w[r, k]` for rows `r0..r1` and tokens
-/// `t < n` (at most [`FEW_TOKENS`]): each block is dequantized into a buffer that stays in L1
-/// and multiplied with every token at once, rows in memory order (one sequential stream), and
+/// `t < n` (at most [`FEW_TOKENS`]): each block is dequantized in registers and multiplied
+/// with every token at once, rows in memory order (one sequential stream), and
 /// sixteen rows' sums reduced together. For decode, where the panel schedule's bookkeeping
 /// costs more than the arithmetic.
 #[allow(clippy::too_many_arguments)]
@@ -277,7 +329,6 @@ unsafe fn few<B: Block>(
     out_rows: usize,
 ) {
     let row_bytes = cols / B::ELEMS * B::BYTES;
-    let mut buf = [0.0f32; 256];
     let mut r = rows.start;
     while r < rows.end {
         let g = (rows.end - r).min(16);
@@ -287,22 +338,17 @@ unsafe fn few<B: Block>(
             // Four accumulators per token, so the multiply-adds' latency never limits.
             let mut acc = [[_mm512_setzero_ps(); 4]; FEW_TOKENS];
             for (b, block) in row.chunks_exact(B::BYTES).enumerate() {
-                // SAFETY: one whole block into the buffer's first ELEMS floats.
-                unsafe { B::dequant(block, &mut buf[..B::ELEMS]) };
+                // Token t's activations for this block are x[t * cols + k0..][..ELEMS], in
+                // bounds as the caller checked.
                 let k0 = b * B::ELEMS;
-                for t in 0..n {
-                    let xt = &x[t * cols + k0..][..B::ELEMS];
-                    for j in 0..B::ELEMS / 16 {
-                        // SAFETY: 16 floats at 16j of both the buffer and this token's slice.
-                        let (xv, wv) = unsafe {
-                            (
-                                _mm512_loadu_ps(xt.as_ptr().add(16 * j)),
-                                _mm512_loadu_ps(buf.as_ptr().add(16 * j)),
-                            )
-                        };
-                        acc[t][j % 4] = _mm512_fmadd_ps(xv, wv, acc[t][j % 4]);
-                    }
-                }
+                let mut dot = Dot {
+                    x: x[k0..].as_ptr(),
+                    stride: cols,
+                    n,
+                    acc: &mut acc,
+                };
+                // SAFETY: one whole block; `dot` reads ELEMS activations per token.
+                unsafe { B::dequant(block, &mut dot) };
             }
             for t in 0..n {
                 let a = &acc[t];
