@@ -23,10 +23,12 @@ pub struct Heads {
     pub window: Option<usize>,
 }
 
-/// Per-task score buffers, reused across calls.
+/// Per-task score buffers and the token tiles, reused across calls.
 #[derive(Default)]
 pub struct AttentionScratch {
     scores: Vec<Mutex<Vec<f32>>>,
+    /// `(first token, count)` of each tile of consecutive query tokens.
+    tiles: Vec<(usize, usize)>,
 }
 
 /// `out[t, h*d..] = softmax(q_t,h · K / sqrt(d)) · V` over positions `..=pos` of each token's
@@ -58,7 +60,40 @@ pub fn attention(
     let runs_per_group = group.div_ceil(MAX_GROUP);
     let run_len = group.div_ceil(runs_per_group);
     let runs = num_kv_heads * runs_per_group;
-    let n_tasks = tokens.len() * runs;
+    // Consecutive positions of one sequence (a prefill chunk) go in tiles of up to
+    // MAX_GROUP / run_len tokens, which the fast kernel handles at once, reading each block of
+    // keys and values once per tile instead of once per token. A sliding window gives each
+    // token a different first position, so there every tile is one token.
+    #[cfg(target_arch = "x86_64")]
+    let fast = if super::matmul::Isa::detect() == super::matmul::Isa::Avx512 {
+        super::attention_avx512::Avx512Attention::new(d)
+    } else {
+        None
+    };
+    #[cfg(target_arch = "x86_64")]
+    let tile_max = if fast.is_some() && window.is_none() {
+        (super::attention_avx512::MAX_HEADS / run_len).max(1)
+    } else {
+        1
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let tile_max = 1;
+    let tiles = &mut scratch.tiles;
+    tiles.clear();
+    for (t, token) in tokens.iter().enumerate() {
+        match tiles.last_mut() {
+            Some((start, count))
+                if *count < tile_max
+                    && tokens[*start + *count - 1].entry == token.entry
+                    && tokens[*start + *count - 1].pos + 1 == token.pos =>
+            {
+                *count += 1
+            }
+            _ => tiles.push((t, 1)),
+        }
+    }
+    let tiles = &scratch.tiles;
+    let n_tasks = tiles.len() * runs;
     let n_chunks = n_tasks.min(pool.threads() * 4).max(1);
     let longest = tokens.iter().map(|t| t.pos + 1).max().unwrap_or(0);
     if scratch.scores.len() < n_chunks {
@@ -66,63 +101,80 @@ pub fn attention(
     }
     let out = DisjointSlice::new(out);
     let scores = &scratch.scores;
-    #[cfg(target_arch = "x86_64")]
-    let fast = if super::matmul::Isa::detect() == super::matmul::Isa::Avx512 {
-        super::attention_avx512::Avx512Attention::new(d)
-    } else {
-        None
-    };
     // Chunk c takes tasks c, c + n_chunks, ...: interleaving balances the causal triangle.
     pool.run(n_chunks, &|chunk| {
         let mut buf = scores[chunk].lock().unwrap_or_else(|e| e.into_inner());
-        if buf.len() < longest * run_len {
-            buf.resize(longest * run_len, 0.0);
+        if buf.len() < longest * run_len * tile_max {
+            buf.resize(longest * run_len * tile_max, 0.0);
         }
         for task in (chunk..n_tasks).step_by(n_chunks) {
-            // Tokens vary fastest: a chunk's consecutive tasks then use the same kv head,
+            // Tiles vary fastest: a chunk's consecutive tasks then use the same kv head,
             // whose keys and values stay in L2 between them.
-            let (t, run) = (task % tokens.len(), task / tokens.len());
+            let (tile, run) = (task % tiles.len(), task / tiles.len());
             let (kv_head, part) = (run / runs_per_group, run % runs_per_group);
             let h0 = kv_head * group + part * run_len;
             let n_heads = run_len.min((kv_head + 1) * group - h0);
-            let token = tokens[t];
-            let kv = &*batch[token.entry].kv;
             let kv_off = kv_head * d;
-            let q_run = &q[t * q_dim + h0 * d..][..n_heads * d];
-            let first = window.map_or(0, |w| (token.pos + 1).saturating_sub(w));
-            // SAFETY: this task is the only writer of heads h0..h0 + n_heads of token t.
-            let o = unsafe { out.part(t * q_dim + h0 * d, n_heads * d) };
+            let (t0, count) = tiles[tile];
             #[cfg(target_arch = "x86_64")]
             if let Some(kernel) = fast {
+                // The tile's queries side by side, and its outputs, in stack buffers.
+                let rows = count * n_heads * d;
+                let mut q_tile = [0.0f32; TILE_FLOATS];
+                let mut o_tile = [0.0f32; TILE_FLOATS];
+                for i in 0..count {
+                    let src = &q[(t0 + i) * q_dim + h0 * d..][..n_heads * d];
+                    q_tile[i * n_heads * d..][..n_heads * d].copy_from_slice(src);
+                }
+                let last = tokens[t0 + count - 1];
                 let heads = super::attention_avx512::HeadGroup {
-                    q: q_run,
+                    q: &q_tile[..rows],
+                    heads_per_token: n_heads,
                     head_dim: d,
-                    blocks: kv.blocks(),
-                    first,
-                    last: token.pos,
+                    blocks: batch[last.entry].kv.blocks(),
+                    first: window.map_or(0, |w| (last.pos + 1).saturating_sub(w)),
+                    last: last.pos,
                     kv_off,
                     kv_dim,
                     scale,
                 };
-                kernel.attend(&heads, keys, values, &mut buf[..], o);
+                kernel.attend(&heads, keys, values, &mut buf[..], &mut o_tile[..rows]);
+                for i in 0..count {
+                    // SAFETY: this task is the only writer of heads h0..h0 + n_heads of the
+                    // tile's tokens.
+                    let o = unsafe { out.part((t0 + i) * q_dim + h0 * d, n_heads * d) };
+                    o.copy_from_slice(&o_tile[i * n_heads * d..][..n_heads * d]);
+                }
                 continue;
             }
-            for (q_head, o) in q_run.chunks_exact(d).zip(o.chunks_exact_mut(d)) {
-                let span = &mut buf[..token.pos + 1 - first];
-                for (s, pos) in span.iter_mut().zip(first..) {
-                    let slot = kv.slot(pos) * kv_dim + kv_off;
-                    *s = dot(q_head, &keys[slot..slot + d]) * scale;
-                }
-                softmax(span);
-                o.fill(0.0);
-                for (&p, pos) in span.iter().zip(first..) {
-                    let slot = kv.slot(pos) * kv_dim + kv_off;
-                    axpy(o, p, &values[slot..slot + d]);
+            for t in t0..t0 + count {
+                let token = tokens[t];
+                let kv = &*batch[token.entry].kv;
+                let q_run = &q[t * q_dim + h0 * d..][..n_heads * d];
+                let first = window.map_or(0, |w| (token.pos + 1).saturating_sub(w));
+                // SAFETY: this task is the only writer of heads h0..h0 + n_heads of token t.
+                let o = unsafe { out.part(t * q_dim + h0 * d, n_heads * d) };
+                for (q_head, o) in q_run.chunks_exact(d).zip(o.chunks_exact_mut(d)) {
+                    let span = &mut buf[..token.pos + 1 - first];
+                    for (s, pos) in span.iter_mut().zip(first..) {
+                        let slot = kv.slot(pos) * kv_dim + kv_off;
+                        *s = dot(q_head, &keys[slot..slot + d]) * scale;
+                    }
+                    softmax(span);
+                    o.fill(0.0);
+                    for (&p, pos) in span.iter().zip(first..) {
+                        let slot = kv.slot(pos) * kv_dim + kv_off;
+                        axpy(o, p, &values[slot..slot + d]);
+                    }
                 }
             }
         }
     });
 }
+
+/// Floats in a tile's query (and output) stack buffer: MAX_HEADS rows of head_dim <= 128.
+#[cfg(target_arch = "x86_64")]
+const TILE_FLOATS: usize = super::attention_avx512::MAX_HEADS * 128;
 
 /// Most query heads one attention task handles together.
 const MAX_GROUP: usize = 8;
@@ -159,6 +211,10 @@ mod tests {
             (8, Some(20), 4, 2),
             // A group larger than one task takes (MAX_GROUP): split in two runs of 5.
             (32, None, 10, 1),
+            // One head per kv head: prefill tiles of 8 tokens.
+            (64, None, 4, 4),
+            // Groups of 3: tiles of 2 tokens.
+            (16, None, 6, 2),
         ];
         for (d, window, num_heads, num_kv_heads) in shapes {
             let heads = Heads {
@@ -192,60 +248,65 @@ mod tests {
                     vals[slot..slot + kv_dim].copy_from_slice(&v_all[pos * kv_dim..][..kv_dim]);
                 }
             }
-            let positions = [0, 1, 15, 16, 17, 31, 36];
-            let q = values(3, positions.len() * q_dim);
-            let tokens: Vec<QueryToken> = positions
-                .iter()
-                .map(|&pos| QueryToken { entry: 0, pos })
-                .collect();
-            let dummy = [0u32];
-            let batch = [BatchEntry {
-                tokens: &dummy,
-                kv: &mut seq,
-                logits: LogitRows::None,
-            }];
-            let mut out = vec![f32::NAN; positions.len() * q_dim];
-            let (keys, vals) = cache.layer_mut(0);
-            let pool = ThreadPool::new(2);
-            let mut scratch = AttentionScratch::default();
-            attention(
-                &pool,
-                heads,
-                &batch,
-                &tokens,
-                &q,
-                keys,
-                vals,
-                &mut out,
-                &mut scratch,
-            );
-            for (t, &pos) in positions.iter().enumerate() {
-                for h in 0..num_heads {
-                    let kv_off = (h / group) * d;
-                    let qh = &q[t * q_dim + h * d..][..d];
-                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let scores: Vec<f64> = (first..=pos)
-                        .map(|p| {
-                            let k = &k_all[p * kv_dim + kv_off..][..d];
-                            let dot: f64 =
-                                qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
-                            dot / (d as f64).sqrt()
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                    let total: f64 = weights.iter().sum();
-                    for i in 0..d {
-                        let want: f64 = (first..=pos)
-                            .zip(&weights)
-                            .map(|(p, w)| w * v_all[p * kv_dim + kv_off + i] as f64)
-                            .sum::<f64>()
-                            / total;
-                        let got = out[t * q_dim + h * d + i] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-5,
-                            "d={d} window={window:?} pos={pos} head={h} i={i}: {got} vs {want}"
-                        );
+            // Scattered positions (runs of 2 and 3 tile together), then a whole prompt as a
+            // prefill chunk gives them (tiles of up to 8 consecutive tokens, one partial).
+            let scattered = [0, 1, 15, 16, 17, 31, 36];
+            let whole: Vec<usize> = (0..len).collect();
+            for positions in [&scattered[..], &whole[..]] {
+                let q = values(3, positions.len() * q_dim);
+                let tokens: Vec<QueryToken> = positions
+                    .iter()
+                    .map(|&pos| QueryToken { entry: 0, pos })
+                    .collect();
+                let dummy = [0u32];
+                let batch = [BatchEntry {
+                    tokens: &dummy,
+                    kv: &mut seq,
+                    logits: LogitRows::None,
+                }];
+                let mut out = vec![f32::NAN; positions.len() * q_dim];
+                let (keys, vals) = cache.layer_mut(0);
+                let pool = ThreadPool::new(2);
+                let mut scratch = AttentionScratch::default();
+                attention(
+                    &pool,
+                    heads,
+                    &batch,
+                    &tokens,
+                    &q,
+                    keys,
+                    vals,
+                    &mut out,
+                    &mut scratch,
+                );
+                for (t, &pos) in positions.iter().enumerate() {
+                    for h in 0..num_heads {
+                        let kv_off = (h / group) * d;
+                        let qh = &q[t * q_dim + h * d..][..d];
+                        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                        let scores: Vec<f64> = (first..=pos)
+                            .map(|p| {
+                                let k = &k_all[p * kv_dim + kv_off..][..d];
+                                let dot: f64 =
+                                    qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+                                dot / (d as f64).sqrt()
+                            })
+                            .collect();
+                        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                        let total: f64 = weights.iter().sum();
+                        for i in 0..d {
+                            let want: f64 = (first..=pos)
+                                .zip(&weights)
+                                .map(|(p, w)| w * v_all[p * kv_dim + kv_off + i] as f64)
+                                .sum::<f64>()
+                                / total;
+                            let got = out[t * q_dim + h * d + i] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5,
+                                "d={d} window={window:?} pos={pos} head={h} i={i}: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -6,8 +6,8 @@
 //! rows. Scores of 16 positions are reduced together (one shuffle tree instead of 16
 //! horizontal sums); softmax uses a vectorised `exp`; the weighted sum of values stays in
 //! registers within a block and is divided by the softmax denominator once at the end. The
-//! heads of a group are handled together so each block of keys and values is read from
-//! memory once, not once per head.
+//! heads of a group, and in prefill several consecutive tokens of them, are handled together
+//! so each block of keys and values is read from memory once, not once per head and token.
 //!
 //! The result equals the portable path's up to float rounding: sums are grouped differently
 //! and `exp` is a polynomial accurate to about 2 ulp.
@@ -36,10 +36,16 @@ impl Avx512Attention {
     }
 }
 
-/// Query heads that share one kv head, against positions `first..=last` of one sequence.
+/// Query heads that share one kv head, against positions `first..=last` of one sequence;
+/// optionally for several consecutive query tokens at once (a prefill tile), so each block
+/// of keys and values is read once for all of them.
 pub struct HeadGroup<'a> {
-    /// The heads' queries, one after the other (`head_dim` floats each, already rotated).
+    /// The queries, one after the other (`head_dim` floats each, already rotated): the heads
+    /// of the tile's first token, then of the next, ...
     pub q: &'a [f32],
+    /// Heads per token: `q` holds `q.len() / head_dim / heads_per_token` tokens, at positions
+    /// `last - tokens + 1 ..= last`; each attends up to its own position.
+    pub heads_per_token: usize,
     pub head_dim: usize,
     /// The sequence's cache blocks.
     pub blocks: &'a [u32],
@@ -59,6 +65,17 @@ impl HeadGroup<'_> {
     fn span(&self) -> usize {
         self.last + 1 - self.first
     }
+
+    /// The last position row `h` of `q` attends to.
+    fn row_last(&self, h: usize) -> usize {
+        let tokens = self.heads() / self.heads_per_token;
+        self.last + 1 + h / self.heads_per_token - tokens
+    }
+
+    /// How many of the `n` positions from `pos` on row `h` attends to.
+    fn row_count(&self, h: usize, pos: usize, n: usize) -> usize {
+        (self.row_last(h) + 1).saturating_sub(pos).min(n)
+    }
 }
 
 impl Avx512Attention {
@@ -75,6 +92,9 @@ impl Avx512Attention {
         let d = group.head_dim;
         assert!(d.is_multiple_of(16) && d / 16 <= MAX_CHUNKS && group.q.len().is_multiple_of(d));
         assert!(out.len() == group.q.len() && group.heads() <= MAX_HEADS);
+        let tokens = group.heads() / group.heads_per_token.max(1);
+        assert!(group.heads_per_token > 0 && group.heads().is_multiple_of(group.heads_per_token));
+        assert!(group.last + 1 >= tokens && group.last + 1 - tokens >= group.first);
         assert!(scores.len() >= group.heads() * group.span() && group.kv_off + d <= group.kv_dim);
         assert!(group.last / BLOCK_SIZE < group.blocks.len());
         for &b in &group.blocks[group.first / BLOCK_SIZE..=group.last / BLOCK_SIZE] {
@@ -87,8 +107,8 @@ impl Avx512Attention {
     }
 }
 
-/// Most heads in one group (the caller splits larger groups).
-const MAX_HEADS: usize = 8;
+/// Most query rows (heads × tokens) in one group (the caller splits larger groups).
+pub const MAX_HEADS: usize = 8;
 
 /// Positions `first..=last` grouped by cache block: (first position, count, first slot).
 fn block_runs<'a>(g: &'a HeadGroup<'a>) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
@@ -119,8 +139,13 @@ unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32]
     // read from memory once and then from L1 for the group's other heads.
     let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_HEADS];
     for (pos, n, slot) in block_runs(g) {
-        let mask = lanes(n);
         for (h, max) in max.iter_mut().enumerate().take(heads) {
+            // Rows of later tokens in a tile see more positions than earlier ones.
+            let n = g.row_count(h, pos, n);
+            if n == 0 {
+                continue;
+            }
+            let mask = lanes(n);
             let mut q = [_mm512_setzero_ps(); MAX_CHUNKS];
             for (c, q) in q.iter_mut().enumerate().take(chunks) {
                 // SAFETY: (h * chunks + c) * 16 + 16 <= q.len().
@@ -156,8 +181,12 @@ unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32]
     out.fill(0.0);
     let mut sum = [_mm512_setzero_ps(); MAX_HEADS];
     for (pos, n, slot) in block_runs(g) {
-        let mask = lanes(n);
         for h in 0..heads {
+            let n = g.row_count(h, pos, n);
+            if n == 0 {
+                continue;
+            }
+            let mask = lanes(n);
             let at = h * span + pos - g.first;
             // SAFETY: at + n <= heads * span.
             let s = unsafe { _mm512_maskz_loadu_ps(mask, scores.as_ptr().add(at)) };
