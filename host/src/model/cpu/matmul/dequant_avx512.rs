@@ -61,21 +61,20 @@ impl Sink for Store<'_> {
     }
 }
 
-/// Multiplies the elements with up to [`FEW_TOKENS`] tokens' activations at once: token `t`'s
-/// block of activations starts at `x + t * stride`; four accumulators per token.
-struct Dot<'a> {
+/// Multiplies the elements with `N` (at most [`FEW_TOKENS`]) tokens' activations at once:
+/// token `t`'s block of activations starts at `x + t * stride`; four accumulators per token.
+struct Dot<'a, const N: usize> {
     x: *const f32,
     stride: usize,
-    n: usize,
-    acc: &'a mut [[__m512; 4]; FEW_TOKENS],
+    acc: &'a mut [[__m512; 4]; N],
 }
 
-impl Sink for Dot<'_> {
+impl<const N: usize> Sink for Dot<'_, N> {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn put(&mut self, i: usize, v: __m512) {
         let a = (i / 16) % 4;
-        for t in 0..self.n {
+        for t in 0..N {
             // SAFETY: the caller made `x + t * stride` the start of token t's activations
             // for this block, which has at least i + 16 elements.
             let xv = unsafe { _mm512_loadu_ps(self.x.add(t * self.stride + i)) };
@@ -318,7 +317,6 @@ pub(super) fn few_tokens(
 /// # Safety
 /// As [`few_tokens`] checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[allow(clippy::needless_range_loop)] // index loops over the per-token accumulators
 unsafe fn few<B: Block>(
     w: &[u8],
     cols: usize,
@@ -328,15 +326,41 @@ unsafe fn few<B: Block>(
     out: super::OutPtr,
     out_rows: usize,
 ) {
+    // The token count as a constant, so the per-token loops unroll.
+    // SAFETY (all): as the caller guarantees.
+    unsafe {
+        match n {
+            1 => few_n::<B, 1>(w, cols, x, rows, out, out_rows),
+            2 => few_n::<B, 2>(w, cols, x, rows, out, out_rows),
+            3 => few_n::<B, 3>(w, cols, x, rows, out, out_rows),
+            _ => few_n::<B, 4>(w, cols, x, rows, out, out_rows),
+        }
+    }
+}
+
+/// [`few`] for `N` tokens.
+///
+/// # Safety
+/// As [`few_tokens`] checks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::needless_range_loop)] // index loops over the per-token accumulators
+unsafe fn few_n<B: Block, const N: usize>(
+    w: &[u8],
+    cols: usize,
+    x: &[f32],
+    rows: std::ops::Range<usize>,
+    out: super::OutPtr,
+    out_rows: usize,
+) {
     let row_bytes = cols / B::ELEMS * B::BYTES;
     let mut r = rows.start;
     while r < rows.end {
         let g = (rows.end - r).min(16);
-        let mut v = [[_mm512_setzero_ps(); 16]; FEW_TOKENS];
+        let mut v = [[_mm512_setzero_ps(); 16]; N];
         for i in 0..g {
             let row = &w[(r + i) * row_bytes..][..row_bytes];
             // Four accumulators per token, so the multiply-adds' latency never limits.
-            let mut acc = [[_mm512_setzero_ps(); 4]; FEW_TOKENS];
+            let mut acc = [[_mm512_setzero_ps(); 4]; N];
             for (b, block) in row.chunks_exact(B::BYTES).enumerate() {
                 // Token t's activations for this block are x[t * cols + k0..][..ELEMS], in
                 // bounds as the caller checked.
@@ -344,18 +368,17 @@ unsafe fn few<B: Block>(
                 let mut dot = Dot {
                     x: x[k0..].as_ptr(),
                     stride: cols,
-                    n,
                     acc: &mut acc,
                 };
                 // SAFETY: one whole block; `dot` reads ELEMS activations per token.
                 unsafe { B::dequant(block, &mut dot) };
             }
-            for t in 0..n {
+            for t in 0..N {
                 let a = &acc[t];
                 v[t][i] = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
             }
         }
-        for t in 0..n {
+        for t in 0..N {
             for (i, &value) in super::avx512::lane_sums(&v[t]).iter().enumerate().take(g) {
                 // SAFETY: t * out_rows + r + i < out.len (checked by the caller); the caller's
                 // task alone writes these rows.
