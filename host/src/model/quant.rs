@@ -40,7 +40,7 @@ impl QuantType {
     ];
 
     /// Elements per block.
-    pub fn block_elems(self) -> usize {
+    pub const fn block_elems(self) -> usize {
         match self {
             QuantType::Q4K | QuantType::Q6K => 256,
             _ => 32,
@@ -48,7 +48,7 @@ impl QuantType {
     }
 
     /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
+    pub const fn block_bytes(self) -> usize {
         match self {
             QuantType::Q4_0 => 18,
             QuantType::Q4_1 => 20,
@@ -77,6 +77,35 @@ impl QuantType {
     pub fn bytes_for(self, elems: usize) -> usize {
         elems / self.block_elems() * self.block_bytes()
     }
+}
+
+/// `n` blocks of random quants, for tests and synthetic benchmark weights: every byte from
+/// a draw of `random` (values in [-1, 1) mapped onto 0..=255), then every f16 field (the
+/// scale, and the min where the type has one) set to `scale` times a further draw, so the
+/// blocks decode to finite values of a chosen size.
+pub fn random_blocks(
+    qt: QuantType,
+    n: usize,
+    scale: f32,
+    mut random: impl FnMut() -> f32,
+) -> Vec<u8> {
+    let f16_fields: &[usize] = match qt {
+        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => &[0],
+        QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K => &[0, 2],
+        QuantType::Q6K => &[208],
+    };
+    let mut bytes: Vec<u8> = (0..n * qt.block_bytes())
+        .map(|_| ((random() + 1.0) * 128.0) as u8)
+        .collect();
+    for block in bytes.chunks_exact_mut(qt.block_bytes()) {
+        for &at in f16_fields {
+            let v = half::f16::from_f32(random() * scale)
+                .to_bits()
+                .to_le_bytes();
+            block[at..at + 2].copy_from_slice(&v);
+        }
+    }
+    bytes
 }
 
 /// An f16 stored little-endian at `b[0..2]`, as f32.

@@ -2,7 +2,7 @@
 
 use super::config::{Architecture, ModelConfig, RopeScaling};
 use super::llama::{DecoderLayer, Linear, ModelWeights};
-use super::quant::QuantType;
+use super::quant::random_blocks;
 use super::rng::Rng;
 use super::weights::{DType, Tensor};
 
@@ -101,21 +101,7 @@ fn random_tensor(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> Tenso
             }
         }
         DType::Quant(qt) => {
-            // Random quants; every f16 scale (and min) a small random value.
-            let scale_at: &[usize] = match qt {
-                QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => &[0],
-                QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K => &[0, 2],
-                QuantType::Q6K => &[208],
-            };
-            let mut bytes: Vec<u8> = (0..qt.bytes_for(n))
-                .map(|_| (rng.next_u64() >> 56) as u8)
-                .collect();
-            for block in bytes.chunks_exact_mut(qt.block_bytes()) {
-                for &at in scale_at {
-                    let v = half::f16::from_f32(rng.next_signed_f32() * 0.01);
-                    block[at..at + 2].copy_from_slice(&v.to_bits().to_le_bytes());
-                }
-            }
+            let bytes = random_blocks(qt, n / qt.block_elems(), 0.01, || rng.next_signed_f32());
             Tensor::from_blocks(qt, shape, bytes)
         }
     }

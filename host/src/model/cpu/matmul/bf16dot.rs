@@ -15,7 +15,7 @@
 use std::arch::x86_64::*;
 
 use super::avx512::{lane_sums, lanes, tile_sums};
-use super::{job_size, OutPtr, Part, TaskSplit, ThreadPool, WeightData, MIN_PARALLEL_WORK};
+use super::{job_size, run_tasks, threads_for, OutPtr, Part, TaskSplit, ThreadPool, WeightData};
 
 /// Proof that the CPU supports AVX-512 F, BW, VL and BF16.
 #[derive(Clone, Copy)]
@@ -78,11 +78,7 @@ impl Product<'_> {
         if rows == 0 || self.n_tokens == 0 {
             return;
         }
-        let threads = if work < MIN_PARALLEL_WORK {
-            1
-        } else {
-            pool.threads()
-        };
+        let threads = threads_for(pool, work);
         let direct = self.n_tokens <= TILE;
         let rows_per_task = if direct {
             rows.div_ceil(threads * DIRECT_TASKS_PER_THREAD)
@@ -92,27 +88,16 @@ impl Product<'_> {
         };
         let rows_per_task = rows_per_task.next_multiple_of(TILE).max(TILE);
         let split = TaskSplit::new(self.parts, rows_per_task);
-        let task = |i: usize| {
-            let (p, r0) = split.locate(i);
-            let Some(part) = &self.parts[p] else {
-                return;
-            };
+        run_tasks(pool, threads, self.parts, &split, |part, r0, r1| {
             let WeightData::Bf16(w) = part.w.data else {
                 unreachable!("the bf16 path only takes bf16 weights");
             };
-            let r1 = (r0 + rows_per_task).min(part.w.rows);
             assert_eq!(w.len(), part.w.rows * self.cols);
             // SAFETY: the token proves CPU support. Rows r0..r1 of `w` and every token of
             // `x` are in bounds (checked above); tasks own disjoint rows of each part's
             // output, which outlives the product.
             unsafe { self.rows(k, w, part.out, part.w.rows, r0, r1) };
-        };
-        let n_tasks = split.tasks();
-        if threads == 1 || n_tasks == 1 {
-            (0..n_tasks).for_each(task);
-        } else {
-            pool.run(n_tasks, &task);
-        }
+        });
     }
 
     /// Rows `r0..r1` for every token: token tiles outside, row tiles inside.

@@ -9,29 +9,6 @@ use std::arch::x86_64::*;
 use super::avx512::Avx512;
 use crate::model::quant::{q4k_scale_min, QuantType};
 
-/// Dequantizes whole blocks (`out.len()` = blocks × block elements).
-pub(super) fn dequantize(_cpu: Avx512, qt: QuantType, blocks: &[u8], out: &mut [f32]) {
-    let (be, bb) = (qt.block_elems(), qt.block_bytes());
-    assert_eq!(blocks.len() % bb, 0);
-    assert_eq!(out.len(), blocks.len() / bb * be);
-    for (b, y) in blocks.chunks_exact(bb).zip(out.chunks_exact_mut(be)) {
-        // SAFETY: the token proves CPU support; `b` is one whole block and `y` its
-        // `be` outputs (the chunk sizes guarantee both).
-        let y = &mut Store(y);
-        unsafe {
-            match qt {
-                QuantType::Q8_0 => q8_0(b, y),
-                QuantType::Q4_0 => q4_5(b, y, None, false),
-                QuantType::Q4_1 => q4_5(b, y, Some(f16_at(&b[2..])), false),
-                QuantType::Q5_0 => q4_5(b, y, None, true),
-                QuantType::Q5_1 => q4_5(b, y, Some(f16_at(&b[2..])), true),
-                QuantType::Q4K => q4_k(b, y),
-                QuantType::Q6K => q6_k(b, y),
-            }
-        }
-    }
-}
-
 /// The f16 stored little-endian at `b[0..2]`, converted by the hardware (`half`'s portable
 /// conversion costs more than dequantizing the rest of a 32-element block).
 #[inline]
@@ -99,7 +76,7 @@ unsafe fn u8x16(p: *const u8) -> __m512i {
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL; `b` one Q8_0 block, `y` 32 floats.
+/// AVX-512 F/BW/VL; `b` one Q8_0 block; `y` takes its 32 elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn q8_0(b: &[u8], y: &mut impl Sink) {
     let d = f16_splat(b);
@@ -115,7 +92,7 @@ unsafe fn q8_0(b: &[u8], y: &mut impl Sink) {
 /// Q4_0, Q4_1 (`m` given), Q5_0 and Q5_1 (`five`).
 ///
 /// # Safety
-/// AVX-512 F/BW/VL; `b` one block of that type, `y` 32 floats.
+/// AVX-512 F/BW/VL; `b` one block of that type; `y` takes its 32 elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn q4_5(b: &[u8], y: &mut impl Sink, m: Option<f32>, five: bool) {
     let d = f16_splat(b);
@@ -155,7 +132,7 @@ unsafe fn q4_5(b: &[u8], y: &mut impl Sink, m: Option<f32>, five: bool) {
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL; `b` one Q4_K block, `y` 256 floats.
+/// AVX-512 F/BW/VL; `b` one Q4_K block; `y` takes its 256 elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn q4_k(b: &[u8], y: &mut impl Sink) {
     let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
@@ -189,7 +166,7 @@ unsafe fn q4_k(b: &[u8], y: &mut impl Sink) {
 }
 
 /// # Safety
-/// AVX-512 F/BW/VL; `b` one Q6_K block, `y` 256 floats.
+/// AVX-512 F/BW/VL; `b` one Q6_K block; `y` takes its 256 elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn q6_k(b: &[u8], y: &mut impl Sink) {
     let d = f16_at(&b[208..]);
@@ -244,11 +221,11 @@ trait Block {
 }
 
 macro_rules! block_type {
-    ($name:ident, $elems:expr, $bytes:expr, |$b:ident, $y:ident| $body:expr) => {
+    ($name:ident, $qt:expr, |$b:ident, $y:ident| $body:expr) => {
         struct $name;
         impl Block for $name {
-            const ELEMS: usize = $elems;
-            const BYTES: usize = $bytes;
+            const ELEMS: usize = $qt.block_elems();
+            const BYTES: usize = $qt.block_bytes();
             #[inline]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
             unsafe fn dequant($b: &[u8], $y: &mut impl Sink) {
@@ -259,23 +236,75 @@ macro_rules! block_type {
     };
 }
 
-block_type!(BQ8_0, 32, 34, |b, y| q8_0(b, y));
-block_type!(BQ4_0, 32, 18, |b, y| q4_5(b, y, None, false));
-block_type!(BQ4_1, 32, 20, |b, y| q4_5(
-    b,
-    y,
-    Some(f16_at(&b[2..])),
-    false
-));
-block_type!(BQ5_0, 32, 22, |b, y| q4_5(b, y, None, true));
-block_type!(BQ5_1, 32, 24, |b, y| q4_5(
-    b,
-    y,
-    Some(f16_at(&b[2..])),
-    true
-));
-block_type!(BQ4K, 256, 144, |b, y| q4_k(b, y));
-block_type!(BQ6K, 256, 210, |b, y| q6_k(b, y));
+block_type!(BQ8_0, QuantType::Q8_0, |b, y| q8_0(b, y));
+block_type!(BQ4_0, QuantType::Q4_0, |b, y| q4_5(b, y, None, false));
+block_type!(BQ4_1, QuantType::Q4_1, |b, y| {
+    q4_5(b, y, Some(f16_at(&b[2..])), false)
+});
+block_type!(BQ5_0, QuantType::Q5_0, |b, y| q4_5(b, y, None, true));
+block_type!(BQ5_1, QuantType::Q5_1, |b, y| {
+    q4_5(b, y, Some(f16_at(&b[2..])), true)
+});
+block_type!(BQ4K, QuantType::Q4K, |b, y| q4_k(b, y));
+block_type!(BQ6K, QuantType::Q6K, |b, y| q6_k(b, y));
+
+/// `$body` with `$B` naming the [`Block`] type of quantized type `$qt`.
+macro_rules! with_block {
+    ($qt:expr, $B:ident => $body:expr) => {
+        match $qt {
+            QuantType::Q8_0 => {
+                type $B = BQ8_0;
+                $body
+            }
+            QuantType::Q4_0 => {
+                type $B = BQ4_0;
+                $body
+            }
+            QuantType::Q4_1 => {
+                type $B = BQ4_1;
+                $body
+            }
+            QuantType::Q5_0 => {
+                type $B = BQ5_0;
+                $body
+            }
+            QuantType::Q5_1 => {
+                type $B = BQ5_1;
+                $body
+            }
+            QuantType::Q4K => {
+                type $B = BQ4K;
+                $body
+            }
+            QuantType::Q6K => {
+                type $B = BQ6K;
+                $body
+            }
+        }
+    };
+}
+
+/// Dequantizes whole blocks (`out.len()` = blocks × block elements).
+pub(super) fn dequantize(_cpu: Avx512, qt: QuantType, blocks: &[u8], out: &mut [f32]) {
+    let (be, bb) = (qt.block_elems(), qt.block_bytes());
+    assert_eq!(blocks.len() % bb, 0);
+    assert_eq!(out.len(), blocks.len() / bb * be);
+    // SAFETY: the token proves CPU support; the lengths match (checked).
+    unsafe { with_block!(qt, B => dequantize_blocks::<B>(blocks, out)) }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL; `out` holds `blocks.len() / B::BYTES * B::ELEMS` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn dequantize_blocks<B: Block>(blocks: &[u8], out: &mut [f32]) {
+    for (b, y) in blocks
+        .chunks_exact(B::BYTES)
+        .zip(out.chunks_exact_mut(B::ELEMS))
+    {
+        // SAFETY: `b` is one whole block and `y` its ELEMS outputs.
+        unsafe { B::dequant(b, &mut Store(y)) };
+    }
+}
 
 /// Most tokens [`few_tokens`] takes at once.
 pub(super) const FEW_TOKENS: usize = 4;
@@ -301,50 +330,24 @@ pub(super) fn few_tokens(
     assert!(w.len() >= qt.bytes_for(rows.end * cols));
     assert!(n == 0 || (n - 1) * out_rows + rows.end <= out.len);
     // SAFETY: the token proves CPU support; the reads and writes are in bounds (checked).
+    // The token count becomes a constant, so the per-token loops unroll.
     unsafe {
-        match qt {
-            QuantType::Q8_0 => few::<BQ8_0>(w, cols, x, n, rows, out, out_rows),
-            QuantType::Q4_0 => few::<BQ4_0>(w, cols, x, n, rows, out, out_rows),
-            QuantType::Q4_1 => few::<BQ4_1>(w, cols, x, n, rows, out, out_rows),
-            QuantType::Q5_0 => few::<BQ5_0>(w, cols, x, n, rows, out, out_rows),
-            QuantType::Q5_1 => few::<BQ5_1>(w, cols, x, n, rows, out, out_rows),
-            QuantType::Q4K => few::<BQ4K>(w, cols, x, n, rows, out, out_rows),
-            QuantType::Q6K => few::<BQ6K>(w, cols, x, n, rows, out, out_rows),
-        }
+        with_block!(qt, B => match n {
+            1 => few::<B, 1>(w, cols, x, rows, out, out_rows),
+            2 => few::<B, 2>(w, cols, x, rows, out, out_rows),
+            3 => few::<B, 3>(w, cols, x, rows, out, out_rows),
+            _ => few::<B, 4>(w, cols, x, rows, out, out_rows),
+        })
     }
 }
 
-/// # Safety
-/// As [`few_tokens`] checks.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn few<B: Block>(
-    w: &[u8],
-    cols: usize,
-    x: &[f32],
-    n: usize,
-    rows: std::ops::Range<usize>,
-    out: super::OutPtr,
-    out_rows: usize,
-) {
-    // The token count as a constant, so the per-token loops unroll.
-    // SAFETY (all): as the caller guarantees.
-    unsafe {
-        match n {
-            1 => few_n::<B, 1>(w, cols, x, rows, out, out_rows),
-            2 => few_n::<B, 2>(w, cols, x, rows, out, out_rows),
-            3 => few_n::<B, 3>(w, cols, x, rows, out, out_rows),
-            _ => few_n::<B, 4>(w, cols, x, rows, out, out_rows),
-        }
-    }
-}
-
-/// [`few`] for `N` tokens.
+/// [`few_tokens`] for `N` tokens.
 ///
 /// # Safety
 /// As [`few_tokens`] checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::needless_range_loop)] // index loops over the per-token accumulators
-unsafe fn few_n<B: Block, const N: usize>(
+unsafe fn few<B: Block, const N: usize>(
     w: &[u8],
     cols: usize,
     x: &[f32],

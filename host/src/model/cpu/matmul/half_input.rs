@@ -15,7 +15,7 @@
 use std::arch::x86_64::*;
 
 use super::avx512::{dot_row, lane_sums, lanes, Avx512, Bf16, Widen, F16};
-use super::{job_size, OutPtr, Part, TaskSplit, ThreadPool, WeightData, MIN_PARALLEL_WORK};
+use super::{job_size, run_tasks, threads_for, OutPtr, Part, TaskSplit, ThreadPool, WeightData};
 
 /// Tasks per thread (a few, so a late-starting thread is not on the critical path with a
 /// whole share).
@@ -38,21 +38,12 @@ pub(super) fn run(_cpu: Avx512, pool: &ThreadPool, x: &[u16], parts: &[Option<Pa
     if rows == 0 {
         return;
     }
-    let threads = if work < MIN_PARALLEL_WORK {
-        1
-    } else {
-        pool.threads()
-    };
+    let threads = threads_for(pool, work);
     let rows_per_task = rows
         .div_ceil(threads * TASKS_PER_THREAD)
         .next_multiple_of(16);
     let split = TaskSplit::new(parts, rows_per_task);
-    let task = |i: usize| {
-        let (p, r0) = split.locate(i);
-        let Some(part) = &parts[p] else {
-            return;
-        };
-        let r1 = (r0 + rows_per_task).min(part.w.rows);
+    run_tasks(pool, threads, parts, &split, |part, r0, r1| {
         let cols = part.w.cols;
         assert_eq!(cols, x.len());
         assert!(part.out.len >= part.w.rows);
@@ -72,13 +63,7 @@ pub(super) fn run(_cpu: Avx512, pool: &ThreadPool, x: &[u16], parts: &[Option<Pa
                 unreachable!("f32 and quantized weights never take f16 inputs")
             }
         }
-    };
-    let n_tasks = split.tasks();
-    if threads == 1 || n_tasks == 1 {
-        (0..n_tasks).for_each(task);
-    } else {
-        pool.run(n_tasks, &task);
-    }
+    });
 }
 
 /// Rows `r0..r1`, in memory order; sixteen rows' vector sums are reduced together.

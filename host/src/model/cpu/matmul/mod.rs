@@ -619,6 +619,39 @@ impl TaskSplit {
     }
 }
 
+/// The threads a job of `work` multiply-adds is worth: waking the pool for less than
+/// [`MIN_PARALLEL_WORK`] costs more than it saves.
+fn threads_for(pool: &ThreadPool, work: usize) -> usize {
+    if work < MIN_PARALLEL_WORK {
+        1
+    } else {
+        pool.threads()
+    }
+}
+
+/// Runs `task(part, r0, r1)` for every task of `split` (rows `r0..r1` of `part`): on the
+/// pool when `threads > 1` and there are several tasks, else on this thread.
+fn run_tasks(
+    pool: &ThreadPool,
+    threads: usize,
+    parts: &[Option<Part>],
+    split: &TaskSplit,
+    task: impl Fn(&Part, usize, usize) + Sync,
+) {
+    let one = |i: usize| {
+        let (p, r0) = split.locate(i);
+        if let Some(part) = &parts[p] {
+            task(part, r0, (r0 + split.rows_per_task).min(part.w.rows));
+        }
+    };
+    let n_tasks = split.tasks();
+    if threads == 1 || n_tasks == 1 {
+        (0..n_tasks).for_each(one);
+    } else {
+        pool.run(n_tasks, &one);
+    }
+}
+
 /// Rows all parts of a job have together, and the total multiply-adds.
 fn job_size(parts: &[Option<Part>], n_tokens: usize) -> (usize, usize) {
     let rows: usize = parts.iter().flatten().map(|p| p.w.rows).sum();
@@ -674,11 +707,7 @@ impl Product<'_> {
         };
         let cols = first.w.cols;
         let (rows, work) = job_size(self.parts, self.n_tokens);
-        let threads = if work < MIN_PARALLEL_WORK {
-            1
-        } else {
-            pool.threads()
-        };
+        let threads = threads_for(pool, work);
         // Quantized weights are always dequantized into panels first.
         let quant = self
             .parts
@@ -728,12 +757,7 @@ impl Product<'_> {
             }
         }
         let panels = &scratch.panels[..];
-        let task = |i: usize| {
-            let (p, r0) = split.locate(i);
-            let Some(part) = &self.parts[p] else {
-                return;
-            };
-            let r1 = (r0 + rows_per_task).min(part.w.rows);
+        run_tasks(pool, threads, self.parts, &split, |part, r0, r1| {
             #[cfg(target_arch = "x86_64")]
             if few_quant {
                 if let (Some(cpu), WeightData::Quant(qt, w)) = (avx512::Avx512::new(), part.w.data)
@@ -763,12 +787,7 @@ impl Product<'_> {
             } else {
                 self.panel(k, part, r0, r1, &mut []);
             }
-        };
-        if threads == 1 || n_tasks == 1 {
-            (0..n_tasks).for_each(task);
-        } else {
-            pool.run(n_tasks, &task);
-        }
+        });
     }
 
     /// Rows `r0..r1` of `part` for all tokens, streaming the stored weights. With more tokens
@@ -1178,27 +1197,9 @@ mod tests {
         }
     }
 
-    /// `n` random blocks of `qt`: random bytes, with every f16 scale (and min) set to a
-    /// finite value of either sign.
+    /// `n` random blocks of `qt` whose f16 scales (and mins) are finite, of either sign.
     fn random_blocks(rng: &mut Rng, qt: QuantType, n: usize) -> Vec<u8> {
-        let bb = qt.block_bytes();
-        let mut bytes: Vec<u8> = (0..n * bb)
-            .map(|_| ((rng.next() + 1.0) * 128.0) as u8)
-            .collect();
-        let scale_at: &[usize] = match qt {
-            QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => &[0],
-            QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K => &[0, 2],
-            QuantType::Q6K => &[208],
-        };
-        for block in bytes.chunks_exact_mut(bb) {
-            for &at in scale_at {
-                let v = half::f16::from_f32(rng.next() * 0.05)
-                    .to_bits()
-                    .to_le_bytes();
-                block[at..at + 2].copy_from_slice(&v);
-            }
-        }
-        bytes
+        crate::model::quant::random_blocks(qt, n, 0.05, || rng.next())
     }
 
     #[test]
