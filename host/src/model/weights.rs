@@ -78,6 +78,27 @@ enum Storage {
     Blocks(Vec<u8>),
 }
 
+impl Storage {
+    /// A copy of `bytes` (little-endian elements of `dtype`) in memory of its own.
+    fn owned(dtype: DType, bytes: &[u8]) -> Storage {
+        match dtype {
+            DType::F32 => Storage::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            DType::F16 | DType::Bf16 => Storage::Half(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            DType::Quant(_) => Storage::Blocks(bytes.to_vec()),
+        }
+    }
+}
+
 /// One weight tensor in its stored dtype.
 pub struct Tensor {
     pub dtype: DType,
@@ -147,22 +168,28 @@ impl Tensor {
         self.dtype.bytes_for(self.len())
     }
 
-    /// A tensor whose storage is `map[range]`, read in place when aligned for `dtype`.
+    /// A tensor whose storage is `map[range]`: read in place, or copied when the file leaves
+    /// it misaligned for `dtype`.
     pub(crate) fn mapped(
         map: &Arc<Mmap>,
         range: Range<usize>,
         dtype: DType,
         shape: Vec<usize>,
     ) -> Tensor {
-        open_tensor(
-            map,
-            &TensorEntry {
-                file: 0,
-                dtype,
-                shape,
+        let bytes = &map[range.clone()];
+        let storage = if (bytes.as_ptr() as usize).is_multiple_of(dtype.align()) {
+            Storage::Mapped {
+                map: Arc::clone(map),
                 range,
-            },
-        )
+            }
+        } else {
+            Storage::owned(dtype, bytes)
+        };
+        Tensor {
+            dtype,
+            shape,
+            storage,
+        }
     }
 
     /// This `[rows, cols]` tensor with its rows reordered: row `i` of the result is row
@@ -180,23 +207,10 @@ impl Tensor {
         for &r in from {
             out.extend_from_slice(&bytes[r * row_bytes..][..row_bytes]);
         }
-        let storage = match self.dtype {
-            DType::F32 => Storage::F32(
-                out.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            DType::F16 | DType::Bf16 => Storage::Half(
-                out.chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
-            DType::Quant(_) => Storage::Blocks(out),
-        };
         Tensor {
             dtype: self.dtype,
             shape: self.shape.clone(),
-            storage,
+            storage: Storage::owned(self.dtype, &out),
         }
     }
 
@@ -209,7 +223,7 @@ impl Tensor {
             Storage::Blocks(v) => self.blocks(v),
             Storage::Mapped { map, range } => {
                 let bytes = &map[range.clone()];
-                // Alignment was checked when the tensor was opened (see `open_tensor`).
+                // Alignment was checked when the tensor was opened (see `Tensor::mapped`).
                 match self.dtype {
                     DType::F32 => WeightData::F32(bytemuck::cast_slice(bytes)),
                     DType::Quant(_) => self.blocks(bytes),
@@ -387,37 +401,11 @@ impl SafetensorsStore {
                 expected: shape.to_vec(),
             });
         }
-        Ok(open_tensor(map, entry))
-    }
-}
-
-/// Wraps a mapped byte range, copying it only when the file leaves it misaligned for its dtype.
-fn open_tensor(map: &Arc<Mmap>, entry: &TensorEntry) -> Tensor {
-    let bytes = &map[entry.range.clone()];
-    let aligned = (bytes.as_ptr() as usize).is_multiple_of(entry.dtype.align());
-    let storage = if aligned {
-        Storage::Mapped {
-            map: Arc::clone(map),
-            range: entry.range.clone(),
-        }
-    } else if let DType::Quant(_) = entry.dtype {
-        Storage::Blocks(bytes.to_vec())
-    } else if entry.dtype == DType::F32 {
-        let values = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        Storage::F32(values)
-    } else {
-        let values = bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
-        Storage::Half(values)
-    };
-    Tensor {
-        dtype: entry.dtype,
-        shape: entry.shape.clone(),
-        storage,
+        Ok(Tensor::mapped(
+            map,
+            entry.range.clone(),
+            entry.dtype,
+            entry.shape.clone(),
+        ))
     }
 }

@@ -72,13 +72,16 @@ impl GgufStore {
 
     /// The tensor stored under its GGUF name, unchanged.
     pub(super) fn raw(&self, name: &str) -> Option<Tensor> {
-        let info = self.tensors.get(name)?;
-        Some(Tensor::mapped(
+        self.tensors.get(name).map(|info| self.open(info))
+    }
+
+    fn open(&self, info: &TensorInfo) -> Tensor {
+        Tensor::mapped(
             &self.map,
             info.range.clone(),
             info.dtype,
             info.shape.clone(),
-        ))
+        )
     }
 }
 
@@ -102,7 +105,7 @@ impl TensorSource for GgufStore {
                 expected: shape.to_vec(),
             });
         }
-        let tensor = Tensor::mapped(&self.map, info.range.clone(), info.dtype, shape.to_vec());
+        let tensor = self.open(info);
         let heads = match (self.permuted_heads, name) {
             (Some((q, _)), n) if n.contains(".self_attn.q_proj.") => Some(q),
             (Some((_, kv)), n) if n.contains(".self_attn.k_proj.") => Some(kv),
