@@ -9,12 +9,21 @@ fn cllm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cllm"))
 }
 
+/// Runs `cmd`, which must succeed (its stderr is the failure message); returns its stdout.
+fn stdout_of(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().expect("runs cllm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Runs `cmd`, which must succeed and print a table with each of `rows`.
 fn assert_table_rows(mut cmd: Command, rows: &[&str]) {
-    let out = cmd.output().expect("runs cllm");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let table = String::from_utf8_lossy(&out.stdout);
+    let stdout = stdout_of(&mut cmd);
+    let table = String::from_utf8_lossy(&stdout);
     for row in rows {
         assert!(table.contains(row), "missing {row:?} in\n{table}");
     }
@@ -25,19 +34,14 @@ fn generate_json_matches_golden_for_every_model() {
     for name in ALL_MODELS {
         let Some(fx) = fixture(name) else { continue };
         let case = &fx.golden.cases[0];
-        let out = cllm()
-            .args(["generate", "--json", "--ignore-eos", "--model"])
-            .arg(&fx.model_dir)
-            .args(["--max-new-tokens", &fx.golden.max_new_tokens.to_string()])
-            .arg(&case.prompt)
-            .output()
-            .expect("runs cllm");
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let stdout = stdout_of(
+            cllm()
+                .args(["generate", "--json", "--ignore-eos", "--model"])
+                .arg(&fx.model_dir)
+                .args(["--max-new-tokens", &fx.golden.max_new_tokens.to_string()])
+                .arg(&case.prompt),
         );
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        let json: serde_json::Value = serde_json::from_slice(&stdout).expect("one JSON object");
         let ids = |key: &str| -> Vec<u32> {
             serde_json::from_value(json[key].clone()).unwrap_or_else(|e| panic!("{key}: {e}"))
         };
@@ -180,25 +184,19 @@ fn bench_profile_breaks_a_step_into_phases_that_add_up() {
     let Some(fx) = fixture("stories260K") else {
         return;
     };
-    let out = cllm()
-        .args([
-            "bench",
-            "--profile",
-            "--batch",
-            "0",
-            "--prompt-tokens",
-            "32",
-        ])
-        .args(["--decode-tokens", "8", "--threads", "2", "--model"])
-        .arg(&fx.model_dir)
-        .output()
-        .expect("runs cllm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let mut cmd = cllm();
+    cmd.args([
+        "bench",
+        "--profile",
+        "--batch",
+        "0",
+        "--prompt-tokens",
+        "32",
+    ])
+    .args(["--decode-tokens", "8", "--threads", "2", "--model"])
+    .arg(&fx.model_dir);
+    let stdout = stdout_of(&mut cmd);
+    let text = String::from_utf8_lossy(&stdout);
     let sections: Vec<&str> = text.split("\n\n").collect();
     for title in [
         "prefill pass (32 tokens)",
@@ -254,18 +252,13 @@ fn bench_json_reports_an_empty_context_decode() {
     let Some(fx) = fixture("stories260K") else {
         return;
     };
-    let out = cllm()
-        .args(["bench", "--json", "--batch", "2", "--prompt-tokens", "0"])
-        .args(["--decode-tokens", "8", "--numerics", "exact", "--model"])
-        .arg(&fx.model_dir)
-        .output()
-        .expect("runs cllm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = stdout_of(
+        cllm()
+            .args(["bench", "--json", "--batch", "2", "--prompt-tokens", "0"])
+            .args(["--decode-tokens", "8", "--numerics", "exact", "--model"])
+            .arg(&fx.model_dir),
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let report: serde_json::Value = serde_json::from_slice(&stdout).expect("one JSON object");
     assert_eq!(report["prompt_tokens"], 0);
     assert_eq!(report["decode_tokens"], 8);
     assert!(report["prefill_tokens_per_s"].is_null(), "{report}");

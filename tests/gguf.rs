@@ -5,11 +5,12 @@
 mod common;
 
 use cllm::model::cpu::matmul::Numerics;
-use cllm::model::cpu::CpuExecutor;
-use cllm::model::driver::{generate_batch, Outcome};
-use cllm::model::generation::GenerationParams;
 use cllm::model::Model;
-use common::{gguf_fixture, smollm2_gguf, Golden, GoldenCase};
+use common::greedy::{
+    check_exact_runs, check_first_logits, check_tokens, check_tokens_before_close_call,
+    greedy_outcomes, tokenize_prompts,
+};
+use common::{gguf_fixture, smollm2_gguf};
 use std::path::Path;
 
 const GGUF_FILES: [&str; 9] = [
@@ -24,98 +25,20 @@ const GGUF_FILES: [&str; 9] = [
     "tiny256-q6_k",
 ];
 
-fn run(
-    model: &Model,
-    prompts: &[Vec<u32>],
-    tokens: usize,
-    chunk: usize,
-    numerics: Numerics,
-) -> Vec<Outcome> {
-    let mut executor = CpuExecutor::new(&model.config, 0, numerics);
-    let params = GenerationParams {
-        max_new_tokens: tokens,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    generate_batch(model, &mut executor, prompts, &params, chunk, |_, _| {}).expect("generates")
-}
-
-/// The prompts tokenized by the file's own tokenizer, checked against the golden ids.
-fn prompts(name: &str, model: &Model, golden: &Golden) -> Vec<Vec<u32>> {
-    golden
-        .cases
-        .iter()
-        .map(|case| {
-            let ids = model.tokenizer.encode(&case.prompt, true).expect("encodes");
-            assert_eq!(
-                ids, case.input_ids,
-                "{name}: input ids of {:?}",
-                case.prompt
-            );
-            ids
-        })
-        .collect()
-}
-
-/// Greedy tokens identical, first-step top-5 logits within `tolerance`.
-fn check(name: &str, how: &str, case: &GoldenCase, outcome: &Outcome, tolerance: f32) {
-    let got = outcome.generation.output_ids();
-    if got != case.output_ids.as_slice() {
-        let step = got
-            .iter()
-            .zip(&case.output_ids)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
-        panic!(
-            "{name} ({how}), prompt {:?}: tokens differ from step {step} (margin there {:?})\n got:  {got:?}\n want: {:?}",
-            case.prompt,
-            case.step_top1_top2_margin.get(step),
-            case.output_ids
-        );
-    }
-    for (id, want) in case
-        .first_step_top5
-        .ids
-        .iter()
-        .zip(&case.first_step_top5.values)
-    {
-        let value = outcome.first_logits[*id as usize];
-        assert!(
-            (value - want).abs() <= tolerance,
-            "{name} ({how}), prompt {:?}: first-step logit of {id} is {value}, HF says {want}",
-            case.prompt
-        );
-    }
-}
-
 fn check_file(name: &str) {
     let Some((path, golden)) = gguf_fixture(name) else {
         return;
     };
     let model = Model::load(&path).unwrap_or_else(|e| panic!("{name} loads: {e}"));
-    let prompts = prompts(name, &model, &golden);
-    let tokens = golden.max_new_tokens;
-    for (case, prompt) in golden.cases.iter().zip(&prompts) {
-        let outcome = &run(
-            &model,
-            std::slice::from_ref(prompt),
-            tokens,
-            512,
-            Numerics::Exact,
-        )[0];
-        check(name, "alone", case, outcome, 1e-3);
-    }
-    for (chunk, how) in [(512, "batched"), (3, "chunked prefill")] {
-        let outcomes = run(&model, &prompts, tokens, chunk, Numerics::Exact);
-        for (case, outcome) in golden.cases.iter().zip(&outcomes) {
-            check(name, how, case, outcome, 1e-3);
-        }
-    }
+    let prompts = tokenize_prompts(name, &model, &golden);
+    check_exact_runs(name, &model, &prompts, &golden);
     // Quantized and f32 weights compute exactly in fast mode too.
     if !matches!(name, "tiny256-f16" | "tiny256-bf16") {
-        let outcomes = run(&model, &prompts, tokens, 512, Numerics::Fast);
+        let outcomes =
+            greedy_outcomes(&model, &prompts, golden.max_new_tokens, 512, Numerics::Fast);
         for (case, outcome) in golden.cases.iter().zip(&outcomes) {
-            check(name, "fast numerics", case, outcome, 1e-3);
+            check_tokens(name, "fast numerics", case, outcome);
+            check_first_logits(name, "fast numerics", case, outcome, |_| 1e-3);
         }
     }
 }
@@ -175,49 +98,29 @@ fn tiny256_16_bit_fast_numerics_within_tolerance() {
             return;
         };
         let model = Model::load(&path).expect("loads");
-        let prompts = prompts(name, &model, &golden);
+        let prompts = tokenize_prompts(name, &model, &golden);
         let mut worst = 0.0f32;
         for chunk in [512, 3] {
-            let outcomes = run(
+            let outcomes = greedy_outcomes(
                 &model,
                 &prompts,
                 golden.max_new_tokens,
                 chunk,
                 Numerics::Fast,
             );
+            let how = format!("fast, prefill chunk {chunk}");
             for (case, outcome) in golden.cases.iter().zip(&outcomes) {
-                let got = outcome.generation.output_ids();
-                let close = case
-                    .step_top1_top2_margin
-                    .iter()
-                    .position(|&m| m < 0.1)
-                    .unwrap_or(case.output_ids.len());
-                assert_eq!(
-                    &got[..close],
-                    &case.output_ids[..close],
-                    "{name} fast, {:?}",
-                    case.prompt
-                );
-                for (id, want) in case
-                    .first_step_top5
-                    .ids
-                    .iter()
-                    .zip(&case.first_step_top5.values)
-                {
-                    let value = outcome.first_logits[*id as usize];
-                    // bf16 activations carry a relative rounding of up to 2^-9 per product,
-                    // and the logit error grows with the logit: these files' logits reach ~20
-                    // (the final norm is scaled by 4), where 2e-2 absolute is 1e-3 relative,
-                    // and the measured worst case is 6.7e-3 relative (0.075 on 11.3; with the
-                    // activations split into two bf16 parts it is 1e-5: the rounding, not a
-                    // bug). So: 2e-2 absolute, or 1e-2 relative to the logit when that is
-                    // larger; the README states both and the measured worst case.
-                    let tolerance = (2e-2f32).max(1e-2 * want.abs());
-                    worst = worst.max((value - want).abs() / want.abs().max(1.0));
-                    assert!(
-                        (value - want).abs() <= tolerance,
-                        "{name} fast: logit {id}: {value} vs {want}"
-                    );
+                check_tokens_before_close_call(name, &how, case, outcome);
+                // bf16 activations carry a relative rounding of up to 2^-9 per product,
+                // and the logit error grows with the logit: these files' logits reach ~20
+                // (the final norm is scaled by 4), where 2e-2 absolute is 1e-3 relative,
+                // and the measured worst case is 6.7e-3 relative (0.075 on 11.3; with the
+                // activations split into two bf16 parts it is 1e-5: the rounding, not a
+                // bug). So: 2e-2 absolute, or 1e-2 relative to the logit when that is
+                // larger; the README states both and the measured worst case.
+                let tolerance = |want: f32| (2e-2f32).max(1e-2 * want.abs());
+                for (want, got) in check_first_logits(name, &how, case, outcome, tolerance) {
+                    worst = worst.max((got - want).abs() / want.abs().max(1.0));
                 }
             }
         }
@@ -238,31 +141,22 @@ fn smollm2_q4_1_matches_hf() {
         model.eos_token_ids.contains(&2),
         "<|im_end|> ends generation"
     );
-    let prompts = prompts("smollm2", &model, &golden);
-    let outcomes = run(
-        &model,
-        &prompts,
-        golden.max_new_tokens,
-        512,
-        Numerics::Exact,
-    );
+    let prompts = tokenize_prompts("smollm2", &model, &golden);
+    let tokens = golden.max_new_tokens;
+    let outcomes = greedy_outcomes(&model, &prompts, tokens, 512, Numerics::Exact);
     for (case, outcome) in golden.cases.iter().zip(&outcomes) {
-        check("smollm2", "batched", case, outcome, 1e-3);
+        check_tokens("smollm2", "batched", case, outcome);
+        check_first_logits("smollm2", "batched", case, outcome, |_| 1e-3);
     }
     // Default numerics: quantized weights compute exactly there too.
-    let outcomes = run(
-        &model,
-        &prompts[..1],
-        golden.max_new_tokens,
-        7,
-        Numerics::Fast,
-    );
-    check(
+    let outcome = &greedy_outcomes(&model, &prompts[..1], tokens, 7, Numerics::Fast)[0];
+    check_tokens("smollm2", "fast, chunked", &golden.cases[0], outcome);
+    check_first_logits(
         "smollm2",
         "fast, chunked",
         &golden.cases[0],
-        &outcomes[0],
-        1e-3,
+        outcome,
+        |_| 1e-3,
     );
 }
 
