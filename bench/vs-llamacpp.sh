@@ -151,8 +151,8 @@ for round in $(seq 1 "$ROUNDS"); do
     record "$round" "$m" llama.cpp decode_512 "$depth"
     # cllm: the same three.
     src=$(cllm_src "$m")
-    a=$("$CLLM" bench $src --threads "$THREADS" --batch 0 --json)
-    b=$("$CLLM" bench $src --threads "$THREADS" --batch 0 --prompt-tokens 0 --json)
+    a=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 --json)
+    b=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 --prompt-tokens 0 --json)
     record "$round" "$m" cllm prefill "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['prefill_tokens_per_s'])")"
     record "$round" "$m" cllm decode_512 "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
     record "$round" "$m" cllm decode_empty "$(echo "$b" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"

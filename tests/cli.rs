@@ -264,10 +264,13 @@ fn bench_json_reports_an_empty_context_decode() {
     assert!(report["prefill_tokens_per_s"].is_null(), "{report}");
     assert_eq!(report["dtype"], "f32");
     assert_eq!(report["numerics"], "exact (f32)");
+    assert_eq!(report["device"]["kind"], "cpu", "{report}");
+    assert_eq!(report["batches"][0]["batch"], 2, "{report}");
     for key in [
         "decode_tokens_per_s",
         "decode_batch_tokens_per_s",
         "baseline_read_gbs",
+        "baseline_gbs",
     ] {
         assert!(
             report[key].as_f64().is_some_and(|v| v > 0.0),

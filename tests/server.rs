@@ -751,3 +751,49 @@ async fn stalled_scheduler_makes_health_unhealthy_with_503() {
     assert_eq!(stuck.await.expect("task"), 200);
     server.shutdown().await;
 }
+
+/// `/info`, `/health` (component `model_executor`) and `/metrics` report the device and the
+/// KV cache the scheduler really has (the CPU here; the GPU when `CLLM_TEST_DEVICE=cuda`).
+#[tokio::test]
+async fn info_health_and_metrics_report_the_device() {
+    let fx = fixture("stories260K").expect("in the repository");
+    let server = TestServer::start(&fx.model_dir, |_| {}).await;
+    let info = server.get_json("/info").await;
+    let health = server.health().await;
+    let metrics = server.metrics().await;
+    let kind = info["backend"].as_str().expect("backend").to_string();
+    let expected = if std::env::var("CLLM_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda")) {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    assert_eq!(kind, expected, "{info}");
+    let device = &info["device"];
+    assert_eq!(device["kind"], expected);
+    let blocks = device["kv_cache_blocks"].as_u64().expect("kv blocks");
+    assert_eq!(info["kv_cache_blocks"].as_u64(), Some(blocks));
+    assert_eq!(
+        health["metrics"]["kv_blocks_total"].as_u64(),
+        Some(blocks),
+        "/info reports the blocks the scheduler really has"
+    );
+    let executor = &health["components"]["model_executor"];
+    assert_eq!(executor["backend"], expected);
+    assert_eq!(executor["device"]["kv_cache_blocks"].as_u64(), Some(blocks));
+    assert!(
+        metrics.contains(&format!("cllm_device_info{{kind=\"{expected}\"")),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(&metrics, "cllm_kv_cache_blocks"),
+        blocks as f64
+    );
+    if expected == "cuda" {
+        assert!(
+            device["memory_total_bytes"].as_u64().unwrap_or(0) > 0,
+            "{device}"
+        );
+        assert!(metrics.contains("cllm_device_memory_total_bytes"));
+    }
+    server.shutdown().await;
+}

@@ -256,7 +256,10 @@ pub struct ModelConfig {
     /// of the model's own tokenizer; a GGUF file's chat template still applies when that
     /// folder has none.
     pub tokenizer: Option<PathBuf>,
-    /// Compute threads (0 = all cores).
+    /// Where the model runs: `auto` (the GPU when the CUDA driver loads and a device is
+    /// present, else the CPU), `cpu`, `cuda` or `cuda:N` (a start-up error without that GPU).
+    pub device: crate::model::executor::DeviceChoice,
+    /// CPU compute threads (0 = all cores).
     pub threads: usize,
     /// How products with bf16 and f16 weights compute on AVX-512 CPUs. `fast`: with bf16
     /// weights and AVX512-BF16, the q/k/v, o, gate and up projections round their inputs to
@@ -283,8 +286,11 @@ pub struct SchedulerConfig {
     pub prefill_chunk: usize,
     /// KV cache size in blocks; `None` = sized from `kv_cache_mb`.
     pub kv_cache_blocks: Option<usize>,
-    /// KV cache size in MiB, used when `kv_cache_blocks` is unset.
+    /// KV cache size in MiB on the CPU, used when `kv_cache_blocks` is unset.
     pub kv_cache_mb: usize,
+    /// On a GPU, when `kv_cache_blocks` is unset: the fraction of the device memory left free
+    /// after the weights that the KV cache takes.
+    pub kv_cache_memory_fraction: f64,
     /// `max_new_tokens` of a request that does not say.
     pub default_max_new_tokens: usize,
     /// Largest `max_new_tokens` a request may ask for.
@@ -302,6 +308,7 @@ impl Default for SchedulerConfig {
             prefill_chunk: 256,
             kv_cache_blocks: None,
             kv_cache_mb: 512,
+            kv_cache_memory_fraction: 0.9,
             default_max_new_tokens: 100,
             max_new_tokens_limit: 4096,
             debug_step_delay_ms: 0,
@@ -604,6 +611,12 @@ impl ServerConfig {
         match s.kv_cache_blocks {
             Some(blocks) => at_least(errors, "scheduler.kv_cache_blocks", blocks, 1),
             None => at_least(errors, "scheduler.kv_cache_mb", s.kv_cache_mb, 1),
+        }
+        let f = s.kv_cache_memory_fraction;
+        if !(f > 0.0 && f <= 1.0) {
+            errors.push(format!(
+                "scheduler.kv_cache_memory_fraction must be in (0, 1], got {f}"
+            ));
         }
         at_least(
             errors,

@@ -11,7 +11,8 @@ use crate::http::params::Limits;
 use crate::http::{router, AppState, HealthSettings};
 use crate::metrics::Metrics;
 use crate::model::chat_template::ChatTemplate;
-use crate::model::kv_cache::KvCache;
+use crate::model::executor::{open_executor, ExecutorSettings};
+use crate::model::kv_cache::{block_bytes, BlockPool};
 use crate::model::Model;
 use crate::scheduler::{Scheduler, SchedulerSettings};
 use crate::tracker::RequestTracker;
@@ -200,17 +201,30 @@ fn build_state(
             .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
     });
     let s = &config.scheduler;
-    let block_bytes = KvCache::block_bytes(model.kv_layout());
-    let kv_cache_blocks = s
+    // Any one request that fits the context must fit the cache, or it could never run.
+    let min_blocks = BlockPool::blocks_for(model.config.max_position_embeddings + 1);
+    let kv_blocks = s
         .kv_cache_blocks
-        .unwrap_or((s.kv_cache_mb << 20) / block_bytes.max(1));
+        .unwrap_or((s.kv_cache_mb << 20) / block_bytes(model.kv_layout()).max(1))
+        .max(min_blocks);
+    let executor = open_executor(
+        &model.config,
+        &model.weights,
+        &ExecutorSettings {
+            device: config.model.device,
+            threads: config.model.threads,
+            numerics: config.model.numerics,
+            kv_blocks,
+            kv_memory_fraction: s.kv_cache_memory_fraction,
+            kv_blocks_explicit: s.kv_cache_blocks.is_some(),
+        },
+    )?;
+    let device = executor.device().clone();
+    publish_device(&metrics, &device);
     let settings = SchedulerSettings {
         max_running_sequences: s.max_running_sequences,
         max_batch_tokens: s.max_batch_tokens,
         prefill_chunk: s.prefill_chunk,
-        kv_cache_blocks,
-        threads: config.model.threads,
-        numerics: config.model.numerics,
         step_delay: Duration::from_millis(s.debug_step_delay_ms),
         vllm_model_name: config
             .metrics
@@ -227,12 +241,14 @@ fn build_state(
         "max_batch_total_tokens": s.max_batch_tokens,
         "max_concurrent_requests": s.max_running_sequences,
         "max_queue_size": q.max_queue_size,
-        "kv_cache_blocks": kv_cache_blocks,
-        "backend": "cpu",
+        "kv_cache_blocks": device.kv_cache_blocks,
+        "backend": device.kind,
+        "device": device,
         "version": env!("CARGO_PKG_VERSION"),
     });
     let scheduler = Scheduler::start(
         model.clone(),
+        executor,
         settings,
         queue.clone(),
         tracker.clone(),
@@ -271,5 +287,31 @@ fn build_state(
         },
         max_body_bytes: config.http.max_body_bytes,
         plugins,
+        device,
     }))
+}
+
+/// `cllm_device_info{kind, name}` and the device's memory and KV cache sizes as gauges.
+fn publish_device(metrics: &Metrics, device: &crate::model::executor::DeviceInfo) {
+    let labels = [
+        ("kind", device.kind.to_string()),
+        ("name", device.name.clone()),
+    ];
+    metrics.gauge_with("cllm_device_info", &labels).set(1.0);
+    metrics
+        .gauge("cllm_kv_cache_blocks")
+        .set(device.kv_cache_blocks as f64);
+    metrics
+        .gauge("cllm_kv_cache_bytes")
+        .set(device.kv_cache_bytes as f64);
+    if let Some(total) = device.memory_total_bytes {
+        metrics
+            .gauge("cllm_device_memory_total_bytes")
+            .set(total as f64);
+    }
+    if let Some(free) = device.memory_free_bytes {
+        metrics
+            .gauge("cllm_device_memory_free_bytes")
+            .set(free as f64);
+    }
 }

@@ -3,8 +3,8 @@
 
 use super::{Golden, GoldenCase};
 use cllm::model::cpu::matmul::Numerics;
-use cllm::model::cpu::CpuExecutor;
 use cllm::model::driver::{generate_batch, Outcome};
+use cllm::model::executor::{open_executor, DeviceChoice, ExecutorSettings};
 use cllm::model::generation::GenerationParams;
 use cllm::model::Model;
 
@@ -17,13 +17,38 @@ pub fn greedy_outcomes(
     chunk: usize,
     numerics: Numerics,
 ) -> Vec<Outcome> {
-    let mut executor = CpuExecutor::new(&model.config, 0, numerics);
+    let settings = ExecutorSettings {
+        device: test_device(model),
+        threads: 0,
+        numerics,
+        kv_blocks: 0,
+        kv_memory_fraction: 1.0,
+        kv_blocks_explicit: true,
+    };
+    let mut executor =
+        open_executor(&model.config, &model.weights, &settings).expect("opens the executor");
     let params = GenerationParams {
         max_new_tokens: tokens,
         ignore_eos: true,
         ..Default::default()
     };
-    generate_batch(model, &mut executor, prompts, &params, chunk, |_, _| {}).expect("generates")
+    generate_batch(model, executor.as_mut(), prompts, &params, chunk, |_, _| {}).expect("generates")
+}
+
+/// Where the golden checks run: the CPU, or the device `CLLM_TEST_DEVICE` names (`cuda`,
+/// `cuda:N`; the GPU check script sets it). Quantized models run on the CPU, the only backend
+/// with quantized kernels, and say so.
+pub fn test_device(model: &Model) -> DeviceChoice {
+    let Ok(name) = std::env::var("CLLM_TEST_DEVICE") else {
+        return DeviceChoice::Cpu;
+    };
+    let device = DeviceChoice::parse(&name)
+        .unwrap_or_else(|| panic!("CLLM_TEST_DEVICE={name:?}: not auto, cpu, cuda or cuda:N"));
+    if matches!(model.weights.dtype(), cllm::model::weights::DType::Quant(_)) {
+        eprintln!("CPU ONLY: {} has quantized weights", model.dir.display());
+        return DeviceChoice::Cpu;
+    }
+    device
 }
 
 /// The golden prompts tokenized by the model's own tokenizer, checked against the golden ids.

@@ -5,10 +5,11 @@ use crate::model::config::ModelConfig;
 use crate::model::cpu::matmul::Numerics;
 use crate::model::cpu::pool::{PoolTimes, ThreadPool};
 use crate::model::cpu::profile::{Phase, PhaseTimes};
-use crate::model::cpu::{BatchEntry, CpuExecutor, LogitRows};
+use crate::model::executor::{
+    open_executor, BatchEntry, DeviceChoice, Executor, ExecutorSettings, LogitRows,
+};
 use crate::model::gguf;
-use crate::model::kv_cache::{KvCache, SequenceKv};
-use crate::model::kv_layout;
+use crate::model::kv_cache::{BlockPool, SequenceKv};
 use crate::model::llama::ModelWeights;
 use crate::model::rng::Rng;
 use crate::model::synthetic::{self, SyntheticSize};
@@ -37,10 +38,14 @@ pub struct BenchArgs {
     /// Tokens decoded per measurement.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
-    /// Sequences decoded together for the batched measurement (0: skip it).
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    /// Worker threads (0: one per core).
+    /// Sequences decoded together for the batched measurements: one size or a list
+    /// (`1,8,32,64`); 0 skips them.
+    #[arg(long, default_value = "8", value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// auto, cpu, cuda or cuda:N: where the model runs.
+    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    device: DeviceChoice,
+    /// CPU worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// fast or exact: how products with bf16 weights compute (see model.numerics).
@@ -86,7 +91,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --model DIR or --synthetic 110m|1b"),
     };
-    let mut executor = CpuExecutor::new(&config, args.threads, args.numerics);
+    let mut executor = open_executor(
+        &config,
+        &weights,
+        &ExecutorSettings {
+            device: args.device,
+            threads: args.threads,
+            numerics: args.numerics,
+            kv_blocks: 0, // each run sizes the cache it needs
+            kv_memory_fraction: 1.0,
+            kv_blocks_explicit: true,
+        },
+    )?;
+    let executor = executor.as_mut();
+    let device = executor.device().clone();
     let context = config.max_position_embeddings;
     let prompt_len = args
         .prompt_tokens
@@ -94,53 +112,70 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let decode_tokens = args.decode_tokens.min(context - prompt_len).max(1);
     let weight_bytes = weights.decode_bytes();
 
-    let baseline_gbs = read_bandwidth_gbs(&ThreadPool::new(args.threads), weight_bytes);
+    let (baseline_gbs, baseline_name) = match executor.copy_bandwidth_gbs(weight_bytes) {
+        Some(gbs) => (gbs, "device copy bandwidth (bytes read + written)"),
+        None => (
+            read_bandwidth_gbs(&ThreadPool::new(args.threads), weight_bytes),
+            "plain read bandwidth",
+        ),
+    };
     let bench = Bench {
         config: &config,
         weights: &weights,
     };
     // Warm up: fault in memory-mapped weights and size the buffers.
-    bench.run(&mut executor, 1, prompt_len.min(16), 2)?;
-    let single = bench.run(&mut executor, 1, prompt_len, decode_tokens)?;
-    let batched = if args.batch > 0 {
-        Some(bench.run(&mut executor, args.batch, 64.min(prompt_len), decode_tokens)?)
-    } else {
-        None
-    };
+    bench.run(executor, 1, prompt_len.min(16), 2)?;
+    let single = bench.run(executor, 1, prompt_len, decode_tokens)?;
+    let mut batched = Vec::new();
+    for &size in args.batch.iter().filter(|&&b| b > 0) {
+        let run = bench.run(executor, size, 64.min(prompt_len), decode_tokens)?;
+        batched.push((size, run.decode_tps));
+    }
     let decode_gbs = single.decode_tps * weight_bytes as f64 / 1e9;
     let profiled = if args.profile {
         executor.set_profiling(true);
-        let run = bench.run(&mut executor, 1, prompt_len, decode_tokens)?;
+        let run = bench.run(executor, 1, prompt_len, decode_tokens)?;
         executor.set_profiling(false);
         Some(run)
     } else {
         None
     };
-    let numerics = effective_numerics(args.numerics, &weights);
+    let numerics = if device.kind == "cpu" {
+        effective_numerics(args.numerics, &weights)
+    } else {
+        "exact (f32 accumulation, weights in their stored type)"
+    };
 
     if args.json {
         let report = serde_json::json!({
             "model": name,
             "dtype": weights.dtype().name(),
             "numerics": numerics,
-            "threads": executor.threads(),
+            "device": device,
             "prompt_tokens": prompt_len,
             "decode_tokens": decode_tokens,
             "prefill_tokens_per_s": single.prefill_tps,
             "decode_tokens_per_s": single.decode_tps,
-            "batch": args.batch,
-            "decode_batch_tokens_per_s": batched.as_ref().map(|b| b.decode_tps),
+            "batch": batched.first().map(|b| b.0),
+            "decode_batch_tokens_per_s": batched.first().map(|b| b.1),
+            "batches": batched
+                .iter()
+                .map(|(size, tps)| serde_json::json!({"batch": size, "decode_tokens_per_s": tps}))
+                .collect::<Vec<_>>(),
             "decode_weight_gbs": decode_gbs,
-            "baseline_read_gbs": baseline_gbs,
+            "baseline_gbs": baseline_gbs,
+            "baseline": baseline_name,
+            // The name earlier versions gave the CPU's read bandwidth.
+            "baseline_read_gbs": (device.kind == "cpu").then_some(baseline_gbs),
         });
         println!("{report}");
         return Ok(());
     }
     println!(
-        "model: {name}  dtype: {}  numerics: {numerics}  weights read per token: {:.1} MB  threads: {}",
+        "model: {name}  dtype: {}  numerics: {numerics}  weights read per token: {:.1} MB  device: {}",
         weights.dtype().name(),
         weight_bytes as f64 / 1e6,
-        executor.threads()
+        device.name
     );
     println!("| measurement | value |");
     println!("|---|---|");
@@ -152,13 +187,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         single.decode_tps
     );
     println!("| effective weight bandwidth, decode | {decode_gbs:.1} GB/s |");
-    if let Some(b) = &batched {
+    for (size, tps) in &batched {
         println!(
-            "| decode, batch {} | {:.1} tokens/s |",
-            args.batch, b.decode_tps
+            "| decode, batch {size} | {tps:.1} tokens/s ({:.1}× batch 1) |",
+            tps / single.decode_tps
         );
     }
-    println!("| baseline: plain read bandwidth, same run | {baseline_gbs:.1} GB/s |");
+    println!("| baseline: {baseline_name}, same run | {baseline_gbs:.1} GB/s |");
     println!(
         "| decode bandwidth / baseline | {:.2} |",
         decode_gbs / baseline_gbs
@@ -255,7 +290,7 @@ impl Bench<'_> {
     /// `decode_tokens` steps for all of them.
     fn run(
         &self,
-        executor: &mut CpuExecutor,
+        executor: &mut dyn Executor,
         batch: usize,
         prompt_len: usize,
         decode_tokens: usize,
@@ -269,15 +304,17 @@ impl Bench<'_> {
                     .collect()
             })
             .collect();
-        let blocks = batch * KvCache::blocks_for(prompt_len + decode_tokens);
-        let mut kv = KvCache::new(kv_layout(self.config), blocks);
+        let blocks = batch * BlockPool::blocks_for(prompt_len + decode_tokens);
+        executor.ensure_blocks(blocks)?;
         let mut seqs: Vec<SequenceKv> = (0..batch).map(|_| SequenceKv::new()).collect();
         let mut logits = Vec::new();
 
         executor.reset_profile();
         let start = Instant::now();
         for (seq, prompt) in seqs.iter_mut().zip(&prompts) {
-            kv.reserve(seq, prompt.len() + decode_tokens)?;
+            executor
+                .blocks_mut()
+                .reserve(seq, prompt.len() + decode_tokens)?;
             if prompt.is_empty() {
                 continue;
             }
@@ -286,13 +323,7 @@ impl Bench<'_> {
                 kv: seq,
                 logits: LogitRows::Last,
             }];
-            executor.forward(
-                self.config,
-                self.weights,
-                &mut kv,
-                &mut entries,
-                &mut logits,
-            )?;
+            executor.forward(self.config, self.weights, &mut entries, &mut logits)?;
         }
         let prefill_s = start.elapsed().as_secs_f64();
         let prefill_profile = executor.profile();
@@ -311,13 +342,7 @@ impl Bench<'_> {
                     logits: LogitRows::Last,
                 })
                 .collect();
-            executor.forward(
-                self.config,
-                self.weights,
-                &mut kv,
-                &mut entries,
-                &mut logits,
-            )?;
+            executor.forward(self.config, self.weights, &mut entries, &mut logits)?;
             let sampled = Instant::now();
             for (token, row) in next.iter_mut().zip(logits.chunks_exact(vocab as usize)) {
                 *token = [crate::model::sampling::argmax(row)];
@@ -325,7 +350,10 @@ impl Bench<'_> {
             sampling_ns += sampled.elapsed().as_nanos() as u64;
         }
         let decode_s = start.elapsed().as_secs_f64();
-        let profiled = |p: (PhaseTimes, PoolTimes)| (p.0.passes > 0).then_some(p);
+        for seq in &mut seqs {
+            executor.blocks_mut().release(seq);
+        }
+        let profiled = |p: Profile| p.filter(|p| p.0.passes > 0);
         Ok(RunResult {
             prefill_tps: (prompt_len > 0).then(|| (batch * prompt_len) as f64 / prefill_s),
             decode_tps: (batch * decode_tokens) as f64 / decode_s,

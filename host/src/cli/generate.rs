@@ -1,8 +1,8 @@
 //! `cllm generate`: one prompt, text streamed to stdout, speed on stderr.
 
 use crate::model::cpu::matmul::Numerics;
-use crate::model::cpu::CpuExecutor;
 use crate::model::driver::generate_batch;
+use crate::model::executor::{open_executor, DeviceChoice, ExecutorSettings};
 use crate::model::generation::GenerationParams;
 use crate::model::rng::Rng;
 use crate::model::sampling::SamplingParams;
@@ -47,7 +47,10 @@ pub struct GenerateArgs {
     /// Print one JSON object {"input_ids", "output_ids", "text"} instead of streaming.
     #[arg(long)]
     json: bool,
-    /// Worker threads (0: one per core).
+    /// auto, cpu, cuda or cuda:N: where the model runs.
+    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    device: DeviceChoice,
+    /// CPU worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// fast or exact: how products with bf16 weights compute (see model.numerics).
@@ -86,7 +89,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: args.ignore_eos,
         ..GenerationParams::default()
     };
-    let mut executor = CpuExecutor::new(&model.config, args.threads, args.numerics);
+    let mut executor = open_executor(
+        &model.config,
+        &model.weights,
+        &ExecutorSettings {
+            device: args.device,
+            threads: args.threads,
+            numerics: args.numerics,
+            kv_blocks: 0, // sized by generate_batch for the prompt
+            kv_memory_fraction: 1.0,
+            kv_blocks_explicit: true,
+        },
+    )?;
     let stream = !args.json;
     let mut stdout = std::io::stdout().lock();
     if stream {
@@ -96,14 +110,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut first_token_at = None;
     let prompts = [input_ids];
-    let outcomes = generate_batch(&model, &mut executor, &prompts, &params, 512, |_, event| {
-        first_token_at.get_or_insert_with(Instant::now);
-        if stream {
-            // A closed stdout (e.g. `| head`) must not abort generation with a panic.
-            let _ = write!(stdout, "{}", event.text);
-            let _ = stdout.flush();
-        }
-    })?;
+    let outcomes = generate_batch(
+        &model,
+        executor.as_mut(),
+        &prompts,
+        &params,
+        512,
+        |_, event| {
+            first_token_at.get_or_insert_with(Instant::now);
+            if stream {
+                // A closed stdout (e.g. `| head`) must not abort generation with a panic.
+                let _ = write!(stdout, "{}", event.text);
+                let _ = stdout.flush();
+            }
+        },
+    )?;
     let end = Instant::now();
     let [input_ids] = prompts;
     let generation = &outcomes[0].generation;

@@ -36,6 +36,12 @@ fn parse_numerics(s: &str) -> Result<crate::model::cpu::matmul::Numerics, String
         .ok_or_else(|| format!("unknown numerics {s:?} (fast, exact)"))
 }
 
+/// `--device`: `auto`, `cpu`, `cuda` or `cuda:N`.
+fn parse_device(s: &str) -> Result<crate::model::executor::DeviceChoice, String> {
+    crate::model::executor::DeviceChoice::parse(s)
+        .ok_or_else(|| format!("unknown device {s:?} (auto, cpu, cuda, cuda:N)"))
+}
+
 /// Parses the command line and runs the command; the process exit code.
 pub fn run() -> std::process::ExitCode {
     let cli = Cli::parse();

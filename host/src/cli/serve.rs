@@ -14,6 +14,9 @@ pub struct ServeArgs {
     /// model.tokenizer).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N: where the model runs (overrides model.device).
+    #[arg(long, value_parser = super::parse_device)]
+    device: Option<crate::model::executor::DeviceChoice>,
     /// YAML config file (see cllm.example.yaml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -56,6 +59,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(model) = args.model {
         config.model.path = Some(model);
+    }
+    if let Some(device) = args.device {
+        config.model.device = device;
     }
     if let Some(dir) = args.tokenizer {
         config.model.tokenizer = Some(dir);

@@ -64,6 +64,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Policy plugins, when a plugin folder is configured.
     pub plugins: Option<Arc<crate::plugins::PluginRegistry>>,
+    /// What runs the model.
+    pub device: crate::model::executor::DeviceInfo,
 }
 
 /// Who sent a request, and its id; put in request extensions by the middleware.

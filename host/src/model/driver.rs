@@ -2,10 +2,10 @@
 //! chunks, then all sequences decode together until each one finishes. The CLI and the tests
 //! use it; the server's scheduler drives the same executor with requests coming and going.
 
-use super::cpu::{BatchEntry, CpuExecutor, ExecError, LogitRows};
 use super::error::ModelError;
+use super::executor::{BatchEntry, ExecError, Executor, LogitRows};
 use super::generation::{Generation, GenerationParams, TokenEvent};
-use super::kv_cache::{KvCache, KvCacheFull, SequenceKv};
+use super::kv_cache::{BlockPool, KvCacheFull, SequenceKv};
 use super::Model;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ struct Slot<'p> {
 /// feeds per pass. `on_token(prompt_index, event)` sees every token as it is produced.
 pub fn generate_batch(
     model: &Model,
-    executor: &mut CpuExecutor,
+    executor: &mut dyn Executor,
     prompts: &[Vec<u32>],
     params: &GenerationParams,
     prefill_chunk: usize,
@@ -65,9 +65,9 @@ pub fn generate_batch(
                 context,
             });
         }
-        blocks += KvCache::blocks_for(prompt.len() + params.max_new_tokens);
+        blocks += BlockPool::blocks_for(prompt.len() + params.max_new_tokens);
     }
-    let mut kv = KvCache::new(model.kv_layout(), blocks);
+    executor.ensure_blocks(blocks)?;
     let vocab = model.config.vocab_size;
     let mut slots: Vec<Slot> = prompts
         .iter()
@@ -85,6 +85,7 @@ pub fn generate_batch(
     loop {
         let mut batch = Vec::new();
         let mut owners = Vec::new();
+        let mut full = None;
         for (i, slot) in slots.iter_mut().enumerate() {
             if slot.generation.finished().is_some() || params.max_new_tokens == 0 {
                 continue;
@@ -98,7 +99,10 @@ pub fn generate_batch(
             } else {
                 &slot.last
             };
-            kv.reserve(&mut slot.kv, tokens.len())?;
+            if let Err(e) = executor.blocks_mut().reserve(&mut slot.kv, tokens.len()) {
+                full = Some(e);
+                break;
+            }
             let want_logits = slot.prefilled == slot.prompt.len();
             owners.push((i, want_logits));
             batch.push(BatchEntry {
@@ -111,17 +115,20 @@ pub fn generate_batch(
                 },
             });
         }
+        if let Some(e) = full {
+            drop(batch);
+            release_all(executor, &mut slots);
+            return Err(e.into());
+        }
         if batch.is_empty() {
             break;
         }
-        executor.forward(
-            &model.config,
-            &model.weights,
-            &mut kv,
-            &mut batch,
-            &mut logits,
-        )?;
+        let result = executor.forward(&model.config, &model.weights, &mut batch, &mut logits);
         drop(batch);
+        if let Err(e) = result {
+            release_all(executor, &mut slots);
+            return Err(e.into());
+        }
         let mut rows = logits.chunks_exact_mut(vocab);
         for (i, _) in owners.into_iter().filter(|(_, want)| *want) {
             let Some(row) = rows.next() else { break };
@@ -129,11 +136,21 @@ pub fn generate_batch(
             if slot.generation.output_ids().is_empty() {
                 slot.first_logits = row.to_vec();
             }
-            let event = slot.generation.step(row, &model.tokenizer)?;
+            let event = match slot.generation.step(row, &model.tokenizer) {
+                Ok(event) => event,
+                Err(e) => {
+                    release_all(executor, &mut slots);
+                    return Err(e.into());
+                }
+            };
             slot.last = [event.id];
+            if event.finished.is_some() {
+                executor.blocks_mut().release(&mut slot.kv);
+            }
             on_token(i, &event);
         }
     }
+    release_all(executor, &mut slots);
     Ok(slots
         .into_iter()
         .map(|s| Outcome {
@@ -141,4 +158,11 @@ pub fn generate_batch(
             first_logits: s.first_logits,
         })
         .collect())
+}
+
+/// Gives every slot's blocks back: the executor and its cache outlive one call.
+fn release_all(executor: &mut dyn Executor, slots: &mut [Slot]) {
+    for slot in slots {
+        executor.blocks_mut().release(&mut slot.kv);
+    }
 }

@@ -89,40 +89,21 @@ impl LayerBuffer {
     }
 }
 
-/// Keys and values for every layer, in `[slot][kv_head][head_dim]` order, kept in f32.
-pub struct KvCache {
-    layout: KvLayout,
+/// Which blocks are free and which sequence holds which: the bookkeeping half of the cache,
+/// the same whichever device stores the keys and values.
+#[derive(Debug)]
+pub struct BlockPool {
     num_blocks: usize,
-    keys: Vec<LayerBuffer>,
-    values: Vec<LayerBuffer>,
     free: Vec<u32>,
 }
 
-impl KvCache {
-    /// A cache of `num_blocks` blocks, all allocated up front.
-    pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
-        let floats = num_blocks * BLOCK_SIZE * layout.kv_dim;
-        KvCache {
-            layout,
+impl BlockPool {
+    pub fn new(num_blocks: usize) -> Self {
+        BlockPool {
             num_blocks,
-            keys: (0..layout.num_layers)
-                .map(|_| LayerBuffer::new(floats))
-                .collect(),
-            values: (0..layout.num_layers)
-                .map(|_| LayerBuffer::new(floats))
-                .collect(),
             // Popped from the end: hand out low block numbers first.
             free: (0..num_blocks as u32).rev().collect(),
         }
-    }
-
-    /// Bytes one block takes across all layers (keys and values).
-    pub fn block_bytes(layout: KvLayout) -> usize {
-        2 * layout.num_layers * BLOCK_SIZE * layout.kv_dim * std::mem::size_of::<f32>()
-    }
-
-    pub fn layout(&self) -> KvLayout {
-        self.layout
     }
 
     pub fn total_blocks(&self) -> usize {
@@ -161,6 +142,49 @@ impl KvCache {
         self.free.extend(seq.blocks.drain(..).rev());
         seq.len = 0;
     }
+}
+
+/// Bytes one block takes across all layers (keys and values, f32, on any device).
+pub fn block_bytes(layout: KvLayout) -> usize {
+    2 * layout.num_layers * BLOCK_SIZE * layout.kv_dim * std::mem::size_of::<f32>()
+}
+
+/// The CPU's cache: keys and values for every layer, in `[slot][kv_head][head_dim]` order, kept
+/// in f32, and the pool of its blocks.
+pub struct KvCache {
+    layout: KvLayout,
+    pool: BlockPool,
+    keys: Vec<LayerBuffer>,
+    values: Vec<LayerBuffer>,
+}
+
+impl KvCache {
+    /// A cache of `num_blocks` blocks, all allocated up front.
+    pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
+        let floats = num_blocks * BLOCK_SIZE * layout.kv_dim;
+        KvCache {
+            layout,
+            pool: BlockPool::new(num_blocks),
+            keys: (0..layout.num_layers)
+                .map(|_| LayerBuffer::new(floats))
+                .collect(),
+            values: (0..layout.num_layers)
+                .map(|_| LayerBuffer::new(floats))
+                .collect(),
+        }
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn pool_mut(&mut self) -> &mut BlockPool {
+        &mut self.pool
+    }
 
     /// Layer `layer`'s key and value storage.
     pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
@@ -175,14 +199,8 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    fn cache(blocks: usize) -> KvCache {
-        KvCache::new(
-            KvLayout {
-                num_layers: 1,
-                kv_dim: 4,
-            },
-            blocks,
-        )
+    fn cache(blocks: usize) -> BlockPool {
+        BlockPool::new(blocks)
     }
 
     #[test]

@@ -22,6 +22,21 @@ pub struct DecoderLayer {
     pub down_proj: Linear,
 }
 
+impl DecoderLayer {
+    /// The layer's seven matrices: q, k, v, o, gate, up, down.
+    pub fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+}
+
 pub struct ModelWeights {
     /// `model.embed_tokens.weight`, `[vocab, hidden]`.
     pub embed_tokens: Tensor,
@@ -104,18 +119,10 @@ impl ModelWeights {
             .layers
             .iter()
             .map(|l| {
-                [
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.gate_proj,
-                    &l.up_proj,
-                    &l.down_proj,
-                ]
-                .iter()
-                .map(|lin| lin.weight.size_bytes())
-                .sum::<usize>()
+                l.linears()
+                    .iter()
+                    .map(|lin| lin.weight.size_bytes())
+                    .sum::<usize>()
             })
             .sum();
         layer_bytes + self.lm_head().size_bytes()

@@ -3,8 +3,10 @@
 pub mod chat_template;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod driver;
 pub mod error;
+pub mod executor;
 pub mod generation;
 pub mod gguf;
 pub mod huge_buffer;

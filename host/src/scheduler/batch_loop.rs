@@ -7,8 +7,8 @@ use super::sequence::Sequence;
 use super::{Finish, Pending, SchedulerStats, SeqEvent};
 use crate::admission::queue::RequestQueue;
 use crate::metrics::Metrics;
-use crate::model::cpu::{BatchEntry, CpuExecutor, LogitRows};
-use crate::model::kv_cache::KvCache;
+use crate::model::executor::{BatchEntry, Executor, LogitRows};
+use crate::model::kv_cache::BlockPool;
 use crate::model::logprobs::logprob_of;
 use crate::model::Model;
 use crate::tracker::{RequestTracker, Stage};
@@ -25,9 +25,6 @@ pub struct SchedulerSettings {
     pub max_batch_tokens: usize,
     /// Most prompt tokens one sequence feeds per pass.
     pub prefill_chunk: usize,
-    pub kv_cache_blocks: usize,
-    pub threads: usize,
-    pub numerics: crate::model::cpu::matmul::Numerics,
     /// Pause after each pass (tests and demos only).
     pub step_delay: Duration,
     /// Also publish vLLM's gauges, labelled with this model name (`metrics.vllm_compatible`).
@@ -94,8 +91,7 @@ struct Loop {
     stats: Arc<SchedulerStats>,
     tracker: Arc<RequestTracker>,
     metrics: LoopMetrics,
-    executor: CpuExecutor,
-    kv: KvCache,
+    executor: Box<dyn Executor>,
     running: Vec<Sequence>,
     /// Sequences pushed out of the cache; they run again before anything new is admitted.
     preempted: VecDeque<Sequence>,
@@ -106,6 +102,7 @@ struct Loop {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run(
     model: Arc<Model>,
+    executor: Box<dyn Executor>,
     settings: SchedulerSettings,
     queue: Arc<RequestQueue<Pending>>,
     stats: Arc<SchedulerStats>,
@@ -115,15 +112,11 @@ pub(super) fn run(
     ready: std::sync::mpsc::Sender<()>,
 ) {
     let _ = stats.started.set(Instant::now());
-    // Any one request that fits the context must fit the cache, or it could never run.
-    let min_blocks = KvCache::blocks_for(model.config.max_position_embeddings + 1);
-    let kv = KvCache::new(model.kv_layout(), settings.kv_cache_blocks.max(min_blocks));
     stats
         .kv_blocks_total
-        .store(kv.total_blocks(), Ordering::Relaxed);
+        .store(executor.blocks().total_blocks(), Ordering::Relaxed);
     let mut state = Loop {
-        executor: CpuExecutor::new(&model.config, settings.threads, settings.numerics),
-        kv,
+        executor,
         model,
         settings,
         queue,
@@ -135,7 +128,7 @@ pub(super) fn run(
         logits: Vec::new(),
     };
     if let Some(name) = &state.settings.vllm_model_name {
-        let blocks = state.kv.total_blocks();
+        let blocks = state.executor.blocks().total_blocks();
         let gauges = VllmGauges::new(&metrics, name, crate::model::kv_cache::BLOCK_SIZE, blocks);
         state.metrics.vllm = Some(gauges);
     }
@@ -167,7 +160,7 @@ impl Loop {
         s.running_sequences
             .store(self.running.len(), Ordering::Relaxed);
         s.kv_blocks_used
-            .store(self.kv.used_blocks(), Ordering::Relaxed);
+            .store(self.executor.blocks().used_blocks(), Ordering::Relaxed);
         self.metrics.running.set(self.running.len() as f64);
         self.metrics.kv_usage.set(s.kv_usage());
         self.metrics.queue_size.set(self.queue.len() as f64);
@@ -185,7 +178,7 @@ impl Loop {
         while i < self.running.len() {
             if self.running[i].client_gone() {
                 let mut seq = self.running.remove(i);
-                self.kv.release(&mut seq.kv);
+                self.executor.blocks_mut().release(&mut seq.kv);
                 self.tracker.record_with(
                     &seq.pending.request_id,
                     Stage::Cancelled,
@@ -207,7 +200,12 @@ impl Loop {
                 let Some(mut seq) = self.preempted.pop_front() else {
                     return;
                 };
-                if self.kv.reserve(&mut seq.kv, seq.tokens.len()).is_err() {
+                if self
+                    .executor
+                    .blocks_mut()
+                    .reserve(&mut seq.kv, seq.tokens.len())
+                    .is_err()
+                {
                     self.preempted.push_front(seq);
                     return;
                 }
@@ -216,10 +214,10 @@ impl Loop {
                 self.running.push(seq);
                 continue;
             }
-            let free = self.kv.free_blocks();
+            let free = self.executor.blocks().free_blocks();
             let Some(popped) = self
                 .queue
-                .pop_if(|p| KvCache::blocks_for(p.prompt_ids.len() + 1) <= free)
+                .pop_if(|p| BlockPool::blocks_for(p.prompt_ids.len() + 1) <= free)
             else {
                 return;
             };
@@ -237,7 +235,12 @@ impl Loop {
                 .prompt_tokens
                 .increment(pending.prompt_ids.len() as u64);
             let mut seq = Sequence::new(pending, &self.model);
-            if self.kv.reserve(&mut seq.kv, seq.tokens.len()).is_err() {
+            if self
+                .executor
+                .blocks_mut()
+                .reserve(&mut seq.kv, seq.tokens.len())
+                .is_err()
+            {
                 // pop_if checked the room; nothing else takes blocks on this thread.
                 seq.send(SeqEvent::Failed("KV cache accounting error".into()));
                 continue;
@@ -250,7 +253,7 @@ impl Loop {
     }
 
     fn try_reserve_prompt_of(&self, tokens: usize) -> bool {
-        KvCache::blocks_for(tokens + 1) <= self.kv.free_blocks()
+        BlockPool::blocks_for(tokens + 1) <= self.executor.blocks().free_blocks()
     }
 
     /// Which sequences feed how many tokens this pass: decodes first, then prefill chunks.
@@ -281,19 +284,25 @@ impl Loop {
         plan.iter()
             .map(|&(i, n)| {
                 let seq = &self.running[i];
-                KvCache::blocks_for(seq.kv.len() + n).saturating_sub(seq.kv.blocks().len())
+                BlockPool::blocks_for(seq.kv.len() + n).saturating_sub(seq.kv.blocks().len())
             })
             .sum()
     }
 
     fn step(&mut self) {
         let mut plan = self.plan();
-        while self.blocks_needed(&plan) > self.kv.free_blocks() && self.running.len() > 1 {
+        while self.blocks_needed(&plan) > self.executor.blocks().free_blocks()
+            && self.running.len() > 1
+        {
             self.preempt_newest();
             plan = self.plan();
         }
         for &(i, n) in &plan {
-            if let Err(e) = self.kv.reserve(&mut self.running[i].kv, n) {
+            if let Err(e) = self
+                .executor
+                .blocks_mut()
+                .reserve(&mut self.running[i].kv, n)
+            {
                 self.fail_all(&format!("KV cache exhausted: {e}"));
                 return;
             }
@@ -328,13 +337,8 @@ impl Loop {
             }
             self.metrics.batch_size.record(batch.len() as f64);
             let model = &self.model;
-            self.executor.forward(
-                &model.config,
-                &model.weights,
-                &mut self.kv,
-                &mut batch,
-                &mut self.logits,
-            )
+            self.executor
+                .forward(&model.config, &model.weights, &mut batch, &mut self.logits)
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = result {
@@ -438,13 +442,13 @@ impl Loop {
         }
         for &i in finished.iter().rev() {
             let mut seq = self.running.remove(i);
-            self.kv.release(&mut seq.kv);
+            self.executor.blocks_mut().release(&mut seq.kv);
         }
     }
 
     fn preempt_newest(&mut self) {
         if let Some(mut seq) = self.running.pop() {
-            self.kv.release(&mut seq.kv);
+            self.executor.blocks_mut().release(&mut seq.kv);
             seq.reset_for_recompute();
             self.tracker
                 .record(&seq.pending.request_id, Stage::Preempted);
@@ -455,7 +459,7 @@ impl Loop {
     fn fail_all(&mut self, message: &str) {
         tracing::error!(message, "scheduler step failed; failing the running batch");
         for mut seq in self.running.drain(..) {
-            self.kv.release(&mut seq.kv);
+            self.executor.blocks_mut().release(&mut seq.kv);
             seq.send(SeqEvent::Failed(message.to_string()));
             self.tracker
                 .record_with(&seq.pending.request_id, Stage::Failed, message);

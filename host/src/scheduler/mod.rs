@@ -125,6 +125,7 @@ impl Scheduler {
     /// Starts the scheduler thread.
     pub fn start(
         model: Arc<Model>,
+        executor: Box<dyn crate::model::executor::Executor>,
         settings: SchedulerSettings,
         queue: Arc<RequestQueue<Pending>>,
         tracker: Arc<RequestTracker>,
@@ -139,11 +140,11 @@ impl Scheduler {
                 .name("cllm-scheduler".into())
                 .spawn(move || {
                     batch_loop::run(
-                        model, settings, queue, stats, stop, tracker, metrics, ready_tx,
+                        model, executor, settings, queue, stats, stop, tracker, metrics, ready_tx,
                     )
                 })?
         };
-        // Serve only once the loop runs (its KV cache allocated), so /health is right at once.
+        // Serve only once the loop runs, so /health is right at once.
         if ready_rx.recv().is_err() {
             return Err(std::io::Error::other(
                 "the scheduler thread died while starting",

@@ -37,7 +37,7 @@ pub struct AttentionScratch {
 pub fn attention(
     pool: &ThreadPool,
     heads: Heads,
-    batch: &[super::BatchEntry],
+    batch: &[crate::model::executor::BatchEntry],
     tokens: &[QueryToken],
     q: &[f32],
     keys: &[f32],
@@ -182,7 +182,7 @@ const MAX_GROUP: usize = 8;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cpu::{BatchEntry, LogitRows};
+    use crate::model::executor::{BatchEntry, LogitRows};
     use crate::model::kv_cache::{KvCache, KvLayout, SequenceKv};
 
     /// Values in [-1, 1) from a fixed xorshift sequence.
@@ -236,9 +236,9 @@ mod tests {
             );
             // Take a block first so the sequence's blocks are not 0, 1, 2.
             let mut other = SequenceKv::new();
-            cache.reserve(&mut other, 16).expect("room");
+            cache.pool_mut().reserve(&mut other, 16).expect("room");
             let mut seq = SequenceKv::new();
-            cache.reserve(&mut seq, len).expect("room");
+            cache.pool_mut().reserve(&mut seq, len).expect("room");
             let (k_all, v_all) = (values(1, len * kv_dim), values(2, len * kv_dim));
             {
                 let (keys, vals) = cache.layer_mut(0);

@@ -7,58 +7,10 @@ use super::ops::{add_bias, add_in_place, apply_rope, rms_norm, silu_mul};
 use super::pool::{PoolTimes, ThreadPool};
 use super::profile::{Phase, PhaseTimes, Profiler};
 use crate::model::config::ModelConfig;
-use crate::model::kv_cache::{KvCache, SequenceKv};
+use crate::model::executor::{check_batch, BatchEntry, ExecError, LogitRows};
+use crate::model::kv_cache::KvCache;
 use crate::model::llama::{Linear, ModelWeights};
 use crate::model::rope::Rope;
-
-/// One sequence's part of a forward pass.
-pub struct BatchEntry<'a> {
-    /// New tokens: a prompt chunk, or the one token sampled last step.
-    pub tokens: &'a [u32],
-    /// Its cache; must have room for `tokens` (see [`KvCache::reserve`]). Advanced by the pass.
-    pub kv: &'a mut SequenceKv,
-    /// Which of this entry's tokens get logits.
-    pub logits: LogitRows,
-}
-
-/// Which tokens of a batch entry the pass computes logits for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogitRows {
-    None,
-    /// The last token only: what sampling the next token needs.
-    Last,
-    /// Every token, in order (prompt log-probabilities need them).
-    All,
-}
-
-impl LogitRows {
-    /// Logit rows an entry of `tokens` tokens produces.
-    pub fn count(self, tokens: usize) -> usize {
-        match self {
-            LogitRows::None => 0,
-            LogitRows::Last => 1,
-            LogitRows::All => tokens,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ExecError {
-    #[error("batch entry {0} has no tokens")]
-    EmptyEntry(usize),
-    #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
-    TokenOutOfRange { id: u32, vocab: usize },
-    #[error(
-        "batch entry {entry}: KV cache holds {capacity} slots, {needed} needed (reserve first)"
-    )]
-    KvNotReserved {
-        entry: usize,
-        needed: usize,
-        capacity: usize,
-    },
-    #[error("position {pos} is past the model's context of {max} tokens")]
-    ContextOverflow { pos: usize, max: usize },
-}
 
 /// Activation buffers sized for the largest batch seen so far; reused across passes.
 #[derive(Default)]
@@ -374,37 +326,4 @@ fn linears(
             add_bias(out, bias);
         }
     }
-}
-
-fn check_batch(config: &ModelConfig, batch: &[BatchEntry]) -> Result<(), ExecError> {
-    for (i, entry) in batch.iter().enumerate() {
-        if entry.tokens.is_empty() {
-            return Err(ExecError::EmptyEntry(i));
-        }
-        if let Some(&id) = entry
-            .tokens
-            .iter()
-            .find(|&&id| id as usize >= config.vocab_size)
-        {
-            return Err(ExecError::TokenOutOfRange {
-                id,
-                vocab: config.vocab_size,
-            });
-        }
-        let needed = entry.kv.len() + entry.tokens.len();
-        if needed > entry.kv.capacity() {
-            return Err(ExecError::KvNotReserved {
-                entry: i,
-                needed,
-                capacity: entry.kv.capacity(),
-            });
-        }
-        if needed > config.max_position_embeddings {
-            return Err(ExecError::ContextOverflow {
-                pos: needed - 1,
-                max: config.max_position_embeddings,
-            });
-        }
-    }
-    Ok(())
 }

@@ -14,4 +14,4 @@ mod shared;
 #[clippy::msrv = "1.89"]
 mod vector_math;
 
-pub use executor::{BatchEntry, CpuExecutor, ExecError, LogitRows};
+pub use executor::CpuExecutor;

@@ -1,0 +1,695 @@
+//! The CUDA executor: weights uploaded once, the paged KV cache in device memory, and a
+//! forward pass that launches the kernels of `kernels/` layer by layer on one stream. Logits
+//! come back to the host, where sampling runs as on the CPU.
+
+use super::compile::compile_all;
+use super::kernels::{elementwise_blocks, launch, matmul, Arg, Kernels};
+use super::memory::{DeviceBuffer, Growable};
+use super::weights::{unsupported_dtype, upload, DevMatrix, DevWeights};
+use crate::model::config::ModelConfig;
+use crate::model::executor::{
+    check_batch, BatchEntry, DeviceInfo, ExecError, Executor, ExecutorSettings, LogitRows,
+};
+use crate::model::kv_cache::{block_bytes, BlockPool, BLOCK_SIZE};
+use crate::model::llama::ModelWeights;
+use crate::model::rope::Rope;
+use anyhow::Context;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaContext, CudaStream, DriverError};
+use std::sync::Arc;
+
+/// Attention splits aim for this many blocks per streaming multiprocessor.
+const ATTENTION_BLOCKS_PER_SM: usize = 4;
+const MAX_ATTENTION_SPLITS: usize = 64;
+/// Keys per split at least (fewer would spend more on merging than on attending).
+const MIN_SPLIT_KEYS: usize = 64;
+const MAX_HEAD_DIM: usize = 256;
+/// Threads of a norm block (one block a row): enough that each loads only a few values.
+const NORM_THREADS: u32 = 512;
+/// Decode steps of up to this many sequences run as captured CUDA graphs.
+const MAX_GRAPH_BATCH: usize = 256;
+
+fn dev(e: DriverError) -> ExecError {
+    ExecError::Device(format!("{e:?}"))
+}
+
+/// Model shape, as the kernels take it.
+#[derive(Clone, Copy)]
+struct Dims {
+    h: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    q_dim: usize,
+    kv_dim: usize,
+    qkv_rows: usize,
+    inter: usize,
+    vocab: usize,
+    eps: f32,
+    window: usize,
+    layers: usize,
+}
+
+impl Dims {
+    fn new(c: &ModelConfig) -> Dims {
+        Dims {
+            h: c.hidden_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            d: c.head_dim,
+            q_dim: c.q_dim(),
+            kv_dim: c.kv_dim(),
+            qkv_rows: c.q_dim() + 2 * c.kv_dim(),
+            inter: c.intermediate_size,
+            vocab: c.vocab_size,
+            eps: c.rms_norm_eps,
+            window: c.sliding_window.unwrap_or(0),
+            layers: c.num_hidden_layers,
+        }
+    }
+}
+
+/// Per-pass inputs built on the host, kept to avoid allocating in the decode loop.
+#[derive(Default)]
+struct HostScratch {
+    slots: Vec<i32>,
+    positions: Vec<i32>,
+    /// Where each token's block table starts in `tables`.
+    offsets: Vec<i32>,
+    tables: Vec<i32>,
+    /// The tokens that get logits.
+    rows: Vec<i32>,
+    /// ids | slots | positions | offsets | rows | tables: one upload.
+    ints: Vec<i32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// cos | sin: one upload.
+    angles: Vec<f32>,
+}
+
+/// Activation buffers, grown to the largest pass seen.
+#[derive(Default)]
+struct Buffers {
+    x: Growable,
+    normed: Growable,
+    qkv: Growable,
+    attn: Growable,
+    gate_up: Growable,
+    act: Growable,
+    ints: Growable,
+    angles: Growable,
+    part_ml: Growable,
+    part_acc: Growable,
+    last: Growable,
+    logits: Growable,
+}
+
+/// Device addresses and shape of one forward pass.
+#[derive(Clone, Copy, Default)]
+struct Pass {
+    n: usize,
+    m: usize,
+    splits: usize,
+    split_keys: usize,
+    x: u64,
+    normed: u64,
+    qkv: u64,
+    attn: u64,
+    gate_up: u64,
+    act: u64,
+    part_ml: u64,
+    part_acc: u64,
+    last: u64,
+    logits: u64,
+    ids: u64,
+    slots: u64,
+    positions: u64,
+    offsets: u64,
+    rows: u64,
+    tables: u64,
+    cos: u64,
+    sin: u64,
+}
+
+impl Buffers {
+    /// Sizes every buffer for `n` tokens, `m` logit rows, `splits` attention splits and
+    /// `ints` packed integers; the addresses, and whether any buffer moved.
+    fn size(
+        &mut self,
+        dims: &Dims,
+        n: usize,
+        m: usize,
+        splits: usize,
+        ints: usize,
+    ) -> Result<(Pass, bool), ExecError> {
+        let f = 4usize;
+        let mut grew = false;
+        let mut take = |g: &mut Growable, bytes: usize| -> Result<u64, ExecError> {
+            let (ptr, moved) = g.sized(bytes).map_err(dev)?;
+            grew |= moved;
+            Ok(ptr)
+        };
+        let half = dims.d / 2;
+        let ints_ptr = take(&mut self.ints, ints * 4)?;
+        let angles = take(&mut self.angles, 2 * n * half * f)?;
+        let int_at = |i: usize| ints_ptr + (i * 4) as u64;
+        let pass = Pass {
+            x: take(&mut self.x, n * dims.h * f)?,
+            normed: take(&mut self.normed, n * dims.h * f)?,
+            qkv: take(&mut self.qkv, n * dims.qkv_rows * f)?,
+            attn: take(&mut self.attn, n * dims.q_dim * f)?,
+            gate_up: take(&mut self.gate_up, n * 2 * dims.inter * f)?,
+            act: take(&mut self.act, n * dims.inter * f)?,
+            part_ml: take(&mut self.part_ml, n * dims.heads * splits * 2 * f)?,
+            part_acc: take(&mut self.part_acc, n * dims.heads * splits * dims.d * f)?,
+            last: take(&mut self.last, m.max(1) * dims.h * f)?,
+            logits: take(&mut self.logits, m.max(1) * dims.vocab * f)?,
+            ids: int_at(0),
+            slots: int_at(n),
+            positions: int_at(2 * n),
+            offsets: int_at(3 * n),
+            rows: int_at(4 * n),
+            tables: int_at(4 * n + m),
+            cos: angles,
+            sin: angles + (n * half * f) as u64,
+            ..Pass::default()
+        };
+        Ok((pass, grew))
+    }
+}
+
+/// A captured decode step. SAFETY of Send: the graph's handles are plain driver handles,
+/// used only by the backend that owns them, with its context bound to the calling thread.
+struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: see [`Graph`].
+unsafe impl Send for Graph {}
+
+/// The KV cache in device memory: all layers' keys, then all layers' values.
+struct DeviceKv {
+    keys: DeviceBuffer,
+    values: DeviceBuffer,
+    layer_bytes: usize,
+}
+
+impl DeviceKv {
+    fn alloc(dims: &Dims, blocks: usize, stream: &CudaStream) -> Result<DeviceKv, DriverError> {
+        let layer_bytes = blocks * BLOCK_SIZE * dims.kv_dim * 4;
+        let keys = DeviceBuffer::alloc(layer_bytes * dims.layers)?;
+        let values = DeviceBuffer::alloc(layer_bytes * dims.layers)?;
+        // Unwritten slots are never read, but zeros keep a stray read finite.
+        keys.zero(stream.cu_stream())?;
+        values.zero(stream.cu_stream())?;
+        Ok(DeviceKv {
+            keys,
+            values,
+            layer_bytes,
+        })
+    }
+}
+
+pub struct CudaBackend {
+    // Device memory first: fields drop in order, and the context must outlive them.
+    weights: DevWeights,
+    bufs: Buffers,
+    kv: DeviceKv,
+    kernels: Kernels,
+    pool: BlockPool,
+    dims: Dims,
+    rope: Rope,
+    host: HostScratch,
+    /// Captured decode steps by (tokens, attention splits, keys per split).
+    graphs: std::collections::HashMap<(usize, usize, usize), Graph>,
+    sms: usize,
+    info: DeviceInfo,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+}
+
+/// Whether the CUDA driver library can be loaded at all (`libcuda.so`).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// A CUDA context with the kernels compiled and loaded for its architecture.
+pub(super) struct OpenDevice {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub kernels: Kernels,
+    /// `sm_90`.
+    pub arch: String,
+    pub name: String,
+    /// Streaming multiprocessors.
+    pub sms: usize,
+}
+
+/// Opens CUDA device `ordinal`: checks the driver library first (cudarc panics without it),
+/// creates the context and one stream, and compiles and loads the kernels.
+pub(super) fn open_device(ordinal: usize) -> anyhow::Result<OpenDevice> {
+    if !driver_present() {
+        anyhow::bail!("the CUDA driver library (libcuda.so) is not installed");
+    }
+    let count = CudaContext::device_count().map_err(|e| anyhow::anyhow!("cuInit: {e:?}"))?;
+    if ordinal >= count.max(0) as usize {
+        anyhow::bail!("no CUDA device {ordinal} ({count} present)");
+    }
+    let ctx = CudaContext::new(ordinal)
+        .map_err(|e| anyhow::anyhow!("creating the CUDA context: {e:?}"))?;
+    // One stream and raw pointers: cudarc's per-buffer event tracking is not needed.
+    // SAFETY: every launch and copy of the backend goes through its one stream.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let arch = format!("sm_{major}{minor}");
+    let cubins = compile_all(&arch).map_err(|e| anyhow::anyhow!("compiling the kernels: {e}"))?;
+    let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+    let sms = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap_or(1)
+        .max(1) as usize;
+    let kernels = Kernels::load(&ctx, &cubins, sms).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(OpenDevice {
+        ctx,
+        stream,
+        kernels,
+        arch,
+        name,
+        sms,
+    })
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal` for `model`: compiles the kernels for its architecture,
+    /// uploads the weights and allocates the KV cache. Fails (never panics) when there is no
+    /// driver, no such device, no NVRTC, or weights the kernels cannot read.
+    pub fn open(
+        config: &ModelConfig,
+        weights: &ModelWeights,
+        ordinal: usize,
+        settings: &ExecutorSettings,
+    ) -> anyhow::Result<Self> {
+        if let Some(dtype) = unsupported_dtype(weights) {
+            anyhow::bail!(
+                "the CUDA kernels read f32, f16 and bf16 weights; this model has {dtype} tensors \
+                 (run it with --device cpu)"
+            );
+        }
+        let dims = Dims::new(config);
+        if dims.d > MAX_HEAD_DIM || !dims.d.is_multiple_of(2) {
+            anyhow::bail!(
+                "head_dim {} is not supported on CUDA (even, at most {MAX_HEAD_DIM})",
+                dims.d
+            );
+        }
+        let device = open_device(ordinal)?;
+        let (ctx, stream, kernels) = (device.ctx, device.stream, device.kernels);
+        let (arch, name, sms) = (device.arch, device.name, device.sms);
+        let weights = upload(weights, stream.cu_stream())
+            .map_err(|e| anyhow::anyhow!("uploading the weights: {e:?}"))?;
+        let per_block = block_bytes(crate::model::kv_layout(config));
+        let (free, total) = ctx.mem_get_info().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let blocks = if settings.kv_blocks_explicit {
+            settings.kv_blocks
+        } else {
+            let budget = (free as f64 * settings.kv_memory_fraction) as usize;
+            (budget / per_block.max(1)).min(u32::MAX as usize)
+        };
+        let min_blocks = BlockPool::blocks_for(config.max_position_embeddings + 1);
+        let blocks = blocks.max(settings.kv_blocks.min(min_blocks)).max(1);
+        let kv = DeviceKv::alloc(&dims, blocks, &stream)
+            .with_context(|| format!("allocating a KV cache of {blocks} blocks"))
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        stream.synchronize().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let (free_after, _) = ctx.mem_get_info().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let info = DeviceInfo {
+            kind: "cuda",
+            name: format!("{name} ({arch})"),
+            ordinal: Some(ordinal),
+            memory_total_bytes: Some(total as u64),
+            memory_free_bytes: Some(free_after as u64),
+            kv_cache_blocks: blocks,
+            kv_cache_bytes: (blocks * per_block) as u64,
+            reason: match settings.device {
+                crate::model::executor::DeviceChoice::Auto => {
+                    format!("device auto: CUDA device {ordinal} found")
+                }
+                other => format!("--device {other}"),
+            },
+        };
+        tracing::info!(
+            device = %info.name,
+            weights_mb = weights.bytes >> 20,
+            kv_blocks = blocks,
+            kv_mb = info.kv_cache_bytes >> 20,
+            "CUDA backend ready"
+        );
+        Ok(CudaBackend {
+            weights,
+            bufs: Buffers::default(),
+            kv,
+            kernels,
+            pool: BlockPool::new(blocks),
+            dims,
+            rope: Rope::new(config),
+            host: HostScratch::default(),
+            graphs: Default::default(),
+            sms,
+            info,
+            stream,
+            ctx,
+        })
+    }
+
+    /// Every kernel of one forward pass, on the stream (or into a graph being captured):
+    /// ten launches a layer. The residual adds are the o and down products' (they add into
+    /// the residual stream x), and RoPE and the KV append are one kernel.
+    fn launch_pass(&self, p: &Pass) -> Result<(), DriverError> {
+        let (dims, k, st, w) = (&self.dims, &self.kernels, &self.stream, &self.weights);
+        let (ni, hi) = (p.n as u32, dims.h as i32);
+        let eps = dims.eps;
+        let scale = 1.0 / (dims.d as f32).sqrt();
+        launch(
+            st,
+            &k.embed[w.embed.dtype as usize],
+            (ni, 1, 1),
+            256,
+            &[
+                Arg::Ptr(w.embed.buf.ptr()),
+                Arg::Ptr(p.ids),
+                Arg::Ptr(p.x),
+                Arg::I32(hi),
+            ],
+        )?;
+        // `x · W` of the RMSNorm of the residual stream x with `norm_weight`, into `out`.
+        let normed_product = |m: &DevMatrix, norm_weight: u64, out: u64| {
+            let args = [
+                Arg::Ptr(p.x),
+                Arg::Ptr(norm_weight),
+                Arg::Ptr(p.normed),
+                Arg::I32(hi),
+                Arg::F32(eps),
+            ];
+            launch(st, &k.rms_norm, (ni, 1, 1), NORM_THREADS, &args)?;
+            matmul(st, k, &m.view(), p.normed, out, p.n, false)
+        };
+        for (li, layer) in w.layers.iter().enumerate() {
+            normed_product(&layer.qkv, layer.input_norm.ptr(), p.qkv)?;
+            let layer_off = (li * self.kv.layer_bytes) as u64;
+            let (kc, vc) = (
+                self.kv.keys.ptr() + layer_off,
+                self.kv.values.ptr() + layer_off,
+            );
+            let stride = Arg::I32(dims.qkv_rows as i32);
+            let rope_args = [
+                Arg::Ptr(p.qkv),
+                stride,
+                Arg::I32(dims.heads as i32),
+                Arg::I32(dims.kv_heads as i32),
+                Arg::I32(dims.d as i32),
+                Arg::Ptr(p.cos),
+                Arg::Ptr(p.sin),
+                Arg::Ptr(p.slots),
+                Arg::Ptr(kc),
+                Arg::Ptr(vc),
+            ];
+            launch(st, &k.rope_kv_append, (ni, 1, 1), 128, &rope_args)?;
+            let split_args = [
+                Arg::Ptr(p.qkv),
+                stride,
+                Arg::Ptr(kc),
+                Arg::Ptr(vc),
+                Arg::Ptr(p.tables),
+                Arg::Ptr(p.offsets),
+                Arg::Ptr(p.positions),
+                Arg::I32(dims.heads as i32),
+                Arg::I32(dims.kv_heads as i32),
+                Arg::I32(dims.d as i32),
+                Arg::I32(dims.window as i32),
+                Arg::F32(scale),
+                Arg::I32(p.split_keys as i32),
+                Arg::Ptr(p.part_ml),
+                Arg::Ptr(p.part_acc),
+            ];
+            let grid = (ni, dims.heads as u32, p.splits as u32);
+            launch(st, &k.attention_split, grid, 128, &split_args)?;
+            let merge_args = [
+                Arg::Ptr(p.part_ml),
+                Arg::Ptr(p.part_acc),
+                Arg::I32(dims.heads as i32),
+                Arg::I32(dims.d as i32),
+                Arg::I32(p.splits as i32),
+                Arg::Ptr(p.attn),
+            ];
+            launch(
+                st,
+                &k.attention_merge,
+                (ni, dims.heads as u32, 1),
+                128,
+                &merge_args,
+            )?;
+            // x += attn · Wo, x += SwiGLU(...) · Wdown: the residual adds are the products'.
+            matmul(st, k, &layer.o.view(), p.attn, p.x, p.n, true)?;
+            normed_product(&layer.gate_up, layer.post_norm.ptr(), p.gate_up)?;
+            let elems = p.n * dims.inter;
+            let silu_args = [
+                Arg::Ptr(p.gate_up),
+                Arg::Ptr(p.act),
+                Arg::I32(dims.inter as i32),
+                Arg::U64(elems as u64),
+            ];
+            launch(
+                st,
+                &k.silu_mul,
+                (elementwise_blocks(elems), 1, 1),
+                256,
+                &silu_args,
+            )?;
+            matmul(st, k, &layer.down.view(), p.act, p.x, p.n, true)?;
+        }
+        if p.m > 0 {
+            let args = [
+                Arg::Ptr(p.x),
+                Arg::Ptr(p.rows),
+                Arg::Ptr(w.norm.ptr()),
+                Arg::Ptr(p.last),
+                Arg::I32(hi),
+                Arg::F32(eps),
+            ];
+            launch(
+                st,
+                &k.gather_rms_norm,
+                (p.m as u32, 1, 1),
+                NORM_THREADS,
+                &args,
+            )?;
+            matmul(st, k, &w.lm_head().view(), p.last, p.logits, p.m, false)?;
+        }
+        Ok(())
+    }
+
+    /// GB/s (read + written) of copying a buffer of `bytes` (1–2 GiB) device to device,
+    /// the best of 10 copies.
+    fn copy_bandwidth(&mut self, bytes: usize) -> Result<f64, DriverError> {
+        self.ctx.bind_to_thread()?;
+        let len = bytes.clamp(1 << 30, 2 << 30);
+        let (src, dst) = (DeviceBuffer::alloc(len)?, DeviceBuffer::alloc(len)?);
+        src.zero(self.stream.cu_stream())?;
+        let mut best = 0.0f64;
+        for _ in 0..10 {
+            let start = std::time::Instant::now();
+            // SAFETY: both buffers hold `len` bytes.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst.ptr(),
+                    src.ptr(),
+                    len,
+                    self.stream.cu_stream(),
+                )?;
+            }
+            self.stream.synchronize()?;
+            best = best.max(2.0 * len as f64 / start.elapsed().as_secs_f64() / 1e9);
+        }
+        Ok(best)
+    }
+}
+
+/// How many splits the attention of a pass over `tokens` queries of `heads` heads uses (the
+/// longest attending to `longest` keys) on `sms` multiprocessors, and keys per split.
+fn attention_splits(sms: usize, heads: usize, tokens: usize, longest: usize) -> (usize, usize) {
+    let target = ATTENTION_BLOCKS_PER_SM * sms;
+    let by_occupancy = target.div_ceil(tokens * heads);
+    let by_length = longest.div_ceil(MIN_SPLIT_KEYS);
+    let splits = by_occupancy.min(by_length).clamp(1, MAX_ATTENTION_SPLITS);
+    // Rounded up so that the shape (and a captured graph) changes only every
+    // MIN_SPLIT_KEYS * splits tokens; splits past the context are empty and merge as nothing.
+    let keys = longest.div_ceil(splits).next_multiple_of(MIN_SPLIT_KEYS);
+    (splits, keys)
+}
+
+impl Executor for CudaBackend {
+    fn device(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn blocks(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    fn blocks_mut(&mut self) -> &mut BlockPool {
+        &mut self.pool
+    }
+
+    fn ensure_blocks(&mut self, blocks: usize) -> Result<(), ExecError> {
+        if self.pool.total_blocks() >= blocks {
+            return Ok(());
+        }
+        if self.pool.used_blocks() > 0 {
+            return Err(ExecError::KvInUse(self.pool.used_blocks()));
+        }
+        self.ctx.bind_to_thread().map_err(dev)?;
+        // Free the old cache before taking the new one; graphs hold its address.
+        self.graphs.clear();
+        self.kv = DeviceKv::alloc(&self.dims, 0, &self.stream).map_err(dev)?;
+        self.kv = DeviceKv::alloc(&self.dims, blocks, &self.stream).map_err(dev)?;
+        self.pool = BlockPool::new(blocks);
+        self.info.kv_cache_blocks = blocks;
+        self.info.kv_cache_bytes = (2 * self.kv.layer_bytes * self.dims.layers) as u64;
+        Ok(())
+    }
+
+    fn copy_bandwidth_gbs(&mut self, bytes: usize) -> Option<f64> {
+        self.copy_bandwidth(bytes).ok()
+    }
+
+    fn forward(
+        &mut self,
+        config: &ModelConfig,
+        _weights: &ModelWeights,
+        batch: &mut [BatchEntry],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ExecError> {
+        check_batch(config, batch)?;
+        self.ctx.bind_to_thread().map_err(dev)?;
+        let dims = self.dims;
+        let half = dims.d / 2;
+        let n: usize = batch.iter().map(|e| e.tokens.len()).sum();
+
+        // Per-token inputs: ids, cache slots, positions, block tables, rotary angles.
+        let host = &mut self.host;
+        for v in [
+            &mut host.slots,
+            &mut host.positions,
+            &mut host.offsets,
+            &mut host.tables,
+            &mut host.rows,
+            &mut host.ints,
+        ] {
+            v.clear();
+        }
+        host.cos.resize(n * half, 0.0);
+        host.sin.resize(n * half, 0.0);
+        let mut longest = 1;
+        let (mut t, mut end) = (0, 0);
+        for entry in batch.iter() {
+            let offset = host.tables.len() as i32;
+            host.tables
+                .extend(entry.kv.blocks().iter().map(|&b| b as i32));
+            for pos in entry.kv.len()..entry.kv.len() + entry.tokens.len() {
+                host.slots.push(entry.kv.slot(pos) as i32);
+                host.positions.push(pos as i32);
+                host.offsets.push(offset);
+                let span = if dims.window > 0 {
+                    (pos + 1).min(dims.window)
+                } else {
+                    pos + 1
+                };
+                longest = longest.max(span);
+                let range = t * half..(t + 1) * half;
+                self.rope
+                    .angles(pos, &mut host.cos[range.clone()], &mut host.sin[range]);
+                t += 1;
+            }
+            let start = end;
+            end += entry.tokens.len();
+            match entry.logits {
+                LogitRows::None => {}
+                LogitRows::Last => host.rows.push(end as i32 - 1),
+                LogitRows::All => host.rows.extend(start as i32..end as i32),
+            }
+        }
+        let m = host.rows.len();
+        for entry in batch.iter() {
+            host.ints.extend(entry.tokens.iter().map(|&id| id as i32));
+        }
+        for part in [
+            &host.slots,
+            &host.positions,
+            &host.offsets,
+            &host.rows,
+            &host.tables,
+        ] {
+            host.ints.extend_from_slice(part);
+        }
+        host.angles.clear();
+        host.angles.extend_from_slice(&host.cos);
+        host.angles.extend_from_slice(&host.sin);
+
+        let (splits, split_keys) = attention_splits(self.sms, dims.heads, n, longest);
+        let s = self.stream.cu_stream();
+        let (pass, grew) = self.bufs.size(&dims, n, m, splits, self.host.ints.len())?;
+        if grew {
+            // Captured graphs hold the old buffers' addresses.
+            self.graphs.clear();
+        }
+        let pass = Pass {
+            n,
+            m,
+            splits,
+            split_keys,
+            ..pass
+        };
+        let ints = self.bufs.ints.at_least(0).map_err(dev)?;
+        ints.write(&self.host.ints, s).map_err(dev)?;
+        let angles = self.bufs.angles.at_least(0).map_err(dev)?;
+        angles.write(&self.host.angles, s).map_err(dev)?;
+
+        // Decode steps (one token per sequence) replay a CUDA graph per shape: hundreds of
+        // small launches cost more than the GPU's time for a small batch.
+        let decode = m == n && batch.iter().all(|e| e.tokens.len() == 1);
+        if decode && n <= MAX_GRAPH_BATCH {
+            let key = (n, splits, split_keys);
+            if !self.graphs.contains_key(&key) {
+                self.stream
+                    .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(dev)?;
+                let launched = self.launch_pass(&pass);
+                let graph = self
+                    .stream
+                    .end_capture(CUgraphInstantiate_flags(0))
+                    .map_err(dev)?;
+                launched.map_err(dev)?;
+                let graph = graph.ok_or_else(|| ExecError::Device("empty CUDA graph".into()))?;
+                self.graphs.insert(key, Graph(graph));
+            }
+            self.graphs[&key].0.launch().map_err(dev)?;
+        } else {
+            self.launch_pass(&pass).map_err(dev)?;
+        }
+        logits.resize(m * dims.vocab, 0.0);
+        if m > 0 {
+            let out = self.bufs.logits.at_least(0).map_err(dev)?;
+            out.read(logits.as_mut_slice(), s).map_err(dev)?;
+        } else {
+            self.stream.synchronize().map_err(dev)?;
+        }
+        for entry in batch.iter_mut() {
+            entry.kv.advance(entry.tokens.len());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,337 @@
+//! Single kernels run on host data, for tests that compare each kernel with the CPU's code on
+//! random inputs (`tests/cuda.rs`). Each call uploads its inputs, launches the kernel the
+//! forward pass uses, exactly as the pass does, and reads the result back.
+
+use super::backend::{open_device, OpenDevice};
+use super::kernels::{elementwise_blocks, launch, matmul, Arg, MatrixView};
+use super::memory::DeviceBuffer;
+use super::weights::DevDType;
+use crate::model::weights::DType;
+
+fn dev(e: cudarc::driver::DriverError) -> anyhow::Error {
+    anyhow::anyhow!("CUDA: {e:?}")
+}
+
+/// The kernels of one device, callable one at a time.
+pub struct KernelCheck {
+    device: OpenDevice,
+}
+
+/// Inputs of one attention launch: queries and a paged cache, laid out as the pass has them.
+pub struct AttentionCase<'a> {
+    /// `[token][heads * d]`.
+    pub q: &'a [f32],
+    /// `[slot][kv_heads * d]` keys and values.
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    /// Block tables of all sequences, one after another.
+    pub tables: &'a [i32],
+    /// Per token: where its sequence's table starts in `tables`, and its position.
+    pub offsets: &'a [i32],
+    pub positions: &'a [i32],
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+    /// Splits along the keys.
+    pub splits: usize,
+}
+
+impl KernelCheck {
+    pub fn open(ordinal: usize) -> anyhow::Result<KernelCheck> {
+        Ok(KernelCheck {
+            device: open_device(ordinal)?,
+        })
+    }
+
+    /// The architecture the kernels were compiled for (`sm_90`).
+    pub fn arch(&self) -> &str {
+        &self.device.arch
+    }
+
+    fn up<T: Copy>(&self, data: &[T]) -> anyhow::Result<DeviceBuffer> {
+        self.device.ctx.bind_to_thread().map_err(dev)?;
+        DeviceBuffer::upload(data, self.device.stream.cu_stream()).map_err(dev)
+    }
+
+    fn down<T: Copy + Default>(&self, buf: &DeviceBuffer, len: usize) -> anyhow::Result<Vec<T>> {
+        let mut out = vec![T::default(); len];
+        buf.read(&mut out, self.device.stream.cu_stream())
+            .map_err(dev)?;
+        Ok(out)
+    }
+
+    fn out(&self, floats: usize) -> anyhow::Result<DeviceBuffer> {
+        // Poisoned with NaN bytes (0xff): an element the kernel misses shows up.
+        let buf = DeviceBuffer::alloc(floats * 4).map_err(dev)?;
+        // SAFETY: within the allocation.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(
+                buf.ptr(),
+                0xff,
+                floats * 4,
+                self.device.stream.cu_stream(),
+            )
+        }
+        .map_err(dev)?;
+        Ok(buf)
+    }
+
+    /// `y (+)= x · Wᵀ` for `tokens` rows of x through the pass's product kernels (GEMVs up to
+    /// 64 tokens, tiled GEMMs beyond); `w` holds `rows × cols` elements of `dtype` (f32, f16
+    /// or bf16) as bytes. With `y0`, the product is added to it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &self,
+        dtype: DType,
+        w: &[u8],
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        tokens: usize,
+        y0: Option<&[f32]>,
+    ) -> anyhow::Result<Vec<f32>> {
+        let dtype = match dtype {
+            DType::F32 => DevDType::F32,
+            DType::F16 => DevDType::F16,
+            DType::Bf16 => DevDType::Bf16,
+            other => anyhow::bail!("no CUDA product for {}", other.name()),
+        };
+        let (wb, xb) = (self.up(w)?, self.up(x)?);
+        let yb = match y0 {
+            Some(y) => self.up(y)?,
+            None => self.out(rows * tokens)?,
+        };
+        let view = MatrixView {
+            ptr: wb.ptr(),
+            dtype: dtype as usize,
+            rows,
+            cols,
+            bias: None,
+        };
+        let d = &self.device;
+        let accumulate = y0.is_some();
+        matmul(
+            &d.stream,
+            &d.kernels,
+            &view,
+            xb.ptr(),
+            yb.ptr(),
+            tokens,
+            accumulate,
+        )
+        .map_err(dev)?;
+        self.down(&yb, rows * tokens)
+    }
+
+    /// `out = rmsnorm(x) * w` row by row, as the norm kernel computes it.
+    pub fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32) -> anyhow::Result<Vec<f32>> {
+        let h = w.len();
+        let rows = x.len() / h;
+        let (xb, wb, ob) = (self.up(x)?, self.up(w)?, self.out(x.len())?);
+        let d = &self.device;
+        launch(
+            &d.stream,
+            &d.kernels.rms_norm,
+            (rows as u32, 1, 1),
+            512,
+            &[
+                Arg::Ptr(xb.ptr()),
+                Arg::Ptr(wb.ptr()),
+                Arg::Ptr(ob.ptr()),
+                Arg::I32(h as i32),
+                Arg::F32(eps),
+            ],
+        )
+        .map_err(dev)?;
+        self.down(&ob, x.len())
+    }
+
+    /// SwiGLU over fused `[gate | up]` rows of `2 * inter`.
+    pub fn silu_mul(&self, gate_up: &[f32], inter: usize) -> anyhow::Result<Vec<f32>> {
+        let n = gate_up.len() / 2;
+        let (gb, ob) = (self.up(gate_up)?, self.out(n)?);
+        let d = &self.device;
+        launch(
+            &d.stream,
+            &d.kernels.silu_mul,
+            (elementwise_blocks(n), 1, 1),
+            256,
+            &[
+                Arg::Ptr(gb.ptr()),
+                Arg::Ptr(ob.ptr()),
+                Arg::I32(inter as i32),
+                Arg::U64(n as u64),
+            ],
+        )
+        .map_err(dev)?;
+        self.down(&ob, n)
+    }
+
+    /// RoPE with the KV append on fused q/k/v rows (`stride` floats a token): the rows with
+    /// q rotated, and the cache's keys and values (`slots_total` slots of `kv_heads * d`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_append(
+        &self,
+        qkv: &[f32],
+        stride: usize,
+        (heads, kv_heads, d): (usize, usize, usize),
+        cos: &[f32],
+        sin: &[f32],
+        slots: &[i32],
+        slots_total: usize,
+    ) -> anyhow::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let tokens = qkv.len() / stride;
+        let cache = slots_total * kv_heads * d;
+        let (rb, cb, sb, slb) = (self.up(qkv)?, self.up(cos)?, self.up(sin)?, self.up(slots)?);
+        let (kb, vb) = (self.out(cache)?, self.out(cache)?);
+        let dv = &self.device;
+        launch(
+            &dv.stream,
+            &dv.kernels.rope_kv_append,
+            (tokens as u32, 1, 1),
+            128,
+            &[
+                Arg::Ptr(rb.ptr()),
+                Arg::I32(stride as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(kv_heads as i32),
+                Arg::I32(d as i32),
+                Arg::Ptr(cb.ptr()),
+                Arg::Ptr(sb.ptr()),
+                Arg::Ptr(slb.ptr()),
+                Arg::Ptr(kb.ptr()),
+                Arg::Ptr(vb.ptr()),
+            ],
+        )
+        .map_err(dev)?;
+        Ok((
+            self.down(&rb, qkv.len())?,
+            self.down(&kb, cache)?,
+            self.down(&vb, cache)?,
+        ))
+    }
+
+    /// Attention of every token of `case` over the cache: `[token][heads * d]`.
+    pub fn attention(&self, case: &AttentionCase) -> anyhow::Result<Vec<f32>> {
+        let n = case.positions.len();
+        let first = |pos: i32| {
+            if case.window > 0 {
+                (pos + 1 - case.window as i32).max(0)
+            } else {
+                0
+            }
+        };
+        let longest = case
+            .positions
+            .iter()
+            .map(|&p| (p + 1 - first(p)) as usize)
+            .max()
+            .unwrap_or(1);
+        let split_keys = longest.div_ceil(case.splits.max(1)).max(1);
+        let (qb, kb, vb) = (self.up(case.q)?, self.up(case.keys)?, self.up(case.values)?);
+        let (tb, ob, pb) = (
+            self.up(case.tables)?,
+            self.up(case.offsets)?,
+            self.up(case.positions)?,
+        );
+        let part_ml = self.out(n * case.heads * case.splits * 2)?;
+        let part_acc = self.out(n * case.heads * case.splits * case.d)?;
+        let out = self.out(n * case.heads * case.d)?;
+        let d = &self.device;
+        let q_stride = (case.heads * case.d) as i32;
+        launch(
+            &d.stream,
+            &d.kernels.attention_split,
+            (n as u32, case.heads as u32, case.splits as u32),
+            128,
+            &[
+                Arg::Ptr(qb.ptr()),
+                Arg::I32(q_stride),
+                Arg::Ptr(kb.ptr()),
+                Arg::Ptr(vb.ptr()),
+                Arg::Ptr(tb.ptr()),
+                Arg::Ptr(ob.ptr()),
+                Arg::Ptr(pb.ptr()),
+                Arg::I32(case.heads as i32),
+                Arg::I32(case.kv_heads as i32),
+                Arg::I32(case.d as i32),
+                Arg::I32(case.window as i32),
+                Arg::F32(1.0 / (case.d as f32).sqrt()),
+                Arg::I32(split_keys as i32),
+                Arg::Ptr(part_ml.ptr()),
+                Arg::Ptr(part_acc.ptr()),
+            ],
+        )
+        .map_err(dev)?;
+        launch(
+            &d.stream,
+            &d.kernels.attention_merge,
+            (n as u32, case.heads as u32, 1),
+            128,
+            &[
+                Arg::Ptr(part_ml.ptr()),
+                Arg::Ptr(part_acc.ptr()),
+                Arg::I32(case.heads as i32),
+                Arg::I32(case.d as i32),
+                Arg::I32(case.splits as i32),
+                Arg::Ptr(out.ptr()),
+            ],
+        )
+        .map_err(dev)?;
+        self.down(&out, n * case.heads * case.d)
+    }
+
+    /// The index of each row's largest value (lowest on ties).
+    pub fn argmax(&self, logits: &[f32], vocab: usize) -> anyhow::Result<Vec<u32>> {
+        let rows = logits.len() / vocab.max(1);
+        let (lb, ob) = (self.up(logits)?, self.out(rows)?);
+        let d = &self.device;
+        launch(
+            &d.stream,
+            &d.kernels.argmax_rows,
+            (rows as u32, 1, 1),
+            1024,
+            &[
+                Arg::Ptr(lb.ptr()),
+                Arg::I32(vocab as i32),
+                Arg::Ptr(ob.ptr()),
+            ],
+        )
+        .map_err(dev)?;
+        self.down(&ob, rows)
+    }
+
+    /// Rows `ids` of an embedding table of `h` columns, widened to f32.
+    pub fn embed(
+        &self,
+        dtype: DType,
+        table: &[u8],
+        ids: &[u32],
+        h: usize,
+    ) -> anyhow::Result<Vec<f32>> {
+        let variant = match dtype {
+            DType::F32 => DevDType::F32,
+            DType::F16 => DevDType::F16,
+            DType::Bf16 => DevDType::Bf16,
+            other => anyhow::bail!("no CUDA embedding for {}", other.name()),
+        } as usize;
+        let (tb, ib, ob) = (self.up(table)?, self.up(ids)?, self.out(ids.len() * h)?);
+        let d = &self.device;
+        launch(
+            &d.stream,
+            &d.kernels.embed[variant],
+            (ids.len() as u32, 1, 1),
+            256,
+            &[
+                Arg::Ptr(tb.ptr()),
+                Arg::Ptr(ib.ptr()),
+                Arg::Ptr(ob.ptr()),
+                Arg::I32(h as i32),
+            ],
+        )
+        .map_err(dev)?;
+        self.down(&ob, ids.len() * h)
+    }
+}

@@ -1,0 +1,205 @@
+//! The compiled kernels as loaded functions, and the one launch helper every call goes through.
+
+use super::compile::Cubins;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
+};
+use std::sync::Arc;
+
+/// Every kernel the forward pass launches. Per-dtype variants are indexed by
+/// [`super::weights::DevDType`].
+pub struct Kernels {
+    pub embed: [CudaFunction; 3],
+    pub gemv: [CudaFunction; 3],
+    pub gemm: [CudaFunction; 3],
+    pub rms_norm: CudaFunction,
+    pub gather_rms_norm: CudaFunction,
+    pub add_bias: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub rope_kv_append: CudaFunction,
+    pub attention_split: CudaFunction,
+    pub attention_merge: CudaFunction,
+    pub argmax_rows: CudaFunction,
+    /// Streaming multiprocessors of the device (how wide a launch must be to fill it).
+    pub sms: usize,
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>, cubins: &Cubins, sms: usize) -> Result<Kernels, String> {
+        let mut modules = std::collections::HashMap::new();
+        for (file, cubin) in cubins.iter() {
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.clone()))
+                .map_err(|e| format!("loading {file}: {e:?}"))?;
+            modules.insert(*file, module);
+        }
+        let f = |file: &str, name: &str| -> Result<CudaFunction, String> {
+            modules
+                .get(file)
+                .ok_or_else(|| format!("{file} was not compiled"))?
+                .load_function(name)
+                .map_err(|e| format!("{file}: no kernel {name}: {e:?}"))
+        };
+        let typed = |file: &str, prefix: &str| -> Result<[CudaFunction; 3], String> {
+            Ok([
+                f(file, &format!("{prefix}_f32"))?,
+                f(file, &format!("{prefix}_f16"))?,
+                f(file, &format!("{prefix}_bf16"))?,
+            ])
+        };
+        Ok(Kernels {
+            embed: typed("embed.cu", "embed")?,
+            gemv: typed("matmul.cu", "gemv")?,
+            gemm: typed("matmul.cu", "gemm")?,
+            rms_norm: f("norm.cu", "rms_norm")?,
+            gather_rms_norm: f("norm.cu", "gather_rms_norm")?,
+            add_bias: f("elementwise.cu", "add_bias")?,
+            silu_mul: f("elementwise.cu", "silu_mul")?,
+            rope_kv_append: f("elementwise.cu", "rope_kv_append")?,
+            attention_split: f("attention.cu", "attention_split")?,
+            attention_merge: f("attention.cu", "attention_merge")?,
+            argmax_rows: f("sampling.cu", "argmax_rows")?,
+            sms,
+        })
+    }
+}
+
+/// One kernel argument: a device pointer, a count, or a scalar.
+#[derive(Clone, Copy)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U64(u64),
+    F32(f32),
+}
+
+/// Launches `func` on `stream` with `grid` blocks of `block` threads.
+pub fn launch(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &[Arg],
+) -> Result<(), DriverError> {
+    let mut builder = stream.launch_builder(func);
+    for arg in args {
+        match arg {
+            Arg::Ptr(p) | Arg::U64(p) => builder.arg(p),
+            Arg::I32(v) => builder.arg(v),
+            Arg::F32(v) => builder.arg(v),
+        };
+    }
+    let config = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: each kernel's arguments are built by the backend to match its signature in
+    // kernels/*.cu, with pointers into live device buffers sized for the launch.
+    unsafe { builder.launch(config) }.map(|_| ())
+}
+
+/// Blocks of 256 threads for a grid-stride loop over `n` elements.
+pub fn elementwise_blocks(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 8192) as u32
+}
+
+/// Products of up to this many tokens run as GEMVs (`GEMV_TOKENS_PER_PASS` tokens per pass
+/// over the weights); more run as tiled GEMMs.
+pub const GEMV_MAX_TOKENS: usize = 64;
+const GEMV_TOKENS_PER_PASS: usize = 8;
+/// Rows one warp of the GEMV computes (`GEMV_ROWS` in matmul.cu).
+const GEMV_ROWS: usize = 2;
+/// A GEMV aims for this many warps per multiprocessor (enough loads in flight to keep memory
+/// busy); short matrices share each row among up to 8 warps to get there.
+const GEMV_WARPS_PER_SM: usize = 48;
+
+/// A matrix on the device as the product kernels take it.
+pub struct MatrixView {
+    pub ptr: u64,
+    /// Index of the kernel variant: [`super::weights::DevDType`].
+    pub dtype: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub bias: Option<u64>,
+}
+
+/// Warps sharing a warp's rows: the fewest (1, 2, 4, 8) that give the launch enough warps,
+/// while each still gets at least two 256-element chunks of the rows.
+fn warps_per_row(rows: usize, cols: usize, sms: usize) -> usize {
+    let target = sms * GEMV_WARPS_PER_SM;
+    let mut wpr = 1;
+    while wpr < 8 && rows.div_ceil(GEMV_ROWS) * wpr < target && cols >= wpr * 2 * 2 * 256 {
+        wpr *= 2;
+    }
+    wpr
+}
+
+/// `y[t * rows + r] (+)= x[t] · W[r] (+ bias[r])` for `tokens` rows of x; with `accumulate`,
+/// added to what y holds (the residual add fused in). GEMVs up to [`GEMV_MAX_TOKENS`] tokens,
+/// tiled GEMMs beyond.
+pub fn matmul(
+    stream: &CudaStream,
+    k: &Kernels,
+    m: &MatrixView,
+    x: u64,
+    y: u64,
+    tokens: usize,
+    accumulate: bool,
+) -> Result<(), DriverError> {
+    let (rows, cols) = (m.rows, m.cols);
+    if tokens <= GEMV_MAX_TOKENS {
+        let wpr = warps_per_row(rows, cols, k.sms);
+        let grid = (rows.div_ceil(8 * GEMV_ROWS / wpr) as u32, 1, 1);
+        for start in (0..tokens).step_by(GEMV_TOKENS_PER_PASS) {
+            let t = GEMV_TOKENS_PER_PASS.min(tokens - start);
+            let args = [
+                Arg::Ptr(m.ptr),
+                Arg::Ptr(x + (start * cols * 4) as u64),
+                Arg::Ptr(y + (start * rows * 4) as u64),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(t as i32),
+                Arg::I32(wpr as i32),
+                Arg::I32(accumulate as i32),
+            ];
+            launch(stream, &k.gemv[m.dtype], grid, 256, &args)?;
+        }
+    } else {
+        let args = [
+            Arg::Ptr(m.ptr),
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::I32(rows as i32),
+            Arg::I32(cols as i32),
+            Arg::I32(tokens as i32),
+            Arg::I32(accumulate as i32),
+        ];
+        let grid = (rows.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1);
+        launch(stream, &k.gemm[m.dtype], grid, 256, &args)?;
+    }
+    add_bias(stream, k, m, y, tokens)
+}
+
+fn add_bias(
+    stream: &CudaStream,
+    k: &Kernels,
+    m: &MatrixView,
+    y: u64,
+    tokens: usize,
+) -> Result<(), DriverError> {
+    let Some(bias) = m.bias else { return Ok(()) };
+    let n = tokens * m.rows;
+    launch(
+        stream,
+        &k.add_bias,
+        (elementwise_blocks(n), 1, 1),
+        256,
+        &[
+            Arg::Ptr(y),
+            Arg::Ptr(bias),
+            Arg::I32(m.rows as i32),
+            Arg::U64(n as u64),
+        ],
+    )
+}

@@ -1,0 +1,14 @@
+//! The CUDA backend: the kernels of `kernels/` compiled at run time by NVRTC for the GPU's own
+//! architecture and launched through `cudarc`. Every build carries it (the driver and NVRTC
+//! libraries are loaded at run time); without them, opening it fails cleanly and `--device
+//! auto` runs on the CPU.
+
+mod backend;
+mod check;
+pub mod compile;
+mod kernels;
+mod memory;
+mod weights;
+
+pub use backend::{driver_present, CudaBackend};
+pub use check::{AttentionCase, KernelCheck};

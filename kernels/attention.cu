@@ -1,0 +1,110 @@
+// Attention over the paged KV cache, for decode tokens and prefill chunks alike, split along
+// the keys (flash-decoding) so that long contexts use the whole GPU:
+//
+// attention_split: one block of 4 warps per (token, query head, split of `split_keys` keys).
+//   Each warp walks every 4th key of the split with its own online softmax (running max m,
+//   sum l, weighted values acc); the warps merge, and the block writes (m, l, acc) for its split.
+// attention_merge: one block per (token, head) merges the splits into the output row.
+//
+// q rows: q_stride floats per token, head h at h * d. Cache: [slot][kv_head][d] in f32, slot =
+// block_table[pos / 16] * 16 + pos % 16. Token t attends to positions first..=pos[t], first =
+// pos - window + 1 with a sliding window (window > 0), else 0. head_dim d <= 256.
+
+#define KV_BLOCK 16
+#define MAX_D_PER_LANE 8
+#define WARPS 4
+
+extern "C" __global__ void __launch_bounds__(128) attention_split(
+    const float* q, int q_stride, const float* kc, const float* vc, const int* tables,
+    const int* tok_table, const int* tok_pos, int heads, int kv_heads, int d, int window,
+    float scale, int split_keys, float* part_ml, float* part_acc) {
+    __shared__ float sm_m[WARPS], sm_l[WARPS];
+    __shared__ float sm_acc[WARPS][MAX_D_PER_LANE * 32];
+    int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int pos = tok_pos[t];
+    int first = window > 0 ? max(0, pos + 1 - window) : 0;
+    int start = first + split * split_keys;
+    int end = min(pos + 1, start + split_keys);
+    int kvh = h / (heads / kv_heads), kv_dim = kv_heads * d;
+    const int* table = tables + tok_table[t];
+    const float* qh = q + (u64)t * q_stride + h * d;
+
+    float qv[MAX_D_PER_LANE], acc[MAX_D_PER_LANE];
+#pragma unroll
+    for (int c = 0; c < MAX_D_PER_LANE; c++) {
+        int i = lane + 32 * c;
+        qv[c] = i < d ? qh[i] * scale : 0.0f;
+        acc[c] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    for (int j = start + warp; j < end; j += WARPS) {
+        u64 slot = (u64)table[j / KV_BLOCK] * KV_BLOCK + j % KV_BLOCK;
+        const float* kp = kc + slot * kv_dim + kvh * d;
+        const float* vp = vc + slot * kv_dim + kvh * d;
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < MAX_D_PER_LANE; c++) {
+            int i = lane + 32 * c;
+            if (i < d) dot += qv[c] * kp[i];
+        }
+        dot = warp_sum(dot);
+        float m_new = fmaxf(m, dot);
+        float corr = expf(m - m_new);  // 0 while m is -inf
+        float p = expf(dot - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int c = 0; c < MAX_D_PER_LANE; c++) {
+            int i = lane + 32 * c;
+            if (i < d) acc[c] = acc[c] * corr + p * vp[i];
+        }
+        m = m_new;
+    }
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int c = 0; c < MAX_D_PER_LANE; c++) sm_acc[warp][lane + 32 * c] = acc[c];
+    __syncthreads();
+    float mb = NEG_INF;
+    for (int w = 0; w < WARPS; w++) mb = fmaxf(mb, sm_m[w]);
+    u64 part = ((u64)t * heads + h) * splits + split;
+    if (threadIdx.x == 0) {
+        float lb = 0.0f;
+        for (int w = 0; w < WARPS; w++)
+            if (sm_l[w] > 0.0f) lb += sm_l[w] * expf(sm_m[w] - mb);
+        part_ml[part * 2] = mb;
+        part_ml[part * 2 + 1] = lb;
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.0f;
+        for (int w = 0; w < WARPS; w++)
+            if (sm_l[w] > 0.0f) a += sm_acc[w][i] * expf(sm_m[w] - mb);
+        part_acc[part * d + i] = a;
+    }
+}
+
+// out: [token][heads * d].
+extern "C" __global__ void attention_merge(const float* part_ml, const float* part_acc, int heads,
+                                           int d, int splits, float* out) {
+    int t = blockIdx.x, h = blockIdx.y;
+    u64 base = ((u64)t * heads + h) * splits;
+    float m = NEG_INF;
+    for (int s = 0; s < splits; s++)
+        if (part_ml[(base + s) * 2 + 1] > 0.0f) m = fmaxf(m, part_ml[(base + s) * 2]);
+    float l = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        float ls = part_ml[(base + s) * 2 + 1];
+        if (ls > 0.0f) l += ls * expf(part_ml[(base + s) * 2] - m);
+    }
+    float inv = 1.0f / l;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            float ls = part_ml[(base + s) * 2 + 1];
+            if (ls > 0.0f) a += part_acc[(base + s) * d + i] * expf(part_ml[(base + s) * 2] - m);
+        }
+        out[((u64)t * heads + h) * d + i] = a * inv;
+    }
+}

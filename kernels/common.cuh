@@ -1,0 +1,78 @@
+// Prepended by the backend to every kernel file before NVRTC compiles it: NVRTC here finds no
+// CUDA headers, so the few types and helpers the kernels share are defined here.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Weight element types: `at` widens one element, `load8` eight consecutive ones from a
+// 16-byte-aligned address (one or two vector loads).
+struct WF32 {
+    typedef float T;
+    static __device__ __forceinline__ float at(const float* p, u64 i) { return p[i]; }
+    static __device__ __forceinline__ void load8(const float* p, float* out) {
+        float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    }
+};
+
+struct WBF16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float at(const u16* p, u64 i) { return bf16_to_f32(p[i]); }
+    static __device__ __forceinline__ void load8(const u16* p, float* out) {
+        uint4 v = *(const uint4*)p;
+        u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            out[2 * i] = __uint_as_float(w[i] << 16);
+            out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    }
+};
+
+struct WF16 {
+    typedef u16 T;
+    static __device__ __forceinline__ float at(const u16* p, u64 i) { return f16_to_f32(p[i]); }
+    static __device__ __forceinline__ void load8(const u16* p, float* out) {
+        uint4 v = *(const uint4*)p;
+        u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            out[2 * i] = f16_to_f32((u16)(w[i] & 0xffffu));
+            out[2 * i + 1] = f16_to_f32((u16)(w[i] >> 16));
+        }
+    }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.0f;
+    if (warp == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) partial[0] = v;
+    __syncthreads();
+    float total = partial[0];
+    __syncthreads();
+    return total;
+}

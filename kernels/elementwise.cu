@@ -1,0 +1,47 @@
+// Element-wise steps: bias add, SwiGLU, and RoPE fused with the paged KV append.
+
+// y[t][c] += bias[c] for rows of `cols`.
+extern "C" __global__ void add_bias(float* y, const float* bias, int cols, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] += bias[i % cols];
+}
+
+// SwiGLU on the fused gate/up product: gu[t] = [gate (inter) | up (inter)];
+// out[t][i] = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
+extern "C" __global__ void silu_mul(const float* gu, float* out, int inter, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 t = i / inter, c = i % inter;
+        float g = gu[t * 2 * inter + c], u = gu[t * 2 * inter + inter + c];
+        out[i] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+// HF rotate_half RoPE on the q and k heads of each token's fused q/k/v row (stride floats:
+// q heads, then kv heads of k, then of v), fused with the paged KV append: q is rotated in
+// place, the rotated k and the v go to the token's cache slot. cos/sin: [token][head_dim / 2],
+// from the host. One block per token.
+extern "C" __global__ void rope_kv_append(float* qkv, int stride, int heads, int kv_heads, int d,
+                                          const float* cos, const float* sin, const int* slots,
+                                          float* kc, float* vc) {
+    int half = d / 2, kv_dim = kv_heads * d;
+    float* row = qkv + (u64)blockIdx.x * stride;
+    const float* c = cos + (u64)blockIdx.x * half;
+    const float* s = sin + (u64)blockIdx.x * half;
+    u64 dst = (u64)slots[blockIdx.x] * kv_dim;
+    for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
+        int h = idx / half, i = idx % half;
+        float* p = row + h * d;
+        float a = p[i], b = p[i + half];
+        float lo = a * c[i] - b * s[i], hi = b * c[i] + a * s[i];
+        if (h < heads) {
+            p[i] = lo;
+            p[i + half] = hi;
+        } else {
+            int off = (h - heads) * d;
+            kc[dst + off + i] = lo;
+            kc[dst + off + i + half] = hi;
+        }
+    }
+    const float* v = row + (heads + kv_heads) * d;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) vc[dst + i] = v[i];
+}

@@ -1,0 +1,446 @@
+//! The CUDA backend. Everywhere: every kernel in `kernels/` compiles with NVRTC for sm_80 and
+//! sm_90 (CI installs NVRTC), and without a GPU `--device auto` runs on the CPU while
+//! `--device cuda` is a clean start-up error. On a GPU (`CLLM_TEST_DEVICE=cuda`, which
+//! `scripts/gpu-check.sh` sets): each kernel against the CPU's code on random inputs of
+//! realistic sizes. The golden tests (`golden.rs`, `gguf.rs`) run on the GPU the same way.
+
+mod common;
+
+use cllm::model::cpu::ops;
+use cllm::model::cuda::compile::{compile_cubin, nvrtc_present, KERNEL_FILES};
+use cllm::model::cuda::{driver_present, AttentionCase, KernelCheck};
+use cllm::model::rng::Rng;
+use cllm::model::sampling::argmax;
+use cllm::model::weights::DType;
+use common::{fixture, require, say};
+use std::process::Command;
+
+fn cllm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cllm"))
+}
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    if !require(
+        nvrtc_present(),
+        "NVRTC (libnvrtc.so.13 on LD_LIBRARY_PATH; .ci/run installs the nvidia-cuda-nvrtc wheel)",
+    ) {
+        return;
+    }
+    for arch in ["sm_80", "sm_90"] {
+        for (file, source) in KERNEL_FILES {
+            let cubin = compile_cubin(file, source, arch)
+                .unwrap_or_else(|e| panic!("{file} does not compile for {arch}:\n{e}"));
+            assert_eq!(
+                &cubin[..4],
+                b"\x7fELF",
+                "{file} ({arch}): not a CUBIN (ELF) image"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_kernel_error_is_reported_with_the_file_and_line() {
+    if !require(nvrtc_present(), "NVRTC (libnvrtc.so.13)") {
+        return;
+    }
+    let broken = "extern \"C\" __global__ void k(float* x) {\n  x[0] = undefined_name;\n}\n";
+    let err = compile_cubin("broken.cu", broken, "sm_90").expect_err("must not compile");
+    assert!(err.contains("broken.cu"), "{err}");
+    assert!(
+        err.contains("undefined_name"),
+        "the NVRTC log is in the error: {err}"
+    );
+}
+
+/// Runs `cllm generate` on the in-repo stories260K model with `device`.
+fn generate_on(device: &str) -> std::process::Output {
+    let Some(fx) = fixture("stories260K") else {
+        panic!("stories260K ships with the repository");
+    };
+    cllm()
+        .args([
+            "generate",
+            "--json",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            device,
+        ])
+        .arg("--model")
+        .arg(&fx.model_dir)
+        .arg("Once upon a time")
+        .output()
+        .expect("runs cllm")
+}
+
+#[test]
+fn device_auto_runs_on_the_cpu_without_a_gpu() {
+    if driver_present() {
+        say("SKIPPED: a CUDA driver is installed here; the no-GPU fallback is checked where there is none");
+        return;
+    }
+    let auto = generate_on("auto");
+    let cpu = generate_on("cpu");
+    let stderr = String::from_utf8_lossy(&auto.stderr);
+    assert!(auto.status.success(), "--device auto failed:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(auto.stdout, cpu.stdout, "auto must run the CPU path");
+}
+
+#[test]
+fn device_cuda_without_a_gpu_is_a_clean_start_up_error() {
+    if driver_present() {
+        say("SKIPPED: a CUDA driver is installed here");
+        return;
+    }
+    let out = generate_on("cuda");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "--device cuda succeeded without a GPU"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("libcuda"),
+        "the error says what is missing: {stderr}"
+    );
+
+    let fx = fixture("stories260K").expect("in the repository");
+    let serve = cllm()
+        .args(["serve", "--port", "0", "--device", "cuda:0", "--model"])
+        .arg(&fx.model_dir)
+        .output()
+        .expect("runs cllm");
+    let stderr = String::from_utf8_lossy(&serve.stderr);
+    assert!(
+        !serve.status.success(),
+        "serve --device cuda started without a GPU"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("CUDA"), "{stderr}");
+
+    let bad = cllm()
+        .args(["generate", "--device", "tpu", "--model"])
+        .arg(&fx.model_dir)
+        .arg("x")
+        .output()
+        .expect("runs cllm");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("auto, cpu, cuda, cuda:N"));
+}
+
+// ---- On a GPU: each kernel against the CPU on random inputs ----
+
+/// The kernels on the GPU the check runs on, or None (said) elsewhere.
+fn gpu() -> Option<KernelCheck> {
+    match std::env::var("CLLM_TEST_DEVICE") {
+        Ok(d) if d.starts_with("cuda") => {
+            let ordinal = d
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Some(KernelCheck::open(ordinal).expect("CLLM_TEST_DEVICE names a usable GPU"))
+        }
+        _ => {
+            say("SKIPPED: GPU kernel test (set CLLM_TEST_DEVICE=cuda on a machine with a GPU)");
+            None
+        }
+    }
+}
+
+fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+/// ‖got − want‖ / ‖want‖, failing on NaN.
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        assert!(
+            g.is_finite(),
+            "non-finite output {g} (an element not written?)"
+        );
+        num += (g as f64 - w) * (g as f64 - w);
+        den += w * w;
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Weights of `dtype` as bytes, and the values they hold widened to f64.
+fn weights_of(dtype: DType, values: &[f32]) -> (Vec<u8>, Vec<f64>) {
+    match dtype {
+        DType::F32 => (
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            values.iter().map(|&v| v as f64).collect(),
+        ),
+        DType::F16 => {
+            let h: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+            (
+                h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                h.iter().map(|v| v.to_f64()).collect(),
+            )
+        }
+        _ => {
+            let h: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            (
+                h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                h.iter().map(|v| v.to_f64()).collect(),
+            )
+        }
+    }
+}
+
+#[test]
+fn gpu_matmul_matches_f64_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(7);
+    // Every type on a square 2048 and an odd width (the scalar path); bf16 also on an odd row
+    // count (a warp's second row past the end) and on the MLP's 5632 × 2048 and back. Token
+    // counts cover one GEMV pass, several, and the tiled GEMM.
+    let shapes = [
+        (2048, 2048, DType::F32),
+        (2048, 2048, DType::F16),
+        (2048, 2048, DType::Bf16),
+        (300, 129, DType::F32),
+        (300, 129, DType::F16),
+        (300, 129, DType::Bf16),
+        (301, 2048, DType::Bf16),
+        (5632, 2048, DType::Bf16),
+        (2048, 5632, DType::Bf16),
+    ];
+    for (rows, cols, dtype) in shapes {
+        let (w, wf) = weights_of(dtype, &random(&mut rng, rows * cols, 0.05));
+        for tokens in [1, 3, 8, 13, 64, 100] {
+            let x = random(&mut rng, tokens * cols, 1.0);
+            // Odd token counts add the product onto y0 (the residual add).
+            let y0 = (tokens % 2 == 1).then(|| random(&mut rng, tokens * rows, 1.0));
+            let got = gpu
+                .matmul(dtype, &w, rows, cols, &x, tokens, y0.as_deref())
+                .expect("matmul runs");
+            let want: Vec<f64> = (0..tokens * rows)
+                .map(|i| {
+                    let (t, r) = (i / rows, i % rows);
+                    let start = y0.as_ref().map_or(0.0, |y| y[i] as f64);
+                    start
+                        + (0..cols)
+                            .map(|k| wf[r * cols + k] * x[t * cols + k] as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let err = rel_err(&got, &want);
+            assert!(
+                err < 1e-5,
+                "{} {rows}x{cols}, {tokens} tokens: relative error {err}",
+                dtype.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_norm_silu_rope_embed_and_argmax_match_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    let (h, rows) = (2048, 37);
+    let x = random(&mut rng, rows * h, 3.0);
+    let w = random(&mut rng, h, 1.0);
+    let normed = gpu.rms_norm(&x, &w, 1e-5).expect("norm runs");
+    let mut want = vec![0.0f32; rows * h];
+    for (row, out) in x.chunks_exact(h).zip(want.chunks_exact_mut(h)) {
+        ops::rms_norm(row, &w, 1e-5, out);
+    }
+    let want64: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+    assert!(rel_err(&normed, &want64) < 1e-6, "rms norm");
+
+    let inter = 5632;
+    let gate_up = random(&mut rng, 9 * 2 * inter, 6.0);
+    let got = gpu.silu_mul(&gate_up, inter).expect("silu runs");
+    let mut want = Vec::new();
+    for row in gate_up.chunks_exact(2 * inter) {
+        let (mut g, u) = (row[..inter].to_vec(), &row[inter..]);
+        ops::silu_mul(&mut g, u);
+        want.extend(g.iter().map(|&v| v as f64));
+    }
+    assert!(rel_err(&got, &want) < 1e-6, "silu·up");
+
+    // RoPE on fused q/k/v rows, with the KV append: 32 q heads rotate in place, 4 k heads
+    // rotate into the cache, the 4 v heads are copied there.
+    let (heads, kv_heads, d) = (32, 4, 64);
+    let (kv_dim, stride) = (kv_heads * d, (heads + 2 * kv_heads) * d);
+    let tokens = 19;
+    let qkv = random(&mut rng, tokens * stride, 2.0);
+    let rope = cllm::model::rope::Rope::new(&synthetic_config());
+    let (mut cos, mut sin) = (vec![0.0; tokens * d / 2], vec![0.0; tokens * d / 2]);
+    for t in 0..tokens {
+        let pos = 100 * t + 3;
+        rope.angles(
+            pos,
+            &mut cos[t * d / 2..][..d / 2],
+            &mut sin[t * d / 2..][..d / 2],
+        );
+    }
+    let slots: Vec<i32> = (0..tokens as i32).map(|t| (t * 7 + 5) % 40).collect();
+    let (rows_after, keys, values) = gpu
+        .rope_kv_append(&qkv, stride, (heads, kv_heads, d), &cos, &sin, &slots, 40)
+        .expect("rope runs");
+    for t in 0..tokens {
+        let mut want = qkv[t * stride..(t + 1) * stride].to_vec();
+        for head in want[..(heads + kv_heads) * d].chunks_exact_mut(d) {
+            ops::apply_rope(head, &cos[t * d / 2..][..d / 2], &sin[t * d / 2..][..d / 2]);
+        }
+        let slot = slots[t] as usize * kv_dim;
+        let close = |got: &[f32], want: &[f32], what: &str| {
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{what} of token {t}: {g} vs {w}"
+                );
+            }
+        };
+        close(
+            &rows_after[t * stride..t * stride + heads * d],
+            &want[..heads * d],
+            "rotated q",
+        );
+        close(
+            &keys[slot..slot + kv_dim],
+            &want[heads * d..(heads + kv_heads) * d],
+            "cached k",
+        );
+        assert_eq!(
+            &values[slot..slot + kv_dim],
+            &want[(heads + kv_heads) * d..],
+            "cached v"
+        );
+    }
+
+    // Embedding rows in each stored type.
+    let vocab = 1000;
+    let table = random(&mut rng, vocab * h, 1.0);
+    let ids: Vec<u32> = (0..17).map(|i| (i * 97 % vocab) as u32).collect();
+    for dtype in [DType::F32, DType::F16, DType::Bf16] {
+        let (bytes, values) = weights_of(dtype, &table);
+        let got = gpu.embed(dtype, &bytes, &ids, h).expect("embed runs");
+        let want: Vec<f64> = ids
+            .iter()
+            .flat_map(|&id| values[id as usize * h..][..h].to_vec())
+            .collect();
+        assert!(rel_err(&got, &want) == 0.0, "embedding {}", dtype.name());
+    }
+
+    // Argmax over a 32000 vocabulary, ties going to the lowest index as on the CPU.
+    let vocab = 32000;
+    let mut logits = random(&mut rng, 5 * vocab, 10.0);
+    logits[2 * vocab + 17] = 50.0;
+    logits[2 * vocab + 31000] = 50.0;
+    let got = gpu.argmax(&logits, vocab).expect("argmax runs");
+    let want: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
+    assert_eq!(got, want);
+    assert_eq!(got[2], 17);
+}
+
+fn synthetic_config() -> cllm::model::config::ModelConfig {
+    cllm::model::synthetic::config(cllm::model::synthetic::SyntheticSize::B1)
+}
+
+/// Attention of `positions` (one sequence per distinct table) against an f64 reference.
+#[test]
+fn gpu_attention_matches_f64_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(3);
+    let (heads, kv_heads, d) = (32, 4, 64);
+    let kv_dim = kv_heads * d;
+    // Sequences of these lengths; each query token attends to its own sequence's cache.
+    for (lengths, window, queries_per_seq) in [
+        (vec![4096], 0, 1),                // one long decode
+        (vec![17, 300, 1024, 2500], 0, 1), // a decode batch of mixed depths
+        (vec![130], 0, 130),               // a whole prompt (causal prefill)
+        (vec![700], 256, 40),              // sliding window, last 40 tokens
+        (vec![33; 64], 0, 1),              // batch of 64 short decodes
+    ] {
+        let blocks: usize = lengths.iter().map(|l: &usize| l.div_ceil(16)).sum();
+        let slots = (blocks + 3) * 16;
+        let keys = random(&mut rng, slots * kv_dim, 1.0);
+        let values = random(&mut rng, slots * kv_dim, 1.0);
+        // Blocks handed out in a scrambled order, as a real cache does after churn.
+        let mut order: Vec<i32> = (0..(blocks + 3) as i32).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let (mut tables, mut offsets, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next = 0;
+        for &len in &lengths {
+            let start = tables.len() as i32;
+            tables.extend_from_slice(&order[next..next + len.div_ceil(16)]);
+            next += len.div_ceil(16);
+            for pos in len - queries_per_seq..len {
+                offsets.push(start);
+                positions.push(pos as i32);
+            }
+        }
+        let n = positions.len();
+        let q = random(&mut rng, n * heads * d, 1.0);
+        let mut want = vec![0.0f64; n * heads * d];
+        for t in 0..n {
+            let pos = positions[t] as usize;
+            let table = &tables[offsets[t] as usize..];
+            let first = if window > 0 {
+                (pos + 1).saturating_sub(window)
+            } else {
+                0
+            };
+            for h in 0..heads {
+                let kvh = h / (heads / kv_heads);
+                let qh = &q[(t * heads + h) * d..][..d];
+                let slot = |j: usize| table[j / 16] as usize * 16 + j % 16;
+                let scores: Vec<f64> = (first..=pos)
+                    .map(|j| {
+                        let k = &keys[slot(j) * kv_dim + kvh * d..][..d];
+                        qh.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for (j, s) in (first..=pos).zip(&scores) {
+                    let p = (s - max).exp() / total;
+                    let v = &values[slot(j) * kv_dim + kvh * d..][..d];
+                    for i in 0..d {
+                        want[(t * heads + h) * d + i] += p * v[i] as f64;
+                    }
+                }
+            }
+        }
+        for splits in [1, 7, 32] {
+            let got = gpu
+                .attention(&AttentionCase {
+                    q: &q,
+                    keys: &keys,
+                    values: &values,
+                    tables: &tables,
+                    offsets: &offsets,
+                    positions: &positions,
+                    heads,
+                    kv_heads,
+                    d,
+                    window,
+                    splits,
+                })
+                .expect("attention runs");
+            let err = rel_err(&got, &want);
+            assert!(
+                err < 1e-5,
+                "lengths {:?} (window {window}, {queries_per_seq} queries each), {splits} splits: relative error {err}",
+                &lengths[..lengths.len().min(4)]
+            );
+        }
+    }
+}
