@@ -1,7 +1,9 @@
 //! A simple batch generation loop: every prompt enters at once, prompts are prefilled in
 //! chunks, then all sequences decode together until each one finishes. The CLI and the tests
 //! use it; the server's scheduler drives the same executor with requests coming and going.
+//! Both plan their passes with [`super::batching`].
 
+use super::batching::{self, Limits, SeqView};
 use super::error::ModelError;
 use super::executor::{BatchEntry, ExecError, Executor, LogitRows};
 use super::generation::{Generation, GenerationParams, TokenEvent};
@@ -35,11 +37,18 @@ pub struct Outcome {
 
 struct Slot<'p> {
     prompt: &'p [u32],
-    prefilled: usize,
     kv: SequenceKv,
     last: [u32; 1],
     generation: Generation,
     first_logits: Vec<f32>,
+}
+
+impl Slot<'_> {
+    /// Tokens known so far: the prompt and every generated token (the last of which has yet
+    /// to go through the model, as `last`).
+    fn known(&self) -> usize {
+        self.prompt.len() + self.generation.output_ids().len()
+    }
 }
 
 /// Generates for every prompt together. `prefill_chunk` caps the prompt tokens a sequence
@@ -73,29 +82,44 @@ pub fn generate_batch(
         .iter()
         .map(|prompt| Slot {
             prompt,
-            prefilled: 0,
             kv: SequenceKv::new(),
             last: [0],
             generation: Generation::new(params.clone(), prompt, &model.eos_token_ids, vocab),
             first_logits: Vec::new(),
         })
         .collect();
-    let chunk = prefill_chunk.max(1);
+    // Every prompt at once: no token budget, prompts fed `prefill_chunk` tokens a pass.
+    let limits = Limits {
+        max_batch_tokens: usize::MAX,
+        prefill_chunk: prefill_chunk.max(1),
+    };
     let mut logits = Vec::new();
     loop {
-        let mut batch = Vec::new();
-        let mut owners = Vec::new();
+        let views: Vec<SeqView> = slots
+            .iter()
+            .map(|slot| SeqView {
+                unfed: if slot.generation.finished().is_some() || params.max_new_tokens == 0 {
+                    0
+                } else {
+                    slot.known() - slot.kv.len()
+                },
+                kv_len: slot.kv.len(),
+                kv_blocks: slot.kv.blocks().len(),
+            })
+            .collect();
+        let planned = batching::plan(&views, &limits);
+        let mut batch = Vec::with_capacity(planned.len());
+        let mut owners = Vec::with_capacity(planned.len());
         let mut full = None;
+        let mut planned_iter = planned.iter().peekable();
         for (i, slot) in slots.iter_mut().enumerate() {
-            if slot.generation.finished().is_some() || params.max_new_tokens == 0 {
+            let Some(&(_, n)) = planned_iter.next_if(|(j, _)| *j == i) else {
                 continue;
-            }
+            };
+            let (fed, known) = (slot.kv.len(), slot.known());
             let prompt: &[u32] = slot.prompt;
-            let tokens: &[u32] = if slot.prefilled < prompt.len() {
-                let end = (slot.prefilled + chunk).min(prompt.len());
-                let part = &prompt[slot.prefilled..end];
-                slot.prefilled = end;
-                part
+            let tokens: &[u32] = if fed < prompt.len() {
+                &prompt[fed..fed + n]
             } else {
                 &slot.last
             };
@@ -103,16 +127,12 @@ pub fn generate_batch(
                 full = Some(e);
                 break;
             }
-            let want_logits = slot.prefilled == slot.prompt.len();
-            owners.push((i, want_logits));
+            let rows = batching::logit_rows(fed, n, known, false);
+            owners.push((i, rows == LogitRows::Last));
             batch.push(BatchEntry {
                 tokens,
                 kv: &mut slot.kv,
-                logits: if want_logits {
-                    LogitRows::Last
-                } else {
-                    LogitRows::None
-                },
+                logits: rows,
             });
         }
         if let Some(e) = full {

@@ -1,5 +1,6 @@
 //! A Hugging Face Llama-family model folder and the executor that runs it.
 
+pub mod batching;
 pub mod chat_template;
 pub mod config;
 pub mod cpu;

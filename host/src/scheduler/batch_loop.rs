@@ -7,6 +7,7 @@ use super::sequence::Sequence;
 use super::{Finish, Pending, SchedulerStats, SeqEvent};
 use crate::admission::queue::RequestQueue;
 use crate::metrics::Metrics;
+use crate::model::batching::{self, Limits, SeqView};
 use crate::model::executor::{BatchEntry, Executor, LogitRows};
 use crate::model::kv_cache::BlockPool;
 use crate::model::logprobs::logprob_of;
@@ -256,46 +257,27 @@ impl Loop {
         BlockPool::blocks_for(tokens + 1) <= self.executor.blocks().free_blocks()
     }
 
-    /// Which sequences feed how many tokens this pass: decodes first, then prefill chunks.
-    fn plan(&self) -> Vec<(usize, usize)> {
-        let mut budget = self.settings.max_batch_tokens.max(1);
-        let mut plan = Vec::with_capacity(self.running.len());
-        for (i, seq) in self.running.iter().enumerate() {
-            if seq.unfed() == 1 && budget > 0 {
-                plan.push((i, 1));
-                budget -= 1;
-            }
-        }
-        for (i, seq) in self.running.iter().enumerate() {
-            if seq.unfed() > 1 && budget > 0 {
-                let n = seq
-                    .unfed()
-                    .min(self.settings.prefill_chunk.max(1))
-                    .min(budget);
-                plan.push((i, n));
-                budget -= n;
-            }
-        }
-        plan
-    }
-
-    /// Blocks the plan still needs beyond what its sequences hold.
-    fn blocks_needed(&self, plan: &[(usize, usize)]) -> usize {
-        plan.iter()
-            .map(|&(i, n)| {
-                let seq = &self.running[i];
-                BlockPool::blocks_for(seq.kv.len() + n).saturating_sub(seq.kv.blocks().len())
+    /// The running sequences as the batching core sees them.
+    fn views(&self) -> Vec<SeqView> {
+        self.running
+            .iter()
+            .map(|seq| SeqView {
+                unfed: seq.unfed(),
+                kv_len: seq.kv.len(),
+                kv_blocks: seq.kv.blocks().len(),
             })
-            .sum()
+            .collect()
     }
 
     fn step(&mut self) {
-        let mut plan = self.plan();
-        while self.blocks_needed(&plan) > self.executor.blocks().free_blocks()
-            && self.running.len() > 1
-        {
+        let limits = Limits {
+            max_batch_tokens: self.settings.max_batch_tokens,
+            prefill_chunk: self.settings.prefill_chunk,
+        };
+        let free = self.executor.blocks().free_blocks();
+        let (plan, preempt) = batching::plan_within(&self.views(), &limits, free);
+        for _ in 0..preempt {
             self.preempt_newest();
-            plan = self.plan();
         }
         for &(i, n) in &plan {
             if let Err(e) = self
@@ -311,22 +293,14 @@ impl Loop {
         // the position of the first token it feeds.
         let mut rows_of = vec![(LogitRows::None, 0); self.running.len()];
         let result = {
-            let mut order: Vec<(usize, usize)> = plan.clone();
-            order.sort_unstable_by_key(|&(i, _)| i);
-            let mut batch: Vec<BatchEntry> = Vec::with_capacity(order.len());
-            let mut planned = order.iter().peekable();
+            let mut batch: Vec<BatchEntry> = Vec::with_capacity(plan.len());
+            let mut planned = plan.iter().peekable();
             for (i, seq) in self.running.iter_mut().enumerate() {
                 let Some(&(_, n)) = planned.next_if(|(j, _)| *j == i) else {
                     continue;
                 };
-                let completes = seq.fed + n == seq.tokens.len();
-                let rows = if seq.wants_prompt_logprobs() {
-                    LogitRows::All
-                } else if completes {
-                    LogitRows::Last
-                } else {
-                    LogitRows::None
-                };
+                let rows =
+                    batching::logit_rows(seq.fed, n, seq.tokens.len(), seq.wants_prompt_logprobs());
                 rows_of[i] = (rows, seq.fed);
                 let tokens = &seq.tokens[seq.fed..seq.fed + n];
                 batch.push(BatchEntry {
