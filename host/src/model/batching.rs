@@ -1,6 +1,7 @@
 //! The batching core that the CLI driver ([`super::driver`]) and the server's scheduler both
 //! use: which sequences feed how many tokens in the next pass, which sequences make room when
-//! the KV cache cannot hold that plan, and which logit rows each entry gets. Pure functions
+//! the KV cache cannot hold that plan, which logit rows each entry gets, and what each row
+//! is for when the tokens are emitted. Pure functions
 //! over plain numbers, so that the golden batched and chunked-prefill tests exercise the same
 //! planning the server runs.
 
@@ -94,6 +95,45 @@ pub fn logit_rows(fed: usize, n: usize, known: usize, all_rows: bool) -> LogitRo
     }
 }
 
+/// What one logit row of a pass is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowUse {
+    /// The row of position `pos`: the log-probability of prompt token `pos + 1`.
+    PromptLogprob(usize),
+    /// The next token is sampled from it.
+    Sample,
+    /// Nothing (a row of a generated token fed again with every row asked for).
+    Skip,
+}
+
+/// The use of each logit row an entry gets, in row order. The entry fed `n` tokens from
+/// position `first`; its sequence knows `known` tokens, the first `prompt_len` of them its
+/// prompt. With [`LogitRows::All`], the row of position `pos` gives the log-probability of
+/// prompt token `pos + 1` while that is in the prompt, and the row of the last known token is
+/// sampled; with [`LogitRows::Last`] the one row is sampled; [`LogitRows::None`] has no rows.
+pub fn row_uses(
+    rows: LogitRows,
+    first: usize,
+    n: usize,
+    prompt_len: usize,
+    known: usize,
+) -> impl Iterator<Item = RowUse> {
+    let positions = match rows {
+        LogitRows::None => 0..0,
+        LogitRows::Last => first + n - 1..first + n,
+        LogitRows::All => first..first + n,
+    };
+    positions.map(move |pos| {
+        if rows == LogitRows::All && pos + 1 < prompt_len {
+            RowUse::PromptLogprob(pos)
+        } else if pos + 1 == known {
+            RowUse::Sample
+        } else {
+            RowUse::Skip
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +202,33 @@ mod tests {
         // The last one always runs, even when the cache cannot hold it (the caller fails it).
         let (planned, preempt) = plan_within(&[seq(40, 0)], &WIDE, 0);
         assert_eq!((planned, preempt), (vec![(0, 40)], 0));
+    }
+
+    #[test]
+    fn rows_give_prompt_logprobs_then_the_sample() {
+        let uses = |rows, first, n, prompt, known| -> Vec<RowUse> {
+            row_uses(rows, first, n, prompt, known).collect()
+        };
+        // A 5-token prompt fed 3 then 2 tokens, every row wanted: rows of positions 0..3 give
+        // the log-probabilities of tokens 1..4; position 4's row is sampled.
+        assert_eq!(
+            uses(LogitRows::All, 0, 3, 5, 5),
+            [0, 1, 2].map(RowUse::PromptLogprob)
+        );
+        assert_eq!(
+            uses(LogitRows::All, 3, 2, 5, 5),
+            [RowUse::PromptLogprob(3), RowUse::Sample]
+        );
+        // Decode and a completing chunk: one row, sampled. A middle chunk: no row.
+        assert_eq!(uses(LogitRows::Last, 7, 1, 5, 8), [RowUse::Sample]);
+        assert_eq!(uses(LogitRows::Last, 256, 44, 300, 300), [RowUse::Sample]);
+        assert_eq!(uses(LogitRows::None, 0, 64, 300, 300), []);
+        // A recompute after preemption feeding generated tokens with every row: they are
+        // skipped up to the last known one.
+        assert_eq!(
+            uses(LogitRows::All, 3, 4, 4, 7),
+            [RowUse::Skip, RowUse::Skip, RowUse::Skip, RowUse::Sample]
+        );
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! use it; the server's scheduler drives the same executor with requests coming and going.
 //! Both plan their passes with [`super::batching`].
 
-use super::batching::{self, Limits, SeqView};
+use super::batching::{self, Limits, RowUse, SeqView};
 use super::error::ModelError;
-use super::executor::{BatchEntry, ExecError, Executor, LogitRows};
+use super::executor::{BatchEntry, ExecError, Executor};
 use super::generation::{Generation, GenerationParams, TokenEvent};
 use super::kv_cache::{BlockPool, KvCacheFull, SequenceKv};
 use super::Model;
@@ -128,7 +128,7 @@ pub fn generate_batch(
                 break;
             }
             let rows = batching::logit_rows(fed, n, known, false);
-            owners.push((i, rows == LogitRows::Last));
+            owners.push((i, rows, fed, n, known));
             batch.push(BatchEntry {
                 tokens,
                 kv: &mut slot.kv,
@@ -150,8 +150,16 @@ pub fn generate_batch(
             return Err(e.into());
         }
         let mut rows = logits.chunks_exact_mut(vocab);
-        for (i, _) in owners.into_iter().filter(|(_, want)| *want) {
-            let Some(row) = rows.next() else { break };
+        for (i, got, fed, n, known) in owners {
+            let prompt_len = slots[i].prompt.len();
+            let mut sample = None;
+            for row_use in batching::row_uses(got, fed, n, prompt_len, known) {
+                let row = rows.next();
+                if row_use == RowUse::Sample {
+                    sample = row;
+                }
+            }
+            let Some(row) = sample else { continue };
             let slot = &mut slots[i];
             if slot.generation.output_ids().is_empty() {
                 slot.first_logits = row.to_vec();

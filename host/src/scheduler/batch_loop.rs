@@ -7,7 +7,7 @@ use super::sequence::Sequence;
 use super::{Finish, Pending, SchedulerStats, SeqEvent};
 use crate::admission::queue::RequestQueue;
 use crate::metrics::Metrics;
-use crate::model::batching::{self, Limits, SeqView};
+use crate::model::batching::{self, Limits, RowUse, SeqView};
 use crate::model::executor::{BatchEntry, Executor, LogitRows};
 use crate::model::kv_cache::BlockPool;
 use crate::model::logprobs::logprob_of;
@@ -339,32 +339,30 @@ impl Loop {
         let now = Instant::now();
         for (i, seq) in self.running.iter_mut().enumerate() {
             let (rows_got, fed) = rows_of[i];
-            if rows_got == LogitRows::All {
-                // Row j predicts token fed + j + 1: prompt rows give its log-probability, and
-                // the row after the last prompt token (if this pass reached it) is sampled.
-                let prompt_len = seq.pending.prompt_ids.len();
-                for pos in fed..seq.fed {
-                    if pos + 1 >= prompt_len {
-                        break;
+            let prompt_len = seq.pending.prompt_ids.len();
+            let uses =
+                batching::row_uses(rows_got, fed, seq.fed - fed, prompt_len, seq.tokens.len());
+            let mut sample = None;
+            for row_use in uses {
+                let Some(row) = rows.next() else { break };
+                match row_use {
+                    RowUse::PromptLogprob(pos) => {
+                        // A recompute after preemption does not redo them.
+                        if seq.prompt_logprobs.len() == pos {
+                            let next = seq.tokens[pos + 1];
+                            seq.prompt_logprobs.push(logprob_of(row, next));
+                        }
                     }
-                    let Some(row) = rows.next() else { break };
-                    if seq.prompt_logprobs.len() == pos {
-                        let next = seq.tokens[pos + 1];
-                        seq.prompt_logprobs.push(logprob_of(row, next));
-                    }
+                    RowUse::Sample => sample = Some(row),
+                    RowUse::Skip => {}
                 }
-                if seq.fed < seq.tokens.len() {
-                    continue; // the prompt is not all in yet: nothing to sample
-                }
-            } else if rows_got == LogitRows::None {
-                continue;
             }
+            let Some(row) = sample else { continue };
             // Before the first token, whichever pass samples it (the prompt's last chunk may
             // have needed no rows of its own).
             if seq.pending.params.prompt_logprobs && seq.last_token_at.is_none() {
                 seq.send(SeqEvent::PromptLogprobs(seq.prompt_logprobs.clone()));
             }
-            let Some(row) = rows.next() else { break };
             let id = &seq.pending.request_id;
             let event = match seq.generation.step(row, &self.model.tokenizer) {
                 Ok(event) => event,
