@@ -70,6 +70,10 @@ fn generate_streams_text_and_reports_speed() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tokens/s"), "{stderr}");
+    assert!(
+        stderr.contains("generated on "),
+        "says where it ran: {stderr}"
+    );
 }
 
 #[test]

@@ -144,9 +144,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let decode_s = (end - first).as_secs_f64();
     let decoded = output_ids.len().saturating_sub(1);
     eprintln!(
-        "{} prompt tokens, {} generated: prefill {:.1} tokens/s, decode {:.1} tokens/s",
+        "{} prompt tokens, {} generated on {} [{}]: prefill {:.1} tokens/s, decode {:.1} tokens/s",
         input_ids.len(),
         output_ids.len(),
+        executor.device().name,
+        executor.device().reason,
         input_ids.len() as f64 / prefill_s.max(1e-9),
         decoded as f64 / decode_s.max(1e-9),
     );
