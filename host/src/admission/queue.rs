@@ -183,6 +183,19 @@ impl<T> RequestQueue<T> {
     /// Queues a request behind those of higher or equal priority; refuses it, handing it
     /// back, when `max_size` requests are already waiting. Wakes the scheduler.
     pub fn push(&self, id: u64, priority: i32, item: T) -> Result<(), QueueFull<T>> {
+        self.push_then(id, priority, item, || {})
+    }
+
+    /// [`RequestQueue::push`], running `queued` once the item is in and before anyone can
+    /// take it out (the queue's lock is still held): what `queued` records happens before
+    /// anything the consumer does with the item.
+    pub fn push_then(
+        &self,
+        id: u64,
+        priority: i32,
+        item: T,
+        queued: impl FnOnce(),
+    ) -> Result<(), QueueFull<T>> {
         let mut inner = self.lock();
         if inner.entries.len() >= self.max_size {
             return Err(QueueFull {
@@ -198,6 +211,7 @@ impl<T> RequestQueue<T> {
             seq,
         };
         inner.insert(slot, id, priority, item);
+        queued();
         drop(inner);
         self.work.notify_all();
         Ok(())
@@ -382,6 +396,23 @@ mod tests {
         assert!(q.push(2, i32::MAX, ()).is_ok());
         assert!(q.push(3, 0, ()).is_ok());
         assert_eq!(pop_all(&q), vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn push_then_runs_under_the_lock_and_only_when_queued() {
+        let q = RequestQueue::new(1);
+        let mut ran = false;
+        q.push_then(1, 0, "a", || {
+            // The lock is held: the consumer cannot take the item before this returns.
+            assert!(q.inner.try_lock().is_err(), "runs under the queue's lock");
+            ran = true;
+        })
+        .expect("room");
+        assert!(ran);
+        let mut ran_again = false;
+        assert!(q.push_then(2, 0, "b", || ran_again = true).is_err());
+        assert!(!ran_again, "a refused item is not reported as queued");
+        assert!(q.pop_if(|_| true).is_some());
     }
 
     #[test]

@@ -110,7 +110,20 @@ impl Admission {
                 received_at: ticket.received_at,
             };
             let queue_id = self.next_queue_id.fetch_add(1, Ordering::Relaxed);
-            if self.queue.push(queue_id, priority, pending).is_err() {
+            // Recorded under the queue's lock: before the scheduler can take the request and
+            // record its later stages.
+            let first = sequences.is_empty();
+            let tracker = &self.policy.tracker;
+            let record = || {
+                if first {
+                    tracker.record(&ticket.request_id, Stage::Queued);
+                }
+            };
+            if self
+                .queue
+                .push_then(queue_id, priority, pending, record)
+                .is_err()
+            {
                 guard.withdraw();
                 if sequences.is_empty() {
                     ledger.end(Outcome::Refused);
@@ -123,9 +136,6 @@ impl Admission {
             guard.queued.push(queue_id);
             sequences.push(SequenceEvents::new(rx, ledger.clone()));
         }
-        self.policy
-            .tracker
-            .record(&ticket.request_id, Stage::Queued);
         let deadline = tokio::time::Instant::now() + self.max_queue_wait;
         for (i, events) in sequences.iter_mut().enumerate() {
             let first = match tokio::time::timeout_at(deadline, events.next()).await {
