@@ -2,12 +2,8 @@
 
 mod common;
 
-use common::{fixture, ALL_MODELS};
+use common::{cllm, fixture, ALL_MODELS};
 use std::process::Command;
-
-fn cllm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cllm"))
-}
 
 /// Runs `cmd`, which must succeed (its stderr is the failure message); returns its stdout.
 fn stdout_of(cmd: &mut Command) -> Vec<u8> {

@@ -9,15 +9,11 @@ mod common;
 use cllm::model::cpu::ops;
 use cllm::model::cuda::compile::{compile_cubin, nvrtc_present, KERNEL_FILES};
 use cllm::model::cuda::{driver_present, AttentionCase, KernelCheck};
+use cllm::model::executor::DeviceChoice;
 use cllm::model::rng::Rng;
 use cllm::model::sampling::argmax;
 use cllm::model::weights::DType;
-use common::{fixture, require, say};
-use std::process::Command;
-
-fn cllm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cllm"))
-}
+use common::{cllm, fixture, require, say};
 
 #[test]
 fn every_kernel_compiles_for_sm80_and_sm90() {
@@ -135,12 +131,8 @@ fn device_cuda_without_a_gpu_is_a_clean_start_up_error() {
 
 /// The kernels on the GPU the check runs on, or None (said) elsewhere.
 fn gpu() -> Option<KernelCheck> {
-    match std::env::var("CLLM_TEST_DEVICE") {
-        Ok(d) if d.starts_with("cuda") => {
-            let ordinal = d
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+    match common::test_device() {
+        DeviceChoice::Cuda(ordinal) => {
             Some(KernelCheck::open(ordinal).expect("CLLM_TEST_DEVICE names a usable GPU"))
         }
         _ => {

@@ -542,7 +542,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
 #[test]
 fn sigterm_during_a_stream_lets_it_finish() {
     use std::io::{BufRead, BufReader, Read, Write};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cllm"))
+    let mut child = common::cllm()
         .args([
             "serve",
             "--port",
@@ -762,11 +762,11 @@ async fn info_health_and_metrics_report_the_device() {
     let health = server.health().await;
     let metrics = server.metrics().await;
     let kind = info["backend"].as_str().expect("backend").to_string();
-    let expected = if std::env::var("CLLM_TEST_DEVICE").is_ok_and(|d| d.starts_with("cuda")) {
-        "cuda"
-    } else {
-        "cpu"
-    };
+    let on_gpu = matches!(
+        common::test_device(),
+        cllm::model::executor::DeviceChoice::Cuda(_)
+    );
+    let expected = if on_gpu { "cuda" } else { "cpu" };
     assert_eq!(kind, expected, "{info}");
     let device = &info["device"];
     assert_eq!(device["kind"], expected);

@@ -35,16 +35,14 @@ pub fn greedy_outcomes(
     generate_batch(model, executor.as_mut(), prompts, &params, chunk, |_, _| {}).expect("generates")
 }
 
-/// Where the golden checks run: the CPU, or the device `CLLM_TEST_DEVICE` names (`cuda`,
-/// `cuda:N`; the GPU check script sets it). Quantized models run on the CPU, the only backend
-/// with quantized kernels, and say so.
+/// Where the golden checks run: the CPU, or the device `CLLM_TEST_DEVICE` names
+/// ([`super::test_device`]). Quantized models run on the CPU, the only backend with quantized
+/// kernels, and say so.
 pub fn test_device(model: &Model) -> DeviceChoice {
-    let Ok(name) = std::env::var("CLLM_TEST_DEVICE") else {
-        return DeviceChoice::Cpu;
-    };
-    let device = DeviceChoice::parse(&name)
-        .unwrap_or_else(|| panic!("CLLM_TEST_DEVICE={name:?}: not auto, cpu, cuda or cuda:N"));
-    if matches!(model.weights.dtype(), cllm::model::weights::DType::Quant(_)) {
+    let device = super::test_device();
+    if device != DeviceChoice::Cpu
+        && matches!(model.weights.dtype(), cllm::model::weights::DType::Quant(_))
+    {
         eprintln!("CPU ONLY: {} has quantized weights", model.dir.display());
         return DeviceChoice::Cpu;
     }

@@ -42,6 +42,22 @@ where
     }
 }
 
+/// The `cllm` binary of this build, as a command to add arguments to.
+pub fn cllm() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cllm"))
+}
+
+/// The device `CLLM_TEST_DEVICE` names (`cpu`, `auto`, `cuda`, `cuda:N`; the GPU check script
+/// sets it), or the CPU when it is unset. A value that is no device fails the test.
+pub fn test_device() -> cllm::model::executor::DeviceChoice {
+    use cllm::model::executor::DeviceChoice;
+    match std::env::var("CLLM_TEST_DEVICE") {
+        Ok(name) => DeviceChoice::parse(&name)
+            .unwrap_or_else(|| panic!("CLLM_TEST_DEVICE={name:?}: not auto, cpu, cuda or cuda:N")),
+        Err(_) => DeviceChoice::Cpu,
+    }
+}
+
 /// Prints past the test harness's output capture, so skips show in a plain `cargo test`.
 pub fn say(message: &str) {
     let _ = writeln!(std::io::stderr(), "{message}");

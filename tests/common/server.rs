@@ -20,10 +20,7 @@ impl TestServer {
         config.scheduler.kv_cache_mb = 32;
         // The CPU unless the GPU check asks for a device (CLLM_TEST_DEVICE=cuda); on a GPU, a
         // small cache, since tests start servers side by side.
-        config.model.device = std::env::var("CLLM_TEST_DEVICE")
-            .ok()
-            .and_then(|name| cllm::model::executor::DeviceChoice::parse(&name))
-            .unwrap_or(cllm::model::executor::DeviceChoice::Cpu);
+        config.model.device = super::test_device();
         config.scheduler.kv_cache_memory_fraction = 0.02;
         tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
