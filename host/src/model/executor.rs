@@ -7,7 +7,7 @@ use super::cpu::matmul::Numerics;
 use super::cpu::pool::PoolTimes;
 use super::cpu::profile::PhaseTimes;
 use super::cpu::CpuExecutor;
-use super::kv_cache::{BlockPool, KvCache, KvLayout, SequenceKv};
+use super::kv_cache::{cache_bytes, BlockPool, KvCache, SequenceKv};
 use super::llama::ModelWeights;
 
 /// One sequence's part of a forward pass.
@@ -280,7 +280,7 @@ impl CpuBackend {
             memory_total_bytes: None,
             memory_free_bytes: None,
             kv_cache_blocks: kv_blocks,
-            kv_cache_bytes: kv_bytes(layout, kv_blocks),
+            kv_cache_bytes: cache_bytes(layout, kv_blocks),
             reason,
         };
         CpuBackend { exec, kv, info }
@@ -315,7 +315,7 @@ impl Executor for CpuBackend {
         }
         self.kv = KvCache::new(self.kv.layout(), blocks);
         self.info.kv_cache_blocks = blocks;
-        self.info.kv_cache_bytes = kv_bytes(self.kv.layout(), blocks);
+        self.info.kv_cache_bytes = cache_bytes(self.kv.layout(), blocks);
         Ok(())
     }
 
@@ -341,8 +341,4 @@ impl Executor for CpuBackend {
     fn reset_profile(&mut self) {
         self.exec.reset_profile();
     }
-}
-
-fn kv_bytes(layout: KvLayout, blocks: usize) -> u64 {
-    (blocks * super::kv_cache::block_bytes(layout)) as u64
 }

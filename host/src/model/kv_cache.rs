@@ -149,6 +149,11 @@ pub fn block_bytes(layout: KvLayout) -> usize {
     2 * layout.num_layers * BLOCK_SIZE * layout.kv_dim * std::mem::size_of::<f32>()
 }
 
+/// Bytes a cache of `blocks` blocks takes (what `/info` and `/metrics` report).
+pub fn cache_bytes(layout: KvLayout, blocks: usize) -> u64 {
+    (blocks * block_bytes(layout)) as u64
+}
+
 /// The CPU's cache: keys and values for every layer, in `[slot][kv_head][head_dim]` order, kept
 /// in f32, and the pool of its blocks.
 pub struct KvCache {

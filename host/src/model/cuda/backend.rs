@@ -10,7 +10,7 @@ use crate::model::config::ModelConfig;
 use crate::model::executor::{
     check_batch, BatchEntry, DeviceInfo, ExecError, Executor, ExecutorSettings, LogitRows,
 };
-use crate::model::kv_cache::{block_bytes, BlockPool, BLOCK_SIZE};
+use crate::model::kv_cache::{block_bytes, cache_bytes, BlockPool, KvLayout, BLOCK_SIZE};
 use crate::model::llama::ModelWeights;
 use crate::model::rope::Rope;
 use anyhow::Context;
@@ -319,6 +319,9 @@ impl CudaBackend {
             let budget = (free as f64 * settings.kv_memory_fraction) as usize;
             (budget / per_block.max(1)).min(u32::MAX as usize)
         };
+        // Sized from memory, the cache still holds one full-context request when the caller's
+        // own count does (the server's always does; the CLI passes 0 and grows the cache for
+        // its prompts through `ensure_blocks`).
         let min_blocks = BlockPool::blocks_for(config.max_position_embeddings + 1);
         let blocks = blocks.max(settings.kv_blocks.min(min_blocks)).max(1);
         let kv = DeviceKv::alloc(&dims, blocks, &stream)
@@ -333,7 +336,7 @@ impl CudaBackend {
             memory_total_bytes: Some(total as u64),
             memory_free_bytes: Some(free_after as u64),
             kv_cache_blocks: blocks,
-            kv_cache_bytes: (blocks * per_block) as u64,
+            kv_cache_bytes: cache_bytes(crate::model::kv_layout(config), blocks),
             reason: match settings.device {
                 crate::model::executor::DeviceChoice::Auto => {
                     format!("device auto: CUDA device {ordinal} found")
@@ -558,7 +561,11 @@ impl Executor for CudaBackend {
         self.kv = DeviceKv::alloc(&self.dims, blocks, &self.stream).map_err(dev)?;
         self.pool = BlockPool::new(blocks);
         self.info.kv_cache_blocks = blocks;
-        self.info.kv_cache_bytes = (2 * self.kv.layer_bytes * self.dims.layers) as u64;
+        let layout = KvLayout {
+            num_layers: self.dims.layers,
+            kv_dim: self.dims.kv_dim,
+        };
+        self.info.kv_cache_bytes = cache_bytes(layout, blocks);
         Ok(())
     }
 
