@@ -200,8 +200,8 @@ mod tests {
 
     /// Queries of a 37-token sequence (three cache blocks, the last partial, with the block
     /// table out of order) against an f64 reference, for head sizes the AVX-512 kernel takes
-    /// (64, 32) and one it leaves to the portable path (8), with and without a sliding window,
-    /// with query-head groups of 2 and of 10.
+    /// (128, 64, 48, 32, 16) and one it leaves to the portable path (8), with and without a
+    /// sliding window, with query-head groups of 2 and of 10.
     #[test]
     fn matches_reference() {
         let shapes = [
@@ -215,6 +215,10 @@ mod tests {
             (64, None, 4, 4),
             // Groups of 3: tiles of 2 tokens.
             (16, None, 6, 2),
+            // The largest head the AVX-512 kernel takes, and an odd chunk count with a
+            // window that starts mid-block.
+            (128, None, 2, 1),
+            (48, Some(9), 3, 3),
         ];
         for (d, window, num_heads, num_kv_heads) in shapes {
             let heads = Heads {
