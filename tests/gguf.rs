@@ -5,10 +5,11 @@
 mod common;
 
 use cllm::model::cpu::matmul::Numerics;
+use cllm::model::kv_cache::KvDtype;
 use cllm::model::Model;
 use common::greedy::{
     check_exact_runs, check_first_logits, check_tokens, check_tokens_before_close_call,
-    greedy_outcomes, tokenize_prompts,
+    greedy_outcomes, greedy_outcomes_with, tokenize_prompts,
 };
 use common::{gguf_fixture, smollm2_gguf};
 use std::path::Path;
@@ -125,6 +126,54 @@ fn tiny256_16_bit_fast_numerics_within_tolerance() {
             }
         }
         common::say(&format!("{name}, fast numerics: largest first-step top-5 logit difference relative to max(1, |logit|): {worst:.5}"));
+    }
+}
+
+/// An f16 KV cache (`scheduler.kv_cache_dtype: f16`) with exact numerics, on the f32 and
+/// 16-bit files, alone and with 3-token prefill chunks: greedy tokens identical up to the
+/// first step whose golden top1-top2 margin is under 0.1, and first-step top-5 logits within
+/// 1e-2, or 1e-3 of the logit where that is larger (f16 keeps 11 significant bits of each
+/// key and value; these files' logits reach ~20; measured: at most 8e-3).
+#[test]
+fn f16_kv_cache_within_tolerance() {
+    for name in [
+        "tiny256-f32",
+        "tiny256-f16",
+        "tiny256-bf16",
+        "stories260K-f32",
+    ] {
+        let Some((path, golden)) = gguf_fixture(name) else {
+            return;
+        };
+        let model = Model::load(&path).expect("loads");
+        let prompts = tokenize_prompts(name, &model, &golden);
+        let mut worst = 0.0f32;
+        // The f32 cache's logits, to show the f16 one is really in use.
+        let f32_cache = greedy_outcomes(&model, &prompts, 1, 512, Numerics::Exact);
+        let mut moved = false;
+        for chunk in [512, 3] {
+            let outcomes = greedy_outcomes_with(
+                &model,
+                &prompts,
+                golden.max_new_tokens,
+                chunk,
+                Numerics::Exact,
+                KvDtype::F16,
+            );
+            let how = format!("f16 KV cache, prefill chunk {chunk}");
+            for ((case, outcome), f32_cache) in golden.cases.iter().zip(&outcomes).zip(&f32_cache) {
+                moved |= outcome.first_logits != f32_cache.first_logits;
+                check_tokens_before_close_call(name, &how, case, outcome);
+                let tolerance = |want: f32| (1e-2f32).max(1e-3 * want.abs());
+                for (want, got) in check_first_logits(name, &how, case, outcome, tolerance) {
+                    worst = worst.max((got - want).abs());
+                }
+            }
+        }
+        assert!(moved, "{name}: the f16 cache gave the f32 cache's logits");
+        common::say(&format!(
+            "{name}, f16 KV cache: largest first-step top-5 logit difference: {worst:.5}"
+        ));
     }
 }
 

@@ -619,6 +619,48 @@ async fn greedy_text_ids(
     (ids, rid)
 }
 
+/// `scheduler.kv_cache_dtype: f16` (CPU only) stores blocks of half the bytes: the same
+/// `kv_cache_mb` holds twice the blocks, `/info` and `/metrics` say so, and greedy generation on
+/// it gives the tokens the f32 cache gives (a broken conversion would not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_f16_kv_cache_holds_twice_the_blocks_and_generates_the_same_tokens() {
+    use cllm::model::kv_cache::KvDtype;
+    if common::test_device() != cllm::model::executor::DeviceChoice::Cpu {
+        eprintln!("CPU ONLY: an f16 KV cache is not supported on CUDA");
+        return;
+    }
+    let prompt = "Once upon a time, there was a little girl named Lily. She loved to";
+    let mut runs = Vec::new();
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        let server = TestServer::start(&stories(), |c| {
+            // 5 MiB is a whole number of this model's blocks (20 KiB in f32).
+            c.scheduler.kv_cache_mb = 5;
+            c.scheduler.kv_cache_dtype = dtype;
+        })
+        .await;
+        let device = server.get_json("/info").await["device"].clone();
+        let metrics = server.metrics().await;
+        let (ids, _) = greedy_text_ids(&server, prompt, 48).await;
+        server.shutdown().await;
+        runs.push((device, metrics, ids));
+    }
+    let [(d32, _, ids32), (d16, m16, ids16)] = &runs[..] else {
+        unreachable!("two runs")
+    };
+    assert_eq!(d32["kv_cache_dtype"], "f32", "{d32}");
+    assert_eq!(d16["kv_cache_dtype"], "f16", "{d16}");
+    let blocks = |d: &Value| d["kv_cache_blocks"].as_u64().expect("blocks");
+    let bytes = |d: &Value| d["kv_cache_bytes"].as_u64().expect("bytes");
+    assert_eq!(blocks(d16), 2 * blocks(d32), "{d32} {d16}");
+    assert_eq!(bytes(d16), bytes(d32), "the same memory either way");
+    assert_eq!(
+        metric_value(m16, "cllm_kv_cache_blocks"),
+        blocks(d16) as f64
+    );
+    assert_eq!(ids32.len(), 48);
+    assert_eq!(ids16, ids32);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempted_sequences_resume_with_the_same_tokens() {
     // 33 blocks of 16 tokens: the least the scheduler allows for a 512-token context. Two

@@ -291,6 +291,9 @@ pub struct SchedulerConfig {
     /// On a GPU, when `kv_cache_blocks` is unset: the fraction of the device memory left free
     /// after the weights that the KV cache takes.
     pub kv_cache_memory_fraction: f64,
+    /// What the KV cache stores: `f32`, or `f16` (CPU only; half the memory per block, so
+    /// `kv_cache_mb` holds twice the blocks, and half the bytes attention reads per token).
+    pub kv_cache_dtype: crate::model::kv_cache::KvDtype,
     /// `max_new_tokens` of a request that does not say.
     pub default_max_new_tokens: usize,
     /// Largest `max_new_tokens` a request may ask for.
@@ -309,6 +312,7 @@ impl Default for SchedulerConfig {
             kv_cache_blocks: None,
             kv_cache_mb: 512,
             kv_cache_memory_fraction: 0.9,
+            kv_cache_dtype: Default::default(),
             default_max_new_tokens: 100,
             max_new_tokens_limit: 4096,
             debug_step_delay_ms: 0,

@@ -205,7 +205,7 @@ fn build_state(
     let min_blocks = BlockPool::blocks_for(model.config.max_position_embeddings + 1);
     let kv_blocks = s
         .kv_cache_blocks
-        .unwrap_or((s.kv_cache_mb << 20) / block_bytes(model.kv_layout()).max(1))
+        .unwrap_or((s.kv_cache_mb << 20) / block_bytes(model.kv_layout(s.kv_cache_dtype)).max(1))
         .max(min_blocks);
     let executor = open_executor(
         &model.config,
@@ -214,6 +214,7 @@ fn build_state(
             device: config.model.device,
             threads: config.model.threads,
             numerics: config.model.numerics,
+            kv_dtype: s.kv_cache_dtype,
             kv_blocks,
             kv_memory_fraction: s.kv_cache_memory_fraction,
             kv_blocks_explicit: s.kv_cache_blocks.is_some(),

@@ -6,10 +6,11 @@ use cllm::model::cpu::matmul::Numerics;
 use cllm::model::driver::{generate_batch, Outcome};
 use cllm::model::executor::{open_executor, DeviceChoice, ExecutorSettings};
 use cllm::model::generation::GenerationParams;
+use cllm::model::kv_cache::KvDtype;
 use cllm::model::Model;
 
 /// Exactly `tokens` greedy tokens for each prompt (EOS does not stop them), all prompts as
-/// one batch, prompts fed `chunk` tokens per pass.
+/// one batch, prompts fed `chunk` tokens per pass, over an f32 KV cache.
 pub fn greedy_outcomes(
     model: &Model,
     prompts: &[Vec<u32>],
@@ -17,10 +18,23 @@ pub fn greedy_outcomes(
     chunk: usize,
     numerics: Numerics,
 ) -> Vec<Outcome> {
+    greedy_outcomes_with(model, prompts, tokens, chunk, numerics, KvDtype::F32)
+}
+
+/// [`greedy_outcomes`] over a KV cache of `kv_dtype`.
+pub fn greedy_outcomes_with(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    tokens: usize,
+    chunk: usize,
+    numerics: Numerics,
+    kv_dtype: KvDtype,
+) -> Vec<Outcome> {
     let settings = ExecutorSettings {
         device: test_device(model),
         threads: 0,
         numerics,
+        kv_dtype,
         kv_blocks: 0,
         kv_memory_fraction: 1.0,
         kv_blocks_explicit: true,

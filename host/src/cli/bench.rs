@@ -9,6 +9,7 @@ use crate::model::executor::{
     open_executor, BatchEntry, DeviceChoice, Executor, ExecutorSettings, LogitRows,
 };
 use crate::model::gguf;
+use crate::model::kv_cache::KvDtype;
 use crate::model::kv_cache::{BlockPool, SequenceKv};
 use crate::model::llama::ModelWeights;
 use crate::model::rng::Rng;
@@ -31,8 +32,9 @@ pub struct BenchArgs {
     /// q4_0, q4_1, q5_0, q5_1, q4_k, q6_k; random blocks).
     #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
     dtype: DType,
-    /// Prompt tokens for the prefill measurement, prefilled in one pass; decode is measured
-    /// after them. 0: no prefill, decode from an empty context.
+    /// Prompt tokens for the prefill measurement, prefilled in one pass (the mean rate of 3
+    /// passes is reported, after a warm-up pass); decode is measured after them. 0: no
+    /// prefill, decode from an empty context.
     #[arg(long, default_value_t = 512)]
     prompt_tokens: usize,
     /// Tokens decoded per measurement.
@@ -51,6 +53,9 @@ pub struct BenchArgs {
     /// fast or exact: how products with bf16 weights compute (see model.numerics).
     #[arg(long, default_value = "fast", value_parser = super::parse_numerics)]
     numerics: Numerics,
+    /// f32 or f16: what the KV cache stores (see scheduler.kv_cache_dtype).
+    #[arg(long, default_value = "f32", value_parser = super::parse_kv_dtype)]
+    kv_cache_dtype: KvDtype,
     /// Also print where the time of one prefill pass and one decode step goes, phase by
     /// phase (measured in an extra run, since reading the clock costs a little).
     #[arg(long)]
@@ -98,6 +103,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             device: args.device,
             threads: args.threads,
             numerics: args.numerics,
+            kv_dtype: args.kv_cache_dtype,
             kv_blocks: 0, // each run sizes the cache it needs
             kv_memory_fraction: 1.0,
             kv_blocks_explicit: true,
@@ -123,9 +129,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         config: &config,
         weights: &weights,
     };
-    // Warm up: fault in memory-mapped weights and size the buffers.
-    bench.run(executor, 1, prompt_len.min(16), 2)?;
-    let single = bench.run(executor, 1, prompt_len, decode_tokens)?;
+    // Warm up at full size, as llama-bench does: fault in memory-mapped weights and size
+    // every buffer (and the cache) the measured passes use.
+    bench.run(executor, 1, prompt_len, 2)?;
+    let mut single = bench.run(executor, 1, prompt_len, decode_tokens)?;
+    // A prefill is one pass, which this shared machine's noise moves a lot: report the mean
+    // rate of several (llama-bench averages 5 by default).
+    if let Some(first) = single.prefill_tps {
+        let mut seconds = prompt_len as f64 / first;
+        for _ in 1..PREFILL_PASSES {
+            let run = bench.run(executor, 1, prompt_len, 1)?;
+            seconds += prompt_len as f64 / run.prefill_tps.unwrap_or(f64::INFINITY);
+        }
+        single.prefill_tps = Some((PREFILL_PASSES * prompt_len) as f64 / seconds);
+    }
     let mut batched = Vec::new();
     for &size in args.batch.iter().filter(|&&b| b > 0) {
         let run = bench.run(executor, size, 64.min(prompt_len), decode_tokens)?;
@@ -172,8 +189,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "model: {name}  dtype: {}  numerics: {numerics}  weights read per token: {:.1} MB  device: {}",
+        "model: {name}  dtype: {}  numerics: {numerics}  kv cache: {}  weights read per token: {:.1} MB  device: {}",
         weights.dtype().name(),
+        device.kv_cache_dtype.name(),
         weight_bytes as f64 / 1e6,
         device.name
     );
@@ -363,6 +381,9 @@ impl Bench<'_> {
         })
     }
 }
+
+/// Prefill passes whose mean rate the prefill measurement reports.
+const PREFILL_PASSES: usize = 3;
 
 /// GB/s for summing a buffer as large as the weights (capped at 1 GiB), split across the pool.
 fn read_bandwidth_gbs(pool: &ThreadPool, bytes: usize) -> f64 {

@@ -4,6 +4,7 @@ use crate::model::cpu::matmul::Numerics;
 use crate::model::driver::generate_batch;
 use crate::model::executor::{open_executor, DeviceChoice, ExecutorSettings};
 use crate::model::generation::GenerationParams;
+use crate::model::kv_cache::KvDtype;
 use crate::model::rng::Rng;
 use crate::model::sampling::SamplingParams;
 use crate::model::Model;
@@ -56,6 +57,9 @@ pub struct GenerateArgs {
     /// fast or exact: how products with bf16 weights compute (see model.numerics).
     #[arg(long, default_value = "fast", value_parser = super::parse_numerics)]
     numerics: Numerics,
+    /// f32 or f16: what the KV cache stores (see scheduler.kv_cache_dtype).
+    #[arg(long, default_value = "f32", value_parser = super::parse_kv_dtype)]
+    kv_cache_dtype: KvDtype,
     prompt: String,
 }
 
@@ -96,6 +100,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             device: args.device,
             threads: args.threads,
             numerics: args.numerics,
+            kv_dtype: args.kv_cache_dtype,
             kv_blocks: 0, // sized by generate_batch for the prompt
             kv_memory_fraction: 1.0,
             kv_blocks_explicit: true,

@@ -36,6 +36,12 @@ fn parse_numerics(s: &str) -> Result<crate::model::cpu::matmul::Numerics, String
         .ok_or_else(|| format!("unknown numerics {s:?} (fast, exact)"))
 }
 
+/// `--kv-cache-dtype`: `f32` or `f16`.
+fn parse_kv_dtype(s: &str) -> Result<crate::model::kv_cache::KvDtype, String> {
+    crate::model::kv_cache::KvDtype::parse(s)
+        .ok_or_else(|| format!("unknown KV cache dtype {s:?} (f32, f16)"))
+}
+
 /// `--device`: `auto`, `cpu`, `cuda` or `cuda:N`.
 fn parse_device(s: &str) -> Result<crate::model::executor::DeviceChoice, String> {
     crate::model::executor::DeviceChoice::parse(s)

@@ -7,7 +7,7 @@ use super::cpu::matmul::Numerics;
 use super::cpu::pool::PoolTimes;
 use super::cpu::profile::PhaseTimes;
 use super::cpu::CpuExecutor;
-use super::kv_cache::{cache_bytes, BlockPool, KvCache, SequenceKv};
+use super::kv_cache::{cache_bytes, BlockPool, KvCache, KvDtype, SequenceKv};
 use super::llama::ModelWeights;
 
 /// One sequence's part of a forward pass.
@@ -205,6 +205,8 @@ pub struct DeviceInfo {
     pub memory_free_bytes: Option<u64>,
     pub kv_cache_blocks: usize,
     pub kv_cache_bytes: u64,
+    /// What the KV cache stores: `f32` or `f16`.
+    pub kv_cache_dtype: KvDtype,
     /// Why this device was chosen (`--device auto` falling back says why).
     pub reason: String,
 }
@@ -216,6 +218,8 @@ pub struct ExecutorSettings {
     /// CPU worker threads (0: one per core).
     pub threads: usize,
     pub numerics: Numerics,
+    /// What the KV cache stores (a GPU refuses f16).
+    pub kv_dtype: KvDtype,
     /// KV cache blocks on the CPU, and on the GPU when set explicitly.
     pub kv_blocks: usize,
     /// With `kv_blocks_explicit` false, the GPU's cache takes this fraction of the device
@@ -270,7 +274,8 @@ impl CpuBackend {
     /// `reason` says why the CPU was chosen.
     pub fn new(config: &ModelConfig, settings: &ExecutorSettings, reason: String) -> Self {
         let exec = CpuExecutor::new(config, settings.threads, settings.numerics);
-        let layout = super::kv_layout(config);
+        let dtype = settings.kv_dtype;
+        let layout = super::kv_layout(config, dtype);
         let kv_blocks = settings.kv_blocks;
         let kv = KvCache::new(layout, kv_blocks);
         let info = DeviceInfo {
@@ -281,6 +286,7 @@ impl CpuBackend {
             memory_free_bytes: None,
             kv_cache_blocks: kv_blocks,
             kv_cache_bytes: cache_bytes(layout, kv_blocks),
+            kv_cache_dtype: dtype,
             reason,
         };
         CpuBackend { exec, kv, info }

@@ -58,34 +58,92 @@ impl SequenceKv {
     }
 }
 
+/// How the cache stores each key and value element (`scheduler.kv_cache_dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    #[default]
+    F32,
+    /// IEEE half precision (11 significant bits; values beyond +-65504 are clamped): half
+    /// the memory, and half the bytes attention reads per token. CPU only.
+    F16,
+}
+
+impl KvDtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(KvDtype::F32),
+            "f16" => Some(KvDtype::F16),
+            _ => None,
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+}
+
 /// Shape of the stored keys and values.
 #[derive(Clone, Copy, Debug)]
 pub struct KvLayout {
     pub num_layers: usize,
-    /// `num_key_value_heads * head_dim`: floats per token per layer, for K and for V.
+    /// `num_key_value_heads * head_dim`: elements per token per layer, for K and for V.
     pub kv_dim: usize,
+    pub dtype: KvDtype,
 }
 
 /// One layer's keys or values: in huge pages when the system can map them (attention
 /// streams through them every step), else a plain vector.
-enum LayerBuffer {
-    Huge(HugeBuffer<f32>),
-    Plain(Vec<f32>),
+enum LayerBuffer<T> {
+    Huge(HugeBuffer<T>),
+    Plain(Vec<T>),
 }
 
-impl LayerBuffer {
-    fn new(floats: usize) -> Self {
-        match HugeBuffer::zeroed(floats) {
+impl<T: bytemuck::Pod> LayerBuffer<T> {
+    fn new(len: usize) -> Self {
+        match HugeBuffer::zeroed(len) {
             Ok(b) => LayerBuffer::Huge(b),
-            Err(_) => LayerBuffer::Plain(vec![0.0; floats]),
+            Err(_) => LayerBuffer::Plain(vec![T::zeroed(); len]),
         }
     }
 
-    fn as_mut_slice(&mut self) -> &mut [f32] {
+    fn as_mut_slice(&mut self) -> &mut [T] {
         match self {
             LayerBuffer::Huge(b) => b,
             LayerBuffer::Plain(v) => v,
         }
+    }
+}
+
+/// Every layer's keys and values, in one element type.
+struct Layers<T> {
+    keys: Vec<LayerBuffer<T>>,
+    values: Vec<LayerBuffer<T>>,
+}
+
+impl<T: bytemuck::Pod> Layers<T> {
+    fn new(num_layers: usize, len: usize) -> Self {
+        Layers {
+            keys: (0..num_layers).map(|_| LayerBuffer::new(len)).collect(),
+            values: (0..num_layers).map(|_| LayerBuffer::new(len)).collect(),
+        }
+    }
+
+    fn layer_mut(&mut self, layer: usize) -> (&mut [T], &mut [T]) {
+        (
+            self.keys[layer].as_mut_slice(),
+            self.values[layer].as_mut_slice(),
+        )
     }
 }
 
@@ -144,9 +202,9 @@ impl BlockPool {
     }
 }
 
-/// Bytes one block takes across all layers (keys and values, f32, on any device).
+/// Bytes one block takes across all layers (keys and values, on any device).
 pub fn block_bytes(layout: KvLayout) -> usize {
-    2 * layout.num_layers * BLOCK_SIZE * layout.kv_dim * std::mem::size_of::<f32>()
+    2 * layout.num_layers * BLOCK_SIZE * layout.kv_dim * layout.dtype.bytes()
 }
 
 /// Bytes a cache of `blocks` blocks takes (what `/info` and `/metrics` report).
@@ -154,28 +212,43 @@ pub fn cache_bytes(layout: KvLayout, blocks: usize) -> u64 {
     (blocks * block_bytes(layout)) as u64
 }
 
-/// The CPU's cache: keys and values for every layer, in `[slot][kv_head][head_dim]` order, kept
-/// in f32, and the pool of its blocks.
+/// One layer's keys and values as the cache stores them (f16 as its IEEE bits).
+pub(crate) enum LayerKv<'a> {
+    F32 {
+        keys: &'a mut [f32],
+        values: &'a mut [f32],
+    },
+    F16 {
+        keys: &'a mut [u16],
+        values: &'a mut [u16],
+    },
+}
+
+/// The CPU's cache: keys and values for every layer, in `[slot][kv_head][head_dim]` order, in
+/// the layout's dtype, and the pool of its blocks.
 pub struct KvCache {
     layout: KvLayout,
     pool: BlockPool,
-    keys: Vec<LayerBuffer>,
-    values: Vec<LayerBuffer>,
+    store: Store,
+}
+
+enum Store {
+    F32(Layers<f32>),
+    F16(Layers<u16>),
 }
 
 impl KvCache {
     /// A cache of `num_blocks` blocks, all allocated up front.
     pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
-        let floats = num_blocks * BLOCK_SIZE * layout.kv_dim;
+        let len = num_blocks * BLOCK_SIZE * layout.kv_dim;
+        let store = match layout.dtype {
+            KvDtype::F32 => Store::F32(Layers::new(layout.num_layers, len)),
+            KvDtype::F16 => Store::F16(Layers::new(layout.num_layers, len)),
+        };
         KvCache {
             layout,
             pool: BlockPool::new(num_blocks),
-            keys: (0..layout.num_layers)
-                .map(|_| LayerBuffer::new(floats))
-                .collect(),
-            values: (0..layout.num_layers)
-                .map(|_| LayerBuffer::new(floats))
-                .collect(),
+            store,
         }
     }
 
@@ -192,11 +265,17 @@ impl KvCache {
     }
 
     /// Layer `layer`'s key and value storage.
-    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
-        (
-            self.keys[layer].as_mut_slice(),
-            self.values[layer].as_mut_slice(),
-        )
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> LayerKv<'_> {
+        match &mut self.store {
+            Store::F32(l) => {
+                let (keys, values) = l.layer_mut(layer);
+                LayerKv::F32 { keys, values }
+            }
+            Store::F16(l) => {
+                let (keys, values) = l.layer_mut(layer);
+                LayerKv::F16 { keys, values }
+            }
+        }
     }
 }
 

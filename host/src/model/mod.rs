@@ -122,9 +122,9 @@ impl Model {
         })
     }
 
-    /// The KV cache shape this model needs.
-    pub fn kv_layout(&self) -> kv_cache::KvLayout {
-        kv_layout(&self.config)
+    /// The KV cache shape this model needs, stored as `dtype`.
+    pub fn kv_layout(&self, dtype: kv_cache::KvDtype) -> kv_cache::KvLayout {
+        kv_layout(&self.config, dtype)
     }
 }
 
@@ -136,9 +136,10 @@ fn end_ids(mut ids: Vec<u32>, tokenizer: &ModelTokenizer) -> Vec<u32> {
     ids
 }
 
-pub fn kv_layout(config: &ModelConfig) -> kv_cache::KvLayout {
+pub fn kv_layout(config: &ModelConfig, dtype: kv_cache::KvDtype) -> kv_cache::KvLayout {
     kv_cache::KvLayout {
         num_layers: config.num_hidden_layers,
         kv_dim: config.kv_dim(),
+        dtype,
     }
 }

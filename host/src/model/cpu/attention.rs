@@ -1,5 +1,6 @@
 //! Causal grouped-query attention over the paged KV cache.
 
+use super::kv_element::KvElement;
 use super::matmul::{axpy, dot};
 use super::ops::softmax;
 use super::pool::ThreadPool;
@@ -23,25 +24,33 @@ pub struct Heads {
     pub window: Option<usize>,
 }
 
-/// Per-task score buffers and the token tiles, reused across calls.
+/// Per-task buffers and the token tiles, reused across calls.
 #[derive(Default)]
 pub struct AttentionScratch {
-    scores: Vec<Mutex<Vec<f32>>>,
+    tasks: Vec<Mutex<TaskScratch>>,
     /// `(first token, count)` of each tile of consecutive query tokens.
     tiles: Vec<(usize, usize)>,
 }
 
+/// One task's scores, and the portable path's key or value row converted to f32.
+#[derive(Default)]
+struct TaskScratch {
+    scores: Vec<f32>,
+    row: Vec<f32>,
+}
+
 /// `out[t, h*d..] = softmax(q_t,h · K / sqrt(d)) · V` over positions `..=pos` of each token's
-/// sequence. `q` is `[tokens, num_heads * head_dim]`; `keys` and `values` are one layer's cache.
+/// sequence. `q` is `[tokens, num_heads * head_dim]`; `keys` and `values` are one layer's cache,
+/// stored as `E`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<E: KvElement>(
     pool: &ThreadPool,
     heads: Heads,
     batch: &[crate::model::executor::BatchEntry],
     tokens: &[QueryToken],
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[E],
+    values: &[E],
     out: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
@@ -96,16 +105,22 @@ pub fn attention(
     let n_tasks = tiles.len() * runs;
     let n_chunks = n_tasks.min(pool.threads() * 4).max(1);
     let longest = tokens.iter().map(|t| t.pos + 1).max().unwrap_or(0);
-    if scratch.scores.len() < n_chunks {
-        scratch.scores.resize_with(n_chunks, Default::default);
+    if scratch.tasks.len() < n_chunks {
+        scratch.tasks.resize_with(n_chunks, Default::default);
     }
     let out = DisjointSlice::new(out);
-    let scores = &scratch.scores;
+    let task_scratch = &scratch.tasks;
     // Chunk c takes tasks c, c + n_chunks, ...: interleaving balances the causal triangle.
     pool.run(n_chunks, &|chunk| {
-        let mut buf = scores[chunk].lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = task_scratch[chunk]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let TaskScratch { scores: buf, row } = &mut *guard;
         if buf.len() < longest * run_len * tile_max {
             buf.resize(longest * run_len * tile_max, 0.0);
+        }
+        if row.len() < d {
+            row.resize(d, 0.0);
         }
         for task in (chunk..n_tasks).step_by(n_chunks) {
             // Tiles vary fastest: a chunk's consecutive tasks then use the same kv head,
@@ -158,13 +173,13 @@ pub fn attention(
                     let span = &mut buf[..token.pos + 1 - first];
                     for (s, pos) in span.iter_mut().zip(first..) {
                         let slot = kv.slot(pos) * kv_dim + kv_off;
-                        *s = dot(q_head, &keys[slot..slot + d]) * scale;
+                        *s = dot(q_head, E::row_f32(&keys[slot..slot + d], row)) * scale;
                     }
                     softmax(span);
                     o.fill(0.0);
                     for (&p, pos) in span.iter().zip(first..) {
                         let slot = kv.slot(pos) * kv_dim + kv_off;
-                        axpy(o, p, &values[slot..slot + d]);
+                        axpy(o, p, E::row_f32(&values[slot..slot + d], row));
                     }
                 }
             }
@@ -183,7 +198,7 @@ const MAX_GROUP: usize = 8;
 mod tests {
     use super::*;
     use crate::model::executor::{BatchEntry, LogitRows};
-    use crate::model::kv_cache::{KvCache, KvLayout, SequenceKv};
+    use crate::model::kv_cache::{KvCache, KvDtype, KvLayout, LayerKv, SequenceKv};
 
     /// Values in [-1, 1) from a fixed xorshift sequence.
     fn values(seed: u64, n: usize) -> Vec<f32> {
@@ -220,7 +235,57 @@ mod tests {
             (128, None, 2, 1),
             (48, Some(9), 3, 3),
         ];
-        for (d, window, num_heads, num_kv_heads) in shapes {
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            for shape in shapes {
+                check_shape(shape, dtype);
+            }
+        }
+    }
+
+    /// Stores `k_all`/`v_all` (positions in order) in the cache's slots and attends.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_and_attend<E: KvElement>(
+        keys: &mut [E],
+        vals: &mut [E],
+        slots: &[usize],
+        (k_all, v_all): (&[f32], &[f32]),
+        heads: Heads,
+        batch: &[BatchEntry],
+        tokens: &[QueryToken],
+        q: &[f32],
+        out: &mut [f32],
+    ) {
+        let kv_dim = heads.num_kv_heads * heads.head_dim;
+        for (pos, &slot) in slots.iter().enumerate() {
+            let at = slot * kv_dim;
+            E::store(&mut keys[at..at + kv_dim], &k_all[pos * kv_dim..][..kv_dim]);
+            E::store(&mut vals[at..at + kv_dim], &v_all[pos * kv_dim..][..kv_dim]);
+        }
+        let pool = ThreadPool::new(2);
+        let mut scratch = AttentionScratch::default();
+        attention(
+            &pool,
+            heads,
+            batch,
+            tokens,
+            q,
+            keys,
+            vals,
+            out,
+            &mut scratch,
+        );
+    }
+
+    /// The value f16 storage keeps of each of `v`.
+    fn through_f16(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+    }
+
+    fn check_shape(
+        (d, window, num_heads, num_kv_heads): (usize, Option<usize>, usize, usize),
+        dtype: KvDtype,
+    ) {
+        {
             let heads = Heads {
                 num_heads,
                 num_kv_heads,
@@ -235,6 +300,7 @@ mod tests {
                 KvLayout {
                     num_layers: 1,
                     kv_dim,
+                    dtype,
                 },
                 6,
             );
@@ -243,15 +309,13 @@ mod tests {
             cache.pool_mut().reserve(&mut other, 16).expect("room");
             let mut seq = SequenceKv::new();
             cache.pool_mut().reserve(&mut seq, len).expect("room");
+            let slots: Vec<usize> = (0..len).map(|pos| seq.slot(pos)).collect();
             let (k_all, v_all) = (values(1, len * kv_dim), values(2, len * kv_dim));
-            {
-                let (keys, vals) = cache.layer_mut(0);
-                for pos in 0..len {
-                    let slot = seq.slot(pos) * kv_dim;
-                    keys[slot..slot + kv_dim].copy_from_slice(&k_all[pos * kv_dim..][..kv_dim]);
-                    vals[slot..slot + kv_dim].copy_from_slice(&v_all[pos * kv_dim..][..kv_dim]);
-                }
-            }
+            // The reference attends over what the cache holds.
+            let (k_all, v_all) = match dtype {
+                KvDtype::F32 => (k_all, v_all),
+                KvDtype::F16 => (through_f16(&k_all), through_f16(&v_all)),
+            };
             // Scattered positions (runs of 2 and 3 tile together), then a whole prompt as a
             // prefill chunk gives them (tiles of up to 8 consecutive tokens, one partial).
             let scattered = [0, 1, 15, 16, 17, 31, 36];
@@ -269,20 +333,15 @@ mod tests {
                     logits: LogitRows::None,
                 }];
                 let mut out = vec![f32::NAN; positions.len() * q_dim];
-                let (keys, vals) = cache.layer_mut(0);
-                let pool = ThreadPool::new(2);
-                let mut scratch = AttentionScratch::default();
-                attention(
-                    &pool,
-                    heads,
-                    &batch,
-                    &tokens,
-                    &q,
-                    keys,
-                    vals,
-                    &mut out,
-                    &mut scratch,
-                );
+                let new = (&k_all[..], &v_all[..]);
+                match cache.layer_mut(0) {
+                    LayerKv::F32 { keys, values } => fill_and_attend(
+                        keys, values, &slots, new, heads, &batch, &tokens, &q, &mut out,
+                    ),
+                    LayerKv::F16 { keys, values } => fill_and_attend(
+                        keys, values, &slots, new, heads, &batch, &tokens, &q, &mut out,
+                    ),
+                }
                 for (t, &pos) in positions.iter().enumerate() {
                     for h in 0..num_heads {
                         let kv_off = (h / group) * d;
@@ -308,7 +367,7 @@ mod tests {
                             let got = out[t * q_dim + h * d + i] as f64;
                             assert!(
                                 (got - want).abs() <= 1e-5,
-                                "d={d} window={window:?} pos={pos} head={h} i={i}: {got} vs {want}"
+                                "{dtype:?} d={d} window={window:?} pos={pos} head={h} i={i}: {got} vs {want}"
                             );
                         }
                     }

@@ -1,9 +1,10 @@
-//! Attention for a group of query heads sharing a kv head, with AVX-512, for head sizes that are a multiple of 16 (up to
-//! 128): the common case, and the one whose speed matters at long contexts.
+//! Attention for a group of query heads sharing a kv head, with AVX-512, for head sizes that
+//! are a multiple of 16 (up to 128): the common case, and the one whose speed matters at long
+//! contexts.
 //!
 //! The cache stores a sequence's positions in blocks of [`BLOCK_SIZE`] consecutive slots, so
 //! the kernel walks the block table and reads each block's keys and values as plain strided
-//! rows. Scores of 16 positions are reduced together (one shuffle tree instead of 16
+//! rows, f32 or f16 (widened to f32 as they are loaded; all arithmetic is f32). Scores of 16 positions are reduced together (one shuffle tree instead of 16
 //! horizontal sums); softmax uses a vectorised `exp`; the weighted sum of values stays in
 //! registers within a block and is divided by the softmax denominator once at the end. The
 //! heads of a group, and in prefill several consecutive tokens of them, are handled together
@@ -14,7 +15,8 @@
 
 use std::arch::x86_64::*;
 
-use super::matmul::avx512::{lanes, sums_in_order};
+use super::kv_element::KvElement;
+use super::matmul::avx512::{lanes, sums_in_order, Widen, F32};
 use super::vector_math::exp;
 use crate::model::kv_cache::BLOCK_SIZE;
 
@@ -76,11 +78,11 @@ impl HeadGroup<'_> {
 impl Avx512Attention {
     /// `out_h = softmax(q_h · K / sqrt(d)) · V` for each head `h` of the group, `out` laid out
     /// like `q`; `scores` needs `heads * (last - first + 1)` floats.
-    pub fn attend(
+    pub fn attend<E: KvElement>(
         self,
         group: &HeadGroup,
-        keys: &[f32],
-        values: &[f32],
+        keys: &[E],
+        values: &[E],
         scores: &mut [f32],
         out: &mut [f32],
     ) {
@@ -98,7 +100,7 @@ impl Avx512Attention {
         }
         // SAFETY: the token proves CPU support; every block the walk reads lies inside
         // `keys` and `values` (checked above), `scores` and `out` are large enough.
-        unsafe { attend(group, keys, values, scores, out) }
+        unsafe { attend::<E::Wide>(group, keys, values, scores, out) }
     }
 }
 
@@ -124,88 +126,93 @@ fn block_runs<'a>(g: &'a HeadGroup<'a>) -> impl Iterator<Item = (usize, usize, u
 /// # Safety
 /// AVX-512 F/BW/VL available; the bounds [`Avx512Attention::attend`] checks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn attend(g: &HeadGroup, keys: &[f32], values: &[f32], scores: &mut [f32], out: &mut [f32]) {
+unsafe fn attend<W: Widen>(
+    g: &HeadGroup,
+    keys: &[W::Elem],
+    values: &[W::Elem],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     // The chunk count as a constant lets the compiler unroll the loops over a head and keep
     // every accumulator in a register; with a run-time count they lived on the stack, and
     // each multiply-add waited for the previous one's store (half the speed).
     // SAFETY (each arm): forwarded from this function's contract.
     unsafe {
         match g.head_dim / 16 {
-            1 => attend_chunks::<1>(g, keys, values, scores, out),
-            2 => attend_chunks::<2>(g, keys, values, scores, out),
-            3 => attend_chunks::<3>(g, keys, values, scores, out),
-            4 => attend_chunks::<4>(g, keys, values, scores, out),
-            5 => attend_chunks::<5>(g, keys, values, scores, out),
-            6 => attend_chunks::<6>(g, keys, values, scores, out),
-            7 => attend_chunks::<7>(g, keys, values, scores, out),
-            _ => attend_chunks::<MAX_CHUNKS>(g, keys, values, scores, out),
+            1 => attend_chunks::<W, 1>(g, keys, values, scores, out),
+            2 => attend_chunks::<W, 2>(g, keys, values, scores, out),
+            3 => attend_chunks::<W, 3>(g, keys, values, scores, out),
+            4 => attend_chunks::<W, 4>(g, keys, values, scores, out),
+            5 => attend_chunks::<W, 5>(g, keys, values, scores, out),
+            6 => attend_chunks::<W, 6>(g, keys, values, scores, out),
+            7 => attend_chunks::<W, 7>(g, keys, values, scores, out),
+            _ => attend_chunks::<W, MAX_CHUNKS>(g, keys, values, scores, out),
         }
     }
 }
 
+/// What every block step of one [`attend_chunks`] call shares.
+struct Rows<'a> {
+    g: &'a HeadGroup<'a>,
+    heads: usize,
+    span: usize,
+    /// One past the last position each row attends to (computed once: it takes divisions).
+    end: [usize; MAX_HEADS],
+}
+
+impl Rows<'_> {
+    /// How many of the `n` positions from `pos` on row `h` sees (rows of later tokens in a
+    /// tile see more than earlier ones).
+    fn count(&self, h: usize, pos: usize, n: usize) -> usize {
+        self.end[h].saturating_sub(pos).min(n)
+    }
+}
+
+/// A block's rows widened to f32, `C` chunks each.
+type Stage<const C: usize> = [[__m512; C]; BLOCK_SIZE];
+
 /// [`attend`] for heads of `C` 16-float chunks.
+///
+/// Keys and values stored in 16 bits are widened as they are loaded; when several rows share
+/// the walk (prefill tiles, grouped heads) each block is widened once into a stack copy
+/// instead, so the conversions do not repeat per row.
 ///
 /// # Safety
 /// As [`attend`], and `g.head_dim == 16 * C`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn attend_chunks<const C: usize>(
+unsafe fn attend_chunks<W: Widen, const C: usize>(
     g: &HeadGroup,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[W::Elem],
+    values: &[W::Elem],
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let d = C * 16;
-    let (heads, span) = (g.heads(), g.span());
-    let scale = _mm512_set1_ps(g.scale);
-    let (kp, vp) = (keys.as_ptr(), values.as_ptr());
-    // One past the last position each row attends to (computed once: it takes divisions).
-    let mut row_end = [0usize; MAX_HEADS];
-    for (h, end) in row_end.iter_mut().enumerate().take(heads) {
+    let heads = g.heads();
+    let mut end = [0usize; MAX_HEADS];
+    for (h, end) in end.iter_mut().enumerate().take(heads) {
         *end = g.row_last(h) + 1;
     }
-    // How many of the `n` positions from `pos` on row `h` sees.
-    let row_count = |h: usize, pos: usize, n: usize| row_end[h].saturating_sub(pos).min(n);
+    let r = Rows {
+        g,
+        heads,
+        span: g.span(),
+        end,
+    };
+    let stage_blocks = std::mem::size_of::<W::Elem>() != 4 && heads > 1;
+    let mut stage: Stage<C> = [[_mm512_setzero_ps(); C]; BLOCK_SIZE];
+    let (kp, vp) = (keys.as_ptr(), values.as_ptr());
 
-    // Scores, 16 positions per reduction (a block run has at most 16). Each block's keys are
-    // read from memory once and then from L1 for the group's other rows. Every row computes
-    // all 16 lanes, so the loop has no run-time bound: lanes past the row's count repeat
-    // its last position and are masked off.
     let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); MAX_HEADS];
     for (pos, n, slot) in block_runs(g) {
-        // SAFETY: slot is inside the block, which lies inside `keys`.
+        // SAFETY (all three): slot is inside the block, which lies inside `keys`, and its
+        // first n positions are readable.
         let rows = unsafe { kp.add(slot * g.kv_dim + g.kv_off) };
-        for (h, max) in max.iter_mut().enumerate().take(heads) {
-            // Rows of later tokens in a tile see more positions than earlier ones.
-            let n = row_count(h, pos, n);
-            if n == 0 {
-                continue;
-            }
-            let mut q = [_mm512_setzero_ps(); C];
-            for (c, q) in q.iter_mut().enumerate() {
-                // SAFETY: (h * C + c) * 16 + 16 <= q.len().
-                *q = unsafe { _mm512_loadu_ps(g.q.as_ptr().add(h * d + c * 16)) };
-            }
-            let mut v = [_mm512_setzero_ps(); 16];
-            for (i, v) in v.iter_mut().enumerate() {
-                // SAFETY: position i.min(n - 1) of the run is inside its block.
-                let row = unsafe { rows.add(i.min(n - 1) * g.kv_dim) };
-                // Two partial sums, so the multiply-adds of one position form two short
-                // dependency chains rather than one long one.
-                let mut acc = [_mm512_setzero_ps(); 2];
-                for (c, q) in q.iter().enumerate() {
-                    // SAFETY: as above; c * 16 + 16 <= head_dim.
-                    let k = unsafe { _mm512_loadu_ps(row.add(c * 16)) };
-                    acc[c % 2] = _mm512_fmadd_ps(*q, k, acc[c % 2]);
-                }
-                *v = _mm512_add_ps(acc[0], acc[1]);
-            }
-            let mask = lanes(n);
-            let s = _mm512_mul_ps(sums_in_order(&v), scale);
-            *max = _mm512_mask_max_ps(*max, mask, *max, s);
-            let at = h * span + pos - g.first;
-            // SAFETY: at + n <= heads * span.
-            unsafe { _mm512_mask_storeu_ps(scores.as_mut_ptr().add(at), mask, s) };
+        if stage_blocks {
+            unsafe { widen_block::<W, C>(rows, g.kv_dim, n, &mut stage) };
+            let staged = stage.as_ptr().cast::<f32>();
+            unsafe { block_scores::<F32, C>(&r, staged, C * 16, pos, n, &mut max, scores) };
+        } else {
+            unsafe { block_scores::<W, C>(&r, rows, g.kv_dim, pos, n, &mut max, scores) };
         }
     }
     let mut max_all = [_mm512_setzero_ps(); MAX_HEADS];
@@ -217,65 +224,27 @@ unsafe fn attend_chunks<const C: usize>(
     // between blocks (each block's values come from memory once for all rows).
     out.fill(0.0);
     let mut sum = [_mm512_setzero_ps(); MAX_HEADS];
+    let mut sums = BlockSums {
+        max: &max_all,
+        sum: &mut sum,
+        scores,
+        out,
+    };
     for (pos, n, slot) in block_runs(g) {
-        // SAFETY: slot is inside the block, which lies inside `values`.
+        // SAFETY (all three): as above, for `values`.
         let rows = unsafe { vp.add(slot * g.kv_dim + g.kv_off) };
-        for h in 0..heads {
-            let n = row_count(h, pos, n);
-            if n == 0 {
-                continue;
-            }
-            let mask = lanes(n);
-            let at = h * span + pos - g.first;
-            // SAFETY: at + n <= heads * span.
-            let s = unsafe { _mm512_maskz_loadu_ps(mask, scores.as_ptr().add(at)) };
-            let e = _mm512_maskz_mov_ps(mask, exp(_mm512_sub_ps(s, max_all[h])));
-            sum[h] = _mm512_add_ps(sum[h], e);
-            let mut weights = [0.0f32; 16];
-            // SAFETY: `weights` holds 16 floats.
-            unsafe { _mm512_storeu_ps(weights.as_mut_ptr(), e) };
-            // SAFETY: head h's output has d floats.
-            let o = unsafe { out.as_mut_ptr().add(h * d) };
-            // Even and odd positions accumulate apart (two independent chains per chunk),
-            // then meet in `out`. All 16 lanes again: past the row's count the weight is 0
-            // and the row repeated is a real (finite) one.
-            let mut even = [_mm512_setzero_ps(); C];
-            let mut odd = [_mm512_setzero_ps(); C];
-            for (c, even) in even.iter_mut().enumerate() {
-                // SAFETY: head h's output has C * 16 floats.
-                *even = unsafe { _mm512_loadu_ps(o.add(c * 16)) };
-            }
-            for i in (0..16).step_by(2) {
-                let (w0, w1) = (_mm512_set1_ps(weights[i]), _mm512_set1_ps(weights[i + 1]));
-                // SAFETY: positions i.min(n - 1) and (i + 1).min(n - 1) are in the block.
-                let (r0, r1) = unsafe {
-                    (
-                        rows.add(i.min(n - 1) * g.kv_dim),
-                        rows.add((i + 1).min(n - 1) * g.kv_dim),
-                    )
-                };
-                for c in 0..C {
-                    // SAFETY: c * 16 + 16 <= head_dim.
-                    let (v0, v1) = unsafe {
-                        (
-                            _mm512_loadu_ps(r0.add(c * 16)),
-                            _mm512_loadu_ps(r1.add(c * 16)),
-                        )
-                    };
-                    even[c] = _mm512_fmadd_ps(w0, v0, even[c]);
-                    odd[c] = _mm512_fmadd_ps(w1, v1, odd[c]);
-                }
-            }
-            for (c, (even, odd)) in even.iter().zip(&odd).enumerate() {
-                // SAFETY: as above.
-                unsafe { _mm512_storeu_ps(o.add(c * 16), _mm512_add_ps(*even, *odd)) };
-            }
+        if stage_blocks {
+            unsafe { widen_block::<W, C>(rows, g.kv_dim, n, &mut stage) };
+            let staged = stage.as_ptr().cast::<f32>();
+            unsafe { block_values::<F32, C>(&r, staged, C * 16, pos, n, &mut sums) };
+        } else {
+            unsafe { block_values::<W, C>(&r, rows, g.kv_dim, pos, n, &mut sums) };
         }
     }
     for (h, sum) in sum.iter().enumerate().take(heads) {
         let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(*sum));
-        // SAFETY: head h's output has d floats.
-        let o = unsafe { out.as_mut_ptr().add(h * d) };
+        // SAFETY: head h's output has C * 16 floats.
+        let o = unsafe { out.as_mut_ptr().add(h * C * 16) };
         for c in 0..C {
             // SAFETY: as above.
             unsafe {
@@ -284,6 +253,153 @@ unsafe fn attend_chunks<const C: usize>(
                     _mm512_mul_ps(_mm512_loadu_ps(o.add(c * 16)), inv),
                 )
             };
+        }
+    }
+}
+
+/// Copies `n` rows (`stride` elements apart) of a block into `stage`, widened to f32.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; rows `0..n` of `C * 16` elements readable from `rows`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn widen_block<W: Widen, const C: usize>(
+    rows: *const W::Elem,
+    stride: usize,
+    n: usize,
+    stage: &mut Stage<C>,
+) {
+    for (i, staged) in stage.iter_mut().enumerate().take(n) {
+        for (c, v) in staged.iter_mut().enumerate() {
+            // SAFETY: row i < n, chunk c < C.
+            *v = unsafe { W::load(rows.add(i * stride + c * 16)) };
+        }
+    }
+}
+
+/// One block run's scores for every row: `scores[h * span + pos - first ..][..n]`, and each
+/// row's running maximum.
+///
+/// Scores of 16 positions are reduced together. Every row computes all 16 lanes, so the loop
+/// has no run-time bound: lanes past the row's count repeat its last position and are
+/// masked off.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; positions `0..n` of the run readable from `rows`, `stride`
+/// elements apart; `scores` as [`attend`] requires.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn block_scores<L: Widen, const C: usize>(
+    r: &Rows,
+    rows: *const L::Elem,
+    stride: usize,
+    pos: usize,
+    n: usize,
+    max: &mut [__m512; MAX_HEADS],
+    scores: &mut [f32],
+) {
+    let g = r.g;
+    let scale = _mm512_set1_ps(g.scale);
+    for (h, max) in max.iter_mut().enumerate().take(r.heads) {
+        let n = r.count(h, pos, n);
+        if n == 0 {
+            continue;
+        }
+        let mut q = [_mm512_setzero_ps(); C];
+        for (c, q) in q.iter_mut().enumerate() {
+            // SAFETY: (h * C + c) * 16 + 16 <= q.len().
+            *q = unsafe { _mm512_loadu_ps(g.q.as_ptr().add((h * C + c) * 16)) };
+        }
+        let mut v = [_mm512_setzero_ps(); 16];
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: position i.min(n - 1) of the run is readable.
+            let row = unsafe { rows.add(i.min(n - 1) * stride) };
+            // Two partial sums, so the multiply-adds of one position form two short
+            // dependency chains rather than one long one.
+            let mut acc = [_mm512_setzero_ps(); 2];
+            for (c, q) in q.iter().enumerate() {
+                // SAFETY: as above; c * 16 + 16 <= head_dim.
+                let k = unsafe { L::load(row.add(c * 16)) };
+                acc[c % 2] = _mm512_fmadd_ps(*q, k, acc[c % 2]);
+            }
+            *v = _mm512_add_ps(acc[0], acc[1]);
+        }
+        let mask = lanes(n);
+        let s = _mm512_mul_ps(sums_in_order(&v), scale);
+        *max = _mm512_mask_max_ps(*max, mask, *max, s);
+        let at = h * r.span + pos - g.first;
+        // SAFETY: at + n <= heads * span.
+        unsafe { _mm512_mask_storeu_ps(scores.as_mut_ptr().add(at), mask, s) };
+    }
+}
+
+/// The softmax's second pass: each row's maximum, and what it accumulates.
+struct BlockSums<'a> {
+    max: &'a [__m512; MAX_HEADS],
+    sum: &'a mut [__m512; MAX_HEADS],
+    scores: &'a [f32],
+    out: &'a mut [f32],
+}
+
+/// One block run's share of every row's softmax sum and weighted sum of values (in `out`).
+///
+/// # Safety
+/// AVX-512 F/BW/VL available; positions `0..n` of the run readable from `rows`, `stride`
+/// elements apart; `out` holds `heads * C * 16` floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn block_values<L: Widen, const C: usize>(
+    r: &Rows,
+    rows: *const L::Elem,
+    stride: usize,
+    pos: usize,
+    n: usize,
+    acc: &mut BlockSums,
+) {
+    for h in 0..r.heads {
+        let n = r.count(h, pos, n);
+        if n == 0 {
+            continue;
+        }
+        let mask = lanes(n);
+        let at = h * r.span + pos - r.g.first;
+        // SAFETY: at + n <= heads * span.
+        let s = unsafe { _mm512_maskz_loadu_ps(mask, acc.scores.as_ptr().add(at)) };
+        let e = _mm512_maskz_mov_ps(mask, exp(_mm512_sub_ps(s, acc.max[h])));
+        acc.sum[h] = _mm512_add_ps(acc.sum[h], e);
+        let mut weights = [0.0f32; 16];
+        // SAFETY: `weights` holds 16 floats.
+        unsafe { _mm512_storeu_ps(weights.as_mut_ptr(), e) };
+        // SAFETY: head h's output has C * 16 floats.
+        let o = unsafe { acc.out.as_mut_ptr().add(h * C * 16) };
+        // Even and odd positions accumulate apart (two independent chains per chunk), then
+        // meet in `out`. All 16 lanes again: past the row's count the weight is 0 and the row
+        // repeated is a real (finite) one.
+        let mut even = [_mm512_setzero_ps(); C];
+        let mut odd = [_mm512_setzero_ps(); C];
+        for (c, even) in even.iter_mut().enumerate() {
+            // SAFETY: as above.
+            *even = unsafe { _mm512_loadu_ps(o.add(c * 16)) };
+        }
+        for i in (0..16).step_by(2) {
+            let (w0, w1) = (_mm512_set1_ps(weights[i]), _mm512_set1_ps(weights[i + 1]));
+            // SAFETY: positions i.min(n - 1) and (i + 1).min(n - 1) are readable.
+            let (r0, r1) = unsafe {
+                (
+                    rows.add(i.min(n - 1) * stride),
+                    rows.add((i + 1).min(n - 1) * stride),
+                )
+            };
+            for c in 0..C {
+                // SAFETY: c * 16 + 16 <= head_dim.
+                let (v0, v1) = unsafe { (L::load(r0.add(c * 16)), L::load(r1.add(c * 16))) };
+                even[c] = _mm512_fmadd_ps(w0, v0, even[c]);
+                odd[c] = _mm512_fmadd_ps(w1, v1, odd[c]);
+            }
+        }
+        for (c, (even, odd)) in even.iter().zip(&odd).enumerate() {
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(o.add(c * 16), _mm512_add_ps(*even, *odd)) };
         }
     }
 }

@@ -2,13 +2,14 @@
 //! decode token, through every layer, writing keys and values into the paged cache.
 
 use super::attention::{attention, AttentionScratch, Heads, QueryToken};
+use super::kv_element::KvElement;
 use super::matmul::{matmul_group, GroupPart, MatmulScratch, Numerics, Precision};
 use super::ops::{add_bias, add_in_place, apply_rope, rms_norm, silu_mul};
 use super::pool::{PoolTimes, ThreadPool};
 use super::profile::{Phase, PhaseTimes, Profiler};
 use crate::model::config::ModelConfig;
 use crate::model::executor::{check_batch, BatchEntry, ExecError, LogitRows};
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, LayerKv};
 use crate::model::llama::{Linear, ModelWeights};
 use crate::model::rope::Rope;
 
@@ -172,27 +173,24 @@ impl CpuExecutor {
                 }
             }
 
-            // Store the new keys and values, then attend over each sequence's cache.
-            let (keys, values) = kv.layer_mut(layer_idx);
-            for (t, query) in queries.iter().enumerate() {
-                let slot = batch[query.entry].kv.slot(query.pos) * kv_dim;
-                keys[slot..slot + kv_dim].copy_from_slice(&k[t * kv_dim..][..kv_dim]);
-                values[slot..slot + kv_dim].copy_from_slice(&v[t * kv_dim..][..kv_dim]);
-            }
-            prof.end(Phase::RopeKv);
             let attn = sized(&mut acts.attn, n * q_dim);
-            attention(
+            let pass = AttentionPass {
                 pool,
                 heads,
                 batch,
                 queries,
+                new_kv: (k, v),
                 q,
-                keys,
-                values,
-                attn,
-                &mut self.attn_scratch,
-            );
-            prof.end(Phase::Attention);
+                out: &mut attn[..],
+            };
+            match kv.layer_mut(layer_idx) {
+                LayerKv::F32 { keys, values } => {
+                    pass.store_and_attend(keys, values, &mut self.attn_scratch, prof)
+                }
+                LayerKv::F16 { keys, values } => {
+                    pass.store_and_attend(keys, values, &mut self.attn_scratch, prof)
+                }
+            }
             let proj = sized(&mut acts.proj, n * h);
             linears(pool, numerics, attn, n, &mut [(&layer.o_proj, proj)], ms);
             prof.end(Phase::OProj);
@@ -286,6 +284,51 @@ impl CpuExecutor {
             entry.kv.advance(entry.tokens.len());
         }
         Ok(())
+    }
+}
+
+/// One layer's attention step: the pass's new keys and values, and what attends over them.
+struct AttentionPass<'a, 'b> {
+    pool: &'a ThreadPool,
+    heads: Heads,
+    batch: &'a [BatchEntry<'b>],
+    queries: &'a [QueryToken],
+    /// The new tokens' keys (rotated) and values, `kv_dim` floats each.
+    new_kv: (&'a [f32], &'a [f32]),
+    q: &'a [f32],
+    out: &'a mut [f32],
+}
+
+impl AttentionPass<'_, '_> {
+    /// Writes the new keys and values into their cache slots (as `E`), then attends over each
+    /// sequence's cache.
+    fn store_and_attend<E: KvElement>(
+        self,
+        keys: &mut [E],
+        values: &mut [E],
+        scratch: &mut AttentionScratch,
+        prof: &mut Profiler,
+    ) {
+        let kv_dim = self.heads.num_kv_heads * self.heads.head_dim;
+        let (k, v) = self.new_kv;
+        for (t, query) in self.queries.iter().enumerate() {
+            let slot = self.batch[query.entry].kv.slot(query.pos) * kv_dim;
+            E::store(&mut keys[slot..slot + kv_dim], &k[t * kv_dim..][..kv_dim]);
+            E::store(&mut values[slot..slot + kv_dim], &v[t * kv_dim..][..kv_dim]);
+        }
+        prof.end(Phase::RopeKv);
+        attention(
+            self.pool,
+            self.heads,
+            self.batch,
+            self.queries,
+            self.q,
+            keys,
+            values,
+            self.out,
+            scratch,
+        );
+        prof.end(Phase::Attention);
     }
 }
 

@@ -5,6 +5,7 @@ mod attention;
 #[clippy::msrv = "1.89"]
 mod attention_avx512;
 mod executor;
+mod kv_element;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

@@ -10,7 +10,7 @@ use crate::model::config::ModelConfig;
 use crate::model::executor::{
     check_batch, BatchEntry, DeviceInfo, ExecError, Executor, ExecutorSettings, LogitRows,
 };
-use crate::model::kv_cache::{block_bytes, cache_bytes, BlockPool, KvLayout, BLOCK_SIZE};
+use crate::model::kv_cache::{block_bytes, cache_bytes, BlockPool, KvDtype, KvLayout, BLOCK_SIZE};
 use crate::model::llama::ModelWeights;
 use crate::model::rope::Rope;
 use anyhow::Context;
@@ -299,6 +299,9 @@ impl CudaBackend {
                  (run it with --device cpu)"
             );
         }
+        if settings.kv_dtype == KvDtype::F16 {
+            anyhow::bail!("an f16 KV cache (scheduler.kv_cache_dtype) is not supported on CUDA");
+        }
         let dims = Dims::new(config);
         if dims.d > MAX_HEAD_DIM || !dims.d.is_multiple_of(2) {
             anyhow::bail!(
@@ -311,7 +314,7 @@ impl CudaBackend {
         let (arch, name, sms) = (device.arch, device.name, device.sms);
         let weights = upload(weights, stream.cu_stream())
             .map_err(|e| anyhow::anyhow!("uploading the weights: {e:?}"))?;
-        let per_block = block_bytes(crate::model::kv_layout(config));
+        let per_block = block_bytes(crate::model::kv_layout(config, KvDtype::F32));
         let (free, total) = ctx.mem_get_info().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let blocks = if settings.kv_blocks_explicit {
             settings.kv_blocks
@@ -336,7 +339,8 @@ impl CudaBackend {
             memory_total_bytes: Some(total as u64),
             memory_free_bytes: Some(free_after as u64),
             kv_cache_blocks: blocks,
-            kv_cache_bytes: cache_bytes(crate::model::kv_layout(config), blocks),
+            kv_cache_bytes: cache_bytes(crate::model::kv_layout(config, KvDtype::F32), blocks),
+            kv_cache_dtype: KvDtype::F32,
             reason: match settings.device {
                 crate::model::executor::DeviceChoice::Auto => {
                     format!("device auto: CUDA device {ordinal} found")
@@ -564,6 +568,7 @@ impl Executor for CudaBackend {
         let layout = KvLayout {
             num_layers: self.dims.layers,
             kv_dim: self.dims.kv_dim,
+            dtype: KvDtype::F32,
         };
         self.info.kv_cache_bytes = cache_bytes(layout, blocks);
         Ok(())

@@ -54,7 +54,7 @@ impl Kernels for Avx512 {
 }
 
 /// A stored weight dtype and how to widen 16 of its elements into a zmm of f32.
-pub(super) trait Widen {
+pub(crate) trait Widen {
     type Elem: Copy;
     /// How many elements ahead to prefetch each weight row (0: none). Streaming 16-bit
     /// weights from DRAM gains a little from it; f32 streams (and panels in L2) do not.
@@ -65,9 +65,9 @@ pub(super) trait Widen {
     unsafe fn load_tail(p: *const Self::Elem, mask: __mmask16) -> __m512;
 }
 
-pub(super) struct F32;
+pub(crate) struct F32;
 pub(super) struct Bf16;
-pub(super) struct F16;
+pub(crate) struct F16;
 
 impl Widen for F32 {
     type Elem = f32;

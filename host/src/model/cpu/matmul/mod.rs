@@ -268,6 +268,19 @@ impl Precision {
 }
 
 /// Whether this CPU has AVX512-BF16 (detected once).
+/// `dst[i]` = `src[i]` clamped to f16's range (+-65504) and rounded to f16 (nearest even),
+/// as IEEE bits; with AVX-512 when the CPU has it. Lengths must be equal.
+pub(crate) fn round_to_f16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = avx512::Avx512::new() {
+        return half_input::round(cpu, src, dst);
+    }
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(s.clamp(-65504.0, 65504.0)).to_bits();
+    }
+}
+
 pub fn bf16_dot_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
