@@ -2,6 +2,7 @@
 # cllm's CPU engine side by side with llama.cpp, in one sitting, same threads, same shapes.
 #
 #   bench/vs-llamacpp.sh [--rounds N] [--threads T] [--models "110m 1b smollm2 1b-f16"]
+#                        [--cllm-args "--kv-cache-dtype f16"]   (extra flags for cllm bench)
 #
 # Models: 110m, 1b (synthetic bf16), 1b-f16, smollm2 (SmolLM2-135M-Instruct dequantized to
 # bf16), smollm2-q4_1 (the wheel's own Q4_1 file), smollm2-q8_0 and smollm2-q4_k_m (the bf16
@@ -24,12 +25,14 @@ set -euo pipefail
 ROUNDS=3
 THREADS=2
 MODELS="110m 1b smollm2 1b-f16"
+CLLM_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --threads) THREADS="$2"; shift 2 ;;
     --models) MODELS="$2"; shift 2 ;;
-    *) echo "usage: $0 [--rounds N] [--threads T] [--models \"110m 1b smollm2 1b-f16\"]" >&2; exit 2 ;;
+    --cllm-args) CLLM_ARGS="$2"; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--threads T] [--models \"110m 1b smollm2 1b-f16\"] [--cllm-args \"--kv-cache-dtype f16\"]" >&2; exit 2 ;;
   esac
 done
 
@@ -151,8 +154,8 @@ for round in $(seq 1 "$ROUNDS"); do
     record "$round" "$m" llama.cpp decode_512 "$depth"
     # cllm: the same three.
     src=$(cllm_src "$m")
-    a=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 --json)
-    b=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 --prompt-tokens 0 --json)
+    a=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 $CLLM_ARGS --json)
+    b=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 --prompt-tokens 0 $CLLM_ARGS --json)
     record "$round" "$m" cllm prefill "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['prefill_tokens_per_s'])")"
     record "$round" "$m" cllm decode_512 "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
     record "$round" "$m" cllm decode_empty "$(echo "$b" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
