@@ -145,11 +145,9 @@ impl CpuExecutor {
         for (layer_idx, layer) in weights.layers.iter().enumerate() {
             let x = &mut acts.x[..n * h];
             let normed = sized(&mut acts.normed, n * h);
-            for (row, out) in x.chunks_exact(h).zip(normed.chunks_exact_mut(h)) {
-                rms_norm(row, &layer.input_layernorm, config.rms_norm_eps, out);
-            }
-            prof.end(Phase::Norm);
             let pool = &self.pool;
+            parallel_rms_norm(pool, x, &layer.input_layernorm, config.rms_norm_eps, normed);
+            prof.end(Phase::Norm);
             let ms = &mut self.matmul_scratch;
             let q = sized(&mut acts.q, n * q_dim);
             let k = sized(&mut acts.k, n * kv_dim);
@@ -198,14 +196,13 @@ impl CpuExecutor {
             prof.end(Phase::Elementwise);
 
             // SwiGLU MLP.
-            for (row, out) in x.chunks_exact(h).zip(normed.chunks_exact_mut(h)) {
-                rms_norm(
-                    row,
-                    &layer.post_attention_layernorm,
-                    config.rms_norm_eps,
-                    out,
-                );
-            }
+            parallel_rms_norm(
+                pool,
+                x,
+                &layer.post_attention_layernorm,
+                config.rms_norm_eps,
+                normed,
+            );
             prof.end(Phase::Norm);
             let inter = config.intermediate_size;
             let gate = sized(&mut acts.gate, n * inter);
@@ -332,6 +329,33 @@ impl AttentionPass<'_, '_> {
     }
 }
 
+/// [`rms_norm`] of every `weight.len()`-wide row of `x` into `out`, rows split across the
+/// pool when there are enough of them (prefill).
+fn parallel_rms_norm(pool: &ThreadPool, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    const MIN_PARALLEL: usize = 1 << 15;
+    let h = weight.len();
+    let rows = x.len() / h;
+    if x.len() < MIN_PARALLEL || pool.threads() == 1 {
+        for (row, out) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            rms_norm(row, weight, eps, out);
+        }
+        return;
+    }
+    let per_task = rows.div_ceil(2 * pool.threads());
+    let parts = super::shared::DisjointSlice::new(out);
+    pool.run(rows.div_ceil(per_task), &|i| {
+        let (r0, r1) = (i * per_task, ((i + 1) * per_task).min(rows));
+        // SAFETY: task i alone writes rows r0..r1.
+        let out = unsafe { parts.part(r0 * h, (r1 - r0) * h) };
+        for (row, out) in x[r0 * h..r1 * h]
+            .chunks_exact(h)
+            .zip(out.chunks_exact_mut(h))
+        {
+            rms_norm(row, weight, eps, out);
+        }
+    });
+}
+
 /// [`silu_mul`] split across the pool when there is enough of it (prefill).
 fn parallel_silu_mul(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
     const MIN_PARALLEL: usize = 1 << 16;
@@ -368,5 +392,28 @@ fn linears(
         if let Some(bias) = &layer.bias {
             add_bias(out, bias);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows split across the pool give what one row at a time gives.
+    #[test]
+    fn parallel_rms_norm_equals_row_by_row() {
+        let h = 768;
+        let rows = 67;
+        let x: Vec<f32> = (0..rows * h)
+            .map(|i| ((i * 31) % 97) as f32 / 13.0 - 3.0)
+            .collect();
+        let w: Vec<f32> = (0..h).map(|i| 1.0 + (i % 5) as f32 / 10.0).collect();
+        let mut want = vec![0.0; rows * h];
+        for (row, out) in x.chunks_exact(h).zip(want.chunks_exact_mut(h)) {
+            rms_norm(row, &w, 1e-6, out);
+        }
+        let mut got = vec![f32::NAN; rows * h];
+        parallel_rms_norm(&ThreadPool::new(2), &x, &w, 1e-6, &mut got);
+        assert_eq!(got, want);
     }
 }
