@@ -364,6 +364,82 @@ async fn fail_closed_limiter_faults_answer_503_policy_unavailable() {
     server.shutdown().await;
 }
 
+/// `cllm_plugin_decisions_total` for one plugin, decision and mode (labels in any order).
+fn decisions(metrics: &str, plugin: &str, decision: &str, mode: &str) -> f64 {
+    let want = [
+        format!("plugin=\"{plugin}\""),
+        format!("decision=\"{decision}\""),
+        format!("mode=\"{mode}\""),
+    ];
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("cllm_plugin_decisions_total{") && want.iter().all(|w| l.contains(w))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `plugins.shadow`: a deny-all limiter in shadow mode lets every request through and counts
+/// each would-be rejection; a shadow prioritizer is called and counted; a trapping shadow
+/// limiter fails nothing even with
+/// `limiter_failure_mode: fail_closed`; the same deny-all file under a name not in the list
+/// enforces (429), and its rejections are counted as enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_plugins_count_their_verdicts_without_enforcing_them() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    let server = start_with_plugins(&dir, |c| {
+        c.plugins.shadow = vec!["deny.wasm".into(), "broken".into(), "tiers".into()];
+        c.plugins.limiter_failure_mode = cllm::config::FailureMode::FailClosed;
+        c.plugins.max_consecutive_faults = 1000;
+    })
+    .await;
+    put_plugin(&dir, "deny.wasm", "deny_all");
+    put_plugin(&dir, "broken.wasm", "trap");
+    let view = wait_for(&server, "deny.wasm", "shadow").await;
+    assert_eq!(view["kind"], "rate_limiter", "{view}");
+    wait_for(&server, "broken.wasm", "shadow").await;
+    put_plugin(&dir, "tiers.wasm", "tiered_priority");
+    wait_for(&server, "tiers.wasm", "shadow").await;
+    for i in 0..5 {
+        let r = generate_as(&server, &format!("client-{i}"), &[]).await;
+        assert_eq!(r.status(), 200, "shadow verdicts are not enforced");
+    }
+    let metrics = server.metrics().await;
+    assert_eq!(
+        decisions(&metrics, "deny.wasm", "reject", "shadow"),
+        5.0,
+        "{metrics}"
+    );
+    assert_eq!(decisions(&metrics, "deny.wasm", "reject", "enforce"), 0.0);
+    assert_eq!(decisions(&metrics, "tiers.wasm", "priority", "shadow"), 5.0);
+    assert!(
+        metric_value(
+            &metrics,
+            "cllm_plugin_faults_total{plugin=\"broken.wasm\",kind=\"rate_limiter\",fault=\"trap\"}"
+        ) >= 5.0,
+        "the shadow plugin's faults are still counted: {metrics}"
+    );
+
+    put_plugin(&dir, "enforced.wasm", "deny_all");
+    wait_for(&server, "enforced.wasm", "active").await;
+    let r = generate_as(&server, "client-x", &[]).await;
+    assert_eq!(r.status(), 429);
+    let metrics = server.metrics().await;
+    assert_eq!(
+        decisions(&metrics, "enforced.wasm", "reject", "enforce"),
+        1.0
+    );
+    assert_eq!(
+        decisions(&metrics, "deny.wasm", "reject", "shadow"),
+        6.0,
+        "shadow plugins see every request, refused ones too"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_files_are_refused_and_the_previous_policy_stays() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -400,6 +400,12 @@ pub struct PluginsConfig {
     pub headers: Vec<String>,
     /// Quiet time after the last file event before a plugin is (re)loaded, in ms.
     pub reload_quiet_ms: u64,
+    /// Plugins in shadow mode, by file name (`NAME` or `NAME.wasm`): they are called as usual
+    /// and their verdicts counted (`cllm_plugin_decisions_total{mode="shadow"}`) and logged,
+    /// but never enforced: a shadow limiter's rejection lets the request through, a shadow
+    /// prioritizer's priority is not used, a shadow health check does not change `/health`'s
+    /// status, and a shadow plugin's faults never fail a request.
+    pub shadow: Vec<String>,
 }
 
 impl Default for PluginsConfig {
@@ -414,6 +420,7 @@ impl Default for PluginsConfig {
             max_consecutive_faults: 3,
             headers: vec!["x-tier".to_string()],
             reload_quiet_ms: 50,
+            shadow: Vec::new(),
         }
     }
 }

@@ -62,25 +62,42 @@ impl RecentRequests {
     }
 }
 
-/// Runs every health-check plugin on `snapshot`: (file, status, message) for each. A plugin
-/// that faults reports `degraded` with the fault, so a broken check is visible but not fatal.
+/// Runs every health-check plugin on `snapshot`: (file, status, message) for each enforcing
+/// one. A plugin that faults reports `degraded` with the fault, so a broken check is visible
+/// but not fatal. Shadow plugins are called and their verdicts counted and logged, not
+/// returned.
 pub fn plugin_verdicts(
     registry: &crate::plugins::PluginRegistry,
     snapshot: &crate::plugins::bindings::HealthSnapshot,
 ) -> Vec<(String, Status, String)> {
     use crate::plugins::bindings::HealthStatus;
-    registry
-        .current()
+    let set = registry.current();
+    let (shadow, enforcing): (Vec<_>, Vec<_>) = set
         .health
         .iter()
         .filter(|p| !p.is_disabled())
+        .partition(|p| p.shadow);
+    for plugin in shadow {
+        if let Ok(report) = plugin.health(snapshot) {
+            let decision = match report.status {
+                HealthStatus::Healthy => "healthy",
+                HealthStatus::Degraded => "degraded",
+                HealthStatus::Unhealthy => "unhealthy",
+            };
+            plugin.count_decision(decision);
+            tracing::debug!(plugin = %plugin.file, decision, message = %report.message, "shadow health check");
+        }
+    }
+    enforcing
+        .into_iter()
         .map(|plugin| match plugin.health(snapshot) {
             Ok(report) => {
-                let status = match report.status {
-                    HealthStatus::Healthy => Status::Ok,
-                    HealthStatus::Degraded => Status::Degraded,
-                    HealthStatus::Unhealthy => Status::Unhealthy,
+                let (status, decision) = match report.status {
+                    HealthStatus::Healthy => (Status::Ok, "healthy"),
+                    HealthStatus::Degraded => (Status::Degraded, "degraded"),
+                    HealthStatus::Unhealthy => (Status::Unhealthy, "unhealthy"),
                 };
+                plugin.count_decision(decision);
                 (plugin.file.clone(), status, report.message)
             }
             Err(fault) => (

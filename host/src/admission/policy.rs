@@ -70,33 +70,59 @@ impl Policy {
         self.plugins.as_deref().map_or(FailureMode::FailOpen, pick)
     }
 
-    /// Runs the rate limiters and the prioritizer; the request's queue priority.
+    /// Runs the rate limiters and the prioritizer; the request's queue priority. Shadow
+    /// plugins run first, on every request that gets here, and only count and log.
     pub fn decide(&self, ticket: &Ticket) -> Result<i32, ApiError> {
         let own_priority = ticket.requested_priority.unwrap_or(0);
         let set = self.plugins.as_ref().map(|r| r.current());
-        let limiters: Vec<&Arc<Plugin>> = set
+        let live = |p: &&Arc<Plugin>| !p.is_disabled();
+        let (shadow, limiters): (Vec<&Arc<Plugin>>, Vec<&Arc<Plugin>>) = set
             .iter()
             .flat_map(|s| s.limiters.iter())
-            .filter(|p| !p.is_disabled())
+            .filter(live)
+            .partition(|p| p.shadow);
+        let shadow_prioritizers: Vec<&Arc<Plugin>> = set
+            .iter()
+            .flat_map(|s| s.shadow_prioritizers.iter())
+            .filter(live)
             .collect();
+        let prioritizer = set
+            .as_ref()
+            .and_then(|s| s.prioritizer.clone())
+            .filter(|p| !p.is_disabled());
+        if limiters.is_empty()
+            && prioritizer.is_none()
+            && shadow.is_empty()
+            && shadow_prioritizers.is_empty()
+        {
+            if let Err(limited) = self.limiter.check(&ticket.client_id, Instant::now()) {
+                let reason = format!("too many requests ({} limit)", limited.scope.as_str());
+                return Err(self.refuse(ticket, limited.retry_after, reason));
+            }
+            return Ok(own_priority);
+        }
+        let info = Self::request_info(ticket);
+        for plugin in shadow {
+            shadow_check(plugin, &info);
+        }
+        for plugin in shadow_prioritizers {
+            if let Ok(priority) = plugin.priority(&info) {
+                plugin.count_decision("priority");
+                tracing::debug!(plugin = %plugin.file, request_id = %info.request_id, priority, "shadow prioritizer");
+            }
+        }
+        // Without an enforcing plugin limiter, the built-in one applies.
         if limiters.is_empty() {
             if let Err(limited) = self.limiter.check(&ticket.client_id, Instant::now()) {
                 let reason = format!("too many requests ({} limit)", limited.scope.as_str());
                 return Err(self.refuse(ticket, limited.retry_after, reason));
             }
         }
-        let prioritizer = set
-            .as_ref()
-            .and_then(|s| s.prioritizer.clone())
-            .filter(|p| !p.is_disabled());
-        if limiters.is_empty() && prioritizer.is_none() {
-            return Ok(own_priority);
-        }
-        let info = Self::request_info(ticket);
         for plugin in &limiters {
             match plugin.check(&info) {
-                Ok(Decision::Allow) => {}
+                Ok(Decision::Allow) => plugin.count_decision("allow"),
                 Ok(Decision::Reject(r)) => {
+                    plugin.count_decision("reject");
                     let reason = format!("{} ({})", r.reason, plugin.file);
                     let wait = Duration::from_millis(r.retry_after_ms);
                     return Err(self.refuse(ticket, wait, reason));
@@ -106,7 +132,10 @@ impl Policy {
         }
         match prioritizer {
             Some(plugin) => match plugin.priority(&info) {
-                Ok(priority) => Ok(priority),
+                Ok(priority) => {
+                    plugin.count_decision("priority");
+                    Ok(priority)
+                }
                 Err(fault) => on_fault(self.mode(|r| r.priority_failure_mode), &plugin, fault)
                     .map(|()| own_priority),
             },
@@ -131,6 +160,25 @@ impl Policy {
             // A fault is counted by the plugin itself; usage reporting never fails a request.
             let _ = plugin.record_usage(usage);
         }
+    }
+}
+
+/// A shadow limiter's verdict, counted and logged; a fault is the plugin's own business (it
+/// counts it) and never the request's.
+fn shadow_check(plugin: &Plugin, info: &RequestInfo) {
+    match plugin.check(info) {
+        Ok(Decision::Allow) => plugin.count_decision("allow"),
+        Ok(Decision::Reject(r)) => {
+            plugin.count_decision("reject");
+            tracing::info!(
+                plugin = %plugin.file,
+                request_id = %info.request_id,
+                reason = %r.reason,
+                retry_after_ms = r.retry_after_ms,
+                "shadow limiter would reject (not enforced)"
+            );
+        }
+        Err(_) => {}
     }
 }
 

@@ -92,9 +92,13 @@ pub struct Plugin {
     limits: CallLimits,
     live: Mutex<Option<Live>>,
     metrics: Arc<Metrics>,
+    /// Verdicts are counted and logged but never enforced (`plugins.shadow`).
+    pub shadow: bool,
     /// Registered once: a call only bumps them.
     calls_metric: metrics::Counter,
     duration_metric: metrics::Histogram,
+    /// `cllm_plugin_decisions_total` by decision, for this plugin's kind and mode.
+    decisions: Vec<(&'static str, metrics::Counter)>,
     pub calls: AtomicU64,
     pub faults: AtomicU64,
     consecutive_faults: AtomicU32,
@@ -121,6 +125,8 @@ impl Plugin {
         Plugin {
             calls_metric: metrics.counter("cllm_plugin_calls_total", &labels),
             duration_metric: metrics.histogram("cllm_plugin_call_duration_seconds", &labels),
+            decisions: decision_counters(&metrics, &file, kind, false),
+            shadow: false,
             file,
             kind,
             version,
@@ -136,6 +142,29 @@ impl Plugin {
             faults: AtomicU64::new(0),
             consecutive_faults: AtomicU32::new(0),
             disabled: AtomicBool::new(false),
+        }
+    }
+
+    /// This plugin in shadow mode (`shadow`) or enforcing.
+    pub(super) fn with_shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self.decisions = decision_counters(&self.metrics, &self.file, self.kind, shadow);
+        self
+    }
+
+    /// `enforce` or `shadow`, as the metrics and logs say it.
+    pub fn mode(&self) -> &'static str {
+        if self.shadow {
+            "shadow"
+        } else {
+            "enforce"
+        }
+    }
+
+    /// Counts one verdict (`allow`, `reject`, `priority`, `healthy`, `degraded`, `unhealthy`).
+    pub fn count_decision(&self, decision: &str) {
+        if let Some((_, counter)) = self.decisions.iter().find(|(d, _)| *d == decision) {
+            counter.increment(1);
         }
     }
 
@@ -256,6 +285,35 @@ impl Plugin {
             _ => wasmtime::bail!("not a health checker"),
         })
     }
+}
+
+/// The verdicts a plugin of `kind` can give, each with its counter.
+fn decision_counters(
+    metrics: &Metrics,
+    file: &str,
+    kind: PluginKind,
+    shadow: bool,
+) -> Vec<(&'static str, metrics::Counter)> {
+    let decisions: &[&'static str] = match kind {
+        PluginKind::RateLimiter => &["allow", "reject"],
+        PluginKind::Prioritizer => &["priority"],
+        PluginKind::HealthChecker => &["healthy", "degraded", "unhealthy"],
+    };
+    let mode = if shadow { "shadow" } else { "enforce" };
+    decisions
+        .iter()
+        .map(|&decision| {
+            let labels = [
+                ("plugin", file.to_string()),
+                ("decision", decision.to_string()),
+                ("mode", mode.to_string()),
+            ];
+            (
+                decision,
+                metrics.counter("cllm_plugin_decisions_total", &labels),
+            )
+        })
+        .collect()
 }
 
 fn classify(error: &wasmtime::Error) -> Fault {

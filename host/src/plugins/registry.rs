@@ -14,11 +14,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
-/// The plugins in force, by kind; limiters and health checks in file-name order.
+/// The plugins in force, by kind; limiters and health checks in file-name order. Shadow
+/// plugins are among them (see [`Plugin::shadow`]); the prioritizer is the first enforcing
+/// one, and shadow prioritizers are called beside it.
 #[derive(Default)]
 pub struct PluginSet {
     pub limiters: Vec<Arc<Plugin>>,
     pub prioritizer: Option<Arc<Plugin>>,
+    pub shadow_prioritizers: Vec<Arc<Plugin>>,
     pub health: Vec<Arc<Plugin>>,
 }
 
@@ -42,7 +45,8 @@ pub struct PluginView {
     pub loaded_at: Option<f64>,
     pub calls: u64,
     pub faults: u64,
-    /// active, disabled, inactive (another prioritizer wins) or refused.
+    /// active, shadow (called, not enforced), disabled, inactive (another prioritizer wins) or
+    /// refused.
     pub state: &'static str,
     pub reason: Option<String>,
 }
@@ -56,6 +60,8 @@ pub struct PluginRegistry {
     pub priority_failure_mode: FailureMode,
     pub headers: Vec<String>,
     pub quiet: Duration,
+    /// File stems in shadow mode.
+    shadow: Vec<String>,
     metrics: Arc<Metrics>,
     entries: Mutex<BTreeMap<String, Entry>>,
     active: RwLock<Arc<PluginSet>>,
@@ -100,6 +106,11 @@ impl PluginRegistry {
             priority_failure_mode: config.priority_failure_mode,
             headers: config.headers.clone(),
             quiet: Duration::from_millis(config.reload_quiet_ms),
+            shadow: config
+                .shadow
+                .iter()
+                .map(|name| name.strip_suffix(".wasm").unwrap_or(name).to_string())
+                .collect(),
             metrics,
             entries: Mutex::new(BTreeMap::new()),
             active: RwLock::new(Arc::new(PluginSet::default())),
@@ -175,7 +186,8 @@ impl PluginRegistry {
         let mut entries = self.lock_entries();
         match loaded {
             Ok(plugin) => {
-                tracing::info!(plugin = %file, kind = plugin.kind.as_str(), sha256 = %sha256, "plugin loaded");
+                let plugin = plugin.with_shadow(self.shadow.iter().any(|s| s == stem));
+                tracing::info!(plugin = %file, kind = plugin.kind.as_str(), mode = plugin.mode(), sha256 = %sha256, "plugin loaded");
                 entries.insert(
                     stem.to_string(),
                     Entry {
@@ -226,6 +238,7 @@ impl PluginRegistry {
         for plugin in entries.values().filter_map(|e| e.active.clone()) {
             match plugin.kind {
                 PluginKind::RateLimiter => set.limiters.push(plugin),
+                PluginKind::Prioritizer if plugin.shadow => set.shadow_prioritizers.push(plugin),
                 PluginKind::Prioritizer if set.prioritizer.is_none() => {
                     set.prioritizer = Some(plugin)
                 }
@@ -252,6 +265,11 @@ impl PluginRegistry {
                                 "disabled after repeated faults; replace the file to re-enable"
                                     .to_string(),
                             ),
+                        )
+                    } else if p.shadow {
+                        (
+                            "shadow",
+                            Some("verdicts counted and logged, not enforced".to_string()),
                         )
                     } else if p.kind == PluginKind::Prioritizer
                         && winner.as_deref() != Some(&p.file)
