@@ -356,3 +356,54 @@ fn bench_plugins_prints_call_and_reload_latency() {
         ],
     );
 }
+
+/// `cllm plugin check`: each example passes, printing its world and version, its imports, the
+/// first call's verdict, the timing of 1000 calls, its peak memory and "ok"; each misbehaving
+/// test plugin and a corrupt file fail (exit code 1) with the reason.
+#[test]
+fn plugin_check_passes_the_examples_and_fails_misbehaving_plugins() {
+    use common::wasm::plugin_wasm;
+    for (name, world, first) in [
+        ("token-bucket", "rate-limiter", "first call: allow"),
+        ("deny-all", "rate-limiter", "first call: reject ("),
+        ("tiered-priority", "prioritizer", "first call: priority "),
+        ("queue-health", "health-checker", "first call: healthy: "),
+    ] {
+        let stdout = stdout_of(cllm().args(["plugin", "check"]).arg(plugin_wasm(name)));
+        let text = String::from_utf8_lossy(&stdout);
+        for want in [
+            &format!("world: {world}, cllm:policy@0.1.0"),
+            "imports: ",
+            "cllm:policy/types@0.1.0",
+            first,
+            "1000 calls: p50 ",
+            "MiB of linear memory at peak",
+        ] {
+            assert!(text.contains(want), "{name}: missing {want:?} in\n{text}");
+        }
+        assert!(text.ends_with("ok\n"), "{name}:\n{text}");
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let corrupt = tmp.path().join("corrupt.wasm");
+    std::fs::write(&corrupt, b"\0asm not a component").expect("write");
+    // grow-memory with a small limit and a long deadline, so the limit is what stops it.
+    let small = ["--memory-limit-mb", "2", "--deadline-ms", "2000"];
+    for (file, extra, reason) in [
+        (plugin_wasm("trap"), &[][..], "faulted: trap"),
+        (plugin_wasm("loop-forever"), &[], "faulted: deadline"),
+        (plugin_wasm("grow-memory"), &small, "faulted: out_of_memory"),
+        (plugin_wasm("wrong-world"), &[], "none of cllm's worlds"),
+        (plugin_wasm("future-major"), &[], "wrong major version"),
+        (corrupt, &[], "not a valid WebAssembly component"),
+    ] {
+        let out = cllm()
+            .args(["plugin", "check"])
+            .arg(&file)
+            .args(extra)
+            .output()
+            .expect("runs cllm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", file.display());
+        assert!(stderr.contains(reason), "{}: {stderr}", file.display());
+    }
+}

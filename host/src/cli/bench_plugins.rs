@@ -46,7 +46,8 @@ fn time_calls(n: usize, mut call: impl FnMut(usize)) -> (Duration, Duration) {
     percentiles(samples)
 }
 
-fn request(i: usize) -> RequestInfo {
+/// A request as a server would pass a plugin; `i` varies the client and request id.
+pub(super) fn request(i: usize) -> RequestInfo {
     RequestInfo {
         request_id: format!("bench-{i}"),
         client_id: format!("client-{}", i % 64),

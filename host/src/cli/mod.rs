@@ -3,6 +3,7 @@
 mod bench;
 mod bench_plugins;
 mod generate;
+mod plugin_check;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure policy plugin call and reload latency.
     BenchPlugins(bench_plugins::BenchPluginsArgs),
+    /// Tools for plugin authors (`cllm plugin check FILE.wasm`).
+    Plugin(plugin_check::PluginArgs),
     /// Serve the model over HTTP.
     Serve(serve::ServeArgs),
     /// Measure prefill and decode speed on a model folder or a synthetic model.
@@ -56,6 +59,7 @@ pub fn run() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::BenchPlugins(args) => bench_plugins::run(args),
+        Command::Plugin(args) => plugin_check::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -26,6 +26,8 @@ pub struct PluginData {
     /// Set when the instance asked for more memory than its limit (its fault is then
     /// out-of-memory, whatever trap the guest ends in).
     pub out_of_memory: bool,
+    /// The most linear memory the instance has asked for and got, in bytes.
+    pub memory_peak: usize,
 }
 
 /// Largest table an instance may grow (function references; plugins need few).
@@ -45,6 +47,7 @@ impl ResourceLimiter for PluginData {
                 self.memory_limit
             );
         }
+        self.memory_peak = self.memory_peak.max(desired);
         Ok(true)
     }
 

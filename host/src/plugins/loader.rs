@@ -64,6 +64,34 @@ pub fn trial_request() -> RequestInfo {
     }
 }
 
+/// A health snapshot of an idle server, for trial calls.
+pub fn trial_snapshot() -> HealthSnapshot {
+    HealthSnapshot {
+        queue_size: 0,
+        max_queue_size: 1,
+        running_sequences: 0,
+        kv_blocks_used: 0,
+        kv_blocks_total: 1,
+        requests_per_second: 0.0,
+        average_wait_ms: 0.0,
+        p99_time_to_first_token_ms: 0.0,
+        ms_since_last_step: 0,
+        error_rate: 0.0,
+    }
+}
+
+/// The names of everything the component in `bytes` imports (empty when it does not compile).
+pub fn imports(engine: &PluginEngine, bytes: &[u8]) -> Vec<String> {
+    let Ok(component) = Component::new(&engine.engine, bytes) else {
+        return Vec::new();
+    };
+    component
+        .component_type()
+        .imports(&engine.engine)
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
 /// Compiles and checks `bytes`; the error is the reason the file is refused.
 #[allow(clippy::too_many_arguments)]
 pub fn load(
@@ -117,20 +145,7 @@ pub fn load(
     let trial = match kind {
         PluginKind::RateLimiter => plugin.check(&trial_request()).map(drop),
         PluginKind::Prioritizer => plugin.priority(&trial_request()).map(drop),
-        PluginKind::HealthChecker => plugin
-            .health(&HealthSnapshot {
-                queue_size: 0,
-                max_queue_size: 1,
-                running_sequences: 0,
-                kv_blocks_used: 0,
-                kv_blocks_total: 1,
-                requests_per_second: 0.0,
-                average_wait_ms: 0.0,
-                p99_time_to_first_token_ms: 0.0,
-                ms_since_last_step: 0,
-                error_rate: 0.0,
-            })
-            .map(drop),
+        PluginKind::HealthChecker => plugin.health(&trial_snapshot()).map(drop),
     };
     trial.map_err(|fault| format!("trial call failed: {}", fault.as_str()))?;
     Ok(plugin)

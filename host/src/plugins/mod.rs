@@ -7,8 +7,8 @@
 //! when the plugin is replaced or when a fault forces a fresh instance.
 
 pub mod bindings;
-mod engine;
-mod loader;
+pub(crate) mod engine;
+pub(crate) mod loader;
 pub mod plugin;
 pub mod registry;
 pub mod watcher;

@@ -168,6 +168,13 @@ impl Plugin {
         }
     }
 
+    /// The live instance's peak linear memory in bytes (none before the first call or after a
+    /// fault dropped it).
+    pub fn memory_peak(&self) -> Option<usize> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.as_ref().map(|l| l.store.data().memory_peak)
+    }
+
     pub fn is_disabled(&self) -> bool {
         self.disabled.load(Ordering::Relaxed)
     }
@@ -178,6 +185,7 @@ impl Plugin {
             config: self.config.clone(),
             memory_limit: self.limits.memory_bytes,
             out_of_memory: false,
+            memory_peak: 0,
         };
         let mut store = Store::new(&self.engine.engine, data);
         store.limiter(|data| data);

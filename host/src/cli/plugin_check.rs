@@ -1,0 +1,198 @@
+//! `cllm plugin check FILE.wasm`: what a plugin author wants to know before dropping a file
+//! into a server's plugin folder. The file goes through the server's own loader (compile, world
+//! and version, linking, trial call); then the first call's verdict, the timing of many calls
+//! and the instance's peak memory are printed. Any problem (a refused file, a fault in any
+//! call) ends with a non-zero exit code.
+
+use crate::config::PluginsConfig;
+use crate::metrics::Metrics;
+use crate::plugins::bindings::{Decision, HealthReport, HealthStatus};
+use crate::plugins::engine::PluginEngine;
+use crate::plugins::loader;
+use crate::plugins::plugin::{CallLimits, Fault, Plugin, PluginKind};
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct PluginArgs {
+    #[command(subcommand)]
+    command: PluginCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum PluginCommand {
+    /// Load a plugin offline as the server would, call it, and report what it is and costs.
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// The component (`NAME.wasm`).
+    file: PathBuf,
+    /// Its JSON config (what `NAME.json` would hold in the plugin folder); default: the
+    /// `NAME.json` beside the file, if there is one.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Calls timed after the first.
+    #[arg(long, default_value_t = 1000)]
+    calls: usize,
+    /// Deadline of one call, in ms (default: the server's, `plugins.call_deadline_ms`, or
+    /// `plugins.health_deadline_ms` for health checks).
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Memory limit, in MiB (default: the server's, `plugins.memory_limit_mb`).
+    #[arg(long)]
+    memory_limit_mb: Option<usize>,
+}
+
+pub fn run(args: PluginArgs) -> anyhow::Result<()> {
+    match args.command {
+        PluginCommand::Check(args) => check(args),
+    }
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let defaults = PluginsConfig::default();
+    let bytes =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let config_path = args
+        .config
+        .clone()
+        .or_else(|| Some(args.file.with_extension("json")).filter(|p| p.is_file()));
+    let config = match &config_path {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config {}", path.display()))?,
+        None => String::new(),
+    };
+    let file = args.file.file_name().map_or_else(
+        || "plugin.wasm".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let memory = args.memory_limit_mb.unwrap_or(defaults.memory_limit_mb) << 20;
+    let limits = |ms: u64| CallLimits {
+        deadline: Duration::from_millis(args.deadline_ms.unwrap_or(ms)),
+        memory_bytes: memory,
+        max_faults: u32::MAX,
+    };
+    let sha256 = crate::plugins::registry::sha256_file(&args.file)?;
+    println!("file: {file} ({} bytes, sha256 {sha256})", bytes.len());
+    if let Some(path) = &config_path {
+        println!("config: {}", path.display());
+    }
+    let engine = Arc::new(PluginEngine::new(memory)?);
+    println!("imports: {}", loader::imports(&engine, &bytes).join(", "));
+    let start = Instant::now();
+    let plugin = loader::load(
+        &engine,
+        &file,
+        &bytes,
+        config,
+        sha256,
+        &limits(defaults.call_deadline_ms),
+        &limits(defaults.health_deadline_ms),
+        &Arc::new(Metrics::new(false)),
+    );
+    let plugin = match plugin {
+        Ok(plugin) => plugin,
+        Err(reason) => anyhow::bail!("{file} would be refused: {reason}"),
+    };
+    println!(
+        "loaded in {:.1} ms (compile, link, trial call)",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    println!(
+        "world: {}, cllm:policy@{}",
+        world_name(plugin.kind),
+        plugin.version
+    );
+    println!("first call: {}", one_call(&plugin, 0).map_err(fault_error)?);
+
+    let mut times = Vec::with_capacity(args.calls);
+    let mut faults: Vec<Fault> = Vec::new();
+    for i in 0..args.calls {
+        let start = Instant::now();
+        let result = one_call(&plugin, i + 1);
+        times.push(start.elapsed());
+        if let Err(fault) = result {
+            faults.push(fault);
+        }
+    }
+    times.sort();
+    let at = |q: f64| {
+        times
+            .get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    println!(
+        "{} calls: p50 {:.2} µs, p99 {:.2} µs, max {:.2} µs",
+        args.calls,
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    if let Some(peak) = plugin.memory_peak() {
+        println!(
+            "memory: {:.2} MiB of linear memory at peak (limit {} MiB)",
+            peak as f64 / (1 << 20) as f64,
+            memory >> 20
+        );
+    }
+    if let Some(first) = faults.first() {
+        anyhow::bail!(
+            "{} of {} calls faulted (the first: {})",
+            faults.len(),
+            args.calls,
+            first.as_str()
+        );
+    }
+    println!("ok");
+    Ok(())
+}
+
+fn world_name(kind: PluginKind) -> &'static str {
+    match kind {
+        PluginKind::RateLimiter => "rate-limiter",
+        PluginKind::Prioritizer => "prioritizer",
+        PluginKind::HealthChecker => "health-checker",
+    }
+}
+
+fn fault_error(fault: Fault) -> anyhow::Error {
+    anyhow::anyhow!("the first call faulted: {}", fault.as_str())
+}
+
+/// One call of the plugin's own function; its verdict in words.
+fn one_call(plugin: &Plugin, i: usize) -> Result<String, Fault> {
+    match plugin.kind {
+        PluginKind::RateLimiter => {
+            plugin
+                .check(&super::bench_plugins::request(i))
+                .map(|d| match d {
+                    Decision::Allow => "allow".to_string(),
+                    Decision::Reject(r) => {
+                        format!(
+                            "reject ({:?}, retry after {} ms)",
+                            r.reason, r.retry_after_ms
+                        )
+                    }
+                })
+        }
+        PluginKind::Prioritizer => plugin
+            .priority(&super::bench_plugins::request(i))
+            .map(|p| format!("priority {p}")),
+        PluginKind::HealthChecker => {
+            plugin
+                .health(&loader::trial_snapshot())
+                .map(|HealthReport { status, message }| {
+                    let status = match status {
+                        HealthStatus::Healthy => "healthy",
+                        HealthStatus::Degraded => "degraded",
+                        HealthStatus::Unhealthy => "unhealthy",
+                    };
+                    format!("{status}: {message:?}")
+                })
+        }
+    }
+}
