@@ -440,6 +440,51 @@ async fn shadow_plugins_count_their_verdicts_without_enforcing_them() {
     server.shutdown().await;
 }
 
+/// Compiled plugins are kept on disk: a restarted server loads the plugin from the cache
+/// (`cllm_plugin_compile_cache_total{result="hit"}`) and it works; a corrupt entry is compiled
+/// again (`result="error"`), the plugin still loads, and the rewritten entry serves the next
+/// start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_plugins_are_cached_on_disk_across_restarts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put_plugin(&dir, "limiter.wasm", "deny-all");
+    let cache = |m: &str, result: &str| {
+        metric_value(
+            m,
+            &format!("cllm_plugin_compile_cache_total{{result=\"{result}\"}}"),
+        )
+    };
+    // Starts a server on the folder, checks the plugin works, returns its metrics text.
+    let run = || async {
+        let server = start_with_plugins(&dir, |_| {}).await;
+        wait_for(&server, "limiter.wasm", "active").await;
+        assert_eq!(generate_as(&server, "c", &[]).await.status(), 429);
+        let metrics = server.metrics().await;
+        server.shutdown().await;
+        metrics
+    };
+    let first = run().await;
+    assert_eq!((cache(&first, "miss"), cache(&first, "hit")), (1.0, 0.0));
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir.join(".cache"))
+        .expect("the cache folder")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+
+    let second = run().await;
+    assert_eq!((cache(&second, "miss"), cache(&second, "hit")), (0.0, 1.0));
+
+    std::fs::write(&entries[0], b"not machine code").expect("corrupt the entry");
+    let third = run().await;
+    assert_eq!((cache(&third, "error"), cache(&third, "hit")), (1.0, 0.0));
+    let fourth = run().await;
+    assert_eq!(cache(&fourth, "hit"), 1.0, "the entry was rewritten");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_files_are_refused_and_the_previous_policy_stays() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -406,6 +406,11 @@ pub struct PluginsConfig {
     /// prioritizer's priority is not used, a shadow health check does not change `/health`'s
     /// status, and a shadow plugin's faults never fail a request.
     pub shadow: Vec<String>,
+    /// Keep compiled plugins on disk, keyed by the file's sha256 and the engine's
+    /// configuration, so a restart does not compile them again.
+    pub compile_cache: bool,
+    /// Where the compiled plugins are kept; null = `.cache` inside the plugin folder.
+    pub compile_cache_dir: Option<PathBuf>,
 }
 
 impl Default for PluginsConfig {
@@ -421,6 +426,8 @@ impl Default for PluginsConfig {
             headers: vec!["x-tier".to_string()],
             reload_quiet_ms: 50,
             shadow: Vec::new(),
+            compile_cache: true,
+            compile_cache_dir: None,
         }
     }
 }

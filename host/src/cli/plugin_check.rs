@@ -86,6 +86,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let plugin = loader::load(
         &engine,
+        None,
         &file,
         &bytes,
         config,

@@ -2,6 +2,7 @@
 //! implements (and at which version), pre-link it, and give it one trial call.
 
 use super::bindings::{health, limiter, prioritizer, HealthSnapshot, RequestInfo};
+use super::compile_cache::CompileCache;
 use super::engine::PluginEngine;
 use super::plugin::{CallLimits, Plugin, PluginKind, Pre};
 use crate::metrics::Metrics;
@@ -92,10 +93,12 @@ pub fn imports(engine: &PluginEngine, bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Compiles and checks `bytes`; the error is the reason the file is refused.
+/// Compiles (or takes from `cache`) and checks `bytes`; the error is the reason the file is
+/// refused.
 #[allow(clippy::too_many_arguments)]
 pub fn load(
     engine: &Arc<PluginEngine>,
+    cache: Option<&CompileCache>,
     file: &str,
     bytes: &[u8],
     config: String,
@@ -104,8 +107,23 @@ pub fn load(
     health_limits: &CallLimits,
     metrics: &Arc<Metrics>,
 ) -> Result<Plugin, String> {
-    let component = Component::new(&engine.engine, bytes)
-        .map_err(|e| format!("not a valid WebAssembly component: {e:#}"))?;
+    let invalid = |e: wasmtime::Error| format!("not a valid WebAssembly component: {e:#}");
+    let component = match cache {
+        Some(cache) => {
+            let (component, result) = cache
+                .compile(&engine.engine, bytes, &sha256)
+                .map_err(invalid)?;
+            metrics
+                .counter(
+                    "cllm_plugin_compile_cache_total",
+                    &[("result", result.as_str().to_string())],
+                )
+                .increment(1);
+            tracing::debug!(plugin = %file, cache = result.as_str(), "plugin compiled");
+            component
+        }
+        None => Component::new(&engine.engine, bytes).map_err(invalid)?,
+    };
     let (kind, version) = detect_world(engine, &component)?;
     let linker = engine
         .linker_for(&component)

@@ -7,6 +7,7 @@
 //! when the plugin is replaced or when a fault forces a fresh instance.
 
 pub mod bindings;
+pub mod compile_cache;
 pub(crate) mod engine;
 pub(crate) mod loader;
 pub mod plugin;

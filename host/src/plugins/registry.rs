@@ -2,6 +2,7 @@
 //! Every change builds a new [`PluginSet`] and swaps it in with one pointer store; a request
 //! keeps the set it started with, so a swap never fails a request.
 
+use super::compile_cache::CompileCache;
 use super::engine::PluginEngine;
 use super::loader;
 use super::plugin::{CallLimits, Plugin, PluginKind};
@@ -54,6 +55,7 @@ pub struct PluginView {
 pub struct PluginRegistry {
     pub dir: PathBuf,
     engine: Arc<PluginEngine>,
+    cache: Option<CompileCache>,
     limits: CallLimits,
     health_limits: CallLimits,
     pub limiter_failure_mode: FailureMode,
@@ -94,9 +96,18 @@ impl PluginRegistry {
             memory_bytes: memory,
             max_faults: config.max_consecutive_faults,
         };
+        let engine = Arc::new(PluginEngine::new(memory)?);
+        let cache = config.compile_cache.then(|| {
+            let cache_dir = config
+                .compile_cache_dir
+                .clone()
+                .unwrap_or_else(|| dir.join(".cache"));
+            CompileCache::new(cache_dir, &engine.engine)
+        });
         let registry = Arc::new(PluginRegistry {
             dir: dir.to_path_buf(),
-            engine: Arc::new(PluginEngine::new(memory)?),
+            engine,
+            cache,
             health_limits: CallLimits {
                 deadline: Duration::from_millis(config.health_deadline_ms),
                 ..limits.clone()
@@ -175,6 +186,7 @@ impl PluginRegistry {
         }
         let loaded = loader::load(
             &self.engine,
+            self.cache.as_ref(),
             &file,
             &bytes,
             config,
