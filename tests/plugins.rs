@@ -517,6 +517,7 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
             "wrong major version",
         ),
     ];
+    let refusals = cases.len() as f64;
     for (what, bytes, reason) in cases {
         put(&dir, "policy.wasm", &bytes);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -543,8 +544,14 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
             "{what}: deny-all still applies"
         );
     }
+    let refused = r#"cllm_plugin_reloads_total{plugin="policy.wasm",result="refused"}"#;
+    assert_eq!(
+        metric_value(&server.metrics().await, refused),
+        refusals,
+        "each refusal counted, by plugin"
+    );
     // A new file renamed into place is picked up, once.
-    let loaded = r#"cllm_plugin_reloads_total{result="loaded"}"#;
+    let loaded = r#"cllm_plugin_reloads_total{plugin="renamed.wasm",result="loaded"}"#;
     let before = metric_value(&server.metrics().await, loaded);
     put(&dir, "renamed.wasm", &allow);
     wait_for(&server, "renamed.wasm", "active").await;

@@ -112,7 +112,7 @@ impl Metrics {
             ),
             (
                 "cllm_plugin_reloads_total",
-                "Plugin file (re)loads, by result: loaded, refused, removed.",
+                "Plugin file (re)loads, by plugin and result: loaded, refused, removed.",
             ),
         ];
         for (name, text) in help {

@@ -167,7 +167,7 @@ impl PluginRegistry {
                 let removed = self.lock_entries().remove(stem).is_some();
                 if removed {
                     tracing::info!(plugin = %file, "plugin removed");
-                    self.count_reload("removed");
+                    self.count_reload(&file, "removed");
                     self.rebuild();
                 }
                 return;
@@ -210,7 +210,7 @@ impl PluginRegistry {
                     },
                 );
                 drop(entries);
-                self.count_reload("loaded");
+                self.count_reload(&file, "loaded");
                 self.rebuild();
             }
             Err(reason) => {
@@ -225,16 +225,16 @@ impl PluginRegistry {
                 entry.refused_sha256 = Some(sha256);
                 entry.content_key = content_key;
                 drop(entries);
-                self.count_reload("refused");
+                self.count_reload(&file, "refused");
             }
         }
     }
 
-    fn count_reload(&self, result: &str) {
+    fn count_reload(&self, file: &str, result: &str) {
         self.metrics
             .counter(
                 "cllm_plugin_reloads_total",
-                &[("result", result.to_string())],
+                &[("plugin", file.to_string()), ("result", result.to_string())],
             )
             .increment(1);
     }
