@@ -184,6 +184,7 @@ impl PluginRegistry {
         {
             return; // the same bytes and config as already handled
         }
+        let started = std::time::Instant::now();
         let loaded = loader::load(
             &self.engine,
             self.cache.as_ref(),
@@ -199,7 +200,8 @@ impl PluginRegistry {
         match loaded {
             Ok(plugin) => {
                 let plugin = plugin.with_shadow(self.shadow.iter().any(|s| s == stem));
-                tracing::info!(plugin = %file, kind = plugin.kind.as_str(), mode = plugin.mode(), sha256 = %sha256, "plugin loaded");
+                let load_ms = started.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(plugin = %file, kind = plugin.kind.as_str(), mode = plugin.mode(), sha256 = %sha256, load_ms = format!("{load_ms:.1}"), "plugin loaded (compiled or from the cache, linked, trial call)");
                 entries.insert(
                     stem.to_string(),
                     Entry {
