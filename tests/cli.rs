@@ -407,3 +407,18 @@ fn plugin_check_passes_the_examples_and_fails_misbehaving_plugins() {
         assert!(stderr.contains(reason), "{}: {stderr}", file.display());
     }
 }
+
+/// `cllm bench-plugins` with nothing to time is a usage error naming the flag (exit code 2),
+/// not a panic (it indexed the empty list of timings).
+#[test]
+fn bench_plugins_refuses_zero_calls_and_reloads() {
+    for flag in ["--calls", "--reloads"] {
+        let out = cllm()
+            .args(["bench-plugins", flag, "0"])
+            .output()
+            .expect("runs cllm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+}

@@ -18,12 +18,12 @@ pub struct BenchPluginsArgs {
     /// e.g. from `bash plugins/build.sh target/wasm-plugins`.
     #[arg(long, default_value = "target/wasm-plugins")]
     wasm_dir: PathBuf,
-    /// Calls timed per measurement.
-    #[arg(long, default_value_t = 100_000)]
-    calls: usize,
-    /// Reloads timed.
-    #[arg(long, default_value_t = 20)]
-    reloads: usize,
+    /// Calls timed per measurement (at least 1).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    calls: u64,
+    /// Reloads timed (at least 1).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    reloads: u64,
 }
 
 fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
@@ -67,6 +67,7 @@ fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(args: BenchPluginsArgs) -> anyhow::Result<()> {
+    let (calls, swaps) = (args.calls as usize, args.reloads as usize);
     let wasm = |name: &str| args.wasm_dir.join(format!("{name}.wasm"));
     let dir = std::env::temp_dir().join(format!("cllm-bench-plugins-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -98,20 +99,20 @@ pub fn run(args: BenchPluginsArgs) -> anyhow::Result<()> {
         ..RateLimiterConfig::default()
     });
     let clients: Vec<String> = (0..64).map(|i| format!("client-{i}")).collect();
-    let (b50, b99) = time_calls(args.calls, |i| {
+    let (b50, b99) = time_calls(calls, |i| {
         let _ = builtin.check(&clients[i % 64], Instant::now());
     });
-    let (l50, l99) = time_calls(args.calls, |i| {
+    let (l50, l99) = time_calls(calls, |i| {
         let _ = limiter.check(&requests[i % 1024]);
     });
-    let (p50, p99) = time_calls(args.calls, |i| {
+    let (p50, p99) = time_calls(calls, |i| {
         let _ = prioritizer.priority(&requests[i % 1024]);
     });
 
     // Reload latency: alternate two different files and wait for the swap.
     let _watch = watcher::watch(registry.clone())?;
     let mut reloads = Vec::new();
-    for i in 0..args.reloads {
+    for i in 0..swaps {
         let source = if i % 2 == 0 {
             wasm("allow_all")
         } else {

@@ -211,6 +211,12 @@ impl ModelConfig {
                 "rms_norm_eps ({rms_norm_eps}) must be positive"
             )));
         }
+        // Optional sizes still have to be usable when given: a context of 0 positions (or,
+        // below, a window of 0) would load and then fail on the first request.
+        let max_position_embeddings = required(
+            raw.max_position_embeddings.or(Some(2048)),
+            "max_position_embeddings",
+        )?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
@@ -220,6 +226,9 @@ impl ModelConfig {
             Architecture::Qwen2 if raw.use_sliding_window != Some(true) => None,
             _ => raw.sliding_window,
         };
+        if sliding_window == Some(0) {
+            return Err(invalid("sliding_window must be positive".into()));
+        }
         Ok(ModelConfig {
             architecture,
             model_type,
@@ -230,7 +239,7 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             vocab_size,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings,
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
             rope_scaling,
@@ -359,6 +368,19 @@ mod tests {
         assert!(err.to_string().contains("yarn"), "{err}");
         let err = parse(&format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).unwrap_err();
         assert!(err.to_string().contains("gpt2"), "{err}");
+    }
+
+    #[test]
+    fn refuses_zero_context_and_zero_window() {
+        for (field, name) in [
+            (r#""max_position_embeddings": 0"#, "max_position_embeddings"),
+            (r#""sliding_window": 0"#, "sliding_window"),
+        ] {
+            let err =
+                parse(&format!(r#"{{"model_type": "mistral", {BASE}, {field}}}"#)).unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(err.to_string().contains("must be positive"), "{err}");
+        }
     }
 
     #[test]
