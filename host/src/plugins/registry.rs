@@ -200,6 +200,8 @@ impl PluginRegistry {
         match loaded {
             Ok(plugin) => {
                 let plugin = plugin.with_shadow(self.shadow.iter().any(|s| s == stem));
+                // Counted before it shows in `/plugins` (as a refusal is below).
+                self.count_reload(&file, "loaded");
                 let load_ms = started.elapsed().as_secs_f64() * 1e3;
                 tracing::info!(plugin = %file, kind = plugin.kind.as_str(), mode = plugin.mode(), sha256 = %sha256, load_ms = format!("{load_ms:.1}"), "plugin loaded (compiled or from the cache, linked, trial call)");
                 entries.insert(
@@ -212,10 +214,12 @@ impl PluginRegistry {
                     },
                 );
                 drop(entries);
-                self.count_reload(&file, "loaded");
                 self.rebuild();
             }
             Err(reason) => {
+                // Counted before the refusal shows in `/plugins`, so whoever sees it there
+                // also sees it counted.
+                self.count_reload(&file, "refused");
                 tracing::error!(plugin = %file, %reason, "plugin refused; the previous policy stays active");
                 let entry = entries.entry(stem.to_string()).or_insert(Entry {
                     active: None,
@@ -227,7 +231,6 @@ impl PluginRegistry {
                 entry.refused_sha256 = Some(sha256);
                 entry.content_key = content_key;
                 drop(entries);
-                self.count_reload(&file, "refused");
             }
         }
     }
