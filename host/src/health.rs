@@ -70,7 +70,7 @@ pub fn plugin_verdicts(
     registry: &crate::plugins::PluginRegistry,
     snapshot: &crate::plugins::bindings::HealthSnapshot,
 ) -> Vec<(String, Status, String)> {
-    use crate::plugins::bindings::HealthStatus;
+    use crate::plugins::bindings::{health_status_name, HealthStatus};
     let set = registry.current();
     let (shadow, enforcing): (Vec<_>, Vec<_>) = set
         .health
@@ -79,11 +79,7 @@ pub fn plugin_verdicts(
         .partition(|p| p.shadow);
     for plugin in shadow {
         if let Ok(report) = plugin.health(snapshot) {
-            let decision = match report.status {
-                HealthStatus::Healthy => "healthy",
-                HealthStatus::Degraded => "degraded",
-                HealthStatus::Unhealthy => "unhealthy",
-            };
+            let decision = health_status_name(report.status);
             plugin.count_decision(decision);
             tracing::debug!(plugin = %plugin.file, decision, message = %report.message, "shadow health check");
         }
@@ -92,12 +88,12 @@ pub fn plugin_verdicts(
         .into_iter()
         .map(|plugin| match plugin.health(snapshot) {
             Ok(report) => {
-                let (status, decision) = match report.status {
-                    HealthStatus::Healthy => (Status::Ok, "healthy"),
-                    HealthStatus::Degraded => (Status::Degraded, "degraded"),
-                    HealthStatus::Unhealthy => (Status::Unhealthy, "unhealthy"),
+                plugin.count_decision(health_status_name(report.status));
+                let status = match report.status {
+                    HealthStatus::Healthy => Status::Ok,
+                    HealthStatus::Degraded => Status::Degraded,
+                    HealthStatus::Unhealthy => Status::Unhealthy,
                 };
-                plugin.count_decision(decision);
                 (plugin.file.clone(), status, report.message)
             }
             Err(fault) => (

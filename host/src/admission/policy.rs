@@ -90,25 +90,20 @@ impl Policy {
             .as_ref()
             .and_then(|s| s.prioritizer.clone())
             .filter(|p| !p.is_disabled());
-        if limiters.is_empty()
+        let any_plugin = !(limiters.is_empty()
             && prioritizer.is_none()
             && shadow.is_empty()
-            && shadow_prioritizers.is_empty()
-        {
-            if let Err(limited) = self.limiter.check(&ticket.client_id, Instant::now()) {
-                let reason = format!("too many requests ({} limit)", limited.scope.as_str());
-                return Err(self.refuse(ticket, limited.retry_after, reason));
+            && shadow_prioritizers.is_empty());
+        let info = any_plugin.then(|| Self::request_info(ticket));
+        if let Some(info) = &info {
+            for plugin in shadow {
+                shadow_check(plugin, info);
             }
-            return Ok(own_priority);
-        }
-        let info = Self::request_info(ticket);
-        for plugin in shadow {
-            shadow_check(plugin, &info);
-        }
-        for plugin in shadow_prioritizers {
-            if let Ok(priority) = plugin.priority(&info) {
-                plugin.count_decision("priority");
-                tracing::debug!(plugin = %plugin.file, request_id = %info.request_id, priority, "shadow prioritizer");
+            for plugin in shadow_prioritizers {
+                if let Ok(priority) = plugin.priority(info) {
+                    plugin.count_decision("priority");
+                    tracing::debug!(plugin = %plugin.file, request_id = %info.request_id, priority, "shadow prioritizer");
+                }
             }
         }
         // Without an enforcing plugin limiter, the built-in one applies.
@@ -118,6 +113,9 @@ impl Policy {
                 return Err(self.refuse(ticket, limited.retry_after, reason));
             }
         }
+        let Some(info) = info else {
+            return Ok(own_priority);
+        };
         for plugin in &limiters {
             match plugin.check(&info) {
                 Ok(Decision::Allow) => plugin.count_decision("allow"),

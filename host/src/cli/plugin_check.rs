@@ -6,7 +6,7 @@
 
 use crate::config::PluginsConfig;
 use crate::metrics::Metrics;
-use crate::plugins::bindings::{Decision, HealthReport, HealthStatus};
+use crate::plugins::bindings::{health_status_name, Decision, HealthReport};
 use crate::plugins::engine::PluginEngine;
 use crate::plugins::loader;
 use crate::plugins::plugin::{CallLimits, Fault, Plugin, PluginKind};
@@ -76,29 +76,32 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         memory_bytes: memory,
         max_faults: u32::MAX,
     };
-    let sha256 = crate::plugins::registry::sha256_file(&args.file)?;
+    let sha256 = crate::plugins::registry::sha256_hex(&bytes);
     println!("file: {file} ({} bytes, sha256 {sha256})", bytes.len());
     if let Some(path) = &config_path {
         println!("config: {}", path.display());
     }
     let engine = Arc::new(PluginEngine::new(memory)?);
-    println!("imports: {}", loader::imports(&engine, &bytes).join(", "));
+    let metrics = Arc::new(Metrics::new(false));
+    let refused = |reason: String| anyhow::anyhow!("{file} would be refused: {reason}");
     let start = Instant::now();
+    let component =
+        loader::compile(&engine, None, &file, &bytes, &sha256, &metrics).map_err(refused)?;
+    println!(
+        "imports: {}",
+        loader::imports(&engine, &component).join(", ")
+    );
     let plugin = loader::load(
         &engine,
-        None,
+        &component,
         &file,
-        &bytes,
         config,
         sha256,
         &limits(defaults.call_deadline_ms),
         &limits(defaults.health_deadline_ms),
-        &Arc::new(Metrics::new(false)),
-    );
-    let plugin = match plugin {
-        Ok(plugin) => plugin,
-        Err(reason) => anyhow::bail!("{file} would be refused: {reason}"),
-    };
+        &metrics,
+    )
+    .map_err(refused)?;
     println!(
         "loaded in {:.1} ms (compile, link, trial call)",
         start.elapsed().as_secs_f64() * 1e3
@@ -187,12 +190,7 @@ fn one_call(plugin: &Plugin, i: usize) -> Result<String, Fault> {
             plugin
                 .health(&loader::trial_snapshot())
                 .map(|HealthReport { status, message }| {
-                    let status = match status {
-                        HealthStatus::Healthy => "healthy",
-                        HealthStatus::Degraded => "degraded",
-                        HealthStatus::Unhealthy => "unhealthy",
-                    };
-                    format!("{status}: {message:?}")
+                    format!("{}: {message:?}", health_status_name(status))
                 })
         }
     }

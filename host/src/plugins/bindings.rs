@@ -37,3 +37,12 @@ pub use limiter::cllm::policy::host::LogLevel;
 pub use limiter::cllm::policy::types::{
     Decision, HealthReport, HealthSnapshot, HealthStatus, Rejection, RequestInfo, Usage,
 };
+
+/// A health verdict's name, as metrics and `cllm plugin check` print it.
+pub fn health_status_name(status: HealthStatus) -> &'static str {
+    match status {
+        HealthStatus::Healthy => "healthy",
+        HealthStatus::Degraded => "degraded",
+        HealthStatus::Unhealthy => "unhealthy",
+    }
+}

@@ -51,10 +51,6 @@ impl CompileCache {
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Where the compiled form of a file with this sha256 lives.
     fn entry(&self, sha256: &str) -> PathBuf {
         self.dir

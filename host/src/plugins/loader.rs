@@ -81,11 +81,8 @@ pub fn trial_snapshot() -> HealthSnapshot {
     }
 }
 
-/// The names of everything the component in `bytes` imports (empty when it does not compile).
-pub fn imports(engine: &PluginEngine, bytes: &[u8]) -> Vec<String> {
-    let Ok(component) = Component::new(&engine.engine, bytes) else {
-        return Vec::new();
-    };
+/// The names of everything `component` imports.
+pub fn imports(engine: &PluginEngine, component: &Component) -> Vec<String> {
     component
         .component_type()
         .imports(&engine.engine)
@@ -93,43 +90,52 @@ pub fn imports(engine: &PluginEngine, bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Compiles (or takes from `cache`) and checks `bytes`; the error is the reason the file is
-/// refused.
-#[allow(clippy::too_many_arguments)]
-pub fn load(
-    engine: &Arc<PluginEngine>,
+/// Compiles `bytes` (whose sha256 is `sha256`), or takes it from `cache`; the error is the
+/// reason the file is refused.
+pub fn compile(
+    engine: &PluginEngine,
     cache: Option<&CompileCache>,
     file: &str,
     bytes: &[u8],
+    sha256: &str,
+    metrics: &Metrics,
+) -> Result<Component, String> {
+    let invalid = |e: wasmtime::Error| format!("not a valid WebAssembly component: {e:#}");
+    let Some(cache) = cache else {
+        return Component::new(&engine.engine, bytes).map_err(invalid);
+    };
+    let (component, result) = cache
+        .compile(&engine.engine, bytes, sha256)
+        .map_err(invalid)?;
+    metrics
+        .counter(
+            "cllm_plugin_compile_cache_total",
+            &[("result", result.as_str().to_string())],
+        )
+        .increment(1);
+    tracing::debug!(plugin = %file, cache = result.as_str(), "plugin compiled");
+    Ok(component)
+}
+
+/// Checks a compiled `component` (world, version, linking) and gives it its trial call; the
+/// error is the reason the file is refused.
+#[allow(clippy::too_many_arguments)]
+pub fn load(
+    engine: &Arc<PluginEngine>,
+    component: &Component,
+    file: &str,
     config: String,
     sha256: String,
     limits: &CallLimits,
     health_limits: &CallLimits,
     metrics: &Arc<Metrics>,
 ) -> Result<Plugin, String> {
-    let invalid = |e: wasmtime::Error| format!("not a valid WebAssembly component: {e:#}");
-    let component = match cache {
-        Some(cache) => {
-            let (component, result) = cache
-                .compile(&engine.engine, bytes, &sha256)
-                .map_err(invalid)?;
-            metrics
-                .counter(
-                    "cllm_plugin_compile_cache_total",
-                    &[("result", result.as_str().to_string())],
-                )
-                .increment(1);
-            tracing::debug!(plugin = %file, cache = result.as_str(), "plugin compiled");
-            component
-        }
-        None => Component::new(&engine.engine, bytes).map_err(invalid)?,
-    };
-    let (kind, version) = detect_world(engine, &component)?;
+    let (kind, version) = detect_world(engine, component)?;
     let linker = engine
-        .linker_for(&component)
+        .linker_for(component)
         .map_err(|e| format!("cannot link: {e:#}"))?;
     let instance_pre = linker
-        .instantiate_pre(&component)
+        .instantiate_pre(component)
         .map_err(|e| format!("cannot link: {e:#}"))?;
     let bad_world =
         |e: wasmtime::Error| format!("does not match the {} world: {e:#}", kind.as_str());

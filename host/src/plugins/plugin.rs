@@ -97,7 +97,9 @@ pub struct Plugin {
     /// Registered once: a call only bumps them.
     calls_metric: metrics::Counter,
     duration_metric: metrics::Histogram,
-    /// `cllm_plugin_decisions_total` by decision, for this plugin's kind and mode.
+    /// `cllm_plugin_decisions_total` by decision, for this plugin's kind and mode; registered
+    /// by [`Plugin::with_shadow`], which the registry calls for every plugin it loads (a plugin
+    /// only checked offline counts nothing).
     decisions: Vec<(&'static str, metrics::Counter)>,
     pub calls: AtomicU64,
     pub faults: AtomicU64,
@@ -125,7 +127,7 @@ impl Plugin {
         Plugin {
             calls_metric: metrics.counter("cllm_plugin_calls_total", &labels),
             duration_metric: metrics.histogram("cllm_plugin_call_duration_seconds", &labels),
-            decisions: decision_counters(&metrics, &file, kind, false),
+            decisions: Vec::new(),
             shadow: false,
             file,
             kind,
@@ -145,10 +147,10 @@ impl Plugin {
         }
     }
 
-    /// This plugin in shadow mode (`shadow`) or enforcing.
+    /// This plugin in shadow mode (`shadow`) or enforcing, with its decision counters.
     pub(super) fn with_shadow(mut self, shadow: bool) -> Self {
         self.shadow = shadow;
-        self.decisions = decision_counters(&self.metrics, &self.file, self.kind, shadow);
+        self.decisions = decision_counters(&self.metrics, &self.file, self.kind, self.mode());
         self
     }
 
@@ -300,14 +302,13 @@ fn decision_counters(
     metrics: &Metrics,
     file: &str,
     kind: PluginKind,
-    shadow: bool,
+    mode: &str,
 ) -> Vec<(&'static str, metrics::Counter)> {
     let decisions: &[&'static str] = match kind {
         PluginKind::RateLimiter => &["allow", "reject"],
         PluginKind::Prioritizer => &["priority"],
         PluginKind::HealthChecker => &["healthy", "degraded", "unhealthy"],
     };
-    let mode = if shadow { "shadow" } else { "enforce" };
     decisions
         .iter()
         .map(|&decision| {

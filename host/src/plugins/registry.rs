@@ -74,7 +74,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(sha256_hex(&std::fs::read(path)?))
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -185,17 +185,26 @@ impl PluginRegistry {
             return; // the same bytes and config as already handled
         }
         let started = std::time::Instant::now();
-        let loaded = loader::load(
+        let loaded = loader::compile(
             &self.engine,
             self.cache.as_ref(),
             &file,
             &bytes,
-            config,
-            sha256.clone(),
-            &self.limits,
-            &self.health_limits,
+            &sha256,
             &self.metrics,
-        );
+        )
+        .and_then(|component| {
+            loader::load(
+                &self.engine,
+                &component,
+                &file,
+                config,
+                sha256.clone(),
+                &self.limits,
+                &self.health_limits,
+                &self.metrics,
+            )
+        });
         let mut entries = self.lock_entries();
         match loaded {
             Ok(plugin) => {
