@@ -9,8 +9,7 @@ use crate::model::executor::{
     open_executor, BatchEntry, DeviceChoice, Executor, ExecutorSettings, LogitRows,
 };
 use crate::model::gguf;
-use crate::model::kv_cache::KvDtype;
-use crate::model::kv_cache::{BlockPool, SequenceKv};
+use crate::model::kv_cache::{BlockPool, KvDtype, SequenceKv};
 use crate::model::llama::ModelWeights;
 use crate::model::rng::Rng;
 use crate::model::synthetic::{self, SyntheticSize};

@@ -285,91 +285,89 @@ mod tests {
         (d, window, num_heads, num_kv_heads): (usize, Option<usize>, usize, usize),
         dtype: KvDtype,
     ) {
-        {
-            let heads = Heads {
-                num_heads,
-                num_kv_heads,
-                head_dim: d,
-                window,
-            };
-            let kv_dim = num_kv_heads * d;
-            let q_dim = num_heads * d;
-            let group = num_heads / num_kv_heads;
-            let len = 37;
-            let mut cache = KvCache::new(
-                KvLayout {
-                    num_layers: 1,
-                    kv_dim,
-                    dtype,
-                },
-                6,
-            );
-            // Take a block first so the sequence's blocks are not 0, 1, 2.
-            let mut other = SequenceKv::new();
-            cache.pool_mut().reserve(&mut other, 16).expect("room");
-            let mut seq = SequenceKv::new();
-            cache.pool_mut().reserve(&mut seq, len).expect("room");
-            let slots: Vec<usize> = (0..len).map(|pos| seq.slot(pos)).collect();
-            let (k_all, v_all) = (values(1, len * kv_dim), values(2, len * kv_dim));
-            // The reference attends over what the cache holds.
-            let (k_all, v_all) = match dtype {
-                KvDtype::F32 => (k_all, v_all),
-                KvDtype::F16 => (through_f16(&k_all), through_f16(&v_all)),
-            };
-            // Scattered positions (runs of 2 and 3 tile together), then a whole prompt as a
-            // prefill chunk gives them (tiles of up to 8 consecutive tokens, one partial).
-            let scattered = [0, 1, 15, 16, 17, 31, 36];
-            let whole: Vec<usize> = (0..len).collect();
-            for positions in [&scattered[..], &whole[..]] {
-                let q = values(3, positions.len() * q_dim);
-                let tokens: Vec<QueryToken> = positions
-                    .iter()
-                    .map(|&pos| QueryToken { entry: 0, pos })
-                    .collect();
-                let dummy = [0u32];
-                let batch = [BatchEntry {
-                    tokens: &dummy,
-                    kv: &mut seq,
-                    logits: LogitRows::None,
-                }];
-                let mut out = vec![f32::NAN; positions.len() * q_dim];
-                let new = (&k_all[..], &v_all[..]);
-                match cache.layer_mut(0) {
-                    LayerKv::F32 { keys, values } => fill_and_attend(
-                        keys, values, &slots, new, heads, &batch, &tokens, &q, &mut out,
-                    ),
-                    LayerKv::F16 { keys, values } => fill_and_attend(
-                        keys, values, &slots, new, heads, &batch, &tokens, &q, &mut out,
-                    ),
-                }
-                for (t, &pos) in positions.iter().enumerate() {
-                    for h in 0..num_heads {
-                        let kv_off = (h / group) * d;
-                        let qh = &q[t * q_dim + h * d..][..d];
-                        let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                        let scores: Vec<f64> = (first..=pos)
-                            .map(|p| {
-                                let k = &k_all[p * kv_dim + kv_off..][..d];
-                                let dot: f64 =
-                                    qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
-                                dot / (d as f64).sqrt()
-                            })
-                            .collect();
-                        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                        let total: f64 = weights.iter().sum();
-                        for i in 0..d {
-                            let want: f64 = (first..=pos)
-                                .zip(&weights)
-                                .map(|(p, w)| w * v_all[p * kv_dim + kv_off + i] as f64)
-                                .sum::<f64>()
-                                / total;
-                            let got = out[t * q_dim + h * d + i] as f64;
-                            assert!(
+        let heads = Heads {
+            num_heads,
+            num_kv_heads,
+            head_dim: d,
+            window,
+        };
+        let kv_dim = num_kv_heads * d;
+        let q_dim = num_heads * d;
+        let group = num_heads / num_kv_heads;
+        let len = 37;
+        let mut cache = KvCache::new(
+            KvLayout {
+                num_layers: 1,
+                kv_dim,
+                dtype,
+            },
+            6,
+        );
+        // Take a block first so the sequence's blocks are not 0, 1, 2.
+        let mut other = SequenceKv::new();
+        cache.pool_mut().reserve(&mut other, 16).expect("room");
+        let mut seq = SequenceKv::new();
+        cache.pool_mut().reserve(&mut seq, len).expect("room");
+        let slots: Vec<usize> = (0..len).map(|pos| seq.slot(pos)).collect();
+        let (k_all, v_all) = (values(1, len * kv_dim), values(2, len * kv_dim));
+        // The reference attends over what the cache holds.
+        let (k_all, v_all) = match dtype {
+            KvDtype::F32 => (k_all, v_all),
+            KvDtype::F16 => (through_f16(&k_all), through_f16(&v_all)),
+        };
+        // Scattered positions (runs of 2 and 3 tile together), then a whole prompt as a
+        // prefill chunk gives them (tiles of up to 8 consecutive tokens, one partial).
+        let scattered = [0, 1, 15, 16, 17, 31, 36];
+        let whole: Vec<usize> = (0..len).collect();
+        for positions in [&scattered[..], &whole[..]] {
+            let q = values(3, positions.len() * q_dim);
+            let tokens: Vec<QueryToken> = positions
+                .iter()
+                .map(|&pos| QueryToken { entry: 0, pos })
+                .collect();
+            let dummy = [0u32];
+            let batch = [BatchEntry {
+                tokens: &dummy,
+                kv: &mut seq,
+                logits: LogitRows::None,
+            }];
+            let mut out = vec![f32::NAN; positions.len() * q_dim];
+            let new = (&k_all[..], &v_all[..]);
+            match cache.layer_mut(0) {
+                LayerKv::F32 { keys, values } => fill_and_attend(
+                    keys, values, &slots, new, heads, &batch, &tokens, &q, &mut out,
+                ),
+                LayerKv::F16 { keys, values } => fill_and_attend(
+                    keys, values, &slots, new, heads, &batch, &tokens, &q, &mut out,
+                ),
+            }
+            for (t, &pos) in positions.iter().enumerate() {
+                for h in 0..num_heads {
+                    let kv_off = (h / group) * d;
+                    let qh = &q[t * q_dim + h * d..][..d];
+                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let scores: Vec<f64> = (first..=pos)
+                        .map(|p| {
+                            let k = &k_all[p * kv_dim + kv_off..][..d];
+                            let dot: f64 =
+                                qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+                            dot / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for i in 0..d {
+                        let want: f64 = (first..=pos)
+                            .zip(&weights)
+                            .map(|(p, w)| w * v_all[p * kv_dim + kv_off + i] as f64)
+                            .sum::<f64>()
+                            / total;
+                        let got = out[t * q_dim + h * d + i] as f64;
+                        assert!(
                                 (got - want).abs() <= 1e-5,
                                 "{dtype:?} d={d} window={window:?} pos={pos} head={h} i={i}: {got} vs {want}"
                             );
-                        }
                     }
                 }
             }
