@@ -363,18 +363,30 @@ fn bench_plugins_prints_call_and_reload_latency() {
 #[test]
 fn plugin_check_passes_the_examples_and_fails_misbehaving_plugins() {
     use common::wasm::plugin_wasm;
-    for (name, world, first) in [
-        ("token-bucket", "rate-limiter", "first call: allow"),
-        ("deny-all", "rate-limiter", "first call: reject ("),
-        ("tiered-priority", "prioritizer", "first call: priority "),
-        ("queue-health", "health-checker", "first call: healthy: "),
+    for (name, world, version, first) in [
+        ("token-bucket", "rate-limiter", "0.2.0", "first call: allow"),
+        ("shared-limit", "rate-limiter", "0.2.0", "first call: allow"),
+        ("deny-all", "rate-limiter", "0.2.0", "first call: reject ("),
+        ("allow-all", "rate-limiter", "0.1.0", "first call: allow"),
+        (
+            "tiered-priority",
+            "prioritizer",
+            "0.2.0",
+            "first call: priority ",
+        ),
+        (
+            "queue-health",
+            "health-checker",
+            "0.2.0",
+            "first call: healthy: ",
+        ),
     ] {
         let stdout = stdout_of(cllm().args(["plugin", "check"]).arg(plugin_wasm(name)));
         let text = String::from_utf8_lossy(&stdout);
         for want in [
-            &format!("world: {world}, cllm:policy@0.1.0"),
+            &format!("world: {world}, cllm:policy@{version}"),
             "imports: ",
-            "cllm:policy/types@0.1.0",
+            &format!("cllm:policy/types@{version}"),
             first,
             "1000 calls: p50 ",
             "MiB of linear memory at peak",
@@ -393,7 +405,12 @@ fn plugin_check_passes_the_examples_and_fails_misbehaving_plugins() {
         (plugin_wasm("loop-forever"), &[], "faulted: deadline"),
         (plugin_wasm("grow-memory"), &small, "faulted: out_of_memory"),
         (plugin_wasm("wrong-world"), &[], "none of cllm's worlds"),
-        (plugin_wasm("future-major"), &[], "wrong major version"),
+        (plugin_wasm("future-major"), &[], "unsupported version"),
+        (
+            plugin_wasm("foreign-import"),
+            &[],
+            "imports cllm-test:foreign/vault, which cllm does not offer",
+        ),
         (corrupt, &[], "not a valid WebAssembly component"),
     ] {
         let out = cllm()
@@ -406,6 +423,32 @@ fn plugin_check_passes_the_examples_and_fails_misbehaving_plugins() {
         assert_eq!(out.status.code(), Some(1), "{}: {stderr}", file.display());
         assert!(stderr.contains(reason), "{}: {stderr}", file.display());
     }
+}
+
+/// A plugin that prints on every call: `plugin check` reports its output, which went to the
+/// log under the rate limit (1001 lines printed: about a burst's worth logged, the rest dropped).
+#[test]
+fn plugin_check_reports_a_printing_plugins_output_under_the_rate_limit() {
+    use common::wasm::plugin_wasm;
+    let stdout = stdout_of(
+        cllm()
+            .args(["plugin", "check"])
+            .arg(plugin_wasm("wasi-probe")),
+    );
+    let text = String::from_utf8_lossy(&stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("output: "))
+        .unwrap_or_else(|| panic!("no output line in\n{text}"));
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (logged, dropped) = (numbers[0], numbers[1]);
+    // Two lines per call (stdout and stderr), 1001 calls after the trial call.
+    assert_eq!(logged + dropped, 2 * 1002, "{line}");
+    assert!((50..200).contains(&logged), "{line}");
+    assert!(text.ends_with("ok\n"), "{text}");
 }
 
 /// `cllm bench-plugins` with nothing to time is a usage error naming the flag (exit code 2),

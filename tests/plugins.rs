@@ -147,7 +147,7 @@ async fn token_bucket_dropped_in_limits_within_a_second_and_config_changes_apply
     }
     let listed = wait_for(&server, "limiter.wasm", "active").await;
     assert_eq!(listed["kind"], "rate_limiter");
-    assert_eq!(listed["world_version"], "0.1.0");
+    assert_eq!(listed["world_version"], "0.2.0");
     assert_eq!(listed["sha256"].as_str().expect("sha").len(), 64);
     assert!(listed["calls"].as_u64().expect("calls") >= 10);
 
@@ -492,7 +492,8 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
     std::fs::create_dir_all(&dir).expect("mkdir");
     put_plugin(&dir, "policy.wasm", "deny-all");
     let server = start_with_plugins(&dir, |_| {}).await;
-    wait_for(&server, "policy.wasm", "active").await;
+    let listed = wait_for(&server, "policy.wasm", "active").await;
+    assert_eq!(listed["world_version"], "0.2.0", "{listed}");
     assert_eq!(generate_as(&server, "dave", &[]).await.status(), 429);
     let allow = std::fs::read(plugin_wasm("allow-all")).expect("allow-all");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -514,7 +515,12 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
         (
             "future major",
             std::fs::read(plugin_wasm("future-major")).expect("future-major"),
-            "wrong major version",
+            "unsupported version",
+        ),
+        (
+            "foreign import",
+            std::fs::read(plugin_wasm("foreign-import")).expect("foreign-import"),
+            "imports cllm-test:foreign/vault, which cllm does not offer",
         ),
     ];
     let refusals = cases.len() as f64;
@@ -554,7 +560,11 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
     let loaded = r#"cllm_plugin_reloads_total{plugin="renamed.wasm",result="loaded"}"#;
     let before = metric_value(&server.metrics().await, loaded);
     put(&dir, "renamed.wasm", &allow);
-    wait_for(&server, "renamed.wasm", "active").await;
+    let listed = wait_for(&server, "renamed.wasm", "active").await;
+    assert_eq!(
+        listed["world_version"], "0.1.0",
+        "0.1.0 plugins still load: {listed}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         metric_value(&server.metrics().await, loaded) - before,
@@ -768,5 +778,366 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         missing.is_empty(),
         "queried but not exported: {missing:?}\n{metrics}"
     );
+    server.shutdown().await;
+}
+
+/// `/generate` as `client` with request id `id`: (status, body).
+async fn generate_with_id(server: &TestServer, client: &str, id: &str) -> (u16, Value) {
+    let response = generate_as(server, client, &[("x-request-id", id)]).await;
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasi_plugins_print_and_read_clocks_and_randomness_but_reach_nothing_else() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put_plugin(&dir, "probe.wasm", "wasi-probe");
+    let server = start_with_plugins(&dir, |c| c.rate_limiter.max_requests = 1_000_000).await;
+    wait_for(&server, "probe.wasm", "active").await;
+
+    // What the plugin sees, in its rejection reason.
+    let (status, body) = generate_with_id(&server, "eve", "t1-probe-env").await;
+    assert_eq!(status, 429, "{body}");
+    let reason = body["error"].as_str().unwrap_or_default().to_string();
+    for expected in [
+        "env=0 ",
+        "args=0 ",
+        "fs=denied ",
+        "net=denied ",
+        "mono=advances ",
+    ] {
+        assert!(reason.contains(expected), "{expected:?} in {reason}");
+    }
+    let field = |name: &str| -> Vec<u64> {
+        reason
+            .split_whitespace()
+            .filter_map(|w| w.strip_prefix(&format!("{name}=")))
+            .filter_map(|v| {
+                v.trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let wall = field("wall");
+    assert!(
+        wall.len() == 1 && wall[0].abs_diff(now) < 60,
+        "the wall clock is the host's: {wall:?} vs {now}"
+    );
+    let rand = field("rand");
+    assert!(
+        rand.len() == 2 && rand[0] != rand[1],
+        "randomness: {rand:?}"
+    );
+
+    // Printing from a plugin is fine on the request path (it runs off the async workers).
+    for i in 0..20 {
+        let (status, body) = generate_with_id(&server, "eve", &format!("t1-print-{i}")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let server = &server;
+    let faults = |fault: &str| {
+        let series = format!(
+            r#"cllm_plugin_faults_total{{plugin="probe.wasm",kind="rate_limiter",fault="{fault}"}}"#
+        );
+        async move { metric_value(&server.metrics().await, &series) }
+    };
+    assert_eq!(faults("trap").await, 0.0, "printing is no fault");
+
+    // exit() is a fault (and the limiter fails open); sleeping is cut off at once.
+    let (status, _) = generate_with_id(server, "eve", "t1-probe-exit").await;
+    assert_eq!(status, 200, "fail open");
+    assert_eq!(faults("trap").await, 1.0, "exit is a fault");
+    let started = Instant::now();
+    let (status, _) = generate_with_id(server, "eve", "t1-probe-sleep").await;
+    assert_eq!(status, 200, "fail open");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a sleeping plugin is cut off, not waited for: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(faults("trap").await, 2.0, "sleeping is a fault");
+    // The plugin is rebuilt and serves again.
+    let (status, _) = generate_with_id(server, "eve", "t1-probe-env").await;
+    assert_eq!(status, 429, "a fresh instance answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_usage_reports_every_ending_with_its_outcome() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put_plugin(&dir, "usage.wasm", "usage-probe");
+    let server = start_with_plugins(&dir, |c| {
+        c.rate_limiter.max_requests = 1_000_000;
+        c.request_queue.max_wait_time_ms = 200;
+        c.scheduler.max_running_sequences = 1;
+        c.scheduler.debug_step_delay_ms = 20;
+    })
+    .await;
+    wait_for(&server, "usage.wasm", "active").await;
+    let report = || async {
+        let (status, body) = generate_with_id(&server, "frank", "probe-usage").await;
+        assert_eq!(status, 429, "{body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        // "rate limit exceeded: REASON (usage.wasm)"
+        let reason = error.split_once(": ").map_or(error, |(_, r)| r);
+        reason.trim_end_matches(" (usage.wasm)").to_string()
+    };
+    let first = report().await;
+    assert!(
+        first.starts_with("finished=0 stopped=0 cancelled=0 failed=0 timed-out=0 tokens=0 api=tgi"),
+        "{first}"
+    );
+
+    // Finished: max_new_tokens reached.
+    let finished = server
+        .post(
+            "/generate",
+            json!({"inputs": "Once", "parameters": {"max_new_tokens": 3}}),
+        )
+        .await;
+    assert_eq!(finished.status(), 200);
+    // Stopped: a stop sequence that the first token always matches (every token has a char).
+    let body: Value = server
+        .post(
+            "/generate",
+            json!({"inputs": "Once", "parameters": {"max_new_tokens": 30, "details": true, "stop": [" ", "a", "e", "o", "."]}}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let stopped = body["details"]["finish_reason"] == "stop_sequence";
+    // Cancelled: a stream dropped after its first event.
+    let mut stream = server
+        .http
+        .post(server.url("/generate_stream"))
+        .json(&json!({"inputs": "Once", "parameters": {"max_new_tokens": 200}}))
+        .send()
+        .await
+        .expect("stream");
+    let _first = stream.chunk().await.expect("first chunk");
+    // Timed out: one sequence runs at a time, and the stream holds it past the queue wait.
+    let waited = server
+        .post(
+            "/generate",
+            json!({"inputs": "Once", "parameters": {"max_new_tokens": 2}}),
+        )
+        .await;
+    assert_eq!(waited.status(), 503, "queue timeout");
+    drop(stream);
+    let expected_stopped = if stopped { 1 } else { 0 };
+    let report_now = eventually("usage recorded", Duration::from_secs(5), || async {
+        let r = report().await;
+        if r.contains(" cancelled=1 ") && r.contains(" timed-out=1 ") {
+            Ok(r)
+        } else {
+            Err(r)
+        }
+    })
+    .await;
+    assert!(
+        report_now.starts_with(&format!(
+            "finished={} stopped={expected_stopped} cancelled=1 failed=0 timed-out=1 tokens=",
+            2 - expected_stopped
+        )),
+        "{report_now} (stop sequence hit: {stopped})"
+    );
+    assert!(
+        report_now.ends_with("api=tgi model=stories260K"),
+        "{report_now}"
+    );
+    // The OpenAI route says so.
+    let openai = server
+        .http
+        .post(server.url("/v1/completions"))
+        .header("x-request-id", "oa-probe-usage")
+        .json(&json!({"model": "stories260K", "prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(openai.status(), 429);
+    let text = openai.text().await.expect("body");
+    assert!(text.contains("api=openai model=stories260K"), "{text}");
+    server.shutdown().await;
+}
+
+/// A throwaway `redis-server` on a free loopback port (no persistence); killed on drop.
+struct Redis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Redis {
+    /// Starts one on `port` (0: any free port); `None` when redis-server is not installed
+    /// (a visible skip, or a failure under CI).
+    fn start(port: u16) -> Option<Redis> {
+        let installed = std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !common::require(installed, "redis-server (Debian's redis-server package)") {
+            return None;
+        }
+        let port = if port != 0 {
+            port
+        } else {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            probe.local_addr().expect("addr").port()
+        };
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(Redis { port, child })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server with the shared-limit example plugin (config `limits`) on `redis_url`.
+async fn shared_limit_server(dir: &Path, limits: &str, redis_url: &str) -> TestServer {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    put(dir, "shared_limit.json", limits.as_bytes());
+    put_plugin(dir, "shared_limit.wasm", "shared-limit");
+    let url = redis_url.to_string();
+    let server = start_with_plugins(dir, move |c| {
+        c.rate_limiter.max_requests = 1_000_000;
+        c.plugins.shared_state.redis_url = Some(url);
+        // Loopback Redis answers in well under a millisecond; leave room on a busy CI box.
+        c.plugins.call_deadline_ms = 50;
+        c.plugins.shared_state.timeout_ms = 20;
+    })
+    .await;
+    wait_for(&server, "shared_limit.wasm", "active").await;
+    server
+}
+
+async fn generate_tokens(server: &TestServer, client: &str, tokens: u32) -> reqwest::Response {
+    server
+        .http
+        .post(server.url("/generate"))
+        .header("x-client-id", client)
+        .json(&json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": tokens}}))
+        .send()
+        .await
+        .expect("sent")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_request_and_token_limits_through_redis() {
+    let Some(redis) = Redis::start(0) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let limits = r#"{"window_ms": 600000, "max_requests": 3, "max_tokens": 6, "key_prefix": "t2"}"#;
+    let a = shared_limit_server(&tmp.path().join("a"), limits, &redis.url()).await;
+    let b = shared_limit_server(&tmp.path().join("b"), limits, &redis.url()).await;
+
+    // Requests: three in all, across both replicas; the fourth is refused by either.
+    for (i, server) in [&a, &b, &a].into_iter().enumerate() {
+        let status = generate_tokens(server, "yan", 1).await.status();
+        assert_eq!(status, 200, "request {i}");
+    }
+    for server in [&b, &a] {
+        let response = generate_tokens(server, "yan", 1).await;
+        assert_eq!(response.status(), 429);
+        let body: Value = response.json().await.expect("json");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains("3 requests per 600000 ms"), "{error}");
+    }
+    // Another client is counted apart.
+    assert_eq!(generate_tokens(&b, "zoe", 4).await.status(), 200);
+    // Tokens: zoe's 4 generated on b count on a too, once recorded (after the response).
+    assert_eq!(generate_tokens(&a, "zoe", 4).await.status(), 200);
+    eventually(
+        "zoe's tokens reach the limit",
+        Duration::from_secs(5),
+        || async {
+            let response = generate_tokens(&a, "zoe", 1).await;
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap_or_default();
+            if status == 429 && text.contains("6 generated tokens per 600000 ms") {
+                Ok(())
+            } else {
+                Err(format!("{status} {text}"))
+            }
+        },
+    )
+    .await;
+    let metrics = a.metrics().await;
+    assert!(metric_value(&metrics, r#"cllm_shared_state_calls_total{store="redis"}"#) >= 6.0);
+    assert!(
+        !metrics.contains("cllm_shared_state_errors_total"),
+        "no store errors"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_open_is_counted_and_counting_resumes_when_it_returns() {
+    let Some(redis) = Redis::start(0) else {
+        return;
+    };
+    let port = redis.port;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let limits = r#"{"window_ms": 600000, "max_requests": 2, "key_prefix": "t3"}"#;
+    let server = shared_limit_server(&tmp.path().join("p"), limits, &redis.url()).await;
+    assert_eq!(generate_tokens(&server, "ann", 1).await.status(), 200);
+    drop(redis);
+    // Redis is gone: every request passes (fail_open), and every failed call is counted.
+    for i in 0..4 {
+        let status = generate_tokens(&server, "ann", 1).await.status();
+        assert_eq!(status, 200, "request {i} during the outage");
+    }
+    let errors = |metrics: &str| -> f64 {
+        ["connect", "io", "timeout", "unavailable"]
+            .iter()
+            .map(|r| {
+                metric_value(
+                    metrics,
+                    &format!(r#"cllm_shared_state_errors_total{{reason="{r}"}}"#),
+                )
+            })
+            .sum()
+    };
+    assert!(
+        errors(&server.metrics().await) >= 4.0,
+        "{}",
+        server.metrics().await
+    );
+    // Redis returns (empty): within the reconnect interval counting starts again from 0.
+    let _back = Redis::start(port).expect("restarts");
+    eventually("counting resumes", Duration::from_secs(5), || async {
+        match generate_tokens(&server, "ann", 1).await.status().as_u16() {
+            429 => Ok(()),
+            other => Err(format!("status {other}")),
+        }
+    })
+    .await;
     server.shutdown().await;
 }

@@ -411,6 +411,42 @@ pub struct PluginsConfig {
     pub compile_cache: bool,
     /// Where the compiled plugins are kept; null = `.cache` inside the plugin folder.
     pub compile_cache_dir: Option<PathBuf>,
+    /// The store behind the `cllm:policy/counters` interface (0.2.0 plugins).
+    pub shared_state: SharedStateConfig,
+}
+
+/// `plugins.shared_state`: where plugin counters live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharedStateConfig {
+    /// Redis to keep counters in, shared by every replica that names it
+    /// (`redis://[user:password@]host:port[/db]`); null = in this process only.
+    pub redis_url: Option<String>,
+    /// Most time one Redis call may take (connect, write, read), in ms; keep it below
+    /// `call_deadline_ms`, since the call runs inside a plugin call.
+    pub timeout_ms: u64,
+    /// What a counter call returns when Redis cannot be reached in time.
+    pub failure_mode: StoreFailureMode,
+}
+
+impl Default for SharedStateConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            timeout_ms: 2,
+            failure_mode: StoreFailureMode::FailOpen,
+        }
+    }
+}
+
+/// What `counters.incr` returns to a plugin when the shared store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreFailureMode {
+    /// `ok(delta)`, as if the window were empty: limits let requests through.
+    FailOpen,
+    /// The error, for the plugin to act on.
+    FailClosed,
 }
 
 impl Default for PluginsConfig {
@@ -428,6 +464,7 @@ impl Default for PluginsConfig {
             shadow: Vec::new(),
             compile_cache: true,
             compile_cache_dir: None,
+            shared_state: SharedStateConfig::default(),
         }
     }
 }
@@ -546,6 +583,18 @@ impl ServerConfig {
             p.max_consecutive_faults as usize,
             1,
         );
+        at_least(
+            &mut errors,
+            "plugins.shared_state.timeout_ms",
+            p.shared_state.timeout_ms as usize,
+            1,
+        );
+        if p.shared_state.redis_url.is_some() && p.shared_state.timeout_ms >= p.call_deadline_ms {
+            errors.push(format!(
+                "plugins.shared_state.timeout_ms ({}) must be below plugins.call_deadline_ms ({}): a Redis call runs inside a plugin call",
+                p.shared_state.timeout_ms, p.call_deadline_ms
+            ));
+        }
         if p.headers
             .iter()
             .any(|h| h.is_empty() || h.to_ascii_lowercase() != *h)

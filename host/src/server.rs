@@ -260,6 +260,7 @@ fn build_state(
         plugins.clone(),
         tracker.clone(),
         &metrics,
+        served_model_name.clone(),
     );
     Ok(Arc::new(AppState {
         tokenizer: model.tokenizer.clone(),

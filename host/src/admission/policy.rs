@@ -7,7 +7,7 @@ use crate::admission::rate_limiter::RateLimiter;
 use crate::config::FailureMode;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::plugins::bindings::{Decision, RequestInfo, Usage};
+use crate::plugins::bindings::{Api, Decision, RequestInfo, Usage};
 use crate::plugins::{Fault, Plugin, PluginRegistry};
 use crate::tracker::{RequestTracker, Stage};
 use std::sync::Arc;
@@ -19,6 +19,8 @@ pub struct Policy {
     pub plugins: Option<Arc<PluginRegistry>>,
     pub tracker: Arc<RequestTracker>,
     pub rate_limited: metrics::Counter,
+    /// The served model's id, as plugins see it in `request-info.model`.
+    pub model: String,
 }
 
 impl Policy {
@@ -27,8 +29,10 @@ impl Policy {
         plugins: Option<Arc<PluginRegistry>>,
         tracker: Arc<RequestTracker>,
         metrics: &Metrics,
+        model: String,
     ) -> Policy {
         Policy {
+            model,
             limiter,
             plugins,
             tracker,
@@ -36,7 +40,7 @@ impl Policy {
         }
     }
 
-    fn request_info(ticket: &Ticket) -> RequestInfo {
+    fn request_info(&self, ticket: &Ticket) -> RequestInfo {
         let sum = |f: fn(&super::SequenceSpec) -> usize| {
             ticket
                 .sequences
@@ -49,6 +53,12 @@ impl Policy {
             request_id: ticket.request_id.clone(),
             client_id: ticket.client_id.clone(),
             endpoint: ticket.endpoint.to_string(),
+            api: if ticket.endpoint.starts_with("/v1/") {
+                Api::Openai
+            } else {
+                Api::Tgi
+            },
+            model: self.model.clone(),
             prompt_tokens: sum(|s| s.prompt_ids.len()),
             max_new_tokens: sum(|s| s.params.max_new_tokens),
             requested_priority: ticket.requested_priority,
@@ -68,6 +78,18 @@ impl Policy {
 
     fn mode(&self, pick: fn(&PluginRegistry) -> FailureMode) -> FailureMode {
         self.plugins.as_deref().map_or(FailureMode::FailOpen, pick)
+    }
+
+    /// Whether any plugin is loaded whose calls [`Policy::decide`] or
+    /// [`Policy::record_usage`] would make: those belong off the async workers (a plugin may
+    /// run up to its deadline, and WASI's blocking calls may not run on a tokio worker).
+    pub fn calls_plugins(&self) -> bool {
+        self.plugins.as_ref().is_some_and(|registry| {
+            let set = registry.current();
+            !(set.limiters.is_empty()
+                && set.prioritizer.is_none()
+                && set.shadow_prioritizers.is_empty())
+        })
     }
 
     /// Runs the rate limiters and the prioritizer; the request's queue priority. Shadow
@@ -94,7 +116,7 @@ impl Policy {
             && prioritizer.is_none()
             && shadow.is_empty()
             && shadow_prioritizers.is_empty());
-        let info = any_plugin.then(|| Self::request_info(ticket));
+        let info = any_plugin.then(|| self.request_info(ticket));
         if let Some(info) = &info {
             for plugin in shadow {
                 shadow_check(plugin, info);

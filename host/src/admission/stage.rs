@@ -35,6 +35,21 @@ pub struct Ticket {
     pub sequences: Vec<SequenceSpec>,
 }
 
+impl Ticket {
+    /// A ticket that asks for nothing (stands in for one lost to a panic).
+    fn empty(request_id: String) -> Ticket {
+        Ticket {
+            request_id,
+            client_id: String::new(),
+            endpoint: "",
+            received_at: Instant::now(),
+            headers: Vec::new(),
+            requested_priority: None,
+            sequences: Vec::new(),
+        }
+    }
+}
+
 /// The admission stage; one per server.
 pub struct Admission {
     pub policy: Policy,
@@ -85,10 +100,31 @@ impl Admission {
         })
     }
 
+    /// [`Policy::decide`], on the blocking pool when it calls plugins.
+    async fn decide(self: &Arc<Self>, ticket: Ticket) -> (Ticket, Result<i32, ApiError>) {
+        if !self.policy.calls_plugins() {
+            let decision = self.policy.decide(&ticket);
+            return (ticket, decision);
+        }
+        let admission = self.clone();
+        let request_id = ticket.request_id.clone();
+        let decided = tokio::task::spawn_blocking(move || {
+            let decision = admission.policy.decide(&ticket);
+            (ticket, decision)
+        })
+        .await;
+        decided.unwrap_or_else(|panicked| {
+            tracing::error!(request_id, "admission policy panicked: {panicked}");
+            let message = "admission policy failed".to_string();
+            (Ticket::empty(request_id), Err(ApiError::Internal(message)))
+        })
+    }
+
     /// Admits `ticket`: an error is the response to send (429, 503, ...); `Ok` means the
     /// scheduler runs every sequence and their tokens arrive on [`Admitted::sequences`].
-    pub async fn admit(self: &Arc<Self>, mut ticket: Ticket) -> Result<Admitted, ApiError> {
-        let priority = self.policy.decide(&ticket)?;
+    pub async fn admit(self: &Arc<Self>, ticket: Ticket) -> Result<Admitted, ApiError> {
+        let (mut ticket, priority) = self.decide(ticket).await;
+        let priority = priority?;
         let ledger = Arc::new(Ledger::new(self.clone(), &ticket));
         let mut guard = QueueGuard {
             admission: self,

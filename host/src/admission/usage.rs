@@ -38,6 +38,18 @@ impl Outcome {
         }
     }
 
+    /// The `cllm:policy` outcome (never called for `Refused`, which is not recorded).
+    fn for_plugins(self) -> crate::plugins::bindings::Outcome {
+        use crate::plugins::bindings::Outcome as O;
+        match self {
+            Outcome::Finished => O::Finished,
+            Outcome::Stopped => O::Stopped,
+            Outcome::Cancelled => O::Cancelled,
+            Outcome::TimedOut => O::TimedOut,
+            Outcome::Failed | Outcome::Refused => O::Failed,
+        }
+    }
+
     fn of_finish(reason: FinishReason) -> Outcome {
         match reason {
             FinishReason::StopSequence => Outcome::Stopped,
@@ -93,8 +105,20 @@ impl Drop for Ledger {
             client_id: std::mem::take(&mut self.client_id),
             prompt_tokens: clamp(self.prompt_tokens),
             generated_tokens: clamp(*self.generated.get_mut()),
+            outcome: outcome.for_plugins(),
         };
-        self.admission.policy.record_usage(&usage, outcome);
+        let policy = &self.admission.policy;
+        let on_a_worker = tokio::runtime::Handle::try_current();
+        match on_a_worker {
+            // Plugin calls stay off the async workers (see `Policy::calls_plugins`).
+            Ok(runtime) if policy.calls_plugins() => {
+                let admission = self.admission.clone();
+                drop(runtime.spawn_blocking(move || {
+                    admission.policy.record_usage(&usage, outcome);
+                }));
+            }
+            _ => policy.record_usage(&usage, outcome),
+        }
     }
 }
 

@@ -52,6 +52,8 @@ pub(super) fn request(i: usize) -> RequestInfo {
         request_id: format!("bench-{i}"),
         client_id: format!("client-{}", i % 64),
         endpoint: "/generate".into(),
+        api: crate::plugins::bindings::Api::Tgi,
+        model: "bench".into(),
         prompt_tokens: 16,
         max_new_tokens: 16,
         requested_priority: None,

@@ -81,8 +81,12 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     if let Some(path) = &config_path {
         println!("config: {}", path.display());
     }
-    let engine = Arc::new(PluginEngine::new(memory)?);
     let metrics = Arc::new(Metrics::new(false));
+    // Offline: counters in this process (a Redis shared with servers is not touched).
+    let counters = Arc::new(crate::plugins::counters::Counters::in_memory(
+        metrics.clone(),
+    ));
+    let engine = Arc::new(PluginEngine::new(memory, counters)?);
     let refused = |reason: String| anyhow::anyhow!("{file} would be refused: {reason}");
     let start = Instant::now();
     let component =
@@ -141,6 +145,14 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             "memory: {:.2} MiB of linear memory at peak (limit {} MiB)",
             peak as f64 / (1 << 20) as f64,
             memory >> 20
+        );
+    }
+    let (lines, dropped) = plugin.log.counts();
+    if lines + dropped > 0 {
+        println!(
+            "output: {lines} lines to the log, {dropped} dropped by its rate limit ({} lines/s, bursts of {})",
+            crate::plugins::wasi::LINES_PER_SECOND,
+            crate::plugins::wasi::LINE_BURST
         );
     }
     if let Some(first) = faults.first() {

@@ -116,8 +116,14 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let cfg = &state.health;
     let stats = &state.scheduler.stats;
     let queue = state.scheduler.queue.stats();
-    let verdicts = match &state.plugins {
-        Some(registry) => plugin_verdicts(registry, &health_snapshot(&state)),
+    // Plugin calls run on the blocking pool: a health check may take up to its deadline.
+    let verdicts = match state.plugins.clone() {
+        Some(registry) => {
+            let snapshot = health_snapshot(&state);
+            tokio::task::spawn_blocking(move || plugin_verdicts(&registry, &snapshot))
+                .await
+                .unwrap_or_default()
+        }
         None => Vec::new(),
     };
     let plugin_status = verdicts

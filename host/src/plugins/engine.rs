@@ -1,16 +1,19 @@
 //! The one wasmtime engine all plugins share: epoch interruption driven by a ticker thread
 //! (call deadlines), the pooling allocator (fast, bounded instantiation), and a linker with
-//! cllm's `host` interface. Plugins get nothing else: any other import (WASI included) traps.
+//! cllm's `host` interface and the WASI 0.2 that [`super::wasi`] describes. A component that
+//! imports anything else is refused at load.
 
-use super::bindings::limiter::cllm::policy::{host, types};
-use super::bindings::LogLevel;
+use super::bindings::{v1, v2, LogLevel};
+use super::counters::Counters;
+use super::wasi::PluginLog;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter,
 };
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 /// How often the epoch advances: the resolution of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -28,6 +31,43 @@ pub struct PluginData {
     pub out_of_memory: bool,
     /// The most linear memory the instance has asked for and got, in bytes.
     pub memory_peak: usize,
+    /// WASI state: output to the log, clocks, randomness, nothing else (see [`super::wasi`]).
+    pub wasi: WasiCtx,
+    /// WASI's resources (streams, pollables) owned by the instance.
+    pub table: ResourceTable,
+    /// The store behind `cllm:policy/counters`.
+    pub counters: Arc<Counters>,
+}
+
+impl PluginData {
+    /// The store data of a new instance of the plugin `name`.
+    pub fn new(
+        name: &str,
+        config: String,
+        memory_limit: usize,
+        log: &PluginLog,
+        counters: &Arc<Counters>,
+    ) -> PluginData {
+        PluginData {
+            counters: counters.clone(),
+            name: name.to_string(),
+            config,
+            memory_limit,
+            out_of_memory: false,
+            memory_peak: 0,
+            wasi: super::wasi::context(log),
+            table: ResourceTable::new(),
+        }
+    }
+}
+
+impl WasiView for PluginData {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
 }
 
 /// Largest table an instance may grow (function references; plugins need few).
@@ -70,8 +110,8 @@ fn process_start() -> Instant {
     *START.get_or_init(Instant::now)
 }
 
-impl host::Host for PluginData {
-    fn log(&mut self, level: LogLevel, message: String) {
+impl PluginData {
+    fn log_line(&self, level: LogLevel, message: &str) {
         let plugin = self.name.as_str();
         match level {
             LogLevel::Debug => tracing::debug!(plugin, "{message}"),
@@ -81,8 +121,18 @@ impl host::Host for PluginData {
         }
     }
 
-    fn now_ms(&mut self) -> u64 {
+    fn uptime_ms(&self) -> u64 {
         process_start().elapsed().as_millis() as u64
+    }
+}
+
+impl v2::limiter::cllm::policy::host::Host for PluginData {
+    fn log(&mut self, level: LogLevel, message: String) {
+        self.log_line(level, &message);
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        self.uptime_ms()
     }
 
     fn config(&mut self) -> String {
@@ -90,17 +140,46 @@ impl host::Host for PluginData {
     }
 }
 
-impl types::Host for PluginData {}
+impl v1::limiter::cllm::policy::host::Host for PluginData {
+    fn log(&mut self, level: v1::LogLevel, message: String) {
+        let level = match level {
+            v1::LogLevel::Debug => LogLevel::Debug,
+            v1::LogLevel::Info => LogLevel::Info,
+            v1::LogLevel::Warn => LogLevel::Warn,
+            v1::LogLevel::Error => LogLevel::Error,
+        };
+        self.log_line(level, &message);
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        self.uptime_ms()
+    }
+
+    fn config(&mut self) -> String {
+        self.config.clone()
+    }
+}
+
+impl v2::limiter::cllm::policy::counters::Host for PluginData {
+    fn incr(&mut self, key: String, delta: i64, window_ms: u64) -> Result<i64, String> {
+        self.counters.incr(&key, delta, window_ms)
+    }
+}
+
+impl v2::limiter::cllm::policy::types::Host for PluginData {}
+impl v1::limiter::cllm::policy::types::Host for PluginData {}
 
 /// The engine, its linker, and the ticker that drives deadlines.
 pub struct PluginEngine {
     pub engine: Engine,
     linker: Linker<PluginData>,
+    /// The store behind `cllm:policy/counters`, shared by every plugin.
+    pub counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
 }
 
 impl PluginEngine {
-    pub fn new(memory_limit_bytes: usize) -> anyhow::Result<PluginEngine> {
+    pub fn new(memory_limit_bytes: usize, counters: Arc<Counters>) -> anyhow::Result<PluginEngine> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -115,11 +194,18 @@ impl PluginEngine {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(to_anyhow)?;
         let mut linker = Linker::new(&engine);
-        super::bindings::limiter::RateLimiter::add_to_linker::<PluginData, HasSelf<PluginData>>(
+        // Every world of a version imports the same interfaces: the rate limiter's cover all.
+        v2::limiter::RateLimiter::add_to_linker::<PluginData, HasSelf<PluginData>>(
             &mut linker,
             |data| data,
         )
         .map_err(to_anyhow)?;
+        v1::limiter::RateLimiter::add_to_linker::<PluginData, HasSelf<PluginData>>(
+            &mut linker,
+            |data| data,
+        )
+        .map_err(to_anyhow)?;
+        super::wasi::add_to_linker(&mut linker).map_err(to_anyhow)?;
         let stop = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.clone();
         let ticker_stop = stop.clone();
@@ -134,17 +220,14 @@ impl PluginEngine {
         Ok(PluginEngine {
             engine,
             linker,
+            counters,
             stop,
         })
     }
 
-    /// A linker for `component`: cllm's host interface, and traps for anything else it imports.
-    pub fn linker_for(&self, component: &Component) -> anyhow::Result<Linker<PluginData>> {
-        let mut linker = self.linker.clone();
-        linker
-            .define_unknown_imports_as_traps(component)
-            .map_err(to_anyhow)?;
-        Ok(linker)
+    /// The linker every plugin is instantiated with: cllm's host interface and WASI.
+    pub fn linker(&self) -> &Linker<PluginData> {
+        &self.linker
     }
 
     /// Epoch ticks for a deadline (at least one full tick).

@@ -1,7 +1,7 @@
 //! Turning a `.wasm` file into a [`Plugin`]: compile, find which of cllm's worlds it
 //! implements (and at which version), pre-link it, and give it one trial call.
 
-use super::bindings::{health, limiter, prioritizer, HealthSnapshot, RequestInfo};
+use super::bindings::{v1, v2, Api, HealthSnapshot, RequestInfo};
 use super::compile_cache::CompileCache;
 use super::engine::PluginEngine;
 use super::plugin::{CallLimits, Plugin, PluginKind, Pre};
@@ -9,15 +9,15 @@ use crate::metrics::Metrics;
 use std::sync::Arc;
 use wasmtime::component::Component;
 
-/// The package version this server speaks; a component must match its major (and, while the
-/// major is 0, its minor) version.
-pub const POLICY_VERSION: (u64, u64) = (0, 1);
+/// The package versions this server binds, newest first; a component must match one's major
+/// and (while the major is 0) minor version.
+pub const POLICY_VERSIONS: [(u64, u64); 2] = [(0, 2), (0, 1)];
 
 /// Which world `component` implements, from its exports, and the version it was built for.
 fn detect_world(
     engine: &PluginEngine,
     component: &Component,
-) -> Result<(PluginKind, String), String> {
+) -> Result<(PluginKind, String, (u64, u64)), String> {
     let ty = component.component_type();
     let mut ours = Vec::new();
     let mut others = Vec::new();
@@ -42,14 +42,22 @@ fn detect_world(
     };
     let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
     let (major, minor) = (parts.next().flatten(), parts.next().flatten());
-    let (want_major, want_minor) = POLICY_VERSION;
-    let compatible = major == Some(want_major) && (want_major > 0 || minor == Some(want_minor));
-    if !compatible {
+    let bound = POLICY_VERSIONS
+        .into_iter()
+        .find(|&(want_major, want_minor)| {
+            major == Some(want_major) && (want_major > 0 || minor == Some(want_minor))
+        });
+    let Some(bound) = bound else {
+        let spoken: Vec<String> = POLICY_VERSIONS
+            .iter()
+            .map(|(a, b)| format!("{a}.{b}.x"))
+            .collect();
         return Err(format!(
-            "built for cllm:policy@{version}, but this server speaks cllm:policy@{want_major}.{want_minor}.x (wrong major version)"
+            "built for cllm:policy@{version}, but this server speaks cllm:policy@{} (unsupported version)",
+            spoken.join(" and @")
         ));
-    }
-    Ok((kind, version.to_string()))
+    };
+    Ok((kind, version.to_string(), bound))
 }
 
 /// A request-info for trial calls.
@@ -58,6 +66,8 @@ pub fn trial_request() -> RequestInfo {
         request_id: "cllm-trial".into(),
         client_id: "cllm-trial".into(),
         endpoint: "/generate".into(),
+        api: Api::Tgi,
+        model: "cllm-trial".into(),
         prompt_tokens: 1,
         max_new_tokens: 1,
         requested_priority: None,
@@ -130,24 +140,35 @@ pub fn load(
     health_limits: &CallLimits,
     metrics: &Arc<Metrics>,
 ) -> Result<Plugin, String> {
-    let (kind, version) = detect_world(engine, component)?;
-    let linker = engine
-        .linker_for(component)
-        .map_err(|e| format!("cannot link: {e:#}"))?;
-    let instance_pre = linker
+    let (kind, version, bound) = detect_world(engine, component)?;
+    if let Some(refusal) = super::wasi::refused_imports(&imports(engine, component)) {
+        return Err(refusal);
+    }
+    let instance_pre = engine
+        .linker()
         .instantiate_pre(component)
         .map_err(|e| format!("cannot link: {e:#}"))?;
     let bad_world =
         |e: wasmtime::Error| format!("does not match the {} world: {e:#}", kind.as_str());
-    let pre = match kind {
-        PluginKind::RateLimiter => {
-            Pre::Limiter(limiter::RateLimiterPre::new(instance_pre).map_err(bad_world)?)
+    let old = bound == (0, 1);
+    let pre = match (kind, old) {
+        (PluginKind::RateLimiter, false) => {
+            Pre::Limiter(v2::limiter::RateLimiterPre::new(instance_pre).map_err(bad_world)?)
         }
-        PluginKind::Prioritizer => {
-            Pre::Prioritizer(prioritizer::PrioritizerPre::new(instance_pre).map_err(bad_world)?)
+        (PluginKind::Prioritizer, false) => {
+            Pre::Prioritizer(v2::prioritizer::PrioritizerPre::new(instance_pre).map_err(bad_world)?)
         }
-        PluginKind::HealthChecker => {
-            Pre::Health(health::HealthCheckerPre::new(instance_pre).map_err(bad_world)?)
+        (PluginKind::HealthChecker, false) => {
+            Pre::Health(v2::health::HealthCheckerPre::new(instance_pre).map_err(bad_world)?)
+        }
+        (PluginKind::RateLimiter, true) => {
+            Pre::LimiterV1(v1::limiter::RateLimiterPre::new(instance_pre).map_err(bad_world)?)
+        }
+        (PluginKind::Prioritizer, true) => Pre::PrioritizerV1(
+            v1::prioritizer::PrioritizerPre::new(instance_pre).map_err(bad_world)?,
+        ),
+        (PluginKind::HealthChecker, true) => {
+            Pre::HealthV1(v1::health::HealthCheckerPre::new(instance_pre).map_err(bad_world)?)
         }
     };
     let limits = if kind == PluginKind::HealthChecker {

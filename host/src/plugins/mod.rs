@@ -8,10 +8,12 @@
 
 pub mod bindings;
 pub mod compile_cache;
+pub mod counters;
 pub(crate) mod engine;
 pub(crate) mod loader;
 pub mod plugin;
 pub mod registry;
+pub mod wasi;
 pub mod watcher;
 
 pub use plugin::{Fault, Plugin, PluginKind};

@@ -4,14 +4,16 @@
 //! builds a fresh one (state resets). After `max_faults` faults in a row the plugin is disabled
 //! until its file changes.
 
-use super::bindings::{health, limiter, prioritizer};
+use super::bindings::{v1, v2};
 use super::bindings::{Decision, HealthReport, HealthSnapshot, RequestInfo, Usage};
 use super::engine::{PluginData, PluginEngine};
+use super::wasi::PluginLog;
 use crate::metrics::Metrics;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::runtime::RuntimeFlavor;
 use wasmtime::{Store, Trap};
 
 /// Which world a plugin implements.
@@ -54,16 +56,23 @@ impl Fault {
     }
 }
 
+/// A pre-linked component, by world and `cllm:policy` version.
 pub(super) enum Pre {
-    Limiter(limiter::RateLimiterPre<PluginData>),
-    Prioritizer(prioritizer::PrioritizerPre<PluginData>),
-    Health(health::HealthCheckerPre<PluginData>),
+    Limiter(v2::limiter::RateLimiterPre<PluginData>),
+    Prioritizer(v2::prioritizer::PrioritizerPre<PluginData>),
+    Health(v2::health::HealthCheckerPre<PluginData>),
+    LimiterV1(v1::limiter::RateLimiterPre<PluginData>),
+    PrioritizerV1(v1::prioritizer::PrioritizerPre<PluginData>),
+    HealthV1(v1::health::HealthCheckerPre<PluginData>),
 }
 
 enum Bindings {
-    Limiter(limiter::RateLimiter),
-    Prioritizer(prioritizer::Prioritizer),
-    Health(health::HealthChecker),
+    Limiter(v2::limiter::RateLimiter),
+    Prioritizer(v2::prioritizer::Prioritizer),
+    Health(v2::health::HealthChecker),
+    LimiterV1(v1::limiter::RateLimiter),
+    PrioritizerV1(v1::prioritizer::Prioritizer),
+    HealthV1(v1::health::HealthChecker),
 }
 
 struct Live {
@@ -91,6 +100,8 @@ pub struct Plugin {
     config: String,
     limits: CallLimits,
     live: Mutex<Option<Live>>,
+    /// Its WASI stdout and stderr, as log lines (shared by its successive instances).
+    pub log: PluginLog,
     metrics: Arc<Metrics>,
     /// Verdicts are counted and logged but never enforced (`plugins.shadow`).
     pub shadow: bool,
@@ -124,6 +135,7 @@ impl Plugin {
             ("plugin", file.clone()),
             ("kind", kind.as_str().to_string()),
         ];
+        let log = PluginLog::new(&file);
         Plugin {
             calls_metric: metrics.counter("cllm_plugin_calls_total", &labels),
             duration_metric: metrics.histogram("cllm_plugin_call_duration_seconds", &labels),
@@ -139,6 +151,7 @@ impl Plugin {
             config,
             limits,
             live: Mutex::new(None),
+            log,
             metrics,
             calls: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -182,13 +195,13 @@ impl Plugin {
     }
 
     fn instantiate(&self) -> wasmtime::Result<Live> {
-        let data = PluginData {
-            name: self.file.clone(),
-            config: self.config.clone(),
-            memory_limit: self.limits.memory_bytes,
-            out_of_memory: false,
-            memory_peak: 0,
-        };
+        let data = PluginData::new(
+            &self.file,
+            self.config.clone(),
+            self.limits.memory_bytes,
+            &self.log,
+            &self.engine.counters,
+        );
         let mut store = Store::new(&self.engine.engine, data);
         store.limiter(|data| data);
         store.epoch_deadline_trap();
@@ -197,6 +210,9 @@ impl Plugin {
             Pre::Limiter(pre) => Bindings::Limiter(pre.instantiate(&mut store)?),
             Pre::Prioritizer(pre) => Bindings::Prioritizer(pre.instantiate(&mut store)?),
             Pre::Health(pre) => Bindings::Health(pre.instantiate(&mut store)?),
+            Pre::LimiterV1(pre) => Bindings::LimiterV1(pre.instantiate(&mut store)?),
+            Pre::PrioritizerV1(pre) => Bindings::PrioritizerV1(pre.instantiate(&mut store)?),
+            Pre::HealthV1(pre) => Bindings::HealthV1(pre.instantiate(&mut store)?),
         };
         Ok(Live { store, bindings })
     }
@@ -205,6 +221,23 @@ impl Plugin {
     /// return a verdict (`verdict`) end a run of consecutive faults: a limiter whose `check`
     /// always traps stays broken even if its `record-usage` works.
     fn call<R>(
+        &self,
+        verdict: bool,
+        f: impl FnOnce(&mut Store<PluginData>, &Bindings) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        // WASI's blocking calls (a plugin's `println!`) block on a tokio runtime, which may
+        // not happen on an async worker thread: there, the call runs under `block_in_place`.
+        // The request path calls plugins on the blocking pool, where this costs nothing; it is
+        // the safety net for the rest (the trial call of a load started from async code).
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.call_here(verdict, f))
+            }
+            _ => self.call_here(verdict, f),
+        }
+    }
+
+    fn call_here<R>(
         &self,
         verdict: bool,
         f: impl FnOnce(&mut Store<PluginData>, &Bindings) -> wasmtime::Result<R>,
@@ -271,6 +304,10 @@ impl Plugin {
     pub fn check(&self, request: &RequestInfo) -> Result<Decision, Fault> {
         self.call(true, |store, bindings| match bindings {
             Bindings::Limiter(b) => b.cllm_policy_rate_limit().call_check(store, request),
+            Bindings::LimiterV1(b) => b
+                .cllm_policy_rate_limit()
+                .call_check(store, &v1::request_info(request))
+                .map(v1::decision),
             _ => wasmtime::bail!("not a rate limiter"),
         })
     }
@@ -278,6 +315,9 @@ impl Plugin {
     pub fn record_usage(&self, usage: &Usage) -> Result<(), Fault> {
         self.call(false, |store, bindings| match bindings {
             Bindings::Limiter(b) => b.cllm_policy_rate_limit().call_record_usage(store, usage),
+            Bindings::LimiterV1(b) => b
+                .cllm_policy_rate_limit()
+                .call_record_usage(store, &v1::usage(usage)),
             _ => wasmtime::bail!("not a rate limiter"),
         })
     }
@@ -285,6 +325,9 @@ impl Plugin {
     pub fn priority(&self, request: &RequestInfo) -> Result<i32, Fault> {
         self.call(true, |store, bindings| match bindings {
             Bindings::Prioritizer(b) => b.cllm_policy_priority().call_priority(store, request),
+            Bindings::PrioritizerV1(b) => b
+                .cllm_policy_priority()
+                .call_priority(store, &v1::request_info(request)),
             _ => wasmtime::bail!("not a prioritizer"),
         })
     }
@@ -292,6 +335,10 @@ impl Plugin {
     pub fn health(&self, snapshot: &HealthSnapshot) -> Result<HealthReport, Fault> {
         self.call(true, |store, bindings| match bindings {
             Bindings::Health(b) => b.cllm_policy_health_check().call_check(store, *snapshot),
+            Bindings::HealthV1(b) => b
+                .cllm_policy_health_check()
+                .call_check(store, v1::health_snapshot(snapshot))
+                .map(v1::health_report),
             _ => wasmtime::bail!("not a health checker"),
         })
     }

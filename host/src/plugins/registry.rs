@@ -3,6 +3,7 @@
 //! keeps the set it started with, so a swap never fails a request.
 
 use super::compile_cache::CompileCache;
+use super::counters::Counters;
 use super::engine::PluginEngine;
 use super::loader;
 use super::plugin::{CallLimits, Plugin, PluginKind};
@@ -96,7 +97,8 @@ impl PluginRegistry {
             memory_bytes: memory,
             max_faults: config.max_consecutive_faults,
         };
-        let engine = Arc::new(PluginEngine::new(memory)?);
+        let counters = Arc::new(Counters::new(&config.shared_state, metrics.clone())?);
+        let engine = Arc::new(PluginEngine::new(memory, counters)?);
         let cache = config.compile_cache.then(|| {
             let cache_dir = config
                 .compile_cache_dir

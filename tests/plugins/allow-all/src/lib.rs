@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use cllm::policy::types::{Decision, RequestInfo, Usage};
 use exports::cllm::policy::rate_limit::Guest;
 
-wit_bindgen::generate!({ path: "../../../wit/policy.wit", world: "rate-limiter" });
+wit_bindgen::generate!({ path: "../../../wit/v0.1.0/policy.wit", world: "rate-limiter" });
 
 /// Calls to `check` so far.
 static CHECKS: AtomicU64 = AtomicU64::new(0);

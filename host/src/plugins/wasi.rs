@@ -1,0 +1,327 @@
+//! What of WASI 0.2 a plugin gets, through `wasmtime-wasi`:
+//! - `wasi:cli` stdout and stderr: each line goes to cllm's log, tagged with the plugin's file
+//!   name, at most [`LINES_PER_SECOND`] lines a second (bursts of [`LINE_BURST`]) and
+//!   [`MAX_LINE_BYTES`] bytes a line; what is over is dropped and the drop counted in the next
+//!   line that passes;
+//! - `wasi:clocks` (monotonic and wall clock) and `wasi:random`.
+//!
+//! The rest of WASI 0.2 is linked, so that components built by ordinary toolchains (Rust's
+//! `wasm32-wasip2` standard library, componentize-py's Python runtime) load, but reaches
+//! nothing: no environment variables, no arguments, an empty stdin, no filesystem preopens,
+//! no network (every socket address is denied, name lookup is off). `exit` ends the call with
+//! a trap, a fault like any other. Waiting on a clock (`sleep`) traps too: host calls cannot
+//! be interrupted by the call deadline, so a plugin may not block in one.
+//!
+//! A component that imports anything else (another WASI proposal such as `wasi:http`, or a
+//! package of its own) is refused at load, naming the import.
+
+use super::engine::PluginData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+use wasmtime::component::{Linker, Resource};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
+
+/// Import prefixes a plugin may have: cllm's own package and the WASI 0.2 packages linked.
+const ALLOWED_IMPORTS: &[&str] = &[
+    "cllm:policy/",
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:io/",
+    "wasi:random/",
+    "wasi:filesystem/",
+    "wasi:sockets/",
+];
+
+/// Log lines a plugin may write per second, on average.
+pub const LINES_PER_SECOND: f64 = 20.0;
+/// Log lines a plugin may write at once after a quiet spell.
+pub const LINE_BURST: f64 = 50.0;
+/// Longer lines are cut (and marked) at this many bytes.
+pub const MAX_LINE_BYTES: usize = 2048;
+
+/// The imports of a component that cllm does not offer, `None` when all are offered.
+pub fn refused_imports(imports: &[String]) -> Option<String> {
+    let refused: Vec<&str> = imports
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !ALLOWED_IMPORTS.iter().any(|p| name.starts_with(p)))
+        .collect();
+    (!refused.is_empty()).then(|| {
+        format!(
+            "imports {}, which cllm does not offer plugins (they get cllm:policy/host and WASI 0.2: \
+             cli, clocks, io, random; filesystem and sockets reach nothing)",
+            refused.join(", ")
+        )
+    })
+}
+
+/// Adds WASI 0.2 to `linker`, with clock waits turned into traps.
+pub fn add_to_linker(linker: &mut Linker<PluginData>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    // Replace the two ways to get a clock pollable: a plugin that sleeps would block its
+    // caller in a host call the epoch deadline cannot interrupt.
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
+    let refuse = |what: &str| {
+        wasmtime::format_err!(
+            "{what}: plugins may not sleep or wait (the call would outlive its deadline)"
+        )
+    };
+    clock.func_wrap(
+        "subscribe-duration",
+        move |_store, (_ns,): (u64,)| -> wasmtime::Result<(Resource<DynPollable>,)> {
+            Err(refuse("monotonic-clock.subscribe-duration"))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        move |_store, (_at,): (u64,)| -> wasmtime::Result<(Resource<DynPollable>,)> {
+            Err(refuse("monotonic-clock.subscribe-instant"))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// The WASI context of one instance of the plugin whose output goes to `log`.
+pub fn context(log: &PluginLog) -> WasiCtx {
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .stdout(log.stream(Stream::Stdout))
+        .stderr(log.stream(Stream::Stderr))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    builder.build()
+}
+
+/// Which of the plugin's output streams a line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A plugin's stdout and stderr, turned into log lines under one rate limit; shared by every
+/// instance of the plugin.
+#[derive(Clone)]
+pub struct PluginLog {
+    state: Arc<Mutex<LogState>>,
+}
+
+struct LogState {
+    file: String,
+    /// Bytes of an unfinished line, per stream.
+    partial: [Vec<u8>; 2],
+    /// Token bucket: lines that may be written now.
+    tokens: f64,
+    refilled: Instant,
+    /// Lines dropped since the last line that passed (reported with it).
+    dropped: u64,
+    dropped_total: u64,
+    /// Lines written to the log (for tests and `cllm plugin check`).
+    written: u64,
+}
+
+impl PluginLog {
+    pub fn new(file: &str) -> PluginLog {
+        PluginLog {
+            state: Arc::new(Mutex::new(LogState {
+                file: file.to_string(),
+                partial: [Vec::new(), Vec::new()],
+                tokens: LINE_BURST,
+                refilled: Instant::now(),
+                dropped: 0,
+                dropped_total: 0,
+                written: 0,
+            })),
+        }
+    }
+
+    fn stream(&self, stream: Stream) -> LogStream {
+        LogStream {
+            log: self.clone(),
+            stream,
+        }
+    }
+
+    /// Lines logged and lines dropped by the rate limit so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        (state.written, state.dropped_total)
+    }
+
+    /// Takes `bytes` written to `stream`: every completed line is logged (or dropped).
+    fn write(&self, stream: Stream, bytes: &[u8]) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let newline = rest.iter().position(|&b| b == b'\n');
+            let take = newline.map_or(rest.len(), |i| i + 1);
+            let (chunk, tail) = rest.split_at(take);
+            rest = tail;
+            let partial = &mut state.partial[stream as usize];
+            let room = (MAX_LINE_BYTES + 1).saturating_sub(partial.len());
+            partial.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if newline.is_some() {
+                let mut line = std::mem::take(partial);
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                }
+                state.emit(stream, line);
+            }
+        }
+    }
+}
+
+impl LogState {
+    fn emit(&mut self, stream: Stream, mut line: Vec<u8>) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * LINES_PER_SECOND).min(LINE_BURST);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            self.dropped += 1;
+            self.dropped_total += 1;
+            return;
+        }
+        self.tokens -= 1.0;
+        self.written += 1;
+        let cut = line.len() > MAX_LINE_BYTES;
+        line.truncate(MAX_LINE_BYTES);
+        let mut text = String::from_utf8_lossy(&line).into_owned();
+        if cut {
+            text.push_str(" [line cut]");
+        }
+        let plugin = self.file.as_str();
+        let dropped = std::mem::take(&mut self.dropped);
+        match stream {
+            Stream::Stdout if dropped > 0 => {
+                tracing::info!(plugin, stream = "stdout", dropped_lines = dropped, "{text}")
+            }
+            Stream::Stdout => tracing::info!(plugin, stream = "stdout", "{text}"),
+            Stream::Stderr if dropped > 0 => {
+                tracing::warn!(plugin, stream = "stderr", dropped_lines = dropped, "{text}")
+            }
+            Stream::Stderr => tracing::warn!(plugin, stream = "stderr", "{text}"),
+        }
+    }
+}
+
+/// One WASI output stream handle onto a [`PluginLog`]: always ready, never full, never
+/// failing (what the rate limit drops is dropped silently for the guest).
+struct LogStream {
+    log: PluginLog,
+    stream: Stream,
+}
+
+/// What one `write` may carry (the guest asks `check-write` first).
+const WRITE_PERMIT: usize = 64 << 10;
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for LogStream {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StreamError> {
+        self.log.write(self.stream, &bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(WRITE_PERMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogStream {
+    async fn ready(&mut self) {}
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.log.stream(self.stream))
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.log.stream(self.stream))
+    }
+}
+
+/// For WASI 0.3's streams, which cllm does not link; written the same way.
+impl tokio::io::AsyncWrite for LogStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.log.write(self.stream, buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_cut_and_rate_limited() {
+        let log = PluginLog::new("t.wasm");
+        log.write(Stream::Stdout, b"one\ntw");
+        assert_eq!(log.counts(), (1, 0));
+        log.write(Stream::Stderr, b"err\n");
+        log.write(Stream::Stdout, b"o\n");
+        assert_eq!(log.counts(), (3, 0));
+        // A line longer than the cap still counts as one line.
+        log.write(Stream::Stdout, &vec![b'x'; 3 * MAX_LINE_BYTES]);
+        log.write(Stream::Stdout, b"\n");
+        assert_eq!(log.counts(), (4, 0));
+        {
+            let state = log.state.lock().expect("lock");
+            assert!(state.partial.iter().all(Vec::is_empty));
+        }
+        // A burst past the bucket is dropped, not logged.
+        log.write(Stream::Stdout, "x\n".repeat(200).as_bytes());
+        let (written, dropped) = log.counts();
+        assert!(written < 4 + 60, "{written}");
+        assert!(dropped > 100, "{dropped}");
+    }
+
+    #[test]
+    fn foreign_imports_are_named() {
+        let ok: Vec<String> = ["cllm:policy/host@0.1.0", "wasi:cli/stdout@0.2.6"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(refused_imports(&ok), None);
+        let bad = [
+            ok.clone(),
+            vec!["wasi:http/outgoing-handler@0.2.0".to_string()],
+        ]
+        .concat();
+        let message = refused_imports(&bad).expect("refused");
+        assert!(
+            message.contains("wasi:http/outgoing-handler@0.2.0"),
+            "{message}"
+        );
+        assert!(!message.contains("wasi:cli/stdout"), "{message}");
+    }
+}
