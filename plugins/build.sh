@@ -16,6 +16,7 @@ if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx "
 fi
 
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
 for workspace in "$repo/plugins" "$repo/tests/plugins"; do
     echo "building $workspace" >&2
     # Its own target folder, whatever CARGO_TARGET_DIR says: the .wasm files are copied from it.
@@ -25,4 +26,33 @@ for workspace in "$repo/plugins" "$repo/tests/plugins"; do
         cp "$wasm" "$out/"
         printf '%8d  %s\n' "$(wc -c <"$wasm")" "$out/$(basename "$wasm")"
     done
+done
+
+# Python plugins (plugins/python-*/app.py, world named in the folder's `world` file), with
+# componentize-py: from PATH, or target/py-clients where .ci/run installs it. Without it they
+# are skipped with a note (the tests that load them then skip, or fail under CI=true).
+# A component is rebuilt only when its app.py or the WIT is newer (a build takes seconds).
+cpy="$(command -v componentize-py || true)"
+if [ -z "$cpy" ] && [ -x "$repo/target/py-clients/bin/componentize-py" ]; then
+    cpy="$repo/target/py-clients/bin/componentize-py"
+fi
+for app in "$repo"/plugins/python-*/app.py; do
+    [ -e "$app" ] || continue
+    dir="$(dirname "$app")"
+    name="$(basename "$dir" | tr - _)"
+    wasm="$out/$name.wasm"
+    if [ -z "$cpy" ]; then
+        echo "skipping $name: componentize-py not found (pip install componentize-py==0.25.1)" >&2
+        continue
+    fi
+    if [ "$wasm" -nt "$app" ] && [ "$wasm" -nt "$repo/wit/policy.wit" ]; then
+        printf '%8d  %s (up to date)\n' "$(wc -c <"$wasm")" "$wasm"
+        continue
+    fi
+    echo "building $dir (componentize-py)" >&2
+    # Written aside and renamed: test binaries may run this script at the same time.
+    tmp="$(mktemp "$out/.$name.XXXXXX")"
+    (cd "$dir" && "$cpy" -q -d "$repo/wit/policy.wit" -w "$(cat world)" componentize app -o "$tmp")
+    mv "$tmp" "$wasm"
+    printf '%8d  %s\n' "$(wc -c <"$wasm")" "$wasm"
 done

@@ -5,7 +5,7 @@
 mod common;
 
 use common::server::{metric_value, TestServer};
-use common::wasm::plugin_wasm;
+use common::wasm::{plugin_wasm, python_plugin_wasm};
 use common::{eventually, repo_root};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -1139,5 +1139,67 @@ async fn a_redis_outage_fails_open_is_counted_and_counting_resumes_when_it_retur
         }
     })
     .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_plugin_loads_and_limits_like_a_rust_one() {
+    let Some(wasm) = python_plugin_wasm("python-allowlist") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put(
+        &dir,
+        "allowlist.json",
+        br#"{"allow": ["alice"], "reason": "python says no"}"#,
+    );
+    put(&dir, "allowlist.wasm", &std::fs::read(&wasm).expect("read"));
+    let started = Instant::now();
+    let server = start_with_plugins(&dir, |c| c.rate_limiter.max_requests = 1_000_000).await;
+    // An 18 MB component: compiling it takes seconds (once; the compile cache keeps it).
+    let listed = eventually(
+        "the Python plugin loads",
+        Duration::from_secs(120),
+        || async {
+            let list = plugins(&server).await;
+            match list.iter().find(|p| p["file"] == "allowlist.wasm") {
+                Some(p) if p["state"] == "active" => Ok(p.clone()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    common::say(&format!(
+        "python-allowlist: {} bytes, active {:.1} s after start",
+        std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    ));
+    assert_eq!(listed["world_version"], "0.2.0", "{listed}");
+    assert_eq!(generate_as(&server, "alice", &[]).await.status(), 200);
+    let refused = generate_as(&server, "bob", &[]).await;
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.expect("json");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("python says no (bob)"), "{error}");
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"cllm_plugin_decisions_total{plugin="allowlist.wasm",decision="reject",mode="enforce"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    server.shutdown().await;
+    // A restart loads it from the compile cache, and its first instantiation (slower from a
+    // cached image) is not held to the 5 ms call deadline.
+    let server = start_with_plugins(&dir, |c| c.rate_limiter.max_requests = 1_000_000).await;
+    wait_for(&server, "allowlist.wasm", "active").await;
+    let cache = r#"cllm_plugin_compile_cache_total{result="hit"}"#;
+    assert_eq!(metric_value(&server.metrics().await, cache), 1.0);
+    assert_eq!(generate_as(&server, "alice", &[]).await.status(), 200);
+    assert_eq!(generate_as(&server, "bob", &[]).await.status(), 429);
     server.shutdown().await;
 }

@@ -388,6 +388,9 @@ pub struct PluginsConfig {
     pub call_deadline_ms: u64,
     /// Deadline of one health-check call, in ms.
     pub health_deadline_ms: u64,
+    /// Deadline of building a fresh plugin instance (at load, and after a fault or a config
+    /// change), in ms, before the call's own deadline starts.
+    pub instantiate_deadline_ms: u64,
     /// Most linear memory one plugin instance may use, in MiB.
     pub memory_limit_mb: usize,
     /// What a faulting rate limiter means for the request.
@@ -455,6 +458,7 @@ impl Default for PluginsConfig {
             dir: None,
             call_deadline_ms: 5,
             health_deadline_ms: 50,
+            instantiate_deadline_ms: 1000,
             memory_limit_mb: 32,
             limiter_failure_mode: FailureMode::FailOpen,
             priority_failure_mode: FailureMode::FailOpen,
@@ -574,6 +578,12 @@ impl ServerConfig {
             &mut errors,
             "plugins.health_deadline_ms",
             p.health_deadline_ms as usize,
+            1,
+        );
+        at_least(
+            &mut errors,
+            "plugins.instantiate_deadline_ms",
+            p.instantiate_deadline_ms as usize,
             1,
         );
         at_least(&mut errors, "plugins.memory_limit_mb", p.memory_limit_mb, 1);

@@ -41,3 +41,16 @@ pub fn plugin_wasm(name: &str) -> PathBuf {
         panic!("plugin {name} was not built into {}", out_dir().display())
     }
 }
+
+/// The Python example plugin `name` (e.g. "python-allowlist"), built by `plugins/build.sh` when
+/// componentize-py is installed; `None` (a visible skip, or a failure under CI) when it is not.
+pub fn python_plugin_wasm(name: &str) -> Option<PathBuf> {
+    // Builds everything (the Rust plugins too) on first use.
+    let _ = plugin_wasm("allow-all");
+    let path = out_dir().join(format!("{}.wasm", name.replace('-', "_")));
+    super::require(
+        path.is_file(),
+        "componentize-py to build the Python plugins (pip install componentize-py==0.25.1)",
+    )
+    .then_some(path)
+}

@@ -45,6 +45,11 @@ struct CheckArgs {
     /// Memory limit, in MiB (default: the server's, `plugins.memory_limit_mb`).
     #[arg(long)]
     memory_limit_mb: Option<usize>,
+    /// Keep `cllm:policy/counters` in this Redis (`redis://host:port/`), as a server with
+    /// `plugins.shared_state.redis_url` would, to time the plugin with it; default: in
+    /// memory. The plugin's counter keys in that Redis are really incremented.
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 pub fn run(args: PluginArgs) -> anyhow::Result<()> {
@@ -73,6 +78,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let memory = args.memory_limit_mb.unwrap_or(defaults.memory_limit_mb) << 20;
     let limits = |ms: u64| CallLimits {
         deadline: Duration::from_millis(args.deadline_ms.unwrap_or(ms)),
+        instantiate_deadline: Duration::from_millis(defaults.instantiate_deadline_ms),
         memory_bytes: memory,
         max_faults: u32::MAX,
     };
@@ -82,15 +88,21 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         println!("config: {}", path.display());
     }
     let metrics = Arc::new(Metrics::new(false));
-    // Offline: counters in this process (a Redis shared with servers is not touched).
-    let counters = Arc::new(crate::plugins::counters::Counters::in_memory(
+    // Counters in this process unless a Redis is named (with the server's default timeout).
+    let shared_state = crate::config::SharedStateConfig {
+        redis_url: args.redis_url.clone(),
+        ..defaults.shared_state.clone()
+    };
+    let counters = Arc::new(crate::plugins::counters::Counters::new(
+        &shared_state,
         metrics.clone(),
-    ));
+    )?);
     let engine = Arc::new(PluginEngine::new(memory, counters)?);
     let refused = |reason: String| anyhow::anyhow!("{file} would be refused: {reason}");
     let start = Instant::now();
     let component =
         loader::compile(&engine, None, &file, &bytes, &sha256, &metrics).map_err(refused)?;
+    let compiled_ms = start.elapsed().as_secs_f64() * 1e3;
     println!(
         "imports: {}",
         loader::imports(&engine, &component).join(", ")
@@ -107,7 +119,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     )
     .map_err(refused)?;
     println!(
-        "loaded in {:.1} ms (compile, link, trial call)",
+        "loaded in {:.1} ms (compile {compiled_ms:.1} ms, then link, instantiate, trial call)",
         start.elapsed().as_secs_f64() * 1e3
     );
     println!(
@@ -139,6 +151,14 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         at(0.5),
         at(0.99),
         at(1.0)
+    );
+    // What a fault or a config change costs the next call: a fresh instance.
+    plugin.drop_instance();
+    let fresh = Instant::now();
+    one_call(&plugin, args.calls + 1).map_err(fault_error)?;
+    println!(
+        "fresh instance and its first call: {:.2} ms",
+        fresh.elapsed().as_secs_f64() * 1e3
     );
     if let Some(peak) = plugin.memory_peak() {
         println!(

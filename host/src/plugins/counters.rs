@@ -216,8 +216,10 @@ impl RedisStore {
         };
         let redis_key = format!("cllm:counter:{window_ms}:{window}:{key}");
         let ttl_ms = left_ms + 1000;
+        // One round trip; no MULTI/EXEC (which doubles the commands): the expiry follows the
+        // increment on the same connection, and a key left without one by a lost reply only
+        // lingers until the next increment of its window sets it.
         let reply: redis::RedisResult<(i64,)> = redis::pipe()
-            .atomic()
             .cmd("INCRBY")
             .arg(&redis_key)
             .arg(delta)
@@ -229,7 +231,8 @@ impl RedisStore {
         match reply {
             Ok((value,)) => Ok(value),
             Err(e) => {
-                // The connection may be half-read or dead: start again with a new one.
+                // The connection may be half-read or dead: the next call starts a new one
+                // (only a failed connect holds new attempts back for a while).
                 conn.live = None;
                 let reason = if e.is_timeout() {
                     "timeout"
@@ -238,9 +241,6 @@ impl RedisStore {
                 } else {
                     "command"
                 };
-                if reason != "command" {
-                    conn.failed_at = Some(Instant::now());
-                }
                 tracing::warn!("shared state: Redis call failed ({reason}): {e}");
                 Err(StoreError {
                     reason,

@@ -84,6 +84,9 @@ struct Live {
 #[derive(Clone, Debug)]
 pub struct CallLimits {
     pub deadline: Duration,
+    /// Deadline of building a fresh instance (before the call's own deadline starts): large
+    /// components (Python's) need milliseconds to set up their memory, more on first use.
+    pub instantiate_deadline: Duration,
     pub memory_bytes: usize,
     pub max_faults: u32,
 }
@@ -190,6 +193,11 @@ impl Plugin {
         live.as_ref().map(|l| l.store.data().memory_peak)
     }
 
+    /// Drops the live instance: the next call builds a fresh one (its state starts over).
+    pub fn drop_instance(&self) {
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     pub fn is_disabled(&self) -> bool {
         self.disabled.load(Ordering::Relaxed)
     }
@@ -205,7 +213,7 @@ impl Plugin {
         let mut store = Store::new(&self.engine.engine, data);
         store.limiter(|data| data);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(PluginEngine::ticks(self.limits.deadline));
+        store.set_epoch_deadline(PluginEngine::ticks(self.limits.instantiate_deadline));
         let bindings = match &self.pre {
             Pre::Limiter(pre) => Bindings::Limiter(pre.instantiate(&mut store)?),
             Pre::Prioritizer(pre) => Bindings::Prioritizer(pre.instantiate(&mut store)?),

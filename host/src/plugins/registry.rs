@@ -94,6 +94,7 @@ impl PluginRegistry {
         let memory = config.memory_limit_mb << 20;
         let limits = CallLimits {
             deadline: Duration::from_millis(config.call_deadline_ms),
+            instantiate_deadline: Duration::from_millis(config.instantiate_deadline_ms),
             memory_bytes: memory,
             max_faults: config.max_consecutive_faults,
         };
