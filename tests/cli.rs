@@ -452,6 +452,71 @@ fn plugin_check_reports_a_printing_plugins_output_under_the_rate_limit() {
     assert!(text.ends_with("ok\n"), "{text}");
 }
 
+/// A running `cllm serve` process: what a plugin prints goes to the server's log, tagged with
+/// the plugin's file name, both at load (the trial call) and on the request path.
+#[test]
+fn a_plugins_printed_lines_appear_in_the_server_log_tagged_with_its_name() {
+    use common::wasm::plugin_wasm;
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::copy(plugin_wasm("wasi-probe"), dir.join("probe.wasm")).expect("copy");
+    let log_path = tmp.path().join("server.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = cllm()
+        .args(["serve", "--model", "models/stories260K", "--port", "0"])
+        .arg("--plugins-dir")
+        .arg(&dir)
+        .current_dir(common::repo_root())
+        .stderr(log)
+        .spawn()
+        .expect("starts");
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let addr = loop {
+        let text = read_log();
+        if let Some(rest) = text.split("listening on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never listened:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let body = r#"{"inputs": "Hi", "parameters": {"max_new_tokens": 2}}"#;
+    let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
+    write!(
+        stream,
+        "POST /generate HTTP/1.1\r\nHost: x\r\nX-Request-Id: req-42\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let text = read_log();
+    for line in [
+        "probe check cllm-trial",
+        "probe check req-42",
+        "probe stderr req-42",
+    ] {
+        let found = text
+            .lines()
+            .find(|l| l.contains(line))
+            .unwrap_or_else(|| panic!("{line:?} not in the log:\n{text}"));
+        assert!(found.contains("plugin=probe.wasm"), "{found}");
+    }
+    assert!(!text.contains("panicked"), "{text}");
+}
+
 /// `cllm bench-plugins` with nothing to time is a usage error naming the flag (exit code 2),
 /// not a panic (it indexed the empty list of timings).
 #[test]

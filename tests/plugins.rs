@@ -866,6 +866,23 @@ async fn wasi_plugins_print_and_read_clocks_and_randomness_but_reach_nothing_els
     // The plugin is rebuilt and serves again.
     let (status, _) = generate_with_id(server, "eve", "t1-probe-env").await;
     assert_eq!(status, 429, "a fresh instance answers");
+
+    // A server that refuses filesystem and socket imports outright refuses this plugin (it uses
+    // std::fs and std::net), naming the import.
+    let strict_dir = tmp.path().join("strict");
+    std::fs::create_dir_all(&strict_dir).expect("mkdir");
+    put_plugin(&strict_dir, "probe.wasm", "wasi-probe");
+    let strict = start_with_plugins(&strict_dir, |c| {
+        c.plugins.refused_imports = vec!["wasi:filesystem".into(), "wasi:sockets".into()];
+    })
+    .await;
+    let listed = wait_for(&strict, "probe.wasm", "refused").await;
+    let reason = listed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("wasi:filesystem/types@") && reason.contains("plugins.refused_imports"),
+        "{reason}"
+    );
+    strict.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1201,5 +1218,13 @@ async fn a_python_plugin_loads_and_limits_like_a_rust_one() {
     assert_eq!(metric_value(&server.metrics().await, cache), 1.0);
     assert_eq!(generate_as(&server, "alice", &[]).await.status(), 200);
     assert_eq!(generate_as(&server, "bob", &[]).await.status(), 429);
+    // Swapped: a new config applies (the plugin is reloaded with it)...
+    put(&dir, "allowlist.json", br#"{"allow": ["bob"]}"#);
+    until_status(&server, "bob", 200, "the new allow list never applied").await;
+    assert_eq!(generate_as(&server, "alice", &[]).await.status(), 429);
+    // ...and removed: the built-in policy is back.
+    std::fs::remove_file(dir.join("allowlist.wasm")).expect("rm");
+    wait_for(&server, "allowlist.wasm", "absent").await;
+    assert_eq!(generate_as(&server, "alice", &[]).await.status(), 200);
     server.shutdown().await;
 }

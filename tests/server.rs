@@ -839,3 +839,60 @@ async fn info_health_and_metrics_report_the_device() {
     }
     server.shutdown().await;
 }
+
+/// Tokenizing a near-1 MiB body takes a long time; it must not stall the async worker that
+/// received it. One worker thread: a ticker task on it keeps ticking while `/encode` runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_long_prompt_is_tokenized_without_stalling_the_async_worker() {
+    let server = TestServer::start(&stories(), |_| {}).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                worst = worst.max(t.elapsed());
+            }
+            worst
+        })
+    };
+    let text = "Once upon a time, a little fox ran to the river. ".repeat(18_000);
+    let started = Instant::now();
+    let response = server.post("/encode", json!({"inputs": text})).await;
+    let took = started.elapsed();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert!(
+        body["ids"].as_array().map_or(0, Vec::len) > 100_000,
+        "tokenized"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let worst = ticker.await.expect("ticker");
+    assert!(
+        took > Duration::from_millis(200),
+        "the test needs a slow tokenization to mean anything: {took:?}"
+    );
+    assert!(
+        worst < took / 3,
+        "the worker stalled {worst:?} while /encode took {took:?}"
+    );
+    server.shutdown().await;
+}
+
+/// `metrics.enabled: false` means what it says: nothing is served at `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_metrics_are_not_served() {
+    let server = TestServer::start(&stories(), |c| c.metrics.enabled = false).await;
+    let response = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("json error");
+    assert_eq!(body["error_type"], "not_found", "{body}");
+    server.shutdown().await;
+}

@@ -120,7 +120,8 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RequestQueueConfig {
-    /// Whether requests may wait; when false a request the scheduler cannot take is refused.
+    /// Whether the queue's limits apply; when false the queue has no size limit and requests
+    /// wait as long as it takes (`max_queue_size` and `max_wait_time_ms` are ignored).
     pub enabled: bool,
     /// Most requests waiting at once; more are refused.
     pub max_queue_size: usize,
@@ -208,7 +209,7 @@ impl Default for HealthConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Whether `/metrics` is served.
+    /// Whether metrics are recorded and `/metrics` is served (false: it answers 404).
     pub enabled: bool,
     /// Also export queue length, running requests, KV-cache usage and cache config under
     /// vLLM's names (`vllm:num_requests_waiting`, ...), which gateway endpoint pickers
@@ -416,6 +417,10 @@ pub struct PluginsConfig {
     pub compile_cache_dir: Option<PathBuf>,
     /// The store behind the `cllm:policy/counters` interface (0.2.0 plugins).
     pub shared_state: SharedStateConfig,
+    /// Import name prefixes refused at load, on top of everything cllm does not offer: e.g.
+    /// `wasi:filesystem` and `wasi:sockets`, which plugins may import but which reach nothing
+    /// (no preopens, every address denied). Python components import both, always.
+    pub refused_imports: Vec<String>,
 }
 
 /// `plugins.shared_state`: where plugin counters live.
@@ -469,6 +474,7 @@ impl Default for PluginsConfig {
             compile_cache: true,
             compile_cache_dir: None,
             shared_state: SharedStateConfig::default(),
+            refused_imports: Vec::new(),
         }
     }
 }

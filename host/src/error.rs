@@ -38,8 +38,6 @@ pub enum ApiError {
     QueueTimeout { waited_ms: u64, max_ms: u64 },
     #[error("policy plugin unavailable: {0}")]
     PolicyUnavailable(String),
-    #[error("server is shutting down")]
-    ShuttingDown,
     #[error("not found: {0}")]
     NotFound(String),
     #[error("internal error: {0}")]
@@ -59,8 +57,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueueFull { .. }
             | ApiError::QueueTimeout { .. }
-            | ApiError::PolicyUnavailable(_)
-            | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::PolicyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -78,7 +75,6 @@ impl ApiError {
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::QueueTimeout { .. } => "queue_timeout",
             ApiError::PolicyUnavailable(_) => "policy_unavailable",
-            ApiError::ShuttingDown => "shutting_down",
             ApiError::NotFound(_) => "not_found",
             ApiError::Internal(_) => "internal",
         }
@@ -90,7 +86,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after, .. } | ApiError::QueueFull { retry_after, .. } => {
                 Some(*retry_after)
             }
-            ApiError::QueueTimeout { .. } | ApiError::ShuttingDown => Some(Duration::from_secs(1)),
+            ApiError::QueueTimeout { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

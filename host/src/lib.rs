@@ -4,6 +4,7 @@
 //! `scheduler` (continuous batching) → `model` (executor) → token stream back to `http`.
 
 pub mod admission;
+pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod error;

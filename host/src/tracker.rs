@@ -24,7 +24,8 @@ const MAX_CLIENT_ID_LEN: usize = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
-    /// Parsed and validated by the HTTP layer.
+    /// Arrived: recorded by the HTTP layer when a generation request comes in, before its body
+    /// is parsed or validated.
     Received,
     /// Refused by a rate limit.
     RateLimited,

@@ -3,8 +3,8 @@
 //! Higher `priority` is served first, and arrival order within a priority. Async handlers push
 //! (cheap, never blocking for long); the scheduler thread blocks in
 //! [`RequestQueue::wait_for_work`] and takes the head with [`RequestQueue::pop_if`] once it has
-//! room for it. A preempted request goes back to the very front with
-//! [`RequestQueue::push_front`].
+//! room for it. (A preempted sequence does not come back here: the scheduler keeps its own list
+//! of those, ahead of the queue.)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -16,11 +16,9 @@ const WAIT_WINDOW: usize = 100;
 
 /// Position in the queue: smaller is served first.
 ///
-/// `class` 0 holds re-queued (preempted) requests, ahead of everything; within class 1,
 /// `rank` is the negated priority and `seq` the arrival number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Slot {
-    class: u8,
     rank: i64,
     seq: i64,
 }
@@ -30,8 +28,6 @@ struct Entry<T> {
     priority: i32,
     item: T,
     enqueued: Instant,
-    /// Push order over both `push` and `push_front`.
-    arrival: u64,
 }
 
 /// A request refused because the queue is full; it carries the request back.
@@ -87,16 +83,12 @@ pub struct QueueStats {
     pub max_size: usize,
     /// Mean wait of the last (up to) 100 requests popped; zero before the first.
     pub average_wait: Duration,
-    /// How long the longest-waiting request has waited; zero when empty.
-    pub oldest_wait: Duration,
 }
 
 struct Inner<T> {
     entries: BTreeMap<Slot, Entry<T>>,
     slots: HashMap<u64, Slot>,
     next_seq: i64,
-    next_front: i64,
-    next_arrival: u64,
     recent_waits: VecDeque<Duration>,
     recent_wait_sum: Duration,
     notified: bool,
@@ -109,9 +101,7 @@ impl<T> Inner<T> {
             priority,
             item,
             enqueued: Instant::now(),
-            arrival: self.next_arrival,
         };
-        self.next_arrival += 1;
         self.slots.insert(id, slot);
         self.entries.insert(slot, entry);
     }
@@ -170,8 +160,6 @@ impl<T> RequestQueue<T> {
                 entries: BTreeMap::new(),
                 slots: HashMap::new(),
                 next_seq: 0,
-                next_front: 0,
-                next_arrival: 0,
                 recent_waits: VecDeque::with_capacity(WAIT_WINDOW),
                 recent_wait_sum: Duration::ZERO,
                 notified: false,
@@ -206,7 +194,6 @@ impl<T> RequestQueue<T> {
         let seq = inner.next_seq;
         inner.next_seq += 1;
         let slot = Slot {
-            class: 1,
             rank: -i64::from(priority),
             seq,
         };
@@ -215,21 +202,6 @@ impl<T> RequestQueue<T> {
         drop(inner);
         self.work.notify_all();
         Ok(())
-    }
-
-    /// Re-queues a preempted request ahead of everything (the latest such request first),
-    /// even when the queue is full. Wakes the scheduler.
-    pub fn push_front(&self, id: u64, item: T) {
-        let mut inner = self.lock();
-        inner.next_front -= 1;
-        let slot = Slot {
-            class: 0,
-            rank: 0,
-            seq: inner.next_front,
-        };
-        inner.insert(slot, id, 0, item);
-        drop(inner);
-        self.work.notify_all();
     }
 
     /// Takes out a waiting request (cancelled or timed out); `None` if it is not waiting.
@@ -257,35 +229,6 @@ impl<T> RequestQueue<T> {
             item: entry.item,
             waited,
         })
-    }
-
-    /// Takes out every request that has waited longer than `max_wait`, oldest first.
-    pub fn remove_expired(&self, max_wait: Duration) -> Vec<Popped<T>> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        let mut expired: Vec<(u64, Slot)> = inner
-            .entries
-            .iter()
-            .filter(|(_, e)| now.saturating_duration_since(e.enqueued) > max_wait)
-            .map(|(slot, e)| (e.arrival, *slot))
-            .collect();
-        expired.sort();
-        expired
-            .into_iter()
-            .filter_map(|(_, slot)| inner.take(slot))
-            .map(|e| popped(e, now))
-            .collect()
-    }
-
-    /// Empties the queue (e.g. on shutdown), returning the requests in serving order.
-    pub fn drain(&self) -> Vec<Popped<T>> {
-        let now = Instant::now();
-        let mut inner = self.lock();
-        inner.slots.clear();
-        std::mem::take(&mut inner.entries)
-            .into_values()
-            .map(|e| popped(e, now))
-            .collect()
     }
 
     /// Blocks until the queue is non-empty, [`RequestQueue::notify`] is called, or `timeout`
@@ -334,28 +277,16 @@ impl<T> RequestQueue<T> {
 
     /// Size, capacity and waiting times.
     pub fn stats(&self) -> QueueStats {
-        let now = Instant::now();
         let inner = self.lock();
-        let oldest = inner.entries.values().map(|e| e.enqueued).min();
         QueueStats {
             size: inner.entries.len(),
             max_size: self.max_size,
             average_wait: inner.average_wait(),
-            oldest_wait: oldest.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner<T>> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn popped<T>(e: Entry<T>, now: Instant) -> Popped<T> {
-    Popped {
-        id: e.id,
-        priority: e.priority,
-        item: e.item,
-        waited: now.saturating_duration_since(e.enqueued),
     }
 }
 
@@ -454,27 +385,6 @@ mod tests {
     }
 
     #[test]
-    fn push_front_goes_first_even_when_full() {
-        let q = RequestQueue::new(2);
-        assert!(q.push(1, 100, ()).is_ok());
-        assert!(q.push(2, 0, ()).is_ok());
-        q.push_front(3, ());
-        q.push_front(4, ());
-        assert_eq!(q.len(), 4);
-        assert!(q.push(5, 1000, ()).is_err());
-        assert_eq!(pop_all(&q), vec![4, 3, 1, 2]);
-    }
-
-    #[test]
-    fn removing_a_front_request_works() {
-        let q = RequestQueue::new(4);
-        assert!(q.push(1, 0, 'a').is_ok());
-        q.push_front(2, 'b');
-        assert_eq!(q.remove(2), Some('b'));
-        assert_eq!(pop_all(&q), vec![1]);
-    }
-
-    #[test]
     fn pop_if_refusing_leaves_the_head() {
         let q = RequestQueue::new(4);
         assert!(q.push(1, 0, 500usize).is_ok());
@@ -524,7 +434,6 @@ mod tests {
                 size: 0,
                 max_size: 8,
                 average_wait: Duration::ZERO,
-                oldest_wait: Duration::ZERO,
             }
         );
         assert!(q.push(1, 0, ()).is_ok());
@@ -532,12 +441,10 @@ mod tests {
         assert!(q.push(2, 9, ()).is_ok());
         let s = q.stats();
         assert_eq!(s.size, 2);
-        assert!(s.oldest_wait >= Duration::from_millis(10), "{s:?}");
         assert!(q.pop_if(|_| true).is_some());
         assert!(q.pop_if(|_| true).is_some());
         let s = q.stats();
         assert_eq!(s.size, 0);
-        assert_eq!(s.oldest_wait, Duration::ZERO);
         // The two waits were >= 10 ms and >= 0 ms: the mean is at least 5 ms.
         assert!(s.average_wait >= Duration::from_millis(5), "{s:?}");
     }
@@ -555,34 +462,6 @@ mod tests {
         }
         // The slow pop has left the window; quick pops average well under 30 ms.
         assert!(q.stats().average_wait < Duration::from_millis(30));
-    }
-
-    #[test]
-    fn remove_expired_takes_only_old_requests() {
-        let q = RequestQueue::new(8);
-        assert!(q.push(1, 0, ()).is_ok());
-        assert!(q.push(2, 5, ()).is_ok());
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(q.push(3, 9, ()).is_ok());
-        let expired: Vec<u64> = q
-            .remove_expired(Duration::from_millis(10))
-            .into_iter()
-            .map(|p| p.id)
-            .collect();
-        assert_eq!(expired, vec![1, 2]);
-        assert_eq!(pop_all(&q), vec![3]);
-    }
-
-    #[test]
-    fn drain_empties_in_serving_order() {
-        let q = RequestQueue::new(8);
-        assert!(q.push(1, 0, ()).is_ok());
-        assert!(q.push(2, 1, ()).is_ok());
-        q.push_front(3, ());
-        let ids: Vec<u64> = q.drain().into_iter().map(|p| p.id).collect();
-        assert_eq!(ids, vec![3, 2, 1]);
-        assert!(q.is_empty());
-        assert_eq!(q.remove(1), None);
     }
 
     #[test]

@@ -97,7 +97,11 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         &shared_state,
         metrics.clone(),
     )?);
-    let engine = Arc::new(PluginEngine::new(memory, counters)?);
+    let engine = Arc::new(PluginEngine::new(
+        memory,
+        counters,
+        defaults.refused_imports.clone(),
+    )?);
     let refused = |reason: String| anyhow::anyhow!("{file} would be refused: {reason}");
     let start = Instant::now();
     let component =

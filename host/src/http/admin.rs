@@ -186,6 +186,13 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    if !state.metrics.enabled() {
+        let body = json!({
+            "error": "metrics are disabled (metrics.enabled: false)",
+            "error_type": "not_found",
+        });
+        return (StatusCode::NOT_FOUND, Json(body)).into_response();
+    }
     let queue = state.scheduler.queue.stats();
     state
         .metrics

@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 /// A byte range `(start, end)` of the text a token came from.
 pub type Span = (usize, usize);
 
+/// Texts at least this long are tokenized off the async workers (see
+/// [`crate::blocking::off_async_workers`]); shorter ones take microseconds.
+const LONG_TEXT_BYTES: usize = 16 << 10;
+
 pub struct ModelTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
@@ -116,9 +120,17 @@ impl ModelTokenizer {
     }
 
     fn encoding(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
-        self.inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.error(e))
+        let encode = || {
+            self.inner
+                .encode(text, add_special_tokens)
+                .map_err(|e| self.error(e))
+        };
+        // A long text takes milliseconds (a 1 MiB body, hundreds): not on an async worker.
+        if text.len() >= LONG_TEXT_BYTES {
+            crate::blocking::off_async_workers(encode)
+        } else {
+            encode()
+        }
     }
 
     /// Token ids of `text`, with the special tokens (e.g. BOS) the tokenizer adds itself.

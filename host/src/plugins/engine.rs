@@ -114,10 +114,10 @@ impl PluginData {
     fn log_line(&self, level: LogLevel, message: &str) {
         let plugin = self.name.as_str();
         match level {
-            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            LogLevel::Info => tracing::info!(plugin, "{message}"),
-            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            LogLevel::Error => tracing::error!(plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin = %plugin, "{message}"),
+            LogLevel::Info => tracing::info!(plugin = %plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin = %plugin, "{message}"),
+            LogLevel::Error => tracing::error!(plugin = %plugin, "{message}"),
         }
     }
 
@@ -175,11 +175,18 @@ pub struct PluginEngine {
     linker: Linker<PluginData>,
     /// The store behind `cllm:policy/counters`, shared by every plugin.
     pub counters: Arc<Counters>,
+    /// Import prefixes refused at load on top of what cllm does not offer
+    /// (`plugins.refused_imports`).
+    pub refused_imports: Vec<String>,
     stop: Arc<AtomicBool>,
 }
 
 impl PluginEngine {
-    pub fn new(memory_limit_bytes: usize, counters: Arc<Counters>) -> anyhow::Result<PluginEngine> {
+    pub fn new(
+        memory_limit_bytes: usize,
+        counters: Arc<Counters>,
+        refused_imports: Vec<String>,
+    ) -> anyhow::Result<PluginEngine> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -221,6 +228,7 @@ impl PluginEngine {
             engine,
             linker,
             counters,
+            refused_imports,
             stop,
         })
     }

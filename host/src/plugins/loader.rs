@@ -141,7 +141,9 @@ pub fn load(
     metrics: &Arc<Metrics>,
 ) -> Result<Plugin, String> {
     let (kind, version, bound) = detect_world(engine, component)?;
-    if let Some(refusal) = super::wasi::refused_imports(&imports(engine, component)) {
+    if let Some(refusal) =
+        super::wasi::refused_imports(&imports(engine, component), &engine.refused_imports)
+    {
         return Err(refusal);
     }
     let instance_pre = engine

@@ -13,7 +13,6 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::runtime::RuntimeFlavor;
 use wasmtime::{Store, Trap};
 
 /// Which world a plugin implements.
@@ -234,15 +233,10 @@ impl Plugin {
         f: impl FnOnce(&mut Store<PluginData>, &Bindings) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
         // WASI's blocking calls (a plugin's `println!`) block on a tokio runtime, which may
-        // not happen on an async worker thread: there, the call runs under `block_in_place`.
-        // The request path calls plugins on the blocking pool, where this costs nothing; it is
-        // the safety net for the rest (the trial call of a load started from async code).
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| self.call_here(verdict, f))
-            }
-            _ => self.call_here(verdict, f),
-        }
+        // not happen on an async worker thread. The request path calls plugins on the
+        // blocking pool, where this costs nothing; it is the safety net for the rest (the
+        // trial call of a load started from async code).
+        crate::blocking::off_async_workers(|| self.call_here(verdict, f))
     }
 
     fn call_here<R>(

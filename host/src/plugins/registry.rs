@@ -99,7 +99,11 @@ impl PluginRegistry {
             max_faults: config.max_consecutive_faults,
         };
         let counters = Arc::new(Counters::new(&config.shared_state, metrics.clone())?);
-        let engine = Arc::new(PluginEngine::new(memory, counters)?);
+        let engine = Arc::new(PluginEngine::new(
+            memory,
+            counters,
+            config.refused_imports.clone(),
+        )?);
         let cache = config.compile_cache.then(|| {
             let cache_dir = config
                 .compile_cache_dir

@@ -13,7 +13,10 @@
 //! be interrupted by the call deadline, so a plugin may not block in one.
 //!
 //! A component that imports anything else (another WASI proposal such as `wasi:http`, or a
-//! package of its own) is refused at load, naming the import.
+//! package of its own) is refused at load, naming the import; so is one importing what the
+//! operator lists in `plugins.refused_imports` (e.g. `wasi:filesystem`, `wasi:sockets`, for a
+//! server that wants no plugin even linked to them: Python components always import both, so
+//! such a server refuses them).
 
 use super::engine::PluginData;
 use std::pin::Pin;
@@ -43,17 +46,31 @@ pub const LINE_BURST: f64 = 50.0;
 /// Longer lines are cut (and marked) at this many bytes.
 pub const MAX_LINE_BYTES: usize = 2048;
 
-/// The imports of a component that cllm does not offer, `None` when all are offered.
-pub fn refused_imports(imports: &[String]) -> Option<String> {
-    let refused: Vec<&str> = imports
-        .iter()
-        .map(String::as_str)
+/// Why a component with `imports` is refused, `None` when all are offered: an import cllm does
+/// not offer at all, or one the operator refuses (`plugins.refused_imports`: prefixes such as
+/// `wasi:filesystem` or `wasi:sockets`).
+pub fn refused_imports(imports: &[String], operator_refused: &[String]) -> Option<String> {
+    let names = || imports.iter().map(String::as_str);
+    let foreign: Vec<&str> = names()
         .filter(|name| !ALLOWED_IMPORTS.iter().any(|p| name.starts_with(p)))
+        .collect();
+    if !foreign.is_empty() {
+        return Some(format!(
+            "imports {}, which cllm does not offer plugins (they get cllm:policy and WASI 0.2: \
+             cli, clocks, io, random; filesystem and sockets reach nothing)",
+            foreign.join(", ")
+        ));
+    }
+    let refused: Vec<&str> = names()
+        .filter(|name| {
+            operator_refused
+                .iter()
+                .any(|p| name.starts_with(p.as_str()))
+        })
         .collect();
     (!refused.is_empty()).then(|| {
         format!(
-            "imports {}, which cllm does not offer plugins (they get cllm:policy/host and WASI 0.2: \
-             cli, clocks, io, random; filesystem and sockets reach nothing)",
+            "imports {}, which this server refuses (plugins.refused_imports)",
             refused.join(", ")
         )
     })
@@ -201,13 +218,13 @@ impl LogState {
         let dropped = std::mem::take(&mut self.dropped);
         match stream {
             Stream::Stdout if dropped > 0 => {
-                tracing::info!(plugin, stream = "stdout", dropped_lines = dropped, "{text}")
+                tracing::info!(plugin = %plugin, stream = "stdout", dropped_lines = dropped, "{text}")
             }
-            Stream::Stdout => tracing::info!(plugin, stream = "stdout", "{text}"),
+            Stream::Stdout => tracing::info!(plugin = %plugin, stream = "stdout", "{text}"),
             Stream::Stderr if dropped > 0 => {
-                tracing::warn!(plugin, stream = "stderr", dropped_lines = dropped, "{text}")
+                tracing::warn!(plugin = %plugin, stream = "stderr", dropped_lines = dropped, "{text}")
             }
-            Stream::Stderr => tracing::warn!(plugin, stream = "stderr", "{text}"),
+            Stream::Stderr => tracing::warn!(plugin = %plugin, stream = "stderr", "{text}"),
         }
     }
 }
@@ -307,21 +324,28 @@ mod tests {
     }
 
     #[test]
-    fn foreign_imports_are_named() {
+    fn foreign_and_operator_refused_imports_are_named() {
         let ok: Vec<String> = ["cllm:policy/host@0.1.0", "wasi:cli/stdout@0.2.6"]
             .map(String::from)
             .to_vec();
-        assert_eq!(refused_imports(&ok), None);
-        let bad = [
-            ok.clone(),
-            vec!["wasi:http/outgoing-handler@0.2.0".to_string()],
-        ]
-        .concat();
-        let message = refused_imports(&bad).expect("refused");
+        assert_eq!(refused_imports(&ok, &[]), None);
+        let with = |name: &str| [ok.clone(), vec![name.to_string()]].concat();
+        let message =
+            refused_imports(&with("wasi:http/outgoing-handler@0.2.0"), &[]).expect("refused");
         assert!(
             message.contains("wasi:http/outgoing-handler@0.2.0"),
             "{message}"
         );
         assert!(!message.contains("wasi:cli/stdout"), "{message}");
+        let fs = with("wasi:filesystem/types@0.2.6");
+        assert_eq!(refused_imports(&fs, &[]), None, "inert by default");
+        let strict = ["wasi:filesystem".to_string(), "wasi:sockets".to_string()];
+        let message = refused_imports(&fs, &strict).expect("refused when asked");
+        assert!(
+            message.contains("wasi:filesystem/types@0.2.6,")
+                || message.contains("wasi:filesystem/types@0.2.6 "),
+            "{message}"
+        );
+        assert!(message.contains("plugins.refused_imports"), "{message}");
     }
 }
