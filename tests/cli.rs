@@ -462,33 +462,10 @@ fn a_plugins_printed_lines_appear_in_the_server_log_tagged_with_its_name() {
     let dir = tmp.path().join("plugins");
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::copy(plugin_wasm("wasi-probe"), dir.join("probe.wasm")).expect("copy");
-    let log_path = tmp.path().join("server.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let mut child = cllm()
-        .args(["serve", "--model", "models/stories260K", "--port", "0"])
-        .arg("--plugins-dir")
-        .arg(&dir)
-        .current_dir(common::repo_root())
-        .stderr(log)
-        .spawn()
-        .expect("starts");
-    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let addr = loop {
-        let text = read_log();
-        if let Some(rest) = text.split("listening on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never listened:\n{text}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let dir_arg = dir.display().to_string();
+    let server =
+        common::process::ServeProcess::start(tmp.path(), "server", &["--plugins-dir", &dir_arg]);
+    let addr = server.addr.clone();
     let body = r#"{"inputs": "Hi", "parameters": {"max_new_tokens": 2}}"#;
     let mut stream = std::net::TcpStream::connect(&addr).expect("connect");
     write!(
@@ -499,10 +476,8 @@ fn a_plugins_printed_lines_appear_in_the_server_log_tagged_with_its_name() {
     .expect("send");
     let mut response = String::new();
     let _ = stream.read_to_string(&mut response);
-    let _ = child.kill();
-    let _ = child.wait();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let text = read_log();
+    let text = server.log();
     for line in [
         "probe check cllm-trial",
         "probe check req-42",

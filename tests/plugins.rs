@@ -1064,6 +1064,21 @@ async fn generate_tokens(server: &TestServer, client: &str, tokens: u32) -> reqw
         .expect("sent")
 }
 
+/// `/generate` as `client` asking for `tokens` tokens, to a server process at `url`.
+async fn generate_at(url: &str, client: &str, tokens: u32) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("x-client-id", client)
+        .json(&json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": tokens}}))
+        .send()
+        .await
+        .expect("sent");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// Two `cllm serve` processes with the shared-limit plugin and one Redis: a client sending to
+/// both alternately gets its limit admitted once, not once per replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_request_and_token_limits_through_redis() {
     let Some(redis) = Redis::start(0) else {
@@ -1071,48 +1086,81 @@ async fn two_replicas_share_request_and_token_limits_through_redis() {
     };
     let tmp = tempfile::tempdir().expect("tmp");
     let limits = r#"{"window_ms": 600000, "max_requests": 3, "max_tokens": 6, "key_prefix": "t2"}"#;
-    let a = shared_limit_server(&tmp.path().join("a"), limits, &redis.url()).await;
-    let b = shared_limit_server(&tmp.path().join("b"), limits, &redis.url()).await;
+    let replica = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        put(&dir, "shared_limit.json", limits.as_bytes());
+        put_plugin(&dir, "shared_limit.wasm", "shared-limit");
+        let redis_url = format!("plugins.shared_state.redis_url={}", redis.url());
+        let dir_arg = dir.display().to_string();
+        common::process::ServeProcess::start(
+            tmp.path(),
+            name,
+            &[
+                "--plugins-dir",
+                &dir_arg,
+                "--set",
+                &redis_url,
+                // Loopback Redis answers in well under a millisecond; leave room on a busy box.
+                "--set",
+                "plugins.call_deadline_ms=50",
+                "--set",
+                "plugins.shared_state.timeout_ms=20",
+                "--set",
+                "rate_limiter.max_requests=1000000",
+            ],
+        )
+    };
+    let (a, b) = (replica("a"), replica("b"));
+    let (a_url, b_url) = (a.url("/generate"), b.url("/generate"));
+    // The plugin loads before the server listens (the folder is read at start).
+    let plugins: Value = reqwest::get(a.url("/plugins"))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(plugins["plugins"][0]["state"], "active", "{plugins}");
 
     // Requests: three in all, across both replicas; the fourth is refused by either.
-    for (i, server) in [&a, &b, &a].into_iter().enumerate() {
-        let status = generate_tokens(server, "yan", 1).await.status();
-        assert_eq!(status, 200, "request {i}");
+    for (i, url) in [&a_url, &b_url, &a_url].into_iter().enumerate() {
+        let (status, body) = generate_at(url, "yan", 1).await;
+        assert_eq!(status, 200, "request {i}: {body}");
     }
-    for server in [&b, &a] {
-        let response = generate_tokens(server, "yan", 1).await;
-        assert_eq!(response.status(), 429);
-        let body: Value = response.json().await.expect("json");
-        let error = body["error"].as_str().unwrap_or_default();
-        assert!(error.contains("3 requests per 600000 ms"), "{error}");
+    for url in [&b_url, &a_url] {
+        let (status, body) = generate_at(url, "yan", 1).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("3 requests per 600000 ms"), "{body}");
     }
     // Another client is counted apart.
-    assert_eq!(generate_tokens(&b, "zoe", 4).await.status(), 200);
+    assert_eq!(generate_at(&b_url, "zoe", 4).await.0, 200);
     // Tokens: zoe's 4 generated on b count on a too, once recorded (after the response).
-    assert_eq!(generate_tokens(&a, "zoe", 4).await.status(), 200);
+    assert_eq!(generate_at(&a_url, "zoe", 4).await.0, 200);
     eventually(
         "zoe's tokens reach the limit",
         Duration::from_secs(5),
         || async {
-            let response = generate_tokens(&a, "zoe", 1).await;
-            let status = response.status().as_u16();
-            let text = response.text().await.unwrap_or_default();
-            if status == 429 && text.contains("6 generated tokens per 600000 ms") {
-                Ok(())
-            } else {
-                Err(format!("{status} {text}"))
+            match generate_at(&a_url, "zoe", 1).await {
+                (429, body) if body.contains("6 generated tokens per 600000 ms") => Ok(()),
+                other => Err(format!("{other:?}")),
             }
         },
     )
     .await;
-    let metrics = a.metrics().await;
+    let metrics = reqwest::get(a.url("/metrics"))
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("text");
     assert!(metric_value(&metrics, r#"cllm_shared_state_calls_total{store="redis"}"#) >= 6.0);
     assert!(
         !metrics.contains("cllm_shared_state_errors_total"),
         "no store errors"
     );
-    a.shutdown().await;
-    b.shutdown().await;
+    for process in [&a, &b] {
+        assert!(!process.log().contains("panicked"), "{}", process.log());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

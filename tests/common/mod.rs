@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod greedy;
+pub mod process;
 pub mod server;
 pub mod wasm;
 
