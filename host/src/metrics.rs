@@ -5,6 +5,9 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Request latency buckets: from a cached 5 ms reply to multi-minute generations.
 const DURATION_BUCKETS: &[f64] = &[
@@ -27,7 +30,14 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     enabled: bool,
+    /// Tells the upkeep thread to stop (set when the metrics are dropped).
+    upkeep_stop: Arc<AtomicBool>,
 }
+
+/// How often histogram samples are folded into their buckets. The exporter keeps every
+/// recorded sample until a scrape or an upkeep drains it: without upkeep, a server nobody
+/// scrapes grows by every sample it records (about a kilobyte per generated request).
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
@@ -42,6 +52,7 @@ impl Metrics {
             ("cllm_inter_token_latency_seconds", ITL_BUCKETS),
             ("cllm_batch_size", BATCH_BUCKETS),
             ("cllm_plugin_call_duration_seconds", PLUGIN_BUCKETS),
+            ("cllm_shared_state_call_duration_seconds", PLUGIN_BUCKETS),
         ];
         let builder = buckets.iter().fold(builder, |b, (name, values)| {
             // Only fails for an empty bucket list, which the constants above are not.
@@ -50,10 +61,24 @@ impl Metrics {
         });
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
+        let upkeep_stop = Arc::new(AtomicBool::new(false));
+        if enabled {
+            let (handle, stop) = (handle.clone(), upkeep_stop.clone());
+            // A thread that cannot start only means samples wait for the next scrape.
+            let _ = std::thread::Builder::new()
+                .name("cllm-metrics-upkeep".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(UPKEEP_EVERY);
+                        handle.run_upkeep();
+                    }
+                });
+        }
         let metrics = Metrics {
             recorder,
             handle,
             enabled,
+            upkeep_stop,
         };
         metrics.describe();
         metrics
@@ -185,5 +210,11 @@ impl Metrics {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+}
+
+impl Drop for Metrics {
+    fn drop(&mut self) {
+        self.upkeep_stop.store(true, Ordering::Relaxed);
     }
 }
