@@ -63,7 +63,7 @@ lua chat '{"model": "stories260K", "messages": [{"role": "user", "content": "Tel
 lua stream '{"inputs": "Once upon a time", "parameters": {"max_new_tokens": 64, "stop": ["never-seen"]}}'
 
 run() { # addr path script conc -> "p50_ms p99_ms rps"
-  wrk -t2 -c"$4" -d"${secs}s" --latency -s "$work/$3.lua" "http://$1$2" |
+  wrk -t"$(( $4 < 2 ? 1 : 2 ))" -c"$4" -d"${secs}s" --latency -s "$work/$3.lua" "http://$1$2" |
     awk '/^ +50%/{p50=$2} /^ +99%/{p99=$2} /Requests\/sec/{rps=$2}
          function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; return v*1000 }
          END{printf "%.3f %.3f %.0f\n", ms(p50), ms(p99), rps}'
