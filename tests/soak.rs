@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::rng::Rng;
+
 use common::server::{metric_value, TestServer};
 use common::wasm::plugin_wasm;
 use serde_json::{json, Value};
@@ -41,22 +43,6 @@ fn status(field: &str) -> u64 {
 /// Resident set size of this process, in bytes.
 fn rss() -> u64 {
     status("VmRSS") * 1024
-}
-
-/// A small xorshift generator per client: reproducible, no shared state.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[derive(Default)]

@@ -3,6 +3,7 @@
 
 pub mod greedy;
 pub mod process;
+pub mod rng;
 pub mod server;
 pub mod wasm;
 
