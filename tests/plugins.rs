@@ -1292,3 +1292,35 @@ async fn a_python_plugin_loads_and_limits_like_a_rust_one() {
     assert_eq!(generate_as(&server, "alice", &[]).await.status(), 200);
     server.shutdown().await;
 }
+
+/// The plugin folder removed while watched (its plugins go, the built-in policy is back), then
+/// created again: a plugin dropped into the new folder loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_folder_removed_and_created_again_is_watched_again() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put_plugin(&dir, "policy.wasm", "deny-all");
+    let server = start_with_plugins(&dir, |c| c.rate_limiter.max_requests = 1_000_000).await;
+    wait_for(&server, "policy.wasm", "active").await;
+    assert_eq!(generate_as(&server, "ivy", &[]).await.status(), 429);
+    std::fs::remove_dir_all(&dir).expect("rm -r");
+    wait_for(&server, "policy.wasm", "absent").await;
+    assert_eq!(generate_as(&server, "ivy", &[]).await.status(), 200);
+    std::fs::create_dir_all(&dir).expect("mkdir again");
+    put_plugin(&dir, "again.wasm", "deny-all");
+    eventually(
+        "a plugin in the re-created folder loads",
+        Duration::from_secs(10),
+        || async {
+            let list = plugins(&server).await;
+            match list.iter().find(|p| p["file"] == "again.wasm") {
+                Some(p) if p["state"] == "active" => Ok(()),
+                _ => Err(format!("{list:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(generate_as(&server, "ivy", &[]).await.status(), 429);
+    server.shutdown().await;
+}

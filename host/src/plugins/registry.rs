@@ -164,6 +164,11 @@ impl PluginRegistry {
         }
     }
 
+    /// The stems of every plugin the registry knows (loaded or refused).
+    pub fn loaded_stems(&self) -> Vec<String> {
+        self.lock_entries().keys().cloned().collect()
+    }
+
     /// Brings plugin `stem` in line with its files: load, replace, refuse or remove.
     pub fn reload(&self, stem: &str) {
         let wasm_path = self.dir.join(format!("{stem}.wasm"));

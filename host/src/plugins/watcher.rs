@@ -2,19 +2,34 @@
 //! file is closed after writing or renamed into place, else after a quiet moment. Editors write
 //! a temporary file and rename it, and copies arrive in several writes, so reacting to every
 //! event would compile half-written files.
+//!
+//! A folder that is removed takes its watch with it (inotify drops it). The loop learns of it
+//! from the folder's own removal event, or from its periodic check ([`FOLDER_CHECK`]: the folder
+//! missing, or a different one under the name). Its plugins unload as their files go, and once a
+//! folder of that name exists again it is watched anew and every plugin file in it is loaded.
 
 use super::registry::PluginRegistry;
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Keeps the watcher alive; dropping it stops watching.
+/// How often the loop checks that the folder still exists (and is watched).
+pub const FOLDER_CHECK: Duration = Duration::from_millis(250);
+
+/// Keeps the watcher running; dropping it stops watching.
 pub struct FolderWatcher {
-    _watcher: notify::RecommendedWatcher,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for FolderWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 fn plugin_stem(path: &Path) -> Option<String> {
@@ -27,23 +42,71 @@ fn plugin_stem(path: &Path) -> Option<String> {
 
 /// Starts watching `registry.dir`.
 pub fn watch(registry: Arc<PluginRegistry>) -> anyhow::Result<FolderWatcher> {
-    let (tx, rx) = mpsc::channel::<(String, bool)>();
+    let (tx, rx) = mpsc::channel::<Change>();
+    let folder = registry.dir.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
+            // The folder itself removed (or moved away): its watch is gone.
+            if matches!(
+                event.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            ) && event.paths.contains(&folder)
+            {
+                let _ = tx.send(Change::FolderGone);
+            }
             let complete = is_complete(&event.kind);
             // A rename reports both names; only the one that now exists is complete.
             for path in &event.paths {
                 if let Some(stem) = plugin_stem(path) {
-                    let _ = tx.send((stem, complete && path.exists()));
+                    let _ = tx.send(Change::File(stem, complete && path.exists()));
                 }
             }
         }
     })?;
     watcher.watch(&registry.dir, RecursiveMode::NonRecursive)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
     std::thread::Builder::new()
         .name("cllm-plugin-watch".into())
-        .spawn(move || debounce_loop(&registry, &rx))?;
-    Ok(FolderWatcher { _watcher: watcher })
+        .spawn(move || debounce_loop(&registry, watcher, &rx, &stopped))?;
+    Ok(FolderWatcher { stop })
+}
+
+/// What the watcher callback reports to the loop.
+enum Change {
+    /// A plugin file changed: its stem, and whether the file is complete.
+    File(String, bool),
+    /// The watched folder itself was removed (its watch is gone with it).
+    FolderGone,
+}
+
+/// Which folder `dir` is now (device and inode on Unix), `None` when there is none.
+fn folder_identity(dir: &Path) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(dir).ok().filter(|m| m.is_dir())?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Some((0, 0))
+    }
+}
+
+/// Every plugin stem with a file in `dir`.
+fn stems_in(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut stems: Vec<String> = entries
+        .filter_map(|e| plugin_stem(&e.ok()?.path()))
+        .filter(|stem| !stem.starts_with('.'))
+        .collect();
+    stems.sort();
+    stems.dedup();
+    stems
 }
 
 /// Whether an event says a file is complete: closed after writing, or renamed into place.
@@ -55,16 +118,57 @@ fn is_complete(kind: &EventKind) -> bool {
     )
 }
 
-fn debounce_loop(registry: &PluginRegistry, rx: &mpsc::Receiver<(String, bool)>) {
+fn debounce_loop(
+    registry: &PluginRegistry,
+    mut watcher: notify::RecommendedWatcher,
+    rx: &mpsc::Receiver<Change>,
+    stop: &AtomicBool,
+) {
     let mut pending: HashMap<String, Instant> = HashMap::new();
-    loop {
+    // The folder being watched; `None` while there is none.
+    let mut watched = folder_identity(&registry.dir);
+    let mut checked = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if checked.elapsed() >= FOLDER_CHECK {
+            checked = Instant::now();
+            let now_there = folder_identity(&registry.dir);
+            if now_there != watched {
+                if now_there.is_none() {
+                    tracing::warn!(dir = %registry.dir.display(), "plugin folder removed; watching for it to come back");
+                    watched = None;
+                    // Whatever was loaded from it unloads (its files' removals may have
+                    // been missed along with the folder).
+                    for stem in registry.loaded_stems() {
+                        pending.insert(stem, Instant::now());
+                    }
+                } else {
+                    // A new folder: the old watch went with the old one.
+                    let _ = watcher.unwatch(&registry.dir);
+                    match watcher.watch(&registry.dir, RecursiveMode::NonRecursive) {
+                        Ok(()) => {
+                            watched = now_there;
+                            tracing::info!(dir = %registry.dir.display(), "plugin folder is back; watching it again");
+                            let now = Instant::now();
+                            for stem in stems_in(&registry.dir)
+                                .into_iter()
+                                .chain(registry.loaded_stems())
+                            {
+                                pending.insert(stem, now);
+                            }
+                        }
+                        Err(e) => tracing::warn!("cannot watch the plugin folder again yet: {e}"),
+                    }
+                }
+            }
+        }
         let wait = if pending.is_empty() {
-            Duration::from_secs(3600)
+            FOLDER_CHECK
         } else {
             Duration::from_millis(5)
         };
         match rx.recv_timeout(wait) {
-            Ok((stem, complete)) => {
+            Ok(Change::FolderGone) => watched = None,
+            Ok(Change::File(stem, complete)) => {
                 // A complete file is due now; anything else waits for the quiet period.
                 let due = if complete {
                     Instant::now()
