@@ -11,7 +11,7 @@ mod common;
 
 use common::rng::Rng;
 
-use common::server::{metric_value, TestServer};
+use common::server::{metric_value, sse_events, TestServer};
 use common::wasm::plugin_wasm;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -116,7 +116,11 @@ async fn client(
                         }
                     }
                 }
-                if !text.contains("\"generated_text\"") {
+                // Only the final event carries the text (the others have it null).
+                let finished = sse_events(&text)
+                    .iter()
+                    .any(|event| event["generated_text"].is_string());
+                if !finished {
                     let tail: String = text.chars().rev().take(300).collect();
                     let tail: String = tail.chars().rev().collect();
                     tally

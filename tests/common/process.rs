@@ -14,13 +14,17 @@ pub struct ServeProcess {
 }
 
 impl ServeProcess {
-    /// Starts `cllm serve --model models/stories260K --port 0 ARGS...` with its log in
-    /// `dir/NAME.log`, and waits until it listens.
+    /// Starts `cllm serve --port 0 ARGS...` (with `--model models/stories260K` unless ARGS
+    /// name a model) with its log in `dir/NAME.log`, and waits until it listens.
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> ServeProcess {
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = cllm()
-            .args(["serve", "--model", "models/stories260K", "--port", "0"])
+        let mut command = cllm();
+        command.args(["serve", "--port", "0"]);
+        if !args.contains(&"--model") {
+            command.args(["--model", "models/stories260K"]);
+        }
+        let child = command
             .args(args)
             .current_dir(repo_root())
             .stderr(log)
@@ -41,7 +45,11 @@ impl ServeProcess {
                     .unwrap_or_default()
                     .to_string();
             }
-            assert!(Instant::now() < deadline, "{name} never listened:\n{text}");
+            let exited = process.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "{name} never listened (exit: {exited:?}):\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         process
@@ -49,6 +57,22 @@ impl ServeProcess {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit; its exit status, or
+    /// `None` if it was still running (it is killed on drop then).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Everything it has logged so far.
