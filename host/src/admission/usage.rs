@@ -108,8 +108,7 @@ impl Drop for Ledger {
             outcome: outcome.for_plugins(),
         };
         let policy = &self.admission.policy;
-        let on_a_worker = tokio::runtime::Handle::try_current();
-        match on_a_worker {
+        match tokio::runtime::Handle::try_current() {
             // Plugin calls stay off the async workers (see `Policy::calls_plugins`).
             Ok(runtime) if policy.calls_plugins() => {
                 let admission = self.admission.clone();

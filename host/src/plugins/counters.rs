@@ -94,18 +94,6 @@ impl Counters {
         })
     }
 
-    /// An in-process store (tests, offline tools).
-    pub fn in_memory(metrics: std::sync::Arc<Metrics>) -> Counters {
-        let labels = [("store", "memory".to_string())];
-        Counters {
-            backend: Backend::Memory(Mutex::new(HashMap::new())),
-            failure_mode: StoreFailureMode::FailOpen,
-            calls: metrics.counter("cllm_shared_state_calls_total", &labels),
-            duration: metrics.histogram("cllm_shared_state_call_duration_seconds", &labels),
-            metrics,
-        }
-    }
-
     /// `counters.incr`: adds `delta` to `key`'s count in the current window of `window_ms`.
     pub fn incr(&self, key: &str, delta: i64, window_ms: u64) -> Result<i64, String> {
         if key.len() > MAX_KEY_BYTES {
@@ -264,7 +252,8 @@ mod tests {
 
     #[test]
     fn memory_counts_per_window_and_key() {
-        let counters = Counters::in_memory(std::sync::Arc::new(Metrics::new(true)));
+        let metrics = std::sync::Arc::new(Metrics::new(true));
+        let counters = Counters::new(&SharedStateConfig::default(), metrics).expect("in memory");
         assert_eq!(counters.incr("a", 2, 60_000), Ok(2));
         assert_eq!(counters.incr("a", 3, 60_000), Ok(5));
         assert_eq!(counters.incr("b", 1, 60_000), Ok(1));

@@ -147,8 +147,15 @@ impl PluginRegistry {
 
     /// Loads every `*.wasm` in the folder.
     pub fn scan(&self) {
+        for stem in self.wasm_stems() {
+            self.reload(&stem);
+        }
+    }
+
+    /// The stems of the `*.wasm` files in the folder, sorted (none when it cannot be read).
+    pub fn wasm_stems(&self) -> Vec<String> {
         let Ok(read) = std::fs::read_dir(&self.dir) else {
-            return;
+            return Vec::new();
         };
         let mut stems: Vec<String> = read
             .flatten()
@@ -159,13 +166,11 @@ impl PluginRegistry {
             })
             .collect();
         stems.sort();
-        for stem in stems {
-            self.reload(&stem);
-        }
+        stems
     }
 
     /// The stems of every plugin the registry knows (loaded or refused).
-    pub fn loaded_stems(&self) -> Vec<String> {
+    pub fn known_stems(&self) -> Vec<String> {
         self.lock_entries().keys().cloned().collect()
     }
 

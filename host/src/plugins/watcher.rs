@@ -95,20 +95,6 @@ fn folder_identity(dir: &Path) -> Option<(u64, u64)> {
     }
 }
 
-/// Every plugin stem with a file in `dir`.
-fn stems_in(dir: &Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut stems: Vec<String> = entries
-        .filter_map(|e| plugin_stem(&e.ok()?.path()))
-        .filter(|stem| !stem.starts_with('.'))
-        .collect();
-    stems.sort();
-    stems.dedup();
-    stems
-}
-
 /// Whether an event says a file is complete: closed after writing, or renamed into place.
 fn is_complete(kind: &EventKind) -> bool {
     matches!(
@@ -138,7 +124,7 @@ fn debounce_loop(
                     watched = None;
                     // Whatever was loaded from it unloads (its files' removals may have
                     // been missed along with the folder).
-                    for stem in registry.loaded_stems() {
+                    for stem in registry.known_stems() {
                         pending.insert(stem, Instant::now());
                     }
                 } else {
@@ -149,9 +135,10 @@ fn debounce_loop(
                             watched = now_there;
                             tracing::info!(dir = %registry.dir.display(), "plugin folder is back; watching it again");
                             let now = Instant::now();
-                            for stem in stems_in(&registry.dir)
+                            for stem in registry
+                                .wasm_stems()
                                 .into_iter()
-                                .chain(registry.loaded_stems())
+                                .chain(registry.known_stems())
                             {
                                 pending.insert(stem, now);
                             }
