@@ -1,12 +1,178 @@
-//! Faults from outside: the model folder deleted under a running server, and SIGTERM with 50
-//! streams in flight. (The plugin folder removed and re-created is in `tests/plugins.rs`.)
+//! Faults: a forward pass that fails for one sequence, the model folder deleted under a
+//! running server, and SIGTERM with 50 streams in flight. (The plugin folder removed and
+//! re-created, and a full disk under the compiled-plugin cache, are in `tests/plugins.rs`.)
 
 mod common;
 
 use common::process::ServeProcess;
-use common::server::sse_events;
-use serde_json::json;
+use common::server::{metric_value, sse_events, TestServer};
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+
+const OTHERS_PROMPT: &str = "Once upon a time";
+const OTHERS_TOKENS: u64 = 24;
+
+/// A stream of the unpoisoned prompt: its final event.
+async fn other_stream(server: &TestServer) -> Value {
+    let response = server
+        .post(
+            "/generate_stream",
+            json!({"inputs": OTHERS_PROMPT,
+                   "parameters": {"max_new_tokens": OTHERS_TOKENS, "details": true}}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.expect("stream");
+    sse_events(&body).pop().expect("an event")
+}
+
+/// A forward pass that errors for one sequence (the executor's injected fault): that request
+/// ends with a 500 `generation` error in its API's shape, streams running beside it finish
+/// with the very text they get without the fault, its blocks go back, and `/health` and
+/// `/metrics` report the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_pass_failing_for_one_sequence_fails_that_request_only() {
+    let model = common::repo_root().join("models/stories260K");
+    // A fault-free server first: the reference text, and a token the others never feed.
+    let clean = TestServer::start(&model, |c| c.rate_limiter.enabled = false).await;
+    let reference: Value = clean
+        .post(
+            "/generate",
+            json!({"inputs": OTHERS_PROMPT,
+                   "parameters": {"max_new_tokens": OTHERS_TOKENS, "details": true}}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let reference_text = reference["generated_text"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    let generated: Vec<u64> = reference["details"]["tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["id"].as_u64())
+        .collect();
+    assert_eq!(generated.len() as u64, OTHERS_TOKENS, "{reference}");
+    let mut fed = clean.encode(OTHERS_PROMPT).await;
+    fed.extend(generated);
+    let poison_text = " the zebra quarrelled";
+    let poison = clean
+        .encode(poison_text)
+        .await
+        .into_iter()
+        .find(|id| !fed.contains(id))
+        .expect("a token the other requests never feed");
+    clean.shutdown().await;
+
+    let server = TestServer::start(&model, |c| {
+        c.rate_limiter.enabled = false;
+        c.scheduler.debug_fail_on_token = Some(poison as u32);
+        // Slow steps: the poisoned requests arrive while the others are mid-stream.
+        c.scheduler.debug_step_delay_ms = 10;
+    })
+    .await;
+    let server = std::sync::Arc::new(server);
+    let others: Vec<_> = (0..4)
+        .map(|_| {
+            let server = server.clone();
+            tokio::spawn(async move { other_stream(&server).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let poisoned = format!("{OTHERS_PROMPT}{poison_text}");
+
+    let tgi = server
+        .post(
+            "/generate",
+            json!({"inputs": poisoned, "parameters": {"max_new_tokens": 8}}),
+        )
+        .await;
+    assert_eq!(tgi.status(), 500);
+    let request_id = tgi.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    let body: Value = tgi.json().await.expect("json");
+    assert_eq!(body["error_type"], "generation", "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("injected fault"),
+        "{body}"
+    );
+
+    let openai = server
+        .post(
+            "/v1/completions",
+            json!({"model": "stories260K", "prompt": poisoned, "max_tokens": 8}),
+        )
+        .await;
+    assert_eq!(openai.status(), 500);
+    let body: Value = openai.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    assert_eq!(body["error"]["code"], "generation", "{body}");
+
+    let stream = server
+        .post(
+            "/generate_stream",
+            json!({"inputs": poisoned, "parameters": {"max_new_tokens": 8}}),
+        )
+        .await;
+    assert_eq!(stream.status(), 200, "the stream had begun");
+    let events = sse_events(&stream.text().await.expect("stream"));
+    let last = events.last().expect("an event");
+    assert_eq!(last["error_type"], "generation", "{events:?}");
+
+    for other in others {
+        let last = other.await.expect("stream task");
+        assert_eq!(last["generated_text"], reference_text.as_str(), "{last}");
+        assert_eq!(last["details"]["generated_tokens"], OTHERS_TOKENS, "{last}");
+    }
+
+    let record = server.get_json(&format!("/requests/{request_id}")).await;
+    assert_eq!(record["state"], "failed", "{record}");
+    let health_response = server
+        .http
+        .get(server.url("/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health_response.status(), 200, "degraded still serves");
+    let health: Value = health_response.json().await.expect("json");
+    let executor = &health["components"]["model_executor"];
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(executor["status"], "degraded", "{health}");
+    assert_eq!(executor["failed_sequences"], 3, "{health}");
+    assert!(
+        executor["last_failure"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("injected fault"),
+        "{health}"
+    );
+    let metrics = server.metrics().await;
+    assert_eq!(metric_value(&metrics, "cllm_sequence_failures_total"), 3.0);
+    assert_eq!(health["metrics"]["kv_blocks_used"], 0, "{health}");
+    assert_eq!(health["metrics"]["running_sequences"], 0, "{health}");
+
+    // And the server goes on serving.
+    let after = server
+        .post(
+            "/generate",
+            json!({"inputs": OTHERS_PROMPT, "parameters": {"max_new_tokens": OTHERS_TOKENS}}),
+        )
+        .await;
+    assert_eq!(after.status(), 200);
+    let after: Value = after.json().await.expect("json");
+    assert_eq!(after["generated_text"], reference_text.as_str());
+    if let Ok(server) = std::sync::Arc::try_unwrap(server) {
+        server.shutdown().await;
+    }
+}
 
 /// The weights are read at start (mapped files stay readable after their names go): deleting
 /// the model folder must not stop a running server from generating or make it unhealthy.

@@ -302,6 +302,10 @@ pub struct SchedulerConfig {
     /// Pause after every forward pass, in ms: slows generation down for tests and queueing
     /// demos. Keep 0 in production.
     pub debug_step_delay_ms: u64,
+    /// Fault injection for tests: any forward pass in which a sequence feeds this token id
+    /// fails for that sequence (its request ends with a 500 `generation` error; the others
+    /// run on). Leave unset in production.
+    pub debug_fail_on_token: Option<u32>,
 }
 
 impl Default for SchedulerConfig {
@@ -317,6 +321,7 @@ impl Default for SchedulerConfig {
             default_max_new_tokens: 100,
             max_new_tokens_limit: 4096,
             debug_step_delay_ms: 0,
+            debug_fail_on_token: None,
         }
     }
 }

@@ -42,6 +42,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Generation failed inside the model for this request (TGI's `generation` error).
+    #[error("generation failed: {0}")]
+    Generation(String),
 }
 
 impl ApiError {
@@ -59,7 +62,7 @@ impl ApiError {
             | ApiError::QueueTimeout { .. }
             | ApiError::PolicyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) | ApiError::Generation(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -77,6 +80,7 @@ impl ApiError {
             ApiError::PolicyUnavailable(_) => "policy_unavailable",
             ApiError::NotFound(_) => "not_found",
             ApiError::Internal(_) => "internal",
+            ApiError::Generation(_) => "generation",
         }
     }
 
@@ -194,6 +198,7 @@ mod tests {
                 "rate_limited",
             ),
             (ApiError::Internal("x".into()), 500, "internal"),
+            (ApiError::Generation("x".into()), 500, "generation"),
         ];
         for (err, status, kind) in cases {
             assert_eq!(err.status().as_u16(), status);

@@ -120,6 +120,10 @@ impl Metrics {
             ("cllm_prompt_tokens_total", "Prompt tokens admitted."),
             ("cllm_generated_tokens_total", "Tokens generated."),
             (
+                "cllm_sequence_failures_total",
+                "Sequences the executor failed (forward pass or decoding errors).",
+            ),
+            (
                 "cllm_rate_limited_total",
                 "Requests refused by the rate limiter.",
             ),

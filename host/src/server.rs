@@ -220,6 +220,10 @@ fn build_state(
             kv_blocks_explicit: s.kv_cache_blocks.is_some(),
         },
     )?;
+    let executor = match s.debug_fail_on_token {
+        Some(token) => crate::model::fault_injection::FailOnToken::wrap(executor, token),
+        None => executor,
+    };
     let device = executor.device().clone();
     publish_device(&metrics, &device);
     let settings = SchedulerSettings {

@@ -72,6 +72,18 @@ impl TestServer {
         r.json().await.expect("JSON body")
     }
 
+    /// The token ids `/encode` gives `text`.
+    pub async fn encode(&self, text: &str) -> Vec<u64> {
+        let body: serde_json::Value = self
+            .post("/encode", serde_json::json!({ "inputs": text }))
+            .await
+            .json()
+            .await
+            .expect("JSON body");
+        let ids = body["ids"].as_array().expect("ids");
+        ids.iter().map(|id| id.as_u64().expect("id")).collect()
+    }
+
     pub async fn health(&self) -> serde_json::Value {
         self.get_json("/health").await
     }

@@ -139,7 +139,11 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     } else {
         Status::Ok
     };
-    let status = sched_status.max(queue_status).max(plugin_status);
+    let (executor_status, last_failure) = executor_verdict(stats, sched_status);
+    let status = sched_status
+        .max(queue_status)
+        .max(plugin_status)
+        .max(executor_status);
     let (rps, avg_response, error_rate) = state.recent.rates();
     let policy: Vec<Value> = verdicts
         .iter()
@@ -153,8 +157,10 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             "scheduler": { "status": sched_status, "message": sched_message,
                            "ms_since_last_step": stats.ms_since_last_tick(),
                            "steps": stats.steps.load(Ordering::Relaxed) },
-            "model_executor": { "status": sched_status, "backend": state.device.kind,
-                                "device": state.device },
+            "model_executor": { "status": executor_status, "backend": state.device.kind,
+                                "device": state.device,
+                                "failed_sequences": stats.failed_sequences.load(Ordering::Relaxed),
+                                "last_failure": last_failure },
             "tokenizer": { "status": Status::Ok },
             "request_queue": { "status": queue_status, "size": queue.size, "max_size": queue.max_size },
             "policy": { "status": plugin_status, "checks": policy },
@@ -183,6 +189,29 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         StatusCode::OK
     };
     (code, Json(body)).into_response()
+}
+
+/// How long a sequence the executor failed keeps `/health`'s executor `degraded`.
+const FAILURE_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The executor's verdict: the scheduler's, or `degraded` for a minute after a sequence
+/// failed; and the last failure as JSON (null when there was none).
+fn executor_verdict(
+    stats: &crate::scheduler::SchedulerStats,
+    sched_status: Status,
+) -> (Status, Value) {
+    match stats.last_failure() {
+        Some((ago, message)) => {
+            let status = if ago < FAILURE_MEMORY {
+                sched_status.max(Status::Degraded)
+            } else {
+                sched_status
+            };
+            let json = json!({ "message": message, "seconds_ago": ago.as_secs_f64() });
+            (status, json)
+        }
+        None => (sched_status, Value::Null),
+    }
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {

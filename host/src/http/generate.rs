@@ -153,7 +153,7 @@ pub async fn generate(
                     return Ok(Json(body));
                 }
             }
-            SeqEvent::Failed(message) => return Err(ApiError::Internal(message)),
+            SeqEvent::Failed(message) => return Err(ApiError::Generation(message)),
         }
     }
     Err(ApiError::Internal(
@@ -218,7 +218,7 @@ impl StreamState {
                     tracker.record_with(&ctx.request_id, Stage::Failed, message.clone());
                     self.done = true;
                     self.end.ended(500);
-                    let err = ApiError::Internal(message);
+                    let err = ApiError::Generation(message);
                     return Some(Event::default().data(err.body().to_string()));
                 }
                 None => {

@@ -41,12 +41,15 @@ impl LogitRows {
     }
 }
 
+/// Why a forward pass failed. The variants that name a batch entry are found before the pass
+/// changes anything (no cache advanced, no logits written), so the caller may drop that one
+/// sequence and run the others again; the rest mean the whole pass is lost.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExecError {
     #[error("batch entry {0} has no tokens")]
     EmptyEntry(usize),
-    #[error("token id {id} is outside the vocabulary ({vocab} tokens)")]
-    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("batch entry {entry}: token id {id} is outside the vocabulary ({vocab} tokens)")]
+    TokenOutOfRange { entry: usize, id: u32, vocab: usize },
     #[error(
         "batch entry {entry}: KV cache holds {capacity} slots, {needed} needed (reserve first)"
     )]
@@ -55,14 +58,35 @@ pub enum ExecError {
         needed: usize,
         capacity: usize,
     },
-    #[error("position {pos} is past the model's context of {max} tokens")]
-    ContextOverflow { pos: usize, max: usize },
+    #[error("batch entry {entry}: position {pos} is past the model's context of {max} tokens")]
+    ContextOverflow {
+        entry: usize,
+        pos: usize,
+        max: usize,
+    },
+    /// A fault injected for tests (`scheduler.debug_fail_on_token`).
+    #[error("batch entry {entry}: injected fault (token id {token})")]
+    Injected { entry: usize, token: u32 },
     /// The device failed (a CUDA call returned an error); the pass's results are lost.
     #[error("device error: {0}")]
     Device(String),
     /// More KV blocks were asked for while sequences still hold blocks.
     #[error("the KV cache cannot be resized while {0} blocks are in use")]
     KvInUse(usize),
+}
+
+impl ExecError {
+    /// The batch entry this error belongs to, when it was found before the pass began.
+    pub fn entry(&self) -> Option<usize> {
+        match self {
+            ExecError::EmptyEntry(entry)
+            | ExecError::TokenOutOfRange { entry, .. }
+            | ExecError::KvNotReserved { entry, .. }
+            | ExecError::ContextOverflow { entry, .. }
+            | ExecError::Injected { entry, .. } => Some(*entry),
+            ExecError::Device(_) | ExecError::KvInUse(_) => None,
+        }
+    }
 }
 
 pub(crate) fn check_batch(config: &ModelConfig, batch: &[BatchEntry]) -> Result<(), ExecError> {
@@ -76,6 +100,7 @@ pub(crate) fn check_batch(config: &ModelConfig, batch: &[BatchEntry]) -> Result<
             .find(|&&id| id as usize >= config.vocab_size)
         {
             return Err(ExecError::TokenOutOfRange {
+                entry: i,
                 id,
                 vocab: config.vocab_size,
             });
@@ -90,6 +115,7 @@ pub(crate) fn check_batch(config: &ModelConfig, batch: &[BatchEntry]) -> Result<
         }
         if needed > config.max_position_embeddings {
             return Err(ExecError::ContextOverflow {
+                entry: i,
                 pos: needed - 1,
                 max: config.max_position_embeddings,
             });

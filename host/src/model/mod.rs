@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod driver;
 pub mod error;
 pub mod executor;
+pub mod fault_injection;
 pub mod generation;
 pub mod gguf;
 pub mod huge_buffer;

@@ -43,6 +43,7 @@ struct LoopMetrics {
     ttft: metrics::Histogram,
     itl: metrics::Histogram,
     generated_tokens: metrics::Counter,
+    failures: metrics::Counter,
     vllm: Option<VllmGauges>,
 }
 
@@ -80,6 +81,7 @@ impl LoopMetrics {
             ttft: m.histogram("cllm_time_to_first_token_seconds", &[]),
             itl: m.histogram("cllm_inter_token_latency_seconds", &[]),
             generated_tokens: m.counter("cllm_generated_tokens_total", &[]),
+            failures: m.counter("cllm_sequence_failures_total", &[]),
             vllm: None,
         }
     }
@@ -316,7 +318,15 @@ impl Loop {
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = result {
-            self.fail_all(&format!("forward pass failed: {e}"));
+            match e.entry() {
+                // Found before the pass ran: only that sequence fails; the others run again
+                // at the next step with the blocks they already reserved.
+                Some(entry) => match plan.get(entry) {
+                    Some(&(i, _)) => self.fail_one(i, &format!("forward pass failed: {e}")),
+                    None => self.fail_all(&format!("forward pass failed: {e}")),
+                },
+                None => self.fail_all(&format!("forward pass failed: {e}")),
+            }
             return;
         }
         for &(i, n) in &plan {
@@ -367,7 +377,11 @@ impl Loop {
             let event = match seq.generation.step(row, &self.model.tokenizer) {
                 Ok(event) => event,
                 Err(e) => {
-                    seq.send(SeqEvent::Failed(format!("decoding failed: {e}")));
+                    let message = format!("decoding failed: {e}");
+                    tracing::error!(request_id = %id, message, "sequence failed");
+                    self.stats.record_failure(1, &message);
+                    self.metrics.failures.increment(1);
+                    seq.send(SeqEvent::Failed(message));
                     self.tracker.record_with(id, Stage::Failed, e.to_string());
                     finished.push(i);
                     continue;
@@ -428,8 +442,22 @@ impl Loop {
         }
     }
 
+    /// Fails running sequence `i` alone: its request gets `message`, its blocks go back.
+    fn fail_one(&mut self, i: usize, message: &str) {
+        let mut seq = self.running.remove(i);
+        tracing::error!(request_id = %seq.pending.request_id, message, "sequence failed; the others run on");
+        self.stats.record_failure(1, message);
+        self.metrics.failures.increment(1);
+        self.executor.blocks_mut().release(&mut seq.kv);
+        seq.send(SeqEvent::Failed(message.to_string()));
+        self.tracker
+            .record_with(&seq.pending.request_id, Stage::Failed, message);
+    }
+
     fn fail_all(&mut self, message: &str) {
         tracing::error!(message, "scheduler step failed; failing the running batch");
+        self.stats.record_failure(self.running.len(), message);
+        self.metrics.failures.increment(self.running.len() as u64);
         for mut seq in self.running.drain(..) {
             self.executor.blocks_mut().release(&mut seq.kv);
             seq.send(SeqEvent::Failed(message.to_string()));

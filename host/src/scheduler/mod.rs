@@ -67,6 +67,10 @@ pub struct SchedulerStats {
     pub started: std::sync::OnceLock<Instant>,
     /// Time to first token of recent requests, in ms (the last 1000).
     pub recent_ttft_ms: std::sync::Mutex<std::collections::VecDeque<f64>>,
+    /// Sequences the executor failed (a forward pass or decoding error), since start.
+    pub failed_sequences: AtomicU64,
+    /// The last such failure: when, and its message.
+    pub last_failure: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 impl SchedulerStats {
@@ -102,6 +106,19 @@ impl SchedulerStats {
         }
         values.sort_by(f64::total_cmp);
         values[((values.len() as f64 * 0.99).ceil() as usize).clamp(1, values.len()) - 1]
+    }
+
+    /// Counts `n` sequences failed by the executor with `message`.
+    pub fn record_failure(&self, n: usize, message: &str) {
+        self.failed_sequences.fetch_add(n as u64, Ordering::Relaxed);
+        let mut last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+        *last = Some((Instant::now(), message.to_string()));
+    }
+
+    /// The last executor failure: how long ago, and its message.
+    pub fn last_failure(&self) -> Option<(std::time::Duration, String)> {
+        let last = self.last_failure.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().map(|(at, m)| (at.elapsed(), m.clone()))
     }
 
     pub fn kv_usage(&self) -> f64 {

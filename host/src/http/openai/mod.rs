@@ -150,7 +150,7 @@ async fn run_choice(
                     return Ok((value, choice.completion_tokens));
                 }
             }
-            SeqEvent::Failed(message) => return Err(ApiError::Internal(message)),
+            SeqEvent::Failed(message) => return Err(ApiError::Generation(message)),
         }
     }
     Err(ApiError::Internal(

@@ -160,7 +160,7 @@ impl ChunkStream {
         let app = self.end.app();
         app.tracker
             .record_with(&ctx.request_id, Stage::Failed, message.clone());
-        let err = ApiError::Internal(message);
+        let err = ApiError::Generation(message);
         self.ready.push_back(data(&err.openai_body()));
         // Whatever else runs for this request is cancelled when the stream is dropped.
         self.merged = SelectAll::new();
