@@ -485,6 +485,81 @@ async fn compiled_plugins_are_cached_on_disk_across_restarts() {
     assert_eq!(cache(&fourth, "hit"), 1.0, "the entry was rewritten");
 }
 
+/// A full disk under the compiled-plugin cache (every file the process writes capped at
+/// 128 KiB, under the size of a compiled entry): plugins still load and hot-swap, compiled in
+/// memory (`result="error"`), no partial entry is left behind, and once there is room again
+/// the next start fills the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_compile_cache_changes_only_the_cache() {
+    use common::process::ServeProcess;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put_plugin(&dir, "limiter.wasm", "deny-all");
+    let dir_arg = dir.display().to_string();
+    let args = ["--plugins-dir", dir_arg.as_str()];
+    let client = reqwest::Client::new();
+    let cache_total = |server: &ServeProcess, result: &'static str| {
+        let request = client.get(server.url("/metrics"));
+        async move {
+            let text = request
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text");
+            let series = format!("cllm_plugin_compile_cache_total{{result=\"{result}\"}}");
+            metric_value(&text, &series)
+        }
+    };
+    let status_of_generate = |server: &ServeProcess| {
+        let request = client
+            .post(server.url("/generate"))
+            .json(&json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}));
+        async move { request.send().await.expect("sent").status().as_u16() }
+    };
+    let cache_files = || -> Vec<String> {
+        std::fs::read_dir(dir.join(".cache"))
+            .map(|entries| {
+                let names = entries.flatten().map(|e| e.file_name());
+                names.map(|n| n.to_string_lossy().into_owned()).collect()
+            })
+            .unwrap_or_default()
+    };
+
+    let full = ServeProcess::start_with_file_limit(tmp.path(), "full", &args, 128);
+    assert_eq!(status_of_generate(&full).await, 429, "deny-all loaded");
+    assert_eq!(cache_total(&full, "error").await, 1.0);
+    // A hot swap while the disk is full.
+    put_plugin(&dir, "limiter.wasm", "allow-all");
+    eventually("allow-all loaded", Duration::from_secs(5), || async {
+        match status_of_generate(&full).await {
+            200 => Ok(()),
+            other => Err(format!("status {other}")),
+        }
+    })
+    .await;
+    assert_eq!(cache_total(&full, "error").await, 2.0);
+    assert_eq!(cache_files(), Vec::<String>::new(), "nothing half-written");
+    let log = full.log();
+    assert!(
+        log.contains("cannot write the compiled plugin cache"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    drop(full);
+
+    let roomy = ServeProcess::start(tmp.path(), "roomy", &args);
+    assert_eq!(status_of_generate(&roomy).await, 200);
+    assert_eq!(cache_total(&roomy, "miss").await, 1.0);
+    let files = cache_files();
+    assert!(
+        files.len() == 1 && files[0].ends_with(".cwasm"),
+        "{files:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_files_are_refused_and_the_previous_policy_stays() {
     let tmp = tempfile::tempdir().expect("tmp");

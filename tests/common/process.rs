@@ -3,7 +3,7 @@
 
 use super::{cllm, repo_root};
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub struct ServeProcess {
@@ -17,9 +17,24 @@ impl ServeProcess {
     /// Starts `cllm serve --port 0 ARGS...` (with `--model models/stories260K` unless ARGS
     /// name a model) with its log in `dir/NAME.log`, and waits until it listens.
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> ServeProcess {
+        Self::spawn(dir, name, args, cllm())
+    }
+
+    /// As [`ServeProcess::start`], with every file the process writes limited to `kib` KiB
+    /// and SIGXFSZ ignored: a write past the limit fails (EFBIG), as it would on a full disk.
+    pub fn start_with_file_limit(dir: &Path, name: &str, args: &[&str], kib: u64) -> ServeProcess {
+        let mut command = std::process::Command::new("bash");
+        command.args([
+            "-c",
+            &format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""),
+            env!("CARGO_BIN_EXE_cllm"),
+        ]);
+        Self::spawn(dir, name, args, command)
+    }
+
+    fn spawn(dir: &Path, name: &str, args: &[&str], mut command: Command) -> ServeProcess {
         let log_path = dir.join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut command = cllm();
         command.args(["serve", "--port", "0"]);
         if !args.contains(&"--model") {
             command.args(["--model", "models/stories260K"]);

@@ -96,11 +96,15 @@ impl CompileCache {
 }
 
 /// Writes `code` to `path` through a temporary file and a rename, so a reader never sees half.
+/// A failed write (a full disk) removes what it wrote, so failures do not pile up partial files.
 fn store(path: &Path, code: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-    std::fs::write(&tmp, code)?;
-    std::fs::rename(&tmp, path)
+    let written = std::fs::write(&tmp, code).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
