@@ -97,6 +97,13 @@ pub struct HttpConfig {
     pub port: u16,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// How long a client has to send a request's headers, in milliseconds, counted from when
+    /// the connection opens or its previous response ends; the connection is closed after it
+    /// (so it is also how long an idle keep-alive connection stays open).
+    pub header_read_timeout_ms: u64,
+    /// How long a client has to send a request's whole body, in milliseconds, counted from
+    /// the end of its headers; after it the request is answered 408 `request_timeout`.
+    pub body_read_timeout_ms: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
     pub drain_timeout_ms: u64,
     /// On shutdown, how long to keep accepting requests while `/health/ready` already answers
@@ -110,6 +117,8 @@ impl Default for HttpConfig {
             host: "127.0.0.1".to_string(),
             port: 8080,
             max_body_bytes: 1024 * 1024,
+            header_read_timeout_ms: 30_000,
+            body_read_timeout_ms: 30_000,
             drain_timeout_ms: 30_000,
             shutdown_delay_ms: 0,
         }
@@ -155,6 +164,10 @@ pub struct RateLimiterConfig {
     pub global_max_requests: Option<u32>,
     /// Capacity of the global bucket; `None` = `global_max_requests`.
     pub global_burst: Option<u32>,
+    /// Most generation requests (streamed or not) one client may have open at once; more
+    /// are refused with 429 and `Retry-After: 1`. 0 = no limit. Applies whether or not
+    /// `enabled` is set and whether or not plugin limiters are loaded.
+    pub max_concurrent_per_client: u32,
 }
 
 impl Default for RateLimiterConfig {
@@ -166,6 +179,7 @@ impl Default for RateLimiterConfig {
             burst: None,
             global_max_requests: None,
             global_burst: None,
+            max_concurrent_per_client: 0,
         }
     }
 }
@@ -299,6 +313,9 @@ pub struct SchedulerConfig {
     pub default_max_new_tokens: usize,
     /// Largest `max_new_tokens` a request may ask for.
     pub max_new_tokens_limit: usize,
+    /// Most prompt tokens one sequence may have; longer prompts are refused (422, or 400 on
+    /// `/v1`). Unset: the model's context less one. A value above that is lowered to it.
+    pub max_input_tokens: Option<usize>,
     /// Pause after every forward pass, in ms: slows generation down for tests and queueing
     /// demos. Keep 0 in production.
     pub debug_step_delay_ms: u64,
@@ -320,6 +337,7 @@ impl Default for SchedulerConfig {
             kv_cache_dtype: Default::default(),
             default_max_new_tokens: 100,
             max_new_tokens_limit: 4096,
+            max_input_tokens: None,
             debug_step_delay_ms: 0,
             debug_fail_on_token: None,
         }
@@ -634,6 +652,19 @@ impl ServerConfig {
             errors.push("http.host must not be empty".to_string());
         }
         at_least(errors, "http.max_body_bytes", self.http.max_body_bytes, 1);
+        let h = &self.http;
+        at_least_u64(
+            errors,
+            "http.header_read_timeout_ms",
+            h.header_read_timeout_ms,
+            1,
+        );
+        at_least_u64(
+            errors,
+            "http.body_read_timeout_ms",
+            h.body_read_timeout_ms,
+            1,
+        );
     }
 
     fn validate_request_queue(&self, errors: &mut Vec<String>) {
@@ -724,6 +755,9 @@ impl ServerConfig {
                  scheduler.max_new_tokens_limit ({})",
                 s.default_max_new_tokens, s.max_new_tokens_limit
             ));
+        }
+        if let Some(n) = s.max_input_tokens {
+            at_least(errors, "scheduler.max_input_tokens", n, 1);
         }
     }
 

@@ -40,6 +40,9 @@ pub enum ApiError {
     PolicyUnavailable(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// The client did not send its whole body within `http.body_read_timeout_ms`.
+    #[error("the request body was not received within {timeout_ms} ms")]
+    BodyTimeout { timeout_ms: u64 },
     #[error("internal error: {0}")]
     Internal(String),
     /// Generation failed inside the model for this request (TGI's `generation` error).
@@ -62,6 +65,7 @@ impl ApiError {
             | ApiError::QueueTimeout { .. }
             | ApiError::PolicyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) | ApiError::Generation(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -79,6 +83,7 @@ impl ApiError {
             ApiError::QueueTimeout { .. } => "queue_timeout",
             ApiError::PolicyUnavailable(_) => "policy_unavailable",
             ApiError::NotFound(_) => "not_found",
+            ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::Internal(_) => "internal",
             ApiError::Generation(_) => "generation",
         }
@@ -111,7 +116,7 @@ impl ApiError {
     /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
     pub fn openai_body(&self) -> serde_json::Value {
         let kind = match self.openai_status().as_u16() {
-            400 | 404 | 413 => "invalid_request_error",
+            400 | 404 | 408 | 413 => "invalid_request_error",
             401 => "authentication_error",
             429 => "rate_limit_error",
             503 => "service_unavailable_error",
@@ -199,6 +204,11 @@ mod tests {
             ),
             (ApiError::Internal("x".into()), 500, "internal"),
             (ApiError::Generation("x".into()), 500, "generation"),
+            (
+                ApiError::BodyTimeout { timeout_ms: 5 },
+                408,
+                "request_timeout",
+            ),
         ];
         for (err, status, kind) in cases {
             assert_eq!(err.status().as_u16(), status);

@@ -2,6 +2,7 @@
 //! shutdown future resolves, then drain running streams (bounded by `http.drain_timeout_ms`).
 
 use crate::admission::auth::ApiKeys;
+use crate::admission::client_slots::ClientSlots;
 use crate::admission::queue::RequestQueue;
 use crate::admission::rate_limiter::RateLimiter;
 use crate::admission::{Admission, Policy};
@@ -18,7 +19,6 @@ use crate::scheduler::{Scheduler, SchedulerSettings};
 use crate::tracker::RequestTracker;
 use anyhow::Context;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,11 +70,8 @@ pub async fn serve(
     let drain = Duration::from_millis(config.http.drain_timeout_ms);
     let delay = Duration::from_millis(config.http.shutdown_delay_ms);
     let mut stop_wait = stop_rx.clone();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let header_read_timeout = Duration::from_millis(config.http.header_read_timeout_ms);
+    let server = crate::http::connections::serve(listener, app, header_read_timeout, async move {
         let _ = stop_wait.wait_for(|stopped| *stopped).await;
     });
     // Shutdown: not ready at once; the listener closes after `delay`; streams then get `drain`.
@@ -99,7 +96,7 @@ pub async fn serve(
         tokio::time::sleep(drain).await;
     };
     tokio::select! {
-        result = server => result?,
+        () = server => {}
         () = drain_deadline => tracing::warn!("drain timeout passed; closing open streams"),
     }
     state.scheduler.request_stop();
@@ -236,12 +233,17 @@ fn build_state(
             .vllm_compatible
             .then(|| served_model_name.clone()),
     };
+    // At least one new token must fit beside the longest prompt.
+    let max_input_tokens = s
+        .max_input_tokens
+        .unwrap_or(model.config.max_position_embeddings - 1)
+        .min(model.config.max_position_embeddings - 1);
     let info = serde_json::json!({
         "model_id": model.dir.display().to_string(),
         "model_type": model.config.model_type,
         "model_dtype": model.weights.dtype().name(),
         "max_total_tokens": model.config.max_position_embeddings,
-        "max_input_tokens": model.config.max_position_embeddings - 1,
+        "max_input_tokens": max_input_tokens,
         "max_new_tokens_limit": s.max_new_tokens_limit,
         "max_batch_total_tokens": s.max_batch_tokens,
         "max_concurrent_requests": s.max_running_sequences,
@@ -271,6 +273,7 @@ fn build_state(
         vocab_size: model.config.vocab_size,
         limits: Limits {
             context: model.config.max_position_embeddings,
+            max_input_tokens,
             default_max_new_tokens: s.default_max_new_tokens,
             max_new_tokens_limit: s.max_new_tokens_limit,
             max_logprobs: config.openai.max_logprobs,
@@ -281,7 +284,12 @@ fn build_state(
         started_unix: crate::http::unix_now(),
         chat_template,
         scheduler,
-        admission: Admission::new(policy, queue, max_wait),
+        admission: Admission::new(
+            policy,
+            ClientSlots::new(config.rate_limiter.max_concurrent_per_client),
+            queue,
+            max_wait,
+        ),
         draining: AtomicBool::new(false),
         keys: ApiKeys::from_config(&config.auth)?,
         tracker,
@@ -292,6 +300,7 @@ fn build_state(
             degraded_queue_fraction: config.health.degraded_queue_fraction,
         },
         max_body_bytes: config.http.max_body_bytes,
+        body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
         plugins,
         device,
     }))

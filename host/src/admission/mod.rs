@@ -10,6 +10,7 @@
 //! the priority queue (`queue`), and the plugin policy calls (`policy`).
 
 pub mod auth;
+pub mod client_slots;
 mod policy;
 pub mod queue;
 pub mod rate_limiter;

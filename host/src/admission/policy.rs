@@ -66,7 +66,12 @@ impl Policy {
         }
     }
 
-    fn refuse(&self, ticket: &Ticket, retry_after: Duration, reason: String) -> ApiError {
+    pub(super) fn refuse(
+        &self,
+        ticket: &Ticket,
+        retry_after: Duration,
+        reason: String,
+    ) -> ApiError {
         self.tracker
             .record_with(&ticket.request_id, Stage::RateLimited, reason.clone());
         self.rate_limited.increment(1);

@@ -279,6 +279,7 @@ mod tests {
             burst,
             global_max_requests: None,
             global_burst: None,
+            max_concurrent_per_client: 0,
         }
     }
 

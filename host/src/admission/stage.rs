@@ -1,6 +1,7 @@
 //! [`Admission::admit`]: policy (rate limit, priority), then the queue, then waiting until the
 //! scheduler takes every sequence of the request (or the queue wait runs out).
 
+use super::client_slots::ClientSlots;
 use super::policy::Policy;
 use super::usage::{Admitted, Ledger, Outcome, SequenceEvents};
 use crate::error::ApiError;
@@ -53,6 +54,8 @@ impl Ticket {
 /// The admission stage; one per server.
 pub struct Admission {
     pub policy: Policy,
+    /// Open requests per client (`rate_limiter.max_concurrent_per_client`).
+    pub client_slots: Arc<ClientSlots>,
     queue: Arc<crate::admission::queue::RequestQueue<Pending>>,
     max_queue_wait: Duration,
     next_queue_id: AtomicU64,
@@ -89,11 +92,13 @@ impl Drop for QueueGuard<'_> {
 impl Admission {
     pub fn new(
         policy: Policy,
+        client_slots: Arc<ClientSlots>,
         queue: Arc<crate::admission::queue::RequestQueue<Pending>>,
         max_queue_wait: Duration,
     ) -> Arc<Admission> {
         Arc::new(Admission {
             policy,
+            client_slots,
             queue,
             max_queue_wait,
             next_queue_id: AtomicU64::new(1),
@@ -123,9 +128,16 @@ impl Admission {
     /// Admits `ticket`: an error is the response to send (429, 503, ...); `Ok` means the
     /// scheduler runs every sequence and their tokens arrive on [`Admitted::sequences`].
     pub async fn admit(self: &Arc<Self>, ticket: Ticket) -> Result<Admitted, ApiError> {
+        // Before the rate limiter: a refused request should not spend the client's budget.
+        // The slot is held by the ledger, which lives as long as the request's sequences.
+        let Ok(slot) = self.client_slots.take(&ticket.client_id) else {
+            let max = self.client_slots.max();
+            let reason = format!("too many concurrent requests (at most {max} per client)");
+            return Err(self.policy.refuse(&ticket, Duration::from_secs(1), reason));
+        };
         let (mut ticket, priority) = self.decide(ticket).await;
         let priority = priority?;
-        let ledger = Arc::new(Ledger::new(self.clone(), &ticket));
+        let ledger = Arc::new(Ledger::new(self.clone(), &ticket, slot));
         let mut guard = QueueGuard {
             admission: self,
             request_id: &ticket.request_id,

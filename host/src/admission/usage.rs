@@ -1,6 +1,7 @@
 //! The admitted side of a request: its sequences' event streams, and the ledger that tells the
 //! rate limiters what the request used once all its sequences have ended, whatever the ending.
 
+use super::client_slots::ClientSlot;
 use super::stage::{Admission, Ticket};
 use crate::model::generation::FinishReason;
 use crate::plugins::bindings::Usage;
@@ -68,10 +69,16 @@ pub(super) struct Ledger {
     generated: AtomicUsize,
     /// The worst ending seen so far (`None`: nothing ended yet, which means cancelled).
     outcome: Mutex<Option<Outcome>>,
+    /// The client's open-request slot, given back when the request's last sequence is gone.
+    _slot: Option<ClientSlot>,
 }
 
 impl Ledger {
-    pub(super) fn new(admission: Arc<Admission>, ticket: &Ticket) -> Ledger {
+    pub(super) fn new(
+        admission: Arc<Admission>,
+        ticket: &Ticket,
+        slot: Option<ClientSlot>,
+    ) -> Ledger {
         Ledger {
             admission,
             request_id: ticket.request_id.clone(),
@@ -79,6 +86,7 @@ impl Ledger {
             prompt_tokens: ticket.sequences.iter().map(|s| s.prompt_ids.len()).sum(),
             generated: AtomicUsize::new(0),
             outcome: Mutex::new(None),
+            _slot: slot,
         }
     }
 

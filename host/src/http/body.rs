@@ -1,5 +1,5 @@
-//! JSON bodies with cllm's error table: 400 for broken JSON, 413 for oversized bodies, 422 for
-//! JSON of the wrong shape.
+//! JSON bodies with cllm's error table: 400 for broken JSON, 408 for a body that does not
+//! arrive in time, 413 for oversized bodies, 422 for JSON of the wrong shape.
 
 use crate::error::ApiError;
 use axum::body::Bytes;
@@ -28,26 +28,35 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map_or(usize::MAX, |l| l.0);
-        Bytes::from_request(req, state)
-            .await
-            .map(RawBody)
-            .map_err(|e: BytesRejection| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::BodyTooLarge { limit }
-                } else {
-                    ApiError::MalformedJson(e.body_text())
-                }
-            })
+        let limits = req.extensions().get::<BodyLimits>().copied();
+        let max_bytes = limits.map_or(usize::MAX, |l| l.max_bytes);
+        let read = Bytes::from_request(req, state);
+        let read = match limits {
+            Some(l) => tokio::time::timeout(l.read_timeout, read)
+                .await
+                .map_err(|_| ApiError::BodyTimeout {
+                    timeout_ms: l.read_timeout.as_millis() as u64,
+                })?,
+            None => read.await,
+        };
+        read.map(RawBody).map_err(|e: BytesRejection| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::BodyTooLarge { limit: max_bytes }
+            } else {
+                ApiError::MalformedJson(e.body_text())
+            }
+        })
     }
 }
 
-/// The configured body limit, put in request extensions so errors can name it.
+/// The configured body limits, put in request extensions by the middleware (and so errors
+/// can name them).
 #[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    /// How long the whole body may take to arrive.
+    pub read_timeout: std::time::Duration,
+}
 
 /// Parses a JSON body. A value of the wrong type or shape is an [`ApiError::InvalidParam`]
 /// naming the field's path (`parameters.top_k`, `messages[1].content`).

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod body;
 mod chat;
+pub mod connections;
 mod generate;
 mod openai;
 pub mod params;
@@ -23,7 +24,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use body::BodyLimit;
+use body::BodyLimits;
 use params::Limits;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub recent: RecentRequests,
     pub health: HealthSettings,
     pub max_body_bytes: usize,
+    /// How long a request body may take to arrive (`http.body_read_timeout_ms`).
+    pub body_read_timeout: Duration,
     /// Policy plugins, when a plugin folder is configured.
     pub plugins: Option<Arc<crate::plugins::PluginRegistry>>,
     /// What runs the model.
@@ -255,7 +258,10 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
                 headers,
             };
             req.extensions_mut().insert(ctx);
-            req.extensions_mut().insert(BodyLimit(state.max_body_bytes));
+            req.extensions_mut().insert(BodyLimits {
+                max_bytes: state.max_body_bytes,
+                read_timeout: state.body_read_timeout,
+            });
             let mut response = next.run(req).await;
             if response
                 .headers()

@@ -55,6 +55,8 @@ pub struct Parameters {
 pub struct Limits {
     /// Prompt plus new tokens must fit in this.
     pub context: usize,
+    /// Most prompt tokens one sequence may have (`scheduler.max_input_tokens`).
+    pub max_input_tokens: usize,
     pub default_max_new_tokens: usize,
     pub max_new_tokens_limit: usize,
     /// Most alternatives per token a request may ask for (`top_n_tokens`, `logprobs`).
@@ -188,6 +190,13 @@ impl GenerateRequest {
         }
         if prompt_ids.is_empty() {
             return Err(invalid("inputs tokenize to no tokens"));
+        }
+        if prompt_ids.len() > limits.max_input_tokens {
+            return Err(invalid(format!(
+                "inputs must have at most {} tokens; given: {}",
+                limits.max_input_tokens,
+                prompt_ids.len()
+            )));
         }
         if prompt_ids.len() + max_new_tokens > limits.context {
             return Err(invalid(format!(

@@ -251,13 +251,21 @@ pub fn build_job(
     limits: &Limits,
 ) -> Result<Job, ApiError> {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let prompt_field = if api == Api::Chat {
+        "messages"
+    } else {
+        "prompt"
+    };
     if prompts.iter().any(Vec::is_empty) {
-        let field = if api == Api::Chat {
-            "messages"
-        } else {
-            "prompt"
-        };
+        let field = prompt_field;
         return Err(invalid_param(field, format!("`{field}` must not be empty")));
+    }
+    if longest > limits.max_input_tokens {
+        let message = format!(
+            "the prompt has {longest} tokens; at most {} are allowed",
+            limits.max_input_tokens
+        );
+        return Err(invalid_param(prompt_field, message));
     }
     let room = limits.context.saturating_sub(longest);
     let field = if common.max_completion_tokens.is_some() {
@@ -403,6 +411,7 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             context: 100,
+            max_input_tokens: 99,
             default_max_new_tokens: 10,
             max_new_tokens_limit: 50,
             max_logprobs: 20,
