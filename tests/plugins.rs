@@ -879,6 +879,99 @@ async fn generate_with_id(server: &TestServer, client: &str, id: &str) -> (u16, 
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A plugin that prints and uses nothing else of WASI is called inline on the request's async
+/// worker (`inline_calls: true`); a plugin importing files or sockets goes to the blocking
+/// pool (false). Printing inline works under load (the log gets every line, nothing panics),
+/// and sleeping inline is still cut off as a fault at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn printing_plugins_are_called_inline_on_the_async_workers() {
+    use common::process::ServeProcess;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    put_plugin(&dir, "printer.wasm", "printer");
+    put_plugin(&dir, "probe.wasm", "wasi-probe");
+    let dir_arg = dir.display().to_string();
+    let server = ServeProcess::start(
+        tmp.path(),
+        "server",
+        &[
+            "--plugins-dir",
+            &dir_arg,
+            "--set",
+            "rate_limiter.max_requests=1000000",
+        ],
+    );
+    let client = reqwest::Client::new();
+    let listed: Value = client
+        .get(server.url("/plugins"))
+        .send()
+        .await
+        .expect("plugins")
+        .json()
+        .await
+        .expect("json");
+    let inline = |file: &str| {
+        let plugins = listed["plugins"].as_array().expect("plugins");
+        let plugin = plugins.iter().find(|p| p["file"] == file).expect("listed");
+        plugin["inline_calls"].as_bool()
+    };
+    assert_eq!(inline("printer.wasm"), Some(true), "{listed}");
+    assert_eq!(inline("probe.wasm"), Some(false), "{listed}");
+    // The probe plugin goes: every call of the printer is inline now.
+    std::fs::remove_file(dir.join("probe.wasm")).expect("rm");
+    eventually("the probe unloads", Duration::from_secs(5), || async {
+        let text = client
+            .get(server.url("/plugins"))
+            .send()
+            .await
+            .expect("plugins");
+        let text = text.text().await.expect("text");
+        if text.contains("probe.wasm") {
+            Err(text)
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+
+    let send = |id: String| {
+        let request = client
+            .post(server.url("/generate"))
+            .header("x-request-id", id)
+            .json(&json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}));
+        async move { request.send().await.expect("sent").status().as_u16() }
+    };
+    // Twelve at once: 36 lines stay within the log's burst of 50 lines a plugin.
+    let answers =
+        futures_util::future::join_all((0..12).map(|i| send(format!("inline-{i}")))).await;
+    assert!(answers.iter().all(|&s| s == 200), "{answers:?}");
+    let started = Instant::now();
+    assert_eq!(send("inline-probe-sleep".into()).await, 200, "fail open");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(send("inline-after".into()).await, 200);
+    let log = eventually("every line logged", Duration::from_secs(5), || async {
+        let log = server.log();
+        let all = (0..12).all(|i| {
+            log.contains(&format!("printer check inline-{i} "))
+                && log.contains(&format!("printer stderr inline-{i} "))
+                && log.contains(&format!("printer usage inline-{i} "))
+        });
+        if all {
+            Ok(log)
+        } else {
+            Err("lines missing".to_string())
+        }
+    })
+    .await;
+    assert!(log.contains("printer check inline-after"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wasi_plugins_print_and_read_clocks_and_randomness_but_reach_nothing_else() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -85,15 +85,17 @@ impl Policy {
         self.plugins.as_deref().map_or(FailureMode::FailOpen, pick)
     }
 
-    /// Whether any plugin is loaded whose calls [`Policy::decide`] or
-    /// [`Policy::record_usage`] would make: those belong off the async workers (a plugin may
-    /// run up to its deadline, and WASI's blocking calls may not run on a tokio worker).
-    pub fn calls_plugins(&self) -> bool {
+    /// Whether a plugin is loaded that [`Policy::decide`] or [`Policy::record_usage`] would
+    /// call and that may not be called on an async worker (it imports WASI calls that block
+    /// on a tokio runtime): those calls then go to the blocking pool. Plugins that import no
+    /// such call run inline, on the worker, within their call deadline.
+    pub fn needs_blocking_pool(&self) -> bool {
         self.plugins.as_ref().is_some_and(|registry| {
             let set = registry.current();
-            !(set.limiters.is_empty()
-                && set.prioritizer.is_none()
-                && set.shadow_prioritizers.is_empty())
+            let off = |p: &Arc<Plugin>| !p.calls_inline();
+            set.limiters.iter().any(off)
+                || set.prioritizer.iter().any(off)
+                || set.shadow_prioritizers.iter().any(off)
         })
     }
 

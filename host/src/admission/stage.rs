@@ -105,9 +105,9 @@ impl Admission {
         })
     }
 
-    /// [`Policy::decide`], on the blocking pool when it calls plugins.
+    /// [`Policy::decide`], on the blocking pool when a plugin it calls needs that.
     async fn decide(self: &Arc<Self>, ticket: Ticket) -> (Ticket, Result<i32, ApiError>) {
-        if !self.policy.calls_plugins() {
+        if !self.policy.needs_blocking_pool() {
             let decision = self.policy.decide(&ticket);
             return (ticket, decision);
         }

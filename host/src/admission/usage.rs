@@ -117,8 +117,8 @@ impl Drop for Ledger {
         };
         let policy = &self.admission.policy;
         match tokio::runtime::Handle::try_current() {
-            // Plugin calls stay off the async workers (see `Policy::calls_plugins`).
-            Ok(runtime) if policy.calls_plugins() => {
+            // Plugin calls stay off the async workers (see `Policy::needs_blocking_pool`).
+            Ok(runtime) if policy.needs_blocking_pool() => {
                 let admission = self.admission.clone();
                 drop(runtime.spawn_blocking(move || {
                     admission.policy.record_usage(&usage, outcome);

@@ -100,6 +100,24 @@ pub fn imports(engine: &PluginEngine, component: &Component) -> Vec<String> {
         .collect()
 }
 
+/// Everything `component` imports, as (name, the items of an imported instance).
+fn import_items(engine: &PluginEngine, component: &Component) -> Vec<(String, Vec<String>)> {
+    use wasmtime::component::types::ComponentItem;
+    let ty = component.component_type();
+    ty.imports(&engine.engine)
+        .map(|(name, item)| {
+            let items = match item.ty {
+                ComponentItem::ComponentInstance(instance) => instance
+                    .exports(&engine.engine)
+                    .map(|(n, _)| n.to_string())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            (name.to_string(), items)
+        })
+        .collect()
+}
+
 /// Compiles `bytes` (whose sha256 is `sha256`), or takes it from `cache`; the error is the
 /// reason the file is refused.
 pub fn compile(
@@ -189,6 +207,15 @@ pub fn load(
         limits.clone(),
         metrics.clone(),
     );
+    let imported = import_items(engine, component);
+    let imported = imported
+        .iter()
+        .map(|(n, items)| (n.as_str(), items.clone()));
+    let waits = super::wasi::waits_on_tokio(imported);
+    if let Some(import) = &waits {
+        tracing::info!(plugin = %file, "calls go to the blocking pool: the plugin imports {import}, which may wait on the async runtime");
+    }
+    let plugin = plugin.with_inline_calls(waits.is_none());
     let trial = match kind {
         PluginKind::RateLimiter => plugin.check(&trial_request()).map(drop),
         PluginKind::Prioritizer => plugin.priority(&trial_request()).map(drop),

@@ -107,6 +107,9 @@ pub struct Plugin {
     metrics: Arc<Metrics>,
     /// Verdicts are counted and logged but never enforced (`plugins.shadow`).
     pub shadow: bool,
+    /// Its calls may run on an async worker: it imports no WASI call that blocks on a tokio
+    /// runtime (see [`super::wasi::waits_on_tokio`]).
+    inline: bool,
     /// Registered once: a call only bumps them.
     calls_metric: metrics::Counter,
     duration_metric: metrics::Histogram,
@@ -143,6 +146,7 @@ impl Plugin {
             duration_metric: metrics.histogram("cllm_plugin_call_duration_seconds", &labels),
             decisions: Vec::new(),
             shadow: false,
+            inline: false,
             file,
             kind,
             version,
@@ -167,6 +171,18 @@ impl Plugin {
         self.shadow = shadow;
         self.decisions = decision_counters(&self.metrics, &self.file, self.kind, self.mode());
         self
+    }
+
+    /// This plugin, its calls allowed on an async worker or not.
+    pub(super) fn with_inline_calls(mut self, inline: bool) -> Self {
+        self.inline = inline;
+        self
+    }
+
+    /// Whether its calls may run on an async worker (they still may take up to the call
+    /// deadline there).
+    pub fn calls_inline(&self) -> bool {
+        self.inline
     }
 
     /// `enforce` or `shadow`, as the metrics and logs say it.
@@ -232,10 +248,13 @@ impl Plugin {
         verdict: bool,
         f: impl FnOnce(&mut Store<PluginData>, &Bindings) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
-        // WASI's blocking calls (a plugin's `println!`) block on a tokio runtime, which may
-        // not happen on an async worker thread. The request path calls plugins on the
-        // blocking pool, where this costs nothing; it is the safety net for the rest (the
-        // trial call of a load started from async code).
+        if self.inline {
+            return self.call_here(verdict, f);
+        }
+        // Some WASI calls (reading files, waiting on pollables) block on a tokio runtime,
+        // which may not happen on an async worker thread. The request path calls such
+        // plugins on the blocking pool, where this costs nothing; it is the safety net for
+        // the rest (the trial call of a load started from async code).
         crate::blocking::off_async_workers(|| self.call_here(verdict, f))
     }
 

@@ -47,6 +47,10 @@ pub struct PluginView {
     pub loaded_at: Option<f64>,
     pub calls: u64,
     pub faults: u64,
+    /// Whether its calls run inline on the request's async worker (true), or on the blocking
+    /// pool because it imports WASI calls that wait on a tokio runtime (false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inline_calls: Option<bool>,
     /// active, shadow (called, not enforced), disabled, inactive (another prioritizer wins) or
     /// refused.
     pub state: &'static str,
@@ -344,6 +348,7 @@ impl PluginRegistry {
                             .map(|d| d.as_secs_f64()),
                         calls: p.calls.load(std::sync::atomic::Ordering::Relaxed),
                         faults: p.faults.load(std::sync::atomic::Ordering::Relaxed),
+                        inline_calls: Some(p.calls_inline()),
                         state,
                         reason,
                     }
@@ -356,6 +361,7 @@ impl PluginRegistry {
                     loaded_at: None,
                     calls: 0,
                     faults: 0,
+                    inline_calls: None,
                     state: "refused",
                     reason: entry.refused.clone(),
                 },

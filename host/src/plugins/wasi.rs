@@ -100,8 +100,197 @@ pub fn add_to_linker(linker: &mut Linker<PluginData>) -> wasmtime::Result<()> {
             Err(refuse("monotonic-clock.subscribe-instant"))
         },
     )?;
+    shadow_output_streams(linker)?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// wasmtime-wasi's sync linker runs an output stream's blocking methods and its destructor
+/// by blocking on a tokio runtime, which panics on a tokio worker thread; every plugin that
+/// prints would then need its calls moved off the workers. The only output streams a plugin
+/// can hold are its stdout and stderr, which go to the log and never wait (no files are
+/// open, no socket can connect), so these replacements do the same work without tokio, and
+/// calls into plugins that use nothing else of the kind ([`waits_on_tokio`]) can run inline.
+fn shadow_output_streams(linker: &mut Linker<PluginData>) -> wasmtime::Result<()> {
+    use wasmtime::component::ResourceType;
+    use wasmtime_wasi::p2::bindings::sync::io::streams::StreamError as WitStreamError;
+    use wasmtime_wasi::p2::DynOutputStream;
+    type Written = wasmtime::Result<(Result<(), WitStreamError>,)>;
+    let mut streams = linker.instance("wasi:io/streams@0.2.12")?;
+    streams.resource(
+        "output-stream",
+        ResourceType::host::<DynOutputStream>(),
+        |mut store, rep| {
+            let table = &mut store.data_mut().table;
+            table.delete(Resource::<DynOutputStream>::new_own(rep))?;
+            Ok(())
+        },
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-write-and-flush",
+        |mut store, (stream, bytes): (Resource<DynOutputStream>, Vec<u8>)| -> Written {
+            if bytes.len() > 4096 {
+                wasmtime::bail!(
+                    "Buffer too large for blocking-write-and-flush (expected at most 4096)"
+                );
+            }
+            write_now(&mut store.data_mut().table, &stream, Some(bytes))
+        },
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-flush",
+        |mut store, (stream,): (Resource<DynOutputStream>,)| -> Written {
+            write_now(&mut store.data_mut().table, &stream, None)
+        },
+    )?;
+    shadow_input_streams(&mut streams)?;
+    shadow_pollables(linker)
+}
+
+/// The input side: a plugin's only input stream is its empty stdin, which never waits.
+fn shadow_input_streams(
+    streams: &mut wasmtime::component::LinkerInstance<'_, PluginData>,
+) -> wasmtime::Result<()> {
+    use wasmtime::component::ResourceType;
+    use wasmtime_wasi::p2::bindings::io::streams::HostInputStream;
+    use wasmtime_wasi::p2::bindings::sync::io::streams::{Host, StreamError as WitStreamError};
+    use wasmtime_wasi::p2::DynInputStream;
+    streams.resource(
+        "input-stream",
+        ResourceType::host::<DynInputStream>(),
+        |mut store, rep| {
+            let table = &mut store.data_mut().table;
+            table.delete(Resource::<DynInputStream>::new_own(rep))?;
+            Ok(())
+        },
+    )?;
+    type Read = wasmtime::Result<(Result<Vec<u8>, WitStreamError>,)>;
+    streams.func_wrap(
+        "[method]input-stream.blocking-read",
+        |mut store, (stream, len): (Resource<DynInputStream>, u64)| -> Read {
+            let table = &mut store.data_mut().table;
+            match now_or_trap(
+                "input-stream.blocking-read",
+                table.blocking_read(stream, len),
+            )? {
+                Ok(bytes) => Ok((Ok(bytes),)),
+                Err(e) => Ok((Err(table.convert_stream_error(e)?),)),
+            }
+        },
+    )?;
+    type Skipped = wasmtime::Result<(Result<u64, WitStreamError>,)>;
+    streams.func_wrap(
+        "[method]input-stream.blocking-skip",
+        |mut store, (stream, len): (Resource<DynInputStream>, u64)| -> Skipped {
+            let table = &mut store.data_mut().table;
+            match now_or_trap(
+                "input-stream.blocking-skip",
+                table.blocking_skip(stream, len),
+            )? {
+                Ok(n) => Ok((Ok(n),)),
+                Err(e) => Ok((Err(table.convert_stream_error(e)?),)),
+            }
+        },
+    )?;
+    Ok(())
+}
+
+/// Waiting on pollables: every pollable a plugin can hold (its log streams, its empty stdin;
+/// clock waits are refused above) is always ready, so these answer at once, and a pollable
+/// that is not ready is a fault rather than a wait.
+fn shadow_pollables(linker: &mut Linker<PluginData>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p2::bindings::io::poll::{Host, HostPollable};
+    let mut poll = linker.instance("wasi:io/poll@0.2.12")?;
+    poll.func_wrap(
+        "poll",
+        |mut store, (pollables,): (Vec<Resource<DynPollable>>,)| -> wasmtime::Result<(Vec<u32>,)> {
+            let table = &mut store.data_mut().table;
+            Ok((now_or_trap("poll", table.poll(pollables))??,))
+        },
+    )?;
+    poll.func_wrap(
+        "[method]pollable.block",
+        |mut store, (pollable,): (Resource<DynPollable>,)| -> wasmtime::Result<()> {
+            let table = &mut store.data_mut().table;
+            now_or_trap("pollable.block", table.block(pollable))?
+        },
+    )?;
+    poll.func_wrap(
+        "[method]pollable.ready",
+        |mut store, (pollable,): (Resource<DynPollable>,)| -> wasmtime::Result<(bool,)> {
+            let table = &mut store.data_mut().table;
+            Ok((now_or_trap("pollable.ready", table.ready(pollable))??,))
+        },
+    )?;
+    Ok(())
+}
+
+/// Polls `work` once, without a runtime: its result if it is done, else a fault (a plugin
+/// call may not wait).
+fn now_or_trap<F: std::future::Future>(what: &str, work: F) -> wasmtime::Result<F::Output> {
+    let mut work = std::pin::pin!(work);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match work.as_mut().poll(&mut cx) {
+        Poll::Ready(output) => Ok(output),
+        Poll::Pending => Err(wasmtime::format_err!(
+            "{what}: plugins may not wait (the call would outlive its deadline)"
+        )),
+    }
+}
+
+/// Writes `bytes` (if any) to `stream` and flushes it, without waiting: a log stream is
+/// always ready.
+fn write_now(
+    table: &mut wasmtime::component::ResourceTable,
+    stream: &Resource<wasmtime_wasi::p2::DynOutputStream>,
+    bytes: Option<Vec<u8>>,
+) -> wasmtime::Result<(Result<(), wasmtime_wasi::p2::bindings::sync::io::streams::StreamError>,)> {
+    use wasmtime_wasi::p2::bindings::sync::io::streams::Host;
+    let out = table.get_mut(stream)?;
+    let written = match bytes {
+        Some(bytes) => out.write(bytes.into()).and_then(|()| out.flush()),
+        None => out.flush(),
+    };
+    match written {
+        Ok(()) => Ok((Ok(()),)),
+        Err(e) => Ok((Err(table.convert_stream_error(e)?),)),
+    }
+}
+
+/// The WASI imports that still block on a tokio runtime in wasmtime-wasi's sync linker
+/// after [`shadow_output_streams`] (files, sockets, and two output-stream calls no plugin
+/// toolchain emits for printing), as (interface prefix, item name); an empty name stands for
+/// the whole interface.
+const WAITS_ON_TOKIO: &[(&str, &str)] = &[
+    ("wasi:io/streams@", "[method]output-stream.blocking-splice"),
+    (
+        "wasi:io/streams@",
+        "[method]output-stream.blocking-write-zeroes-and-flush",
+    ),
+    ("wasi:filesystem/", ""),
+    ("wasi:sockets/", ""),
+];
+
+/// The first import of a plugin with these imports (interface name, the items it imports
+/// from it) that may block on a tokio runtime, as `interface/item`: such a plugin must be
+/// called off the async workers. `None`: its calls may run inline.
+pub fn waits_on_tokio<'a>(
+    imports: impl IntoIterator<Item = (&'a str, Vec<String>)>,
+) -> Option<String> {
+    imports.into_iter().find_map(|(interface, items)| {
+        WAITS_ON_TOKIO.iter().find_map(|(prefix, item)| {
+            if !interface.starts_with(prefix) {
+                return None;
+            }
+            if item.is_empty() {
+                return Some(interface.to_string());
+            }
+            items
+                .iter()
+                .any(|i| i == item)
+                .then(|| format!("{interface}/{item}"))
+        })
+    })
 }
 
 /// The WASI context of one instance of the plugin whose output goes to `log`.
@@ -299,6 +488,40 @@ impl tokio::io::AsyncWrite for LogStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_files_sockets_and_two_stream_calls_keep_a_plugin_off_the_workers() {
+        let items = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let printing = vec![
+            (
+                "wasi:io/poll@0.2.6",
+                items(&["pollable", "[method]pollable.block", "poll"]),
+            ),
+            (
+                "wasi:io/streams@0.2.6",
+                items(&[
+                    "output-stream",
+                    "[method]output-stream.blocking-write-and-flush",
+                ]),
+            ),
+            ("wasi:cli/stdout@0.2.6", items(&["get-stdout"])),
+        ];
+        assert_eq!(waits_on_tokio(printing.clone()), None);
+        let mut with_files = printing.clone();
+        with_files.push(("wasi:filesystem/types@0.2.6", items(&["descriptor"])));
+        assert_eq!(
+            waits_on_tokio(with_files).as_deref(),
+            Some("wasi:filesystem/types@0.2.6")
+        );
+        let splice = vec![(
+            "wasi:io/streams@0.2.0",
+            items(&["[method]output-stream.blocking-splice"]),
+        )];
+        assert_eq!(
+            waits_on_tokio(splice).as_deref(),
+            Some("wasi:io/streams@0.2.0/[method]output-stream.blocking-splice")
+        );
+    }
 
     #[test]
     fn lines_are_split_cut_and_rate_limited() {
