@@ -8,6 +8,7 @@ pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fuzz_targets;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -6,7 +6,7 @@ pub mod body;
 mod chat;
 pub mod connections;
 mod generate;
-mod openai;
+pub mod openai;
 pub mod params;
 mod stream_end;
 

@@ -31,6 +31,15 @@ impl DType {
         }
     }
 
+    /// [`DType::bytes_for`], or `None` when the size overflows (a file's shape is untrusted).
+    pub fn checked_bytes_for(self, elems: usize) -> Option<usize> {
+        match self {
+            DType::F32 => elems.checked_mul(4),
+            DType::F16 | DType::Bf16 => elems.checked_mul(2),
+            DType::Quant(qt) => (elems / qt.block_elems()).checked_mul(qt.block_bytes()),
+        }
+    }
+
     /// The alignment the in-memory element type needs.
     fn align(self) -> usize {
         match self {
@@ -277,6 +286,45 @@ struct TensorEntry {
     range: Range<usize>,
 }
 
+/// Why a safetensors file's tensors could not be listed.
+#[derive(Debug)]
+pub enum IndexError {
+    Corrupt(String),
+    UnsupportedDtype { tensor: String, dtype: String },
+}
+
+/// A tensor's element type, shape and byte range within its file.
+pub type IndexEntry = (DType, Vec<usize>, Range<usize>);
+
+/// The tensors a whole safetensors file (`bytes`) holds. The header is checked by the
+/// `safetensors` crate: its JSON, and that the data offsets tile the rest of the file exactly,
+/// each tensor's bytes matching its shape and type.
+pub fn index_safetensors(
+    bytes: &[u8],
+) -> std::result::Result<Vec<(String, IndexEntry)>, IndexError> {
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| IndexError::Corrupt(format!("{e:?}")))?;
+    let data_start = 8 + header_len;
+    let mut index = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::Bf16,
+            other => {
+                return Err(IndexError::UnsupportedDtype {
+                    tensor: name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let (begin, end) = info.data_offsets;
+        let range = data_start + begin..data_start + end;
+        index.push((name, (dtype, info.shape.clone(), range)));
+    }
+    Ok(index)
+}
+
 /// Every tensor of a model folder's safetensors file(s), by HF name.
 pub struct SafetensorsStore {
     dir: PathBuf,
@@ -343,37 +391,26 @@ impl SafetensorsStore {
         // SAFETY: the map is read-only; a model file being rewritten while served is outside
         // what any inference server can defend against (the same holds for every mmap loader).
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let corrupt = |message: String| ModelError::CorruptSafetensors {
-            path: path.clone(),
-            message,
-        };
-        let (header_len, metadata) =
-            safetensors::SafeTensors::read_metadata(&map).map_err(|e| corrupt(format!("{e:?}")))?;
-        let data_start = 8 + header_len;
         let file_index = self.files.len();
-        for (name, info) in metadata.tensors() {
-            let dtype = match info.dtype {
-                safetensors::Dtype::F32 => DType::F32,
-                safetensors::Dtype::F16 => DType::F16,
-                safetensors::Dtype::BF16 => DType::Bf16,
-                other => {
-                    return Err(ModelError::UnsupportedDtype {
-                        path: path.clone(),
-                        tensor: name,
-                        dtype: format!("{other:?}"),
-                    })
-                }
+        let index = index_safetensors(&map).map_err(|e| match e {
+            IndexError::Corrupt(message) => ModelError::CorruptSafetensors {
+                path: path.clone(),
+                message,
+            },
+            IndexError::UnsupportedDtype { tensor, dtype } => ModelError::UnsupportedDtype {
+                path: path.clone(),
+                tensor,
+                dtype,
+            },
+        })?;
+        for (name, (dtype, shape, range)) in index {
+            let entry = TensorEntry {
+                file: file_index,
+                dtype,
+                shape,
+                range,
             };
-            let (begin, end) = info.data_offsets;
-            self.tensors.insert(
-                name,
-                TensorEntry {
-                    file: file_index,
-                    dtype,
-                    shape: info.shape.clone(),
-                    range: data_start + begin..data_start + end,
-                },
-            );
+            self.tensors.insert(name, entry);
         }
         self.files.push((path, Arc::new(map)));
         Ok(())

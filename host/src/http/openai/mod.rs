@@ -22,6 +22,36 @@ use request::{build_job, Api, ChatFields, Common, CompletionFields, Fields, Job,
 use serde_json::{json, Value};
 use std::sync::Arc;
 
+/// Both routes' body checks without a server, for the fuzz targets: parse, refuse what cllm
+/// does not support, and build the job. Text prompts stand in as one token per byte; the
+/// chat route's messages are checked for presence only (rendering needs a template).
+pub fn check_body(body: &[u8], limits: &super::params::Limits) -> Result<(), ApiError> {
+    let common: Common = parse_json(body)?;
+    let completion = parse_json::<CompletionFields>(body).and_then(|fields| {
+        fields.refuse_unsupported(&common)?;
+        let bytes = |t: &str| t.bytes().map(u32::from).collect::<Vec<u32>>();
+        let prompts = match fields.prompt {
+            None => return Err(invalid_param("prompt", "`prompt` is required")),
+            Some(Prompt::Text(text)) => vec![bytes(&text)],
+            Some(Prompt::Texts(texts)) => texts.iter().map(|t| bytes(t)).collect(),
+            Some(Prompt::Ids(ids)) => vec![ids],
+            Some(Prompt::IdLists(lists)) => lists,
+        };
+        let logprobs = fields.logprobs.map(|k| k as usize);
+        build_job(Api::Completions, &common, prompts, logprobs, limits).map(drop)
+    });
+    let chat = parse_json::<ChatFields>(body).and_then(|fields| {
+        fields.refuse_unsupported(&common)?;
+        let logprobs = fields.logprobs(limits)?;
+        let messages = fields
+            .messages
+            .ok_or_else(|| invalid_param("messages", "`messages` is required"))?;
+        let ids = vec![1; messages.len()];
+        build_job(Api::Chat, &common, vec![ids], logprobs, limits).map(drop)
+    });
+    completion.or(chat)
+}
+
 /// The prompts of a completion request, tokenized (token-id prompts are checked against the
 /// vocabulary).
 fn completion_prompts(state: &AppState, prompt: Option<Prompt>) -> Result<Vec<Vec<u32>>, ApiError> {

@@ -103,7 +103,9 @@ pub fn parse(bytes: &[u8]) -> Result<Header, String> {
                 ));
             }
         }
-        let size = dtype.bytes_for(elems);
+        let size = dtype
+            .checked_bytes_for(elems)
+            .ok_or_else(|| format!("tensor {name}: shape {shape:?} overflows"))?;
         let start = usize::try_from(offset)
             .ok()
             .and_then(|o| o.checked_add(data_start))
