@@ -11,13 +11,14 @@
 # inter-token latency p50/p99 from its own histograms; then both servers' RSS after the run.
 #
 # Usage: bash bench/server.sh [SECONDS per measurement, default 8] [ROUNDS, default 2]
+# CLLM_BIN names another cllm binary to measure (default target/release/cllm).
 # Needs a release build (cargo build --release), the example plugins
 # (bash plugins/build.sh target/wasm-plugins) and wrk (Debian's package). Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-8}
 rounds=${2:-2}
-bin=target/release/cllm
+bin=${CLLM_BIN:-target/release/cllm}
 wasm=target/wasm-plugins
 model=models/stories260K
 template=tests/fixtures/chat_templates/chatml-smollm2.jinja
