@@ -125,40 +125,49 @@ gguf_of() {
     *) echo "models/synthetic-$1-bf16.gguf" ;;
   esac
 }
+# cllm reads the very file llama.cpp reads (same weights, same page-cache memory).
 cllm_src() {
-  case "$1" in
-    smollm2) echo "--model $PEER/models/smollm2-bf16-hf" ;;
-    smollm2-q*|*.gguf) echo "--model $(realpath "$(gguf_of "$1")")" ;;
-    1b-f16) echo "--synthetic 1b --dtype f16" ;;
-    *) echo "--synthetic $1" ;;
-  esac
+  echo "--model $(realpath "$(gguf_of "$1")")"
 }
 
 RESULTS="$PEER/results.jsonl"
 : > "$RESULTS"
 record() { echo "{\"round\":$1,\"model\":\"$2\",\"engine\":\"$3\",\"test\":\"$4\",\"tps\":$5}" >> "$RESULTS"; }
 
+run_llama() { # round model gguf
+  # Prefill and empty-context decode from llama-bench, depth-512 decode from
+  # llama-batched-bench.
+  local json pp tg depth
+  json=$("$BIN/llama-bench" -m "$3" -t "$THREADS" -p 512 -n 128 -r 1 -o json 2>/dev/null)
+  pp=$(echo "$json" | "$PY" -c "import json,sys; r=json.load(sys.stdin); print([x['avg_ts'] for x in r if x['n_prompt']>0][0])")
+  tg=$(echo "$json" | "$PY" -c "import json,sys; r=json.load(sys.stdin); print([x['avg_ts'] for x in r if x['n_gen']>0][0])")
+  depth=$("$BIN/llama-batched-bench" -m "$3" -t "$THREADS" -npp 512 -ntg 128 -npl 1 -c 1024 2>/dev/null \
+    | awk -F'|' '/^\| *512 /{gsub(/ /,"",$9); print $9}')
+  record "$1" "$2" llama.cpp prefill "$pp"
+  record "$1" "$2" llama.cpp decode_empty "$tg"
+  record "$1" "$2" llama.cpp decode_512 "$depth"
+}
+run_cllm() { # round model
+  local src a b
+  src=$(cllm_src "$2")
+  a=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 $CLLM_ARGS --json)
+  b=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 --prompt-tokens 0 $CLLM_ARGS --json)
+  record "$1" "$2" cllm prefill "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['prefill_tokens_per_s'])")"
+  record "$1" "$2" cllm decode_512 "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
+  record "$1" "$2" cllm decode_empty "$(echo "$b" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
+}
+
+# The engines take turns going first (llama.cpp in odd rounds), so a drift in the machine's
+# memory bandwidth during a round does not favour one of them.
 for round in $(seq 1 "$ROUNDS"); do
   for m in $MODELS; do
     log "round $round/$ROUNDS: $m"
     g=$(gguf_of "$m")
-    # llama.cpp: prefill and empty-context decode from llama-bench, depth-512 decode from
-    # llama-batched-bench.
-    json=$("$BIN/llama-bench" -m "$g" -t "$THREADS" -p 512 -n 128 -r 1 -o json 2>/dev/null)
-    pp=$(echo "$json" | "$PY" -c "import json,sys; r=json.load(sys.stdin); print([x['avg_ts'] for x in r if x['n_prompt']>0][0])")
-    tg=$(echo "$json" | "$PY" -c "import json,sys; r=json.load(sys.stdin); print([x['avg_ts'] for x in r if x['n_gen']>0][0])")
-    depth=$("$BIN/llama-batched-bench" -m "$g" -t "$THREADS" -npp 512 -ntg 128 -npl 1 -c 1024 2>/dev/null \
-      | awk -F'|' '/^\| *512 /{gsub(/ /,"",$9); print $9}')
-    record "$round" "$m" llama.cpp prefill "$pp"
-    record "$round" "$m" llama.cpp decode_empty "$tg"
-    record "$round" "$m" llama.cpp decode_512 "$depth"
-    # cllm: the same three.
-    src=$(cllm_src "$m")
-    a=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 $CLLM_ARGS --json)
-    b=$("$CLLM" bench $src --device cpu --threads "$THREADS" --batch 0 --prompt-tokens 0 $CLLM_ARGS --json)
-    record "$round" "$m" cllm prefill "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['prefill_tokens_per_s'])")"
-    record "$round" "$m" cllm decode_512 "$(echo "$a" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
-    record "$round" "$m" cllm decode_empty "$(echo "$b" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])")"
+    if [ $((round % 2)) -eq 1 ]; then
+      run_llama "$round" "$m" "$g"; run_cllm "$round" "$m"
+    else
+      run_cllm "$round" "$m"; run_llama "$round" "$m" "$g"
+    fi
   done
 done
 
@@ -171,12 +180,19 @@ models = list(dict.fromkeys(r["model"] for r in rows))
 def stats(m, e, t):
     v = sorted(r["tps"] for r in rows if r["model"] == m and r["engine"] == e and r["test"] == t)
     return v[0], statistics.median(v), v[-1]
-print(f"\n{threads} threads, {rounds} interleaved rounds; tokens/s as min / median / max\n")
-print("| model | test | cllm | llama.cpp | ratio (medians) |")
-print("|---|---|---|---|---|")
+def paired(m, t):
+    # Each round's cllm / llama.cpp ratio: both ran back to back, under the same noise.
+    def value(rnd, e):
+        return next(r["tps"] for r in rows if r["model"] == m and r["engine"] == e and r["test"] == t and r["round"] == rnd)
+    rounds_run = sorted({r["round"] for r in rows if r["model"] == m})
+    return statistics.median(value(n, "cllm") / value(n, "llama.cpp") for n in rounds_run)
+print(f"\n{threads} threads, {rounds} interleaved rounds; tokens/s as min / median / max")
+print("ratio: of the medians; paired: the median of each round's own ratio\n")
+print("| model | test | cllm | llama.cpp | ratio | paired |")
+print("|---|---|---|---|---|---|")
 for m in models:
     for t, name in tests:
         c, l = stats(m, "cllm", t), stats(m, "llama.cpp", t)
         fmt = lambda s: f"{s[0]:.1f} / **{s[1]:.1f}** / {s[2]:.1f}"
-        print(f"| {m} | {name} | {fmt(c)} | {fmt(l)} | {c[1] / l[1]:.2f} |")
+        print(f"| {m} | {name} | {fmt(c)} | {fmt(l)} | {c[1] / l[1]:.2f} | {paired(m, t):.2f} |")
 EOF
