@@ -31,6 +31,12 @@ pub async fn serve(
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
+                // A client that reset its connection before we took it: only that
+                // connection is lost, so take the next one at once.
+                Err(e) if is_connection_error(&e) => {
+                    tracing::debug!("a connection closed before it was accepted: {e}");
+                    continue;
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: wait rather than spin.
                     tracing::warn!("accepting a connection failed: {e}");
@@ -55,6 +61,16 @@ pub async fn serve(
     drop(shutdown_rx);
     let _ = shutdown_tx.send(true);
     shutdown_tx.closed().await;
+}
+
+/// Whether an accept error belongs to one connection (which is gone) rather than to the
+/// listener or the process (out of descriptors, out of memory), which waiting may cure.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
+    )
 }
 
 async fn serve_connection(
@@ -92,6 +108,27 @@ async fn serve_connection(
                     conn.as_mut().graceful_shutdown();
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_connection_error;
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn only_errors_of_one_connection_skip_the_wait() {
+        for kind in [
+            ErrorKind::ConnectionAborted,
+            ErrorKind::ConnectionRefused,
+            ErrorKind::ConnectionReset,
+        ] {
+            assert!(is_connection_error(&Error::from(kind)), "{kind:?}");
+        }
+        // EMFILE (out of descriptors) and ENOMEM: the listener's trouble, worth a pause.
+        for errno in [24, 12] {
+            assert!(!is_connection_error(&Error::from_raw_os_error(errno)));
         }
     }
 }
