@@ -65,6 +65,24 @@ async fn a_forward_pass_failing_for_one_sequence_fails_that_request_only() {
         .into_iter()
         .find(|id| !fed.contains(id))
         .expect("a token the other requests never feed");
+    // How long the unpoisoned prompt runs greedily (EOS may end it before 200 tokens).
+    let sibling: Value = clean
+        .post(
+            "/v1/completions",
+            json!({"model": "stories260K", "prompt": OTHERS_PROMPT, "max_tokens": 200,
+                   "temperature": 0}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let sibling_tokens = sibling["usage"]["completion_tokens"]
+        .as_u64()
+        .expect("usage");
+    assert!(
+        sibling_tokens >= 60,
+        "too short to tell waiting from not: {sibling}"
+    );
     clean.shutdown().await;
 
     let server = TestServer::start(&model, |c| {
@@ -158,6 +176,45 @@ async fn a_forward_pass_failing_for_one_sequence_fails_that_request_only() {
     assert_eq!(metric_value(&metrics, "cllm_sequence_failures_total"), 3.0);
     assert_eq!(health["metrics"]["kv_blocks_used"], 0, "{health}");
     assert_eq!(health["metrics"]["running_sequences"], 0, "{health}");
+
+    // A request of several prompts, one of them poisoned: the failed choice ends it at once
+    // (its sibling, `sibling_tokens` steps of at least 10 ms, is cancelled rather than
+    // awaited), and every block goes back.
+    let started = Instant::now();
+    let several = server
+        .post(
+            "/v1/completions",
+            json!({"model": "stories260K", "prompt": [OTHERS_PROMPT, poisoned],
+                   "max_tokens": 200, "temperature": 0}),
+        )
+        .await;
+    let waited = started.elapsed();
+    assert_eq!(several.status(), 500);
+    let sibling_time = Duration::from_millis(10 * sibling_tokens);
+    assert!(
+        waited < sibling_time / 2,
+        "the failed choice waited {waited:?}; its sibling needs {sibling_time:?}"
+    );
+    let several_id = several.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    common::eventually(
+        "the sibling is cancelled and its blocks freed",
+        Duration::from_secs(5),
+        || async {
+            let health = server.get_json("/health").await;
+            let metrics = &health["metrics"];
+            if metrics["kv_blocks_used"] == 0 && metrics["running_sequences"] == 0 {
+                Ok(())
+            } else {
+                Err(metrics.to_string())
+            }
+        },
+    )
+    .await;
+    let record = server.get_json(&format!("/requests/{several_id}")).await;
+    assert_eq!(record["state"], "failed", "{record}");
 
     // And the server goes on serving.
     let after = server

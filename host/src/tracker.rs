@@ -89,7 +89,8 @@ pub struct RequestRecord {
     pub id: String,
     /// Its events, oldest first.
     pub events: Vec<EventRecord>,
-    /// The latest stage.
+    /// The latest stage; `failed` once any of its sequences failed, since the cancellation
+    /// of its other sequences that follows must not hide the failure.
     pub state: Stage,
 }
 
@@ -168,7 +169,12 @@ impl RequestTracker {
         let inner = self.lock();
         let events = inner.requests.get(id)?;
         let first = events.first()?.at;
-        let state = events.last()?.stage;
+        let failed = events.iter().any(|e| e.stage == Stage::Failed);
+        let state = if failed {
+            Stage::Failed
+        } else {
+            events.last()?.stage
+        };
         let events = events
             .iter()
             .map(|e| EventRecord {
@@ -397,6 +403,18 @@ mod tests {
         assert_eq!(json["events"][0]["at_ms"], 0.0);
         assert!(json["events"][0].get("detail").is_none());
         assert_eq!(json["events"][1]["detail"], "client");
+    }
+
+    #[test]
+    fn a_failure_outlasts_the_cancellations_after_it() {
+        let t = RequestTracker::new(4);
+        t.record("req-1", Stage::Received);
+        t.record_with("req-1", Stage::Failed, "forward pass failed");
+        t.record_with("req-1", Stage::Cancelled, "client disconnected");
+        assert_eq!(t.get("req-1").map(|r| r.state), Some(Stage::Failed));
+        t.record("req-2", Stage::Received);
+        t.record("req-2", Stage::Cancelled);
+        assert_eq!(t.get("req-2").map(|r| r.state), Some(Stage::Cancelled));
     }
 
     #[test]

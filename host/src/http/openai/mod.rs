@@ -188,7 +188,9 @@ async fn run_choice(
     ))
 }
 
-/// The non-streamed response: every choice run concurrently to its end.
+/// The non-streamed response: every choice run concurrently to its end. The first choice
+/// that fails ends the request: the others are dropped at once, which cancels their
+/// sequences, rather than generated to their end for a response that is an error anyway.
 async fn whole(
     state: &AppState,
     job: &Job,
@@ -202,8 +204,7 @@ async fn whole(
         .map(|(index, events)| run_choice(state, job, index, events));
     let mut choices = Vec::with_capacity(job.choices());
     let mut completion_tokens = 0;
-    for result in futures_util::future::join_all(runs).await {
-        let (choice, generated) = result?;
+    for (choice, generated) in futures_util::future::try_join_all(runs).await? {
         completion_tokens += generated;
         choices.push(choice);
     }
