@@ -8,7 +8,7 @@ use crate::config::FailureMode;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::plugins::bindings::{Api, Decision, RequestInfo, Usage};
-use crate::plugins::{Fault, Plugin, PluginRegistry};
+use crate::plugins::{Fault, Plugin, PluginRegistry, PluginSet};
 use crate::tracker::{RequestTracker, Stage};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,13 +85,19 @@ impl Policy {
         self.plugins.as_deref().map_or(FailureMode::FailOpen, pick)
     }
 
-    /// Whether a plugin is loaded that [`Policy::decide`] or [`Policy::record_usage`] would
-    /// call and that may not be called on an async worker (it imports WASI calls that block
-    /// on a tokio runtime): those calls then go to the blocking pool. Plugins that import no
-    /// such call run inline, on the worker, within their call deadline.
-    pub fn needs_blocking_pool(&self) -> bool {
-        self.plugins.as_ref().is_some_and(|registry| {
-            let set = registry.current();
+    /// The plugins loaded now (`None` when plugins are off). One snapshot serves both the
+    /// choice of thread ([`Policy::needs_blocking_pool`]) and the calls it was made for, so a
+    /// hot swap in between cannot send a plugin that must stay off the async workers onto one.
+    pub fn plugins_now(&self) -> Option<Arc<PluginSet>> {
+        self.plugins.as_ref().map(|registry| registry.current())
+    }
+
+    /// Whether `plugins` holds a plugin that [`Policy::decide`] or [`Policy::record_usage`]
+    /// would call and that may not be called on an async worker (it imports WASI calls that
+    /// block on a tokio runtime): those calls then go to the blocking pool. Plugins that
+    /// import no such call run inline, on the worker, within their call deadline.
+    pub fn needs_blocking_pool(plugins: Option<&PluginSet>) -> bool {
+        plugins.is_some_and(|set| {
             let off = |p: &Arc<Plugin>| !p.calls_inline();
             set.limiters.iter().any(off)
                 || set.prioritizer.iter().any(off)
@@ -99,11 +105,12 @@ impl Policy {
         })
     }
 
-    /// Runs the rate limiters and the prioritizer; the request's queue priority. Shadow
-    /// plugins run first, on every request that gets here, and only count and log.
-    pub fn decide(&self, ticket: &Ticket) -> Result<i32, ApiError> {
+    /// Runs the rate limiters and the prioritizer of `plugins` (from [`Policy::plugins_now`]);
+    /// the request's queue priority. Shadow plugins run first, on every request that gets
+    /// here, and only count and log.
+    pub fn decide(&self, ticket: &Ticket, plugins: Option<&PluginSet>) -> Result<i32, ApiError> {
         let own_priority = ticket.requested_priority.unwrap_or(0);
-        let set = self.plugins.as_ref().map(|r| r.current());
+        let set = plugins;
         let live = |p: &&Arc<Plugin>| !p.is_disabled();
         let (shadow, limiters): (Vec<&Arc<Plugin>>, Vec<&Arc<Plugin>>) = set
             .iter()
@@ -170,8 +177,9 @@ impl Policy {
         }
     }
 
-    /// Tells the plugin rate limiters what an admitted request used, however it ended.
-    pub fn record_usage(&self, usage: &Usage, outcome: Outcome) {
+    /// Tells the rate limiters of `plugins` (from [`Policy::plugins_now`]) what an admitted
+    /// request used, however it ended.
+    pub fn record_usage(&self, usage: &Usage, outcome: Outcome, plugins: Option<&PluginSet>) {
         tracing::debug!(
             request_id = usage.request_id,
             outcome = outcome.as_str(),
@@ -179,10 +187,9 @@ impl Policy {
             generated_tokens = usage.generated_tokens,
             "usage"
         );
-        let Some(registry) = &self.plugins else {
+        let Some(set) = plugins else {
             return;
         };
-        let set = registry.current();
         for plugin in set.limiters.iter().filter(|p| !p.is_disabled()) {
             // A fault is counted by the plugin itself; usage reporting never fails a request.
             let _ = plugin.record_usage(usage);

@@ -107,14 +107,15 @@ impl Admission {
 
     /// [`Policy::decide`], on the blocking pool when a plugin it calls needs that.
     async fn decide(self: &Arc<Self>, ticket: Ticket) -> (Ticket, Result<i32, ApiError>) {
-        if !self.policy.needs_blocking_pool() {
-            let decision = self.policy.decide(&ticket);
+        let plugins = self.policy.plugins_now();
+        if !Policy::needs_blocking_pool(plugins.as_deref()) {
+            let decision = self.policy.decide(&ticket, plugins.as_deref());
             return (ticket, decision);
         }
         let admission = self.clone();
         let request_id = ticket.request_id.clone();
         let decided = tokio::task::spawn_blocking(move || {
-            let decision = admission.policy.decide(&ticket);
+            let decision = admission.policy.decide(&ticket, plugins.as_deref());
             (ticket, decision)
         })
         .await;

@@ -2,6 +2,7 @@
 //! rate limiters what the request used once all its sequences have ended, whatever the ending.
 
 use super::client_slots::ClientSlot;
+use super::policy::Policy;
 use super::stage::{Admission, Ticket};
 use crate::model::generation::FinishReason;
 use crate::plugins::bindings::Usage;
@@ -116,15 +117,18 @@ impl Drop for Ledger {
             outcome: outcome.for_plugins(),
         };
         let policy = &self.admission.policy;
+        let plugins = policy.plugins_now();
         match tokio::runtime::Handle::try_current() {
             // Plugin calls stay off the async workers (see `Policy::needs_blocking_pool`).
-            Ok(runtime) if policy.needs_blocking_pool() => {
+            Ok(runtime) if Policy::needs_blocking_pool(plugins.as_deref()) => {
                 let admission = self.admission.clone();
                 drop(runtime.spawn_blocking(move || {
-                    admission.policy.record_usage(&usage, outcome);
+                    admission
+                        .policy
+                        .record_usage(&usage, outcome, plugins.as_deref());
                 }));
             }
-            _ => policy.record_usage(&usage, outcome),
+            _ => policy.record_usage(&usage, outcome, plugins.as_deref()),
         }
     }
 }

@@ -102,6 +102,9 @@ pub struct Plugin {
     config: String,
     limits: CallLimits,
     live: Mutex<Option<Live>>,
+    /// Whether `live` holds an instance, readable without its lock: an inline call that
+    /// would have to build one first goes off the async workers (see [`Plugin::call`]).
+    has_live: AtomicBool,
     /// Its WASI stdout and stderr, as log lines (shared by its successive instances).
     pub log: PluginLog,
     metrics: Arc<Metrics>,
@@ -157,6 +160,7 @@ impl Plugin {
             config,
             limits,
             live: Mutex::new(None),
+            has_live: AtomicBool::new(false),
             log,
             metrics,
             calls: AtomicU64::new(0),
@@ -210,7 +214,9 @@ impl Plugin {
 
     /// Drops the live instance: the next call builds a fresh one (its state starts over).
     pub fn drop_instance(&self) {
-        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        *live = None;
+        self.has_live.store(false, Ordering::Relaxed);
     }
 
     pub fn is_disabled(&self) -> bool {
@@ -248,7 +254,10 @@ impl Plugin {
         verdict: bool,
         f: impl FnOnce(&mut Store<PluginData>, &Bindings) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
-        if self.inline {
+        // A call takes microseconds, but building an instance (the first call, or the one
+        // after a fault dropped it) may take up to the instantiate deadline: an inline
+        // plugin's call that must build one first leaves the async worker too.
+        if self.inline && self.has_live.load(Ordering::Relaxed) {
             return self.call_here(verdict, f);
         }
         // Some WASI calls (reading files, waiting on pollables) block on a tokio runtime,
@@ -271,6 +280,7 @@ impl Plugin {
         let result = (|| {
             if live.is_none() {
                 *live = Some(self.instantiate()?);
+                self.has_live.store(true, Ordering::Relaxed);
             }
             let Some(Live { store, bindings }) = live.as_mut() else {
                 wasmtime::bail!("no instance");
@@ -292,6 +302,7 @@ impl Plugin {
                 let out_of_memory = live.as_ref().is_some_and(|l| l.store.data().out_of_memory);
                 // A trapped instance cannot be entered again: drop it, rebuild on next call.
                 *live = None;
+                self.has_live.store(false, Ordering::Relaxed);
                 drop(live);
                 Err(self.record_fault(&error, out_of_memory))
             }
