@@ -153,7 +153,7 @@ fn shadow_input_streams(
 ) -> wasmtime::Result<()> {
     use wasmtime::component::ResourceType;
     use wasmtime_wasi::p2::bindings::io::streams::HostInputStream;
-    use wasmtime_wasi::p2::bindings::sync::io::streams::{Host, StreamError as WitStreamError};
+    use wasmtime_wasi::p2::bindings::sync::io::streams::StreamError as WitStreamError;
     use wasmtime_wasi::p2::DynInputStream;
     streams.resource(
         "input-stream",
@@ -169,13 +169,11 @@ fn shadow_input_streams(
         "[method]input-stream.blocking-read",
         |mut store, (stream, len): (Resource<DynInputStream>, u64)| -> Read {
             let table = &mut store.data_mut().table;
-            match now_or_trap(
+            let read = now_or_trap(
                 "input-stream.blocking-read",
                 table.blocking_read(stream, len),
-            )? {
-                Ok(bytes) => Ok((Ok(bytes),)),
-                Err(e) => Ok((Err(table.convert_stream_error(e)?),)),
-            }
+            )?;
+            to_wit(table, read)
         },
     )?;
     type Skipped = wasmtime::Result<(Result<u64, WitStreamError>,)>;
@@ -183,13 +181,11 @@ fn shadow_input_streams(
         "[method]input-stream.blocking-skip",
         |mut store, (stream, len): (Resource<DynInputStream>, u64)| -> Skipped {
             let table = &mut store.data_mut().table;
-            match now_or_trap(
+            let skipped = now_or_trap(
                 "input-stream.blocking-skip",
                 table.blocking_skip(stream, len),
-            )? {
-                Ok(n) => Ok((Ok(n),)),
-                Err(e) => Ok((Err(table.convert_stream_error(e)?),)),
-            }
+            )?;
+            to_wit(table, skipped)
         },
     )?;
     Ok(())
@@ -245,14 +241,23 @@ fn write_now(
     stream: &Resource<wasmtime_wasi::p2::DynOutputStream>,
     bytes: Option<Vec<u8>>,
 ) -> wasmtime::Result<(Result<(), wasmtime_wasi::p2::bindings::sync::io::streams::StreamError>,)> {
-    use wasmtime_wasi::p2::bindings::sync::io::streams::Host;
     let out = table.get_mut(stream)?;
     let written = match bytes {
         Some(bytes) => out.write(bytes.into()).and_then(|()| out.flush()),
         None => out.flush(),
     };
-    match written {
-        Ok(()) => Ok((Ok(()),)),
+    to_wit(table, written)
+}
+
+/// A stream operation's outcome as its WIT function returns it: a closed or failed stream is
+/// the plugin's to handle (an error value); a trap stays a trap.
+fn to_wit<T>(
+    table: &mut wasmtime::component::ResourceTable,
+    outcome: Result<T, StreamError>,
+) -> wasmtime::Result<(Result<T, wasmtime_wasi::p2::bindings::sync::io::streams::StreamError>,)> {
+    use wasmtime_wasi::p2::bindings::sync::io::streams::Host;
+    match outcome {
+        Ok(value) => Ok((Ok(value),)),
         Err(e) => Ok((Err(table.convert_stream_error(e)?),)),
     }
 }
