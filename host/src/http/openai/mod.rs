@@ -9,7 +9,8 @@ mod request;
 mod stream;
 
 use super::body::{parse_json, RawBody};
-use super::chat::render_prompt;
+use super::chat::{render_prompt, ChatMessage};
+use super::params::Limits;
 use super::{AppState, RequestContext};
 use crate::admission::{Admitted, SequenceEvents};
 use crate::error::{invalid_param, ApiError};
@@ -22,45 +23,27 @@ use request::{build_job, Api, ChatFields, Common, CompletionFields, Fields, Job,
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-/// Both routes' body checks without a server, for the fuzz targets: parse, refuse what cllm
-/// does not support, and build the job. Text prompts stand in as one token per byte; the
-/// chat route's messages are checked for presence only (rendering needs a template).
-pub fn check_body(body: &[u8], limits: &super::params::Limits) -> Result<(), ApiError> {
-    let common: Common = parse_json(body)?;
-    let completion = parse_json::<CompletionFields>(body).and_then(|fields| {
-        fields.refuse_unsupported(&common)?;
-        let bytes = |t: &str| t.bytes().map(u32::from).collect::<Vec<u32>>();
-        let prompts = match fields.prompt {
-            None => return Err(invalid_param("prompt", "`prompt` is required")),
-            Some(Prompt::Text(text)) => vec![bytes(&text)],
-            Some(Prompt::Texts(texts)) => texts.iter().map(|t| bytes(t)).collect(),
-            Some(Prompt::Ids(ids)) => vec![ids],
-            Some(Prompt::IdLists(lists)) => lists,
-        };
-        let logprobs = fields.logprobs.map(|k| k as usize);
-        build_job(Api::Completions, &common, prompts, logprobs, limits).map(drop)
+/// Both routes' body checks without a server, for the fuzz targets: the handlers' own
+/// validation ([`completion_job`], [`chat_job`]) with any model name accepted, text prompts
+/// standing in as one token per byte (a 256-token vocabulary), and chat messages as one token
+/// each (rendering needs a template).
+pub fn check_body(body: &[u8], limits: &Limits) -> Result<(), ApiError> {
+    let any_model = |_: Option<&str>| Ok(());
+    let bytes = |text: &str| Ok(text.bytes().map(u32::from).collect());
+    let completion = completion_job(body, limits, 256, any_model, bytes);
+    let chat = chat_job(body, limits, any_model, |messages| {
+        Ok(vec![1; messages.len()])
     });
-    let chat = parse_json::<ChatFields>(body).and_then(|fields| {
-        fields.refuse_unsupported(&common)?;
-        let logprobs = fields.logprobs(limits)?;
-        let messages = fields
-            .messages
-            .ok_or_else(|| invalid_param("messages", "`messages` is required"))?;
-        let ids = vec![1; messages.len()];
-        build_job(Api::Chat, &common, vec![ids], logprobs, limits).map(drop)
-    });
-    completion.or(chat)
+    completion.or(chat).map(drop)
 }
 
-/// The prompts of a completion request, tokenized (token-id prompts are checked against the
-/// vocabulary).
-fn completion_prompts(state: &AppState, prompt: Option<Prompt>) -> Result<Vec<Vec<u32>>, ApiError> {
-    let encode = |text: &str| {
-        state
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))
-    };
+/// The prompts of a completion request, text ones tokenized by `encode` (token-id prompts
+/// are checked against a vocabulary of `vocab_size`).
+fn completion_prompts(
+    prompt: Option<Prompt>,
+    vocab_size: usize,
+    encode: impl Fn(&str) -> Result<Vec<u32>, ApiError>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
     let prompts = match prompt {
         None => return Err(invalid_param("prompt", "`prompt` is required")),
         Some(Prompt::Text(text)) => vec![encode(&text)?],
@@ -77,27 +60,72 @@ fn completion_prompts(state: &AppState, prompt: Option<Prompt>) -> Result<Vec<Ve
     if let Some(bad) = prompts
         .iter()
         .flatten()
-        .find(|&&id| id as usize >= state.vocab_size)
+        .find(|&&id| id as usize >= vocab_size)
     {
         return Err(invalid_param(
             "prompt",
-            format!(
-                "token id {bad} is outside the vocabulary ({} tokens)",
-                state.vocab_size
-            ),
+            format!("token id {bad} is outside the vocabulary ({vocab_size} tokens)"),
         ));
     }
     Ok(prompts)
 }
 
-/// The fields both APIs share and the endpoint's own, checked for the model and for fields
-/// cllm does not support.
-fn parse_request<F: Fields>(state: &AppState, body: &[u8]) -> Result<(Common, F), ApiError> {
+/// The fields both APIs share and the endpoint's own, the `model` field vetted by
+/// `check_model`, and fields cllm does not support refused.
+fn parse_request<F: Fields>(
+    body: &[u8],
+    check_model: impl Fn(Option<&str>) -> Result<(), ApiError>,
+) -> Result<(Common, F), ApiError> {
     let common: Common = parse_json(body)?;
-    state.check_model(common.model.as_deref())?;
+    check_model(common.model.as_deref())?;
     let fields: F = parse_json(body)?;
     fields.refuse_unsupported(&common)?;
     Ok((common, fields))
+}
+
+/// A `/v1/completions` body, validated into its job; `encode` tokenizes text prompts.
+fn completion_job(
+    body: &[u8],
+    limits: &Limits,
+    vocab_size: usize,
+    check_model: impl Fn(Option<&str>) -> Result<(), ApiError>,
+    encode: impl Fn(&str) -> Result<Vec<u32>, ApiError>,
+) -> Result<Job, ApiError> {
+    let (common, fields) = parse_request::<CompletionFields>(body, check_model)?;
+    let logprobs = fields.logprobs.map(|k| k as usize);
+    if logprobs.is_some_and(|k| k > limits.max_logprobs) {
+        return Err(invalid_param(
+            "logprobs",
+            format!("`logprobs` must be at most {}", limits.max_logprobs),
+        ));
+    }
+    let prompts = completion_prompts(fields.prompt, vocab_size, encode)?;
+    build_job(Api::Completions, &common, prompts, logprobs, limits)
+}
+
+/// A `/v1/chat/completions` body, validated into its job; `prompt_ids` renders and
+/// tokenizes the messages.
+fn chat_job(
+    body: &[u8],
+    limits: &Limits,
+    check_model: impl Fn(Option<&str>) -> Result<(), ApiError>,
+    prompt_ids: impl Fn(&[ChatMessage]) -> Result<Vec<u32>, ApiError>,
+) -> Result<Job, ApiError> {
+    let (common, fields) = parse_request::<ChatFields>(body, check_model)?;
+    let logprobs = fields.logprobs(limits)?;
+    let messages = fields
+        .messages
+        .ok_or_else(|| invalid_param("messages", "`messages` is required"))?;
+    let ids = prompt_ids(&messages)?;
+    build_job(Api::Chat, &common, vec![ids], logprobs, limits)
+}
+
+/// The served model's tokenizer, for the prompts of a request.
+fn encode(state: &AppState, text: &str, special: bool) -> Result<Vec<u32>, ApiError> {
+    state
+        .tokenizer
+        .encode(text, special)
+        .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))
 }
 
 pub async fn completions(
@@ -105,16 +133,13 @@ pub async fn completions(
     Extension(ctx): Extension<RequestContext>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let (common, fields) = parse_request::<CompletionFields>(&state, &body)?;
-    let logprobs = fields.logprobs.map(|k| k as usize);
-    if logprobs.is_some_and(|k| k > state.limits.max_logprobs) {
-        return Err(invalid_param(
-            "logprobs",
-            format!("`logprobs` must be at most {}", state.limits.max_logprobs),
-        ));
-    }
-    let prompts = completion_prompts(&state, fields.prompt)?;
-    let job = build_job(Api::Completions, &common, prompts, logprobs, &state.limits)?;
+    let job = completion_job(
+        &body,
+        &state.limits,
+        state.vocab_size,
+        |model| state.check_model(model),
+        |text| encode(&state, text, true),
+    )?;
     answer(state, ctx, job).await
 }
 
@@ -123,17 +148,12 @@ pub async fn chat_completions(
     Extension(ctx): Extension<RequestContext>,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
-    let (common, fields) = parse_request::<ChatFields>(&state, &body)?;
-    let logprobs = fields.logprobs(&state.limits)?;
-    let messages = fields
-        .messages
-        .ok_or_else(|| invalid_param("messages", "`messages` is required"))?;
-    let prompt = render_prompt(&state, &messages)?;
-    let ids = state
-        .tokenizer
-        .encode(&prompt, false)
-        .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
-    let job = build_job(Api::Chat, &common, vec![ids], logprobs, &state.limits)?;
+    let job = chat_job(
+        &body,
+        &state.limits,
+        |model| state.check_model(model),
+        |messages| encode(&state, &render_prompt(&state, messages)?, false),
+    )?;
     answer(state, ctx, job).await
 }
 
