@@ -105,12 +105,11 @@ impl Policy {
         })
     }
 
-    /// Runs the rate limiters and the prioritizer of `plugins` (from [`Policy::plugins_now`]);
+    /// Runs the rate limiters and the prioritizer of `set` (from [`Policy::plugins_now`]);
     /// the request's queue priority. Shadow plugins run first, on every request that gets
     /// here, and only count and log.
-    pub fn decide(&self, ticket: &Ticket, plugins: Option<&PluginSet>) -> Result<i32, ApiError> {
+    pub fn decide(&self, ticket: &Ticket, set: Option<&PluginSet>) -> Result<i32, ApiError> {
         let own_priority = ticket.requested_priority.unwrap_or(0);
-        let set = plugins;
         let live = |p: &&Arc<Plugin>| !p.is_disabled();
         let (shadow, limiters): (Vec<&Arc<Plugin>>, Vec<&Arc<Plugin>>) = set
             .iter()

@@ -11,7 +11,7 @@ use super::wasi::PluginLog;
 use crate::metrics::Metrics;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use wasmtime::{Store, Trap};
 
@@ -102,9 +102,6 @@ pub struct Plugin {
     config: String,
     limits: CallLimits,
     live: Mutex<Option<Live>>,
-    /// Whether `live` holds an instance, readable without its lock: an inline call that
-    /// would have to build one first goes off the async workers (see [`Plugin::call`]).
-    has_live: AtomicBool,
     /// Its WASI stdout and stderr, as log lines (shared by its successive instances).
     pub log: PluginLog,
     metrics: Arc<Metrics>,
@@ -160,7 +157,6 @@ impl Plugin {
             config,
             limits,
             live: Mutex::new(None),
-            has_live: AtomicBool::new(false),
             log,
             metrics,
             calls: AtomicU64::new(0),
@@ -208,15 +204,19 @@ impl Plugin {
     /// The live instance's peak linear memory in bytes (none before the first call or after a
     /// fault dropped it).
     pub fn memory_peak(&self) -> Option<usize> {
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        live.as_ref().map(|l| l.store.data().memory_peak)
+        self.lock_live()
+            .as_ref()
+            .map(|l| l.store.data().memory_peak)
     }
 
     /// Drops the live instance: the next call builds a fresh one (its state starts over).
     pub fn drop_instance(&self) {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        *live = None;
-        self.has_live.store(false, Ordering::Relaxed);
+        *self.lock_live() = None;
+    }
+
+    /// The instance slot (a panic inside a call does not leave it unusable).
+    fn lock_live(&self) -> MutexGuard<'_, Option<Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_disabled(&self) -> bool {
@@ -254,33 +254,37 @@ impl Plugin {
         verdict: bool,
         f: impl FnOnce(&mut Store<PluginData>, &Bindings) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
+        if self.is_disabled() {
+            return Err(Fault::Disabled);
+        }
+        let started = Instant::now();
         // A call takes microseconds, but building an instance (the first call, or the one
         // after a fault dropped it) may take up to the instantiate deadline: an inline
         // plugin's call that must build one first leaves the async worker too.
-        if self.inline && self.has_live.load(Ordering::Relaxed) {
-            return self.call_here(verdict, f);
+        if self.inline {
+            let live = self.lock_live();
+            if live.is_some() {
+                return self.call_with(verdict, started, live, f);
+            }
         }
         // Some WASI calls (reading files, waiting on pollables) block on a tokio runtime,
         // which may not happen on an async worker thread. The request path calls such
         // plugins on the blocking pool, where this costs nothing; it is the safety net for
         // the rest (the trial call of a load started from async code).
-        crate::blocking::off_async_workers(|| self.call_here(verdict, f))
+        crate::blocking::off_async_workers(|| self.call_with(verdict, started, self.lock_live(), f))
     }
 
-    fn call_here<R>(
+    /// Runs `f` on the instance in `live` (built first if there is none), under the deadline.
+    fn call_with<R>(
         &self,
         verdict: bool,
+        started: Instant,
+        mut live: MutexGuard<'_, Option<Live>>,
         f: impl FnOnce(&mut Store<PluginData>, &Bindings) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
-        if self.is_disabled() {
-            return Err(Fault::Disabled);
-        }
-        let started = Instant::now();
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let result = (|| {
             if live.is_none() {
                 *live = Some(self.instantiate()?);
-                self.has_live.store(true, Ordering::Relaxed);
             }
             let Some(Live { store, bindings }) = live.as_mut() else {
                 wasmtime::bail!("no instance");
@@ -302,7 +306,6 @@ impl Plugin {
                 let out_of_memory = live.as_ref().is_some_and(|l| l.store.data().out_of_memory);
                 // A trapped instance cannot be entered again: drop it, rebuild on next call.
                 *live = None;
-                self.has_live.store(false, Ordering::Relaxed);
                 drop(live);
                 Err(self.record_fault(&error, out_of_memory))
             }
