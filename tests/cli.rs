@@ -281,6 +281,38 @@ fn bench_json_reports_an_empty_context_decode() {
     }
 }
 
+/// The report names the arithmetic the products of these weights really use: f16 weights in
+/// `fast` numerics take f16 activations for one token on AVX-512 CPUs (and compute exactly
+/// elsewhere), and `exact` always says so.
+#[test]
+fn bench_names_the_numerics_of_f16_weights() {
+    let model = common::repo_root().join("models/gguf/tiny256-f16.gguf");
+    let numerics_of = |asked: &str| {
+        let stdout = stdout_of(
+            cllm()
+                .args(["bench", "--json", "--batch", "0", "--prompt-tokens", "4"])
+                .args(["--decode-tokens", "2", "--numerics", asked, "--model"])
+                .arg(&model),
+        );
+        let report: serde_json::Value = serde_json::from_slice(&stdout).expect("one JSON object");
+        assert_eq!(report["dtype"], "f16", "{report}");
+        report["numerics"].as_str().map(str::to_owned)
+    };
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    let fast = if avx512 {
+        "fast (f16 activations for one token)"
+    } else {
+        "exact (f32)"
+    };
+    assert_eq!(numerics_of("fast").as_deref(), Some(fast));
+    assert_eq!(numerics_of("exact").as_deref(), Some("exact (f32)"));
+}
+
 #[test]
 fn serve_refuses_a_bad_config_naming_the_key() {
     let dir = tempfile::tempdir().expect("tmp");

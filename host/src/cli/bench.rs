@@ -49,7 +49,7 @@ pub struct BenchArgs {
     /// CPU worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// fast or exact: how products with bf16 weights compute (see model.numerics).
+    /// fast or exact: how products with bf16 and f16 weights compute (see model.numerics).
     #[arg(long, default_value = "fast", value_parser = super::parse_numerics)]
     numerics: Numerics,
     /// f32 or f16: what the KV cache stores (see scheduler.kv_cache_dtype).
@@ -222,10 +222,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// The numerics the matrix products of these weights actually use on this CPU.
+/// Judged from the first layer's q projection (the layers' matrices share one dtype); the
+/// embedding is a lookup and does not say how products compute.
 fn effective_numerics(asked: Numerics, weights: &ModelWeights) -> &'static str {
     let (main, _) = asked.precisions();
-    if main.uses_bf16_dot(&weights.embed_tokens.data()) {
+    let Some(layer) = weights.layers.first() else {
+        return "exact (f32)";
+    };
+    let data = layer.q_proj.weight.data();
+    if main.uses_bf16_dot(&data) {
         "fast (bf16 activations, AVX512-BF16)"
+    } else if main.uses_half_input(&data) {
+        "fast (f16 activations for one token)"
     } else {
         "exact (f32)"
     }
