@@ -3,8 +3,9 @@
 # minutes. Needs gpu/ from scripts/gpu-pack.sh (built on a machine with Rust) beside the
 # working tree. Runs the GPU tests (each kernel against the CPU; every golden model on the
 # GPU, batched and chunked), compares `cllm generate` on CPU and GPU for every model, runs the
-# GPU bench, and serves a 1.1B-shaped model under 1, 16 and 64 concurrent streams. Prints one
-# table at the end; logs go to $OUT (or /tmp/gpu-check).
+# GPU bench and its per-phase profile of a decode step, and serves a 1.1B-shaped model under
+# 1, 16 and 64 concurrent streams. Prints one table at the end; logs go to $OUT (or
+# /tmp/gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -64,6 +65,23 @@ text = open(sys.argv[1]).read()
 for line in text.splitlines():
     if line.startswith("| ") and "measurement" not in line and "---" not in line:
         print("| bench 1b bf16: " + line[2:])
+PY
+
+# Where a batch-1 decode step's GPU time goes (CUDA events between phases, no graph).
+timeout 120 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --batch 0 \
+  --decode-tokens 32 --profile > "$LOG/profile-1b.txt" 2>&1
+python3 - "$LOG/profile-1b.txt" <<'PY' | tee -a "$RESULTS"
+import sys
+text = open(sys.argv[1]).read()
+for section in text.split("\n\n"):
+    if section.startswith("decode step"):
+        title = section.splitlines()[0]
+        for line in section.splitlines()[3:]:
+            if line.startswith("| ") and "CUDA events" not in line:
+                print(f"| profile, {title}: {line[2:]}")
+        break
+else:
+    print("| profile 1b bf16 | FAILED: " + (text.strip().splitlines() or ["no output"])[-1] + " |")
 PY
 
 # Serve a 1.1B-shaped bf16 model (random weights, tiny-llama's 32000-token tokenizer) and

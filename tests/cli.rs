@@ -198,55 +198,7 @@ fn bench_profile_breaks_a_step_into_phases_that_add_up() {
     .args(["--decode-tokens", "8", "--threads", "2", "--model"])
     .arg(&fx.model_dir);
     let stdout = stdout_of(&mut cmd);
-    let text = String::from_utf8_lossy(&stdout);
-    let sections: Vec<&str> = text.split("\n\n").collect();
-    for title in [
-        "prefill pass (32 tokens)",
-        "decode step (mean of 8, after 32)",
-    ] {
-        let section = sections
-            .iter()
-            .find(|s| s.starts_with(title))
-            .unwrap_or_else(|| panic!("no {title:?} section in\n{text}"));
-        for phase in [
-            "embedding + rope angles",
-            "rms norms",
-            "matmul q/k/v",
-            "rope + kv store",
-            "attention",
-            "matmul o",
-            "matmul gate/up",
-            "silu*up + residuals",
-            "matmul down",
-            "matmul lm_head",
-            "all matmuls",
-            "thread pool",
-        ] {
-            assert!(
-                section.contains(&format!("| {phase}")),
-                "{phase:?} missing in\n{section}"
-            );
-        }
-        // The phases (and sampling) cover the whole step: their shares sum to 100%.
-        let total: f64 = section
-            .lines()
-            .filter(|l| {
-                l.starts_with("| ") && !l.contains("all matmuls") && !l.contains("thread pool")
-            })
-            .filter_map(|l| {
-                l.split('|')
-                    .nth(3)?
-                    .trim()
-                    .strip_suffix('%')?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .sum();
-        assert!(
-            (total - 100.0).abs() < 1.0,
-            "shares sum to {total} in\n{section}"
-        );
-    }
+    common::assert_profile_sections(&String::from_utf8_lossy(&stdout), 32, 8, "| thread pool");
 }
 
 #[test]

@@ -127,6 +127,44 @@ fn device_cuda_without_a_gpu_is_a_clean_start_up_error() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("auto, cpu, cuda, cuda:N"));
 }
 
+// ---- On a GPU: the profile of `cllm bench --profile` ----
+
+/// On the GPU, `--profile` times every phase with CUDA events: both sections list every
+/// phase, say the times are the GPU's, and their shares add up to the step.
+#[test]
+fn gpu_bench_profile_times_every_phase() {
+    let DeviceChoice::Cuda(ordinal) = common::test_device() else {
+        say("SKIPPED: GPU profile test (set CLLM_TEST_DEVICE=cuda on a machine with a GPU)");
+        return;
+    };
+    let fx = fixture("stories260K").expect("in the repository");
+    let out = cllm()
+        .args([
+            "bench",
+            "--profile",
+            "--batch",
+            "0",
+            "--prompt-tokens",
+            "32",
+        ])
+        .args([
+            "--decode-tokens",
+            "8",
+            "--device",
+            &format!("cuda:{ordinal}"),
+        ])
+        .arg("--model")
+        .arg(&fx.model_dir)
+        .output()
+        .expect("runs cllm");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    common::assert_profile_sections(&stdout, 32, 8, "GPU time between CUDA events");
+}
+
 // ---- On a GPU: each kernel against the CPU on random inputs ----
 
 /// The kernels on the GPU the check runs on, or None (said) elsewhere.

@@ -208,3 +208,58 @@ pub struct Top5 {
     pub ids: Vec<u32>,
     pub values: Vec<f32>,
 }
+
+/// Checks `cllm bench --profile` output (a `prompt`-token prompt, `decode` steps): a prefill
+/// section and a decode section, each with a row for every phase, the matmul total and
+/// `last_row` (the CPU's thread pool, or the GPU's note), and shares that sum to 100 %.
+pub fn assert_profile_sections(text: &str, prompt: usize, decode: usize, last_row: &str) {
+    let sections: Vec<&str> = text.split("\n\n").collect();
+    for title in [
+        format!("prefill pass ({prompt} tokens)"),
+        format!("decode step (mean of {decode}, after {prompt})"),
+    ] {
+        let section = sections
+            .iter()
+            .find(|s| s.starts_with(&title))
+            .unwrap_or_else(|| panic!("no {title:?} section in\n{text}"));
+        for phase in [
+            "embedding + rope angles",
+            "rms norms",
+            "matmul q/k/v",
+            "rope + kv store",
+            "attention",
+            "matmul o",
+            "matmul gate/up",
+            "silu*up + residuals",
+            "matmul down",
+            "matmul lm_head",
+            "all matmuls",
+        ] {
+            assert!(
+                section.contains(&format!("| {phase} |")),
+                "{phase:?} missing in\n{section}"
+            );
+        }
+        assert!(
+            section.contains(last_row),
+            "{last_row:?} missing in\n{section}"
+        );
+        // The phases (and sampling) cover the whole step: their shares sum to 100%.
+        let total: f64 = section
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.contains("all matmuls") && !l.contains(last_row))
+            .filter_map(|l| {
+                l.split('|')
+                    .nth(3)?
+                    .trim()
+                    .strip_suffix('%')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .sum();
+        assert!(
+            (total - 100.0).abs() < 1.0,
+            "shares sum to {total} in\n{section}"
+        );
+    }
+}

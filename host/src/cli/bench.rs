@@ -282,6 +282,13 @@ fn print_profile(run: &RunResult, prompt_len: usize, decode_tokens: usize) {
             .map(|&p| phases.get(p))
             .sum();
         row("all matmuls", matmul);
+        if pool.threads == 0 {
+            // A GPU: no thread pool; the times are the GPU's, between CUDA events.
+            println!(
+                "| (GPU time between CUDA events at phase boundaries; profiled passes are launched without a CUDA graph) | | |"
+            );
+            continue;
+        }
         println!(
             "| thread pool: {} jobs, {:.3} ms wall; idle thread time (wake-up, claiming, waiting for the slowest) | {:.3} | {:.1}% of pooled thread time |",
             pool.runs as f64 / passes,

@@ -5,8 +5,11 @@
 use super::compile::compile_all;
 use super::kernels::{elementwise_blocks, launch, matmul, Arg, Kernels};
 use super::memory::{DeviceBuffer, Growable};
+use super::profile::EventProfile;
 use super::weights::{unsupported_dtype, upload, DevMatrix, DevWeights};
 use crate::model::config::ModelConfig;
+use crate::model::cpu::pool::PoolTimes;
+use crate::model::cpu::profile::{Phase, PhaseTimes};
 use crate::model::executor::{
     check_batch, BatchEntry, DeviceInfo, ExecError, Executor, ExecutorSettings, LogitRows,
 };
@@ -220,6 +223,8 @@ pub struct CudaBackend {
     host: HostScratch,
     /// Captured decode steps by (tokens, attention splits, keys per split).
     graphs: std::collections::HashMap<(usize, usize, usize), Graph>,
+    /// Phase times, while `cllm bench --profile` asks for them.
+    profile: Option<EventProfile>,
     sms: usize,
     info: DeviceInfo,
     stream: Arc<CudaStream>,
@@ -365,6 +370,7 @@ impl CudaBackend {
             rope: Rope::new(config),
             host: HostScratch::default(),
             graphs: Default::default(),
+            profile: None,
             sms,
             info,
             stream,
@@ -374,8 +380,13 @@ impl CudaBackend {
 
     /// Every kernel of one forward pass, on the stream (or into a graph being captured):
     /// ten launches a layer. The residual adds are the o and down products' (they add into
-    /// the residual stream x), and RoPE and the KV append are one kernel.
-    fn launch_pass(&self, p: &Pass) -> Result<(), DriverError> {
+    /// the residual stream x), and RoPE and the KV append are one kernel. `mark` is called
+    /// as each phase's last kernel has been launched (to record a profiling event).
+    fn launch_pass(
+        &self,
+        p: &Pass,
+        mark: &mut dyn FnMut(Phase) -> Result<(), DriverError>,
+    ) -> Result<(), DriverError> {
         let (dims, k, st, w) = (&self.dims, &self.kernels, &self.stream, &self.weights);
         let (ni, hi) = (p.n as u32, dims.h as i32);
         let eps = dims.eps;
@@ -392,8 +403,10 @@ impl CudaBackend {
                 Arg::I32(hi),
             ],
         )?;
+        mark(Phase::Embed)?;
         // `x · W` of the RMSNorm of the residual stream x with `norm_weight`, into `out`.
-        let normed_product = |m: &DevMatrix, norm_weight: u64, out: u64| {
+        type Mark<'m> = &'m mut dyn FnMut(Phase) -> Result<(), DriverError>;
+        let normed_product = |m: &DevMatrix, norm_weight: u64, out: u64, phase, mark: Mark| {
             let args = [
                 Arg::Ptr(p.x),
                 Arg::Ptr(norm_weight),
@@ -402,10 +415,18 @@ impl CudaBackend {
                 Arg::F32(eps),
             ];
             launch(st, &k.rms_norm, (ni, 1, 1), NORM_THREADS, &args)?;
-            matmul(st, k, &m.view(), p.normed, out, p.n, false)
+            mark(Phase::Norm)?;
+            matmul(st, k, &m.view(), p.normed, out, p.n, false)?;
+            mark(phase)
         };
         for (li, layer) in w.layers.iter().enumerate() {
-            normed_product(&layer.qkv, layer.input_norm.ptr(), p.qkv)?;
+            normed_product(
+                &layer.qkv,
+                layer.input_norm.ptr(),
+                p.qkv,
+                Phase::QkvProj,
+                &mut *mark,
+            )?;
             let layer_off = (li * self.kv.layer_bytes) as u64;
             let (kc, vc) = (
                 self.kv.keys.ptr() + layer_off,
@@ -425,6 +446,7 @@ impl CudaBackend {
                 Arg::Ptr(vc),
             ];
             launch(st, &k.rope_kv_append, (ni, 1, 1), 128, &rope_args)?;
+            mark(Phase::RopeKv)?;
             let split_args = [
                 Arg::Ptr(p.qkv),
                 stride,
@@ -460,8 +482,16 @@ impl CudaBackend {
                 &merge_args,
             )?;
             // x += attn · Wo, x += SwiGLU(...) · Wdown: the residual adds are the products'.
+            mark(Phase::Attention)?;
             matmul(st, k, &layer.o.view(), p.attn, p.x, p.n, true)?;
-            normed_product(&layer.gate_up, layer.post_norm.ptr(), p.gate_up)?;
+            mark(Phase::OProj)?;
+            normed_product(
+                &layer.gate_up,
+                layer.post_norm.ptr(),
+                p.gate_up,
+                Phase::GateUpProj,
+                &mut *mark,
+            )?;
             let elems = p.n * dims.inter;
             let silu_args = [
                 Arg::Ptr(p.gate_up),
@@ -476,7 +506,9 @@ impl CudaBackend {
                 256,
                 &silu_args,
             )?;
+            mark(Phase::Elementwise)?;
             matmul(st, k, &layer.down.view(), p.act, p.x, p.n, true)?;
+            mark(Phase::DownProj)?;
         }
         if p.m > 0 {
             let args = [
@@ -494,7 +526,9 @@ impl CudaBackend {
                 NORM_THREADS,
                 &args,
             )?;
+            mark(Phase::Norm)?;
             matmul(st, k, &w.lm_head().view(), p.last, p.logits, p.m, false)?;
+            mark(Phase::LmHead)?;
         }
         Ok(())
     }
@@ -576,6 +610,23 @@ impl Executor for CudaBackend {
 
     fn copy_bandwidth_gbs(&mut self, bytes: usize) -> Option<f64> {
         self.copy_bandwidth(bytes).ok()
+    }
+
+    fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(EventProfile::default);
+    }
+
+    /// GPU time per phase; the GPU has no thread pool, so its times are empty.
+    fn profile(&self) -> Option<(PhaseTimes, PoolTimes)> {
+        self.profile
+            .as_ref()
+            .map(|p| (p.times().clone(), PoolTimes::default()))
+    }
+
+    fn reset_profile(&mut self) {
+        if let Some(p) = self.profile.as_mut() {
+            p.reset();
+        }
     }
 
     fn forward(
@@ -673,13 +724,22 @@ impl Executor for CudaBackend {
         // Decode steps (one token per sequence) replay a CUDA graph per shape: hundreds of
         // small launches cost more than the GPU's time for a small batch.
         let decode = m == n && batch.iter().all(|e| e.tokens.len() == 1);
-        if decode && n <= MAX_GRAPH_BATCH {
+        if let Some(mut profile) = self.profile.take() {
+            let st = &self.stream;
+            let launched = profile
+                .begin(st)
+                .and_then(|()| self.launch_pass(&pass, &mut |phase| profile.end(st, phase)));
+            // Put back before any error leaves, so profiling stays on.
+            let collected = launched.and_then(|()| profile.collect());
+            self.profile = Some(profile);
+            collected.map_err(dev)?;
+        } else if decode && n <= MAX_GRAPH_BATCH {
             let key = (n, splits, split_keys);
             if !self.graphs.contains_key(&key) {
                 self.stream
                     .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(dev)?;
-                let launched = self.launch_pass(&pass);
+                let launched = self.launch_pass(&pass, &mut |_| Ok(()));
                 let graph = self
                     .stream
                     .end_capture(CUgraphInstantiate_flags(0))
@@ -690,7 +750,7 @@ impl Executor for CudaBackend {
             }
             self.graphs[&key].0.launch().map_err(dev)?;
         } else {
-            self.launch_pass(&pass).map_err(dev)?;
+            self.launch_pass(&pass, &mut |_| Ok(())).map_err(dev)?;
         }
         logits.resize(m * dims.vocab, 0.0);
         if m > 0 {

@@ -8,6 +8,7 @@ mod check;
 pub mod compile;
 mod kernels;
 mod memory;
+mod profile;
 mod weights;
 
 pub use backend::{driver_present, CudaBackend};
