@@ -2,19 +2,8 @@
 
 mod common;
 
-use common::{cllm, fixture, ALL_MODELS};
+use common::{cllm, fixture, stdout_of, ALL_MODELS};
 use std::process::Command;
-
-/// Runs `cmd`, which must succeed (its stderr is the failure message); returns its stdout.
-fn stdout_of(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd.output().expect("runs cllm");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
 
 /// Runs `cmd`, which must succeed and print a table with each of `rows`.
 fn assert_table_rows(mut cmd: Command, rows: &[&str]) {
@@ -183,22 +172,7 @@ fn bench_runs_on_a_model_folder() {
 
 #[test]
 fn bench_profile_breaks_a_step_into_phases_that_add_up() {
-    let Some(fx) = fixture("stories260K") else {
-        return;
-    };
-    let mut cmd = cllm();
-    cmd.args([
-        "bench",
-        "--profile",
-        "--batch",
-        "0",
-        "--prompt-tokens",
-        "32",
-    ])
-    .args(["--decode-tokens", "8", "--threads", "2", "--model"])
-    .arg(&fx.model_dir);
-    let stdout = stdout_of(&mut cmd);
-    common::assert_profile_sections(&String::from_utf8_lossy(&stdout), 32, 8, "| thread pool");
+    common::check_bench_profile("cpu", "| thread pool");
 }
 
 #[test]

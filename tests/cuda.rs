@@ -137,32 +137,7 @@ fn gpu_bench_profile_times_every_phase() {
         say("SKIPPED: GPU profile test (set CLLM_TEST_DEVICE=cuda on a machine with a GPU)");
         return;
     };
-    let fx = fixture("stories260K").expect("in the repository");
-    let out = cllm()
-        .args([
-            "bench",
-            "--profile",
-            "--batch",
-            "0",
-            "--prompt-tokens",
-            "32",
-        ])
-        .args([
-            "--decode-tokens",
-            "8",
-            "--device",
-            &format!("cuda:{ordinal}"),
-        ])
-        .arg("--model")
-        .arg(&fx.model_dir)
-        .output()
-        .expect("runs cllm");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
-    common::assert_profile_sections(&stdout, 32, 8, "GPU time between CUDA events");
+    common::check_bench_profile(&format!("cuda:{ordinal}"), "GPU time between CUDA events");
 }
 
 // ---- On a GPU: each kernel against the CPU on random inputs ----

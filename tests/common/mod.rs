@@ -209,10 +209,41 @@ pub struct Top5 {
     pub values: Vec<f32>,
 }
 
-/// Checks `cllm bench --profile` output (a `prompt`-token prompt, `decode` steps): a prefill
-/// section and a decode section, each with a row for every phase, the matmul total and
-/// `last_row` (the CPU's thread pool, or the GPU's note), and shares that sum to 100 %.
-pub fn assert_profile_sections(text: &str, prompt: usize, decode: usize, last_row: &str) {
+/// Runs `cmd`, which must succeed; its standard output.
+pub fn stdout_of(cmd: &mut std::process::Command) -> Vec<u8> {
+    let out = cmd.output().expect("runs cllm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Runs `cllm bench --profile` on `device` (stories260K, a 32-token prompt, 8 decode steps)
+/// and checks its output: a prefill section and a decode section, each with a row for every
+/// phase, the matmul total and `last_row` (the CPU's thread pool, or the GPU's note), and
+/// shares that sum to 100 %.
+pub fn check_bench_profile(device: &str, last_row: &str) {
+    let fx = fixture("stories260K").expect("in the repository");
+    let stdout = stdout_of(
+        cllm()
+            .args([
+                "bench",
+                "--profile",
+                "--batch",
+                "0",
+                "--prompt-tokens",
+                "32",
+            ])
+            .args(["--decode-tokens", "8", "--threads", "2", "--device", device])
+            .arg("--model")
+            .arg(&fx.model_dir),
+    );
+    assert_profile_sections(&String::from_utf8_lossy(&stdout), 32, 8, last_row);
+}
+
+fn assert_profile_sections(text: &str, prompt: usize, decode: usize, last_row: &str) {
     let sections: Vec<&str> = text.split("\n\n").collect();
     for title in [
         format!("prefill pass ({prompt} tokens)"),
