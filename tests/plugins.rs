@@ -441,9 +441,9 @@ async fn shadow_plugins_count_their_verdicts_without_enforcing_them() {
 }
 
 /// Compiled plugins are kept on disk: a restarted server loads the plugin from the cache
-/// (`cllm_plugin_compile_cache_total{result="hit"}`) and it works; a corrupt entry is compiled
-/// again (`result="error"`), the plugin still loads, and the rewritten entry serves the next
-/// start.
+/// (`cllm_plugin_compile_cache_total{result="hit"}`) and it works; a corrupt entry (garbage,
+/// or one flipped bit) is compiled again (`result="error"`), the plugin still loads, and the
+/// rewritten entry serves the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_plugins_are_cached_on_disk_across_restarts() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -483,6 +483,17 @@ async fn compiled_plugins_are_cached_on_disk_across_restarts() {
     assert_eq!((cache(&third, "error"), cache(&third, "hit")), (1.0, 0.0));
     let fourth = run().await;
     assert_eq!(cache(&fourth, "hit"), 1.0, "the entry was rewritten");
+
+    // Damage that keeps wasmtime's header intact (a bit flipped in the code, as a torn write
+    // or a bad disk leaves it) is caught by the entry's checksum, not run.
+    let mut entry = std::fs::read(&entries[0]).expect("read the entry");
+    let middle = entry.len() / 2;
+    entry[middle] ^= 0x40;
+    std::fs::write(&entries[0], &entry).expect("damage the entry");
+    let fifth = run().await;
+    assert_eq!((cache(&fifth, "error"), cache(&fifth, "hit")), (1.0, 0.0));
+    let sixth = run().await;
+    assert_eq!(cache(&sixth, "hit"), 1.0, "the entry was rewritten again");
 }
 
 /// A full disk under the compiled-plugin cache (every file the process writes capped at

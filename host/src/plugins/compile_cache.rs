@@ -5,11 +5,19 @@
 //! only: an unreadable, corrupt or incompatible entry is compiled afresh and rewritten, and a
 //! folder that cannot be written is logged and otherwise ignored.
 //!
+//! An entry starts with the sha256 of the compiled code that follows it, checked before the
+//! code is handed to wasmtime: wasmtime checks an entry's header but runs its machine code as
+//! it finds it, so a torn write (a crash or power loss between the write and the disk), a
+//! truncated copy or a flipped bit would otherwise run as code. Entries are also flushed to
+//! disk before they are renamed into place.
+//!
 //! Trust: loading an entry runs its machine code; whoever can write the cache folder can run
 //! code in cllm, exactly as whoever can write the plugin folder can run (sandboxed) plugins.
 //! Keep both folders writable only by cllm's operator.
 
+use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use wasmtime::component::Component;
 use wasmtime::Engine;
@@ -45,6 +53,8 @@ impl CompileCache {
     pub fn new(dir: PathBuf, engine: &Engine) -> Self {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
+        // The entry layout is part of the name, so entries of another layout are never read.
+        ENTRY_LAYOUT.hash(&mut hasher);
         CompileCache {
             dir,
             engine_key: hasher.finish(),
@@ -67,14 +77,20 @@ impl CompileCache {
     ) -> wasmtime::Result<(Component, CacheResult)> {
         let entry = self.entry(sha256);
         let mut result = CacheResult::Miss;
-        if let Ok(code) = std::fs::read(&entry) {
+        if let Ok(sealed) = std::fs::read(&entry) {
             // Read into memory rather than mapped: a mapped entry that someone truncates or
             // rewrites in place would crash the process (SIGBUS) when its code runs.
-            // SAFETY: entries are written only by `store` below from `Component::serialize`
-            // of this engine's configuration (the name carries its compatibility hash, and
-            // wasmtime checks the header again); the folder is trusted as the module
-            // documentation says.
-            match unsafe { Component::deserialize(engine, &code) } {
+            let loaded = match unseal(&sealed) {
+                // SAFETY: the code is byte for byte what `store` below wrote from
+                // `Component::serialize` of this engine's configuration (its sha256 matches;
+                // the name carries the compatibility hash, and wasmtime checks the header
+                // again); the folder is trusted as the module documentation says.
+                Some(code) => unsafe { Component::deserialize(engine, code) },
+                None => Err(wasmtime::Error::msg(
+                    "its checksum does not match its contents (a torn or damaged write)",
+                )),
+            };
+            match loaded {
                 Ok(component) => return Ok((component, CacheResult::Hit)),
                 Err(e) => {
                     tracing::warn!(entry = %entry.display(), "compiled plugin cache entry unusable, compiling again: {e:#}");
@@ -95,16 +111,63 @@ impl CompileCache {
     }
 }
 
-/// Writes `code` to `path` through a temporary file and a rename, so a reader never sees half.
-/// A failed write (a full disk) removes what it wrote, so failures do not pile up partial files.
+/// The layout of an entry: the sha256 of the code, then the code.
+const ENTRY_LAYOUT: &str = "sha256+code v1";
+const DIGEST_LEN: usize = 32;
+
+/// The code of an entry whose checksum matches, else `None`.
+fn unseal(entry: &[u8]) -> Option<&[u8]> {
+    let (digest, code) = entry.split_at_checked(DIGEST_LEN)?;
+    (Sha256::digest(code).as_slice() == digest).then_some(code)
+}
+
+/// Writes the entry for `code` to `path` through a temporary file, flushed to disk, and a
+/// rename, so a reader never sees half. A failed write (a full disk) removes what it wrote,
+/// so failures do not pile up partial files.
 fn store(path: &Path, code: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-    let written = std::fs::write(&tmp, code).and_then(|()| std::fs::rename(&tmp, path));
+    let written = write_synced(&tmp, &[&Sha256::digest(code), code])
+        .and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
+        return written;
     }
-    written
+    // The rename itself reaches the disk with the folder; where a folder cannot be opened
+    // or flushed (some file systems), the checksum still catches what a crash leaves.
+    if let Ok(folder) = std::fs::File::open(dir) {
+        let _ = folder.sync_all();
+    }
+    Ok(())
+}
+
+/// Creates `path` with `parts` one after another, flushed to disk.
+fn write_synced(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_unseals_only_unchanged() {
+        let code = b"machine code".to_vec();
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("x.cwasm");
+        store(&path, &code).expect("store");
+        let mut entry = std::fs::read(&path).expect("read");
+        assert_eq!(unseal(&entry), Some(&code[..]));
+        let last = entry.len() - 1;
+        entry[last] ^= 1;
+        assert_eq!(unseal(&entry), None, "a flipped bit");
+        assert_eq!(unseal(&entry[..entry.len() - 3]), None, "truncated");
+        assert_eq!(unseal(&entry[..5]), None, "shorter than a digest");
+        assert_eq!(unseal(&[]), None, "empty");
+    }
 }
