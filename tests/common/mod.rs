@@ -222,9 +222,10 @@ pub fn stdout_of(cmd: &mut std::process::Command) -> Vec<u8> {
 
 /// Runs `cllm bench --profile` on `device` (stories260K, a 32-token prompt, 8 decode steps)
 /// and checks its output: a prefill section and a decode section, each with a row for every
-/// phase, the matmul total and `last_row` (the CPU's thread pool, or the GPU's note), and
-/// shares that sum to 100 %.
-pub fn check_bench_profile(device: &str, last_row: &str) {
+/// phase, the matmul total and `last_row` (the CPU's thread pool, or the GPU's note); each
+/// phase in `timed` took measurable time (a phase whose boundaries are missed or swapped
+/// reads 0), and the shares sum to 100 %.
+pub fn check_bench_profile(device: &str, last_row: &str, timed: &[&str]) {
     let fx = fixture("stories260K").expect("in the repository");
     let stdout = stdout_of(
         cllm()
@@ -240,10 +241,30 @@ pub fn check_bench_profile(device: &str, last_row: &str) {
             .arg("--model")
             .arg(&fx.model_dir),
     );
-    assert_profile_sections(&String::from_utf8_lossy(&stdout), 32, 8, last_row);
+    assert_profile_sections(&String::from_utf8_lossy(&stdout), 32, 8, last_row, timed);
 }
 
-fn assert_profile_sections(text: &str, prompt: usize, decode: usize, last_row: &str) {
+/// Every phase of a profile, as `cllm bench --profile` names them.
+pub const PROFILE_PHASES: [&str; 10] = [
+    "embedding + rope angles",
+    "rms norms",
+    "matmul q/k/v",
+    "rope + kv store",
+    "attention",
+    "matmul o",
+    "matmul gate/up",
+    "silu*up + residuals",
+    "matmul down",
+    "matmul lm_head",
+];
+
+fn assert_profile_sections(
+    text: &str,
+    prompt: usize,
+    decode: usize,
+    last_row: &str,
+    timed: &[&str],
+) {
     let sections: Vec<&str> = text.split("\n\n").collect();
     for title in [
         format!("prefill pass ({prompt} tokens)"),
@@ -253,23 +274,21 @@ fn assert_profile_sections(text: &str, prompt: usize, decode: usize, last_row: &
             .iter()
             .find(|s| s.starts_with(&title))
             .unwrap_or_else(|| panic!("no {title:?} section in\n{text}"));
-        for phase in [
-            "embedding + rope angles",
-            "rms norms",
-            "matmul q/k/v",
-            "rope + kv store",
-            "attention",
-            "matmul o",
-            "matmul gate/up",
-            "silu*up + residuals",
-            "matmul down",
-            "matmul lm_head",
-            "all matmuls",
-        ] {
-            assert!(
-                section.contains(&format!("| {phase} |")),
-                "{phase:?} missing in\n{section}"
-            );
+        // A row's cell: `| name | ms | share |`.
+        let cell = |name: &str, col: usize| -> Option<String> {
+            let line = section
+                .lines()
+                .find(|l| l.starts_with(&format!("| {name} |")))?;
+            Some(line.split('|').nth(col)?.trim().to_string())
+        };
+        for phase in PROFILE_PHASES.iter().chain(&["all matmuls"]) {
+            assert!(cell(phase, 2).is_some(), "{phase:?} missing in\n{section}");
+        }
+        for phase in timed {
+            let ms: f64 = cell(phase, 2)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no time for {phase:?} in\n{section}"));
+            assert!(ms > 0.0, "{phase:?} took no time in\n{section}");
         }
         assert!(
             section.contains(last_row),

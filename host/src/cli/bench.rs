@@ -216,7 +216,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         decode_gbs / baseline_gbs
     );
     if let Some(run) = profiled {
-        print_profile(&run, prompt_len, decode_tokens);
+        print_profile(&run, prompt_len, decode_tokens, device.kind != "cpu");
     }
     Ok(())
 }
@@ -240,7 +240,8 @@ fn effective_numerics(asked: Numerics, weights: &ModelWeights) -> &'static str {
 }
 
 /// The phase tables of a profiled run: one prefill pass, and the mean decode step.
-fn print_profile(run: &RunResult, prompt_len: usize, decode_tokens: usize) {
+/// `gpu`: the times are a GPU's, between CUDA events, and there is no thread pool.
+fn print_profile(run: &RunResult, prompt_len: usize, decode_tokens: usize, gpu: bool) {
     let sections = [
         (
             format!("prefill pass ({prompt_len} tokens)"),
@@ -282,8 +283,7 @@ fn print_profile(run: &RunResult, prompt_len: usize, decode_tokens: usize) {
             .map(|&p| phases.get(p))
             .sum();
         row("all matmuls", matmul);
-        if pool.threads == 0 {
-            // A GPU: no thread pool; the times are the GPU's, between CUDA events.
+        if gpu {
             println!(
                 "| (GPU time between CUDA events at phase boundaries; profiled passes are launched without a CUDA graph) | | |"
             );

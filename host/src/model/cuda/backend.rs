@@ -5,7 +5,7 @@
 use super::compile::compile_all;
 use super::kernels::{elementwise_blocks, launch, matmul, Arg, Kernels};
 use super::memory::{DeviceBuffer, Growable};
-use super::profile::EventProfile;
+use super::profile::{events_per_pass, EventProfile};
 use super::weights::{unsupported_dtype, upload, DevMatrix, DevWeights};
 use crate::model::config::ModelConfig;
 use crate::model::cpu::pool::PoolTimes;
@@ -613,7 +613,10 @@ impl Executor for CudaBackend {
     }
 
     fn set_profiling(&mut self, on: bool) {
-        self.profile = on.then(EventProfile::default);
+        self.profile = on.then(|| {
+            let events = events_per_pass(self.dims.layers);
+            EventProfile::new(&self.stream, events)
+        });
     }
 
     /// GPU time per phase; the GPU has no thread pool, so its times are empty.

@@ -20,7 +20,27 @@ pub(super) struct EventProfile {
     times: PhaseTimes,
 }
 
+/// Events a pass records: its start, the embedding, nine phase ends a layer, and the final
+/// norm and vocabulary product.
+pub(super) fn events_per_pass(layers: usize) -> usize {
+    2 + 9 * layers + 2
+}
+
 impl EventProfile {
+    /// A profile with `events` events made up front, so that making them (a driver call
+    /// each) does not sit between the launches of the first profiled pass. More are made as
+    /// a pass needs them; where making them fails here, they are made then.
+    pub fn new(stream: &CudaStream, events: usize) -> EventProfile {
+        let mut profile = EventProfile::default();
+        for _ in 0..events {
+            match new_timing_event(stream) {
+                Ok(event) => profile.events.push(event),
+                Err(_) => break,
+            }
+        }
+        profile
+    }
+
     pub fn times(&self) -> &PhaseTimes {
         &self.times
     }
@@ -44,10 +64,7 @@ impl EventProfile {
     /// Records event `i` (made on first use, with timing on) on `stream`.
     fn record(&mut self, stream: &CudaStream, i: usize) -> Result<(), DriverError> {
         if self.events.len() <= i {
-            let event = stream
-                .context()
-                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-            self.events.push(event);
+            self.events.push(new_timing_event(stream)?);
         }
         self.events[i].record(stream)
     }
@@ -64,4 +81,11 @@ impl EventProfile {
         self.ended.clear();
         Ok(())
     }
+}
+
+/// An event that records a timestamp (cudarc's default event does not).
+fn new_timing_event(stream: &CudaStream) -> Result<CudaEvent, DriverError> {
+    stream
+        .context()
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
 }
