@@ -34,6 +34,7 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
+[ "$PAIRS" -ge 1 ] 2>/dev/null || { echo "--pairs must be at least 1" >&2; exit 2; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEER=${CLLM_PEER_DIR:-$ROOT/target/peer}
 BIN=$PEER/llama-build/bin
@@ -109,7 +110,13 @@ cllm() {
 RESULTS=$(mktemp)
 trap 'rm -f "$RESULTS"' EXIT
 # One line per run: engine, probe before (GB/s), tokens/s, probe after (GB/s).
-run() { local b t a; b=$("$PROBE"); t=$("$1"); a=$("$PROBE"); echo "$1 $b $t $a"; }
+run() {
+  local b t a
+  b=$("$PROBE"); t=$("$1"); a=$("$PROBE")
+  # A peer run that printed no rate (a changed output format, a crash) stops here, not later.
+  [ -n "$t" ] || { echo "$1 printed no tokens/s" >&2; exit 1; }
+  echo "$1 $b $t $a"
+}
 for i in $(seq 1 "$PAIRS"); do
   if [ $((i % 2)) = 1 ]; then run llama; run cllm; else run cllm; run llama; fi |
     tee -a "$RESULTS" |
