@@ -4,6 +4,8 @@ mod attention;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
 mod attention_avx512;
+#[cfg(target_arch = "x86_64")]
+mod attention_split;
 mod executor;
 mod kv_element;
 pub mod matmul;
