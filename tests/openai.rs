@@ -127,7 +127,12 @@ async fn tgi_compat_route_streams_or_answers_and_reports_top_tokens_and_prefill(
         .post("/", json!({"inputs": case.prompt, "parameters": params}))
         .await;
     assert_eq!(r.status(), 200);
+    // TGI answers the compat route with a one-element list.
     let body: Value = r.json().await.expect("json");
+    let body = match body.as_array().map(Vec::as_slice) {
+        Some([only]) => only.clone(),
+        _ => panic!("expected a one-element list, got {body}"),
+    };
     let details = &body["details"];
     let ids: Vec<u64> = details["tokens"]
         .as_array()
@@ -182,6 +187,62 @@ async fn tgi_compat_route_streams_or_answers_and_reports_top_tokens_and_prefill(
         .iter()
         .all(|e| e["token"]["logprob"].as_f64().is_some()));
     server.shutdown().await;
+}
+
+/// TGI's `/tokenize`: `/encode`'s ids, each with the text its byte offsets cover; a generate
+/// body's `parameters` are accepted; `add_special_tokens: false` leaves out the BOS token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tgi_tokenize_lists_tokens_with_their_offsets() {
+    let server = TestServer::start(&stories(), |_| {}).await;
+    let text = "Once upon a time, there was a cat.";
+    let listed = |body: Value| -> Vec<(u64, String, usize, usize)> {
+        body.as_array()
+            .unwrap_or_else(|| panic!("a list, got {body}"))
+            .iter()
+            .map(|t| {
+                let n = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("{k} in {t}"));
+                let text = t["text"].as_str().expect("text").to_string();
+                (n("id"), text, n("start") as usize, n("stop") as usize)
+            })
+            .collect()
+    };
+    let r = server
+        .post(
+            "/tokenize",
+            json!({"inputs": text, "parameters": {"max_new_tokens": 3}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let tokens = listed(r.json().await.expect("json"));
+    let encoded: Value = server
+        .post("/encode", json!({"inputs": text}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let ids: Vec<u64> = tokens.iter().map(|t| t.0).collect();
+    assert_eq!(json!(ids), encoded["ids"]);
+    let mut previous_stop = 0;
+    for (_, piece, start, stop) in &tokens {
+        assert!(start <= stop && *stop <= text.len() && *start >= previous_stop.min(*start));
+        assert_eq!(piece, &text[*start..*stop]);
+        previous_stop = *stop;
+    }
+    assert_eq!(previous_stop, text.len(), "the last token ends the text");
+    let r = server
+        .post(
+            "/tokenize",
+            json!({"inputs": text, "add_special_tokens": false}),
+        )
+        .await;
+    let plain = listed(r.json().await.expect("json"));
+    assert_eq!(plain.len() + 1, tokens.len(), "no BOS");
+    assert_eq!(plain[..], tokens[1..]);
+    // Bad input keeps TGI's error shape.
+    let r = server.post("/tokenize", json!({"text": text})).await;
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error_type"], "validation");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,43 @@ pub async fn encode(
     Ok(Json(json!({ "ids": ids, "tokens": tokens })))
 }
 
+/// `POST /tokenize` body, as TGI takes it: a generate request (`parameters` and `stream` are
+/// accepted and have no effect).
+#[derive(Deserialize)]
+pub struct TokenizeRequest {
+    inputs: String,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+}
+
+/// `POST /tokenize`: TGI's token list, `[{"id", "text", "start", "stop"}]`, where `start..stop`
+/// are the byte offsets of the token's text in `inputs` (empty for added special tokens).
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<TokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let (ids, offsets) = state
+        .tokenizer
+        .encode_with_offsets(&req.inputs, req.add_special_tokens)
+        .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
+    Ok(Json(Value::Array(token_spans(&req.inputs, &ids, offsets))))
+}
+
+/// Each token as TGI lists it: id, the text it covers, and that text's byte offsets.
+pub fn token_spans(text: &str, ids: &[u32], offsets: Vec<(usize, usize)>) -> Vec<Value> {
+    ids.iter()
+        .zip(offsets)
+        .map(|(&id, (start, stop))| {
+            json!({
+                "id": id,
+                "text": text.get(start..stop).unwrap_or_default(),
+                "start": start,
+                "stop": stop,
+            })
+        })
+        .collect()
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecodeRequest {

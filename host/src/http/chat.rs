@@ -111,18 +111,7 @@ pub async fn chat_tokenize(
         .tokenizer
         .encode_with_offsets(&prompt, false)
         .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
-    let tokens: Vec<Value> = ids
-        .iter()
-        .zip(offsets)
-        .map(|(&id, (start, stop))| {
-            json!({
-                "id": id,
-                "text": prompt.get(start..stop).unwrap_or_default(),
-                "start": start,
-                "stop": stop,
-            })
-        })
-        .collect();
+    let tokens = super::admin::token_spans(&prompt, &ids, offsets);
     Ok(Json(
         json!({ "tokenize_response": tokens, "templated_text": prompt }),
     ))

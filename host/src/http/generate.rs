@@ -91,7 +91,10 @@ async fn admit(
     Ok((valid, events))
 }
 
-/// `POST /`: TGI's compat route, streaming when the body says `"stream": true`.
+/// `POST /`: TGI's compat route, streaming when the body says `"stream": true`. Otherwise the
+/// answer is `/generate`'s object inside a one-element list, as TGI sends it (the shape of
+/// Hugging Face's hosted Inference API, which the `text_generation` client reads as
+/// `payload[0]`).
 pub async fn compat(
     state: State<Arc<AppState>>,
     ctx: Extension<RequestContext>,
@@ -100,9 +103,8 @@ pub async fn compat(
     if request.stream == Some(true) {
         generate_stream(state, ctx, JsonBody(request)).await
     } else {
-        generate(state, ctx, JsonBody(request))
-            .await
-            .map(IntoResponse::into_response)
+        let Json(body) = generate(state, ctx, JsonBody(request)).await?;
+        Ok(Json(Value::Array(vec![body])).into_response())
     }
 }
 

@@ -161,6 +161,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{*model}", get(openai::model))
         .route("/chat_tokenize", post(chat::chat_tokenize))
+        .route("/tokenize", post(admin::tokenize))
         .route("/encode", post(admin::encode))
         .route("/decode", post(admin::decode))
         .route("/info", get(admin::info))
@@ -190,6 +191,7 @@ fn endpoint_of(path: &str) -> &'static str {
         "/" => "/",
         "/generate" => "/generate",
         "/generate_stream" => "/generate_stream",
+        "/tokenize" => "/tokenize",
         "/encode" => "/encode",
         "/decode" => "/decode",
         "/info" => "/info",

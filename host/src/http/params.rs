@@ -125,7 +125,9 @@ impl Parameters {
         let warped = (self.temperature.is_some() && temperature != 1.0)
             || self.top_k.is_some_and(|k| k > 0)
             || self.top_p.is_some_and(|p| p < 1.0);
-        let do_sample = self.do_sample.unwrap_or(warped) && temperature > 0.0;
+        // As TGI decides: a warper (temperature, top_k, top_p) samples even with
+        // `do_sample: false`, which TGI's Python client sends by default with every request.
+        let do_sample = (self.do_sample == Some(true) || warped) && temperature > 0.0;
         Ok(SamplingParams {
             do_sample,
             temperature,
@@ -157,7 +159,8 @@ impl GenerateRequest {
                 limits.max_logprobs
             )));
         }
-        let details = p.details.unwrap_or(false);
+        // TGI reports details when either asks (the prefill lives in `details`).
+        let details = p.details == Some(true) || p.decoder_input_details == Some(true);
         if self.inputs.is_empty() {
             return Err(invalid("inputs must not be empty"));
         }
@@ -222,5 +225,43 @@ impl GenerateRequest {
             requested_priority: p.priority,
             top_n_tokens,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampling(parameters: serde_json::Value) -> SamplingParams {
+        let p: Parameters = serde_json::from_value(parameters).expect("parameters");
+        p.sampling().expect("valid")
+    }
+
+    /// TGI samples when asked to or when a warper is set, even beside `do_sample: false`
+    /// (what TGI's Python client sends by default); temperature 0 is always greedy.
+    #[test]
+    fn do_sample_follows_tgi() {
+        let cases = [
+            (serde_json::json!({}), false),
+            (serde_json::json!({"do_sample": true}), true),
+            (serde_json::json!({"do_sample": false}), false),
+            (
+                serde_json::json!({"do_sample": false, "temperature": 0.7}),
+                true,
+            ),
+            (serde_json::json!({"do_sample": false, "top_k": 5}), true),
+            (serde_json::json!({"do_sample": false, "top_p": 0.9}), true),
+            (
+                serde_json::json!({"do_sample": false, "temperature": 1.0}),
+                false,
+            ),
+            (
+                serde_json::json!({"do_sample": true, "temperature": 0.0}),
+                false,
+            ),
+        ];
+        for (parameters, want) in cases {
+            assert_eq!(sampling(parameters.clone()).do_sample, want, "{parameters}");
+        }
     }
 }
