@@ -138,6 +138,13 @@ async fn the_model_folder_template_is_found_and_chat_tokenize_shows_it() {
     let (status, body) = templated_text(&server, user.clone()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["templated_text"], "<s>[user] Hi");
+    // OpenAI's `developer` role reaches templates as `system`, the role they know.
+    let developer =
+        json!([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
+    assert_eq!(
+        templated_text(&server, developer).await.1["templated_text"],
+        "<s>[system] Be brief.[user] Hi"
+    );
     // The rendered text is tokenized without adding special tokens: <s> appears once.
     let ids: Vec<u64> = body["tokenize_response"]
         .as_array()

@@ -181,12 +181,45 @@ async fn tgi_compat_route_streams_or_answers_and_reports_top_tokens_and_prefill(
         .to_str()
         .expect("ct")
         .starts_with("text/event-stream"));
+    // A proxy in front (nginx) is told not to buffer the stream.
+    assert_eq!(r.headers()["x-accel-buffering"], "no");
     let events = sse_events(&r.text().await.expect("body"));
     assert_eq!(events.len(), 4);
     assert!(events
         .iter()
         .all(|e| e["token"]["logprob"].as_f64().is_some()));
+    // The last event's details, as TGI's StreamDetails: with the prompt's length.
+    let details = &events[3]["details"];
+    assert_eq!(details["generated_tokens"], 4);
+    assert_eq!(details["input_length"], case.input_ids.len());
     server.shutdown().await;
+}
+
+/// A known path with the wrong method is 405 in its API's error shape, naming the method, with
+/// the methods it takes in `Allow`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_method_is_405_in_each_apis_shape() {
+    let server = TestServer::start(&stories(), |_| {}).await;
+    let client = reqwest::Client::new();
+    let r = client
+        .get(server.url("/generate"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error_type"], "method_not_allowed");
+    assert!(body["error"].as_str().is_some_and(|m| m.contains("GET")));
+    let r = client
+        .delete(server.url("/v1/models"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 405);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "method_not_allowed");
 }
 
 /// TGI's `/tokenize`: `/encode`'s ids, each with the text its byte offsets cover; a generate

@@ -799,6 +799,10 @@ async fn info_health_and_metrics_report_the_device() {
     let health = server.health().await;
     let metrics = server.metrics().await;
     let kind = info["backend"].as_str().expect("backend").to_string();
+    // TGI's fields that clients read to learn what the server is.
+    assert_eq!(info["model_pipeline_tag"], "text-generation");
+    assert_eq!(info["max_best_of"], 1);
+    assert!(info["max_input_tokens"].as_u64() < info["max_total_tokens"].as_u64());
     let on_gpu = matches!(
         common::test_device(),
         cllm::model::executor::DeviceChoice::Cuda(_)

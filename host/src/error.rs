@@ -40,6 +40,9 @@ pub enum ApiError {
     PolicyUnavailable(String),
     #[error("not found: {0}")]
     NotFound(String),
+    /// The path exists but not with this HTTP method.
+    #[error("method {0} is not allowed on this endpoint")]
+    MethodNotAllowed(String),
     /// The client did not send its whole body within `http.body_read_timeout_ms`.
     #[error("the request body was not received within {timeout_ms} ms")]
     BodyTimeout { timeout_ms: u64 },
@@ -65,6 +68,7 @@ impl ApiError {
             | ApiError::QueueTimeout { .. }
             | ApiError::PolicyUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) | ApiError::Generation(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -83,6 +87,7 @@ impl ApiError {
             ApiError::QueueTimeout { .. } => "queue_timeout",
             ApiError::PolicyUnavailable(_) => "policy_unavailable",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::Internal(_) => "internal",
             ApiError::Generation(_) => "generation",
@@ -116,7 +121,7 @@ impl ApiError {
     /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
     pub fn openai_body(&self) -> serde_json::Value {
         let kind = match self.openai_status().as_u16() {
-            400 | 404 | 408 | 413 => "invalid_request_error",
+            400 | 404 | 405 | 408 | 413 => "invalid_request_error",
             401 => "authentication_error",
             429 => "rate_limit_error",
             503 => "service_unavailable_error",
@@ -194,6 +199,11 @@ mod tests {
             (ApiError::BodyTooLarge { limit: 1 }, 413, "body_too_large"),
             (ApiError::Validation("x".into()), 422, "validation"),
             (ApiError::Unauthorized("x".into()), 401, "unauthorized"),
+            (
+                ApiError::MethodNotAllowed("GET".into()),
+                405,
+                "method_not_allowed",
+            ),
             (
                 ApiError::RateLimited {
                     retry_after: Duration::from_millis(1500),

@@ -252,6 +252,10 @@ fn build_state(
         "backend": device.kind,
         "device": device,
         "version": env!("CARGO_PKG_VERSION"),
+        // Fields of TGI's `/info` that describe cllm too.
+        "model_pipeline_tag": "text-generation",
+        "max_best_of": 1,
+        "router": "cllm",
     });
     let scheduler = Scheduler::start(
         model.clone(),

@@ -73,7 +73,13 @@ fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
                     texts.join("\n")
                 }
             };
-            let mut message = json!({ "role": m.role, "content": content });
+            // OpenAI's newer name for the system role; chat templates know only `system`.
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                m.role.as_str()
+            };
+            let mut message = json!({ "role": role, "content": content });
             if let Some(name) = &m.name {
                 message["name"] = json!(name);
             }

@@ -11,7 +11,7 @@ use crate::model::logprobs::TokenLogprobs;
 use crate::scheduler::{Finish, SeqEvent};
 use crate::tracker::Stage;
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::{json, Value};
@@ -207,7 +207,10 @@ impl StreamState {
                     if let Some(finish) = finish {
                         body["generated_text"] =
                             json!(full_text(&self.valid, &finish.generated_text));
-                        body["details"] = details_json(&finish, reported_seed(&self.valid));
+                        let mut details = details_json(&finish, reported_seed(&self.valid));
+                        // TGI's stream details also carry the prompt's length.
+                        details["input_length"] = json!(self.valid.prompt_ids.len());
+                        body["details"] = details;
                         self.done = true;
                         self.events = None;
                         self.end.ended(200);
@@ -251,7 +254,5 @@ pub async fn generate_stream(
         let event = state.next_event().await?;
         Some((Ok::<Event, Infallible>(event), state))
     });
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response())
+    Ok(super::sse::sse_response(stream))
 }

@@ -8,6 +8,7 @@ pub mod connections;
 mod generate;
 pub mod openai;
 pub mod params;
+mod sse;
 mod stream_end;
 
 use crate::admission::auth::ApiKeys;
@@ -172,6 +173,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/requests/{id}", get(admin::request_record))
         .route("/plugins", get(admin::plugins))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        // axum's own 405 has an empty body; this one has the API's error shape (the edge
+        // renders it in OpenAI's on /v1) and keeps axum's `Allow` header.
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::MethodNotAllowed(method.to_string())
+        })
         .layer(middleware::from_fn_with_state(state.clone(), edge))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

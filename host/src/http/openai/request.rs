@@ -297,7 +297,7 @@ pub fn build_job(
     };
     if max_tokens == 0 {
         return Err(invalid_param(
-            "messages",
+            prompt_field,
             format!(
                 "the prompt ({longest} tokens) fills the model's context of {} tokens",
                 limits.context

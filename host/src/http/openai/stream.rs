@@ -11,8 +11,8 @@ use crate::http::stream_end::StreamEnd;
 use crate::http::{AppState, RequestContext};
 use crate::scheduler::SeqEvent;
 use crate::tracker::Stage;
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::Event;
+use axum::response::Response;
 use futures_util::stream::{BoxStream, SelectAll};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -220,7 +220,5 @@ pub fn respond(
         let event = stream.next_event().await?;
         Some((Ok::<Event, Infallible>(event), stream))
     });
-    Sse::new(body)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    crate::http::sse::sse_response(body)
 }
