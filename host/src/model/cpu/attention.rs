@@ -264,10 +264,11 @@ mod tests {
         }
     }
 
-    /// A decode step over three sequences of different lengths (attention split by context
-    /// position, long contexts cut into parts whose sums are combined), and one sequence alone
-    /// (cut into a part per task), against the f64 reference; f32 and f16 caches, with and
-    /// without a sliding window, one, three and ten query heads per kv head.
+    /// Decode steps (attention split by context position, long contexts cut into parts whose
+    /// sums are combined) against the f64 reference: batches of several sequences of different
+    /// lengths, and one sequence alone (cut into a part per task); f32 and f16 caches, with and
+    /// without a sliding window, one, three and ten query heads per kv head, head sizes of an
+    /// even and an odd number of 16-float chunks.
     #[test]
     fn decode_step_matches_reference() {
         let shapes = [
@@ -276,10 +277,20 @@ mod tests {
             (32, Some(100), 10, 1),
             (16, None, 6, 2),
             (128, Some(7), 2, 1),
+            (48, Some(9), 3, 3),
+        ];
+        // Parts that end mid-block and on a block boundary (256 in 4 parts of 64), and more
+        // sequences than two parts per thread, one longer than a part may be (2100 > 2048).
+        let batches: [&[usize]; 5] = [
+            &[37, 300, 5],
+            &[300],
+            &[256],
+            &[257],
+            &[20, 3, 70, 2100, 40],
         ];
         for dtype in [KvDtype::F32, KvDtype::F16] {
             for shape in shapes {
-                for lens in [&[37, 300, 5][..], &[300][..]] {
+                for lens in batches {
                     check_decode(shape, dtype, lens);
                 }
             }

@@ -25,6 +25,11 @@ const PARTS_PER_THREAD: usize = 2;
 /// than the parallelism gains.
 const MIN_PART_POSITIONS: usize = 64;
 
+/// Most context positions in one part: bounds each task's scores buffer (`num_heads` times
+/// this) however long the context, and keeps one long sequence from becoming a single task
+/// that the other threads wait for.
+const MAX_PART_POSITIONS: usize = 2048;
+
 /// One task: a token's positions `first..=last`; `split` when its token has other parts too
 /// (its sums then go to the partials and are combined after the run).
 #[derive(Clone, Copy)]
@@ -46,8 +51,9 @@ pub struct SplitScratch {
     scores: Vec<Mutex<Vec<f32>>>,
 }
 
-/// [`super::attention::attention`] for a batch whose tokens are each their sequence's only
-/// query this step.
+/// [`super::attention::attention`], each token on its own (any token gets the right result;
+/// the caller chooses this for decode steps, where no two tokens share a sequence and so
+/// nothing is lost by not sharing block reads between them).
 #[allow(clippy::too_many_arguments)]
 pub fn attention<E: KvElement>(
     kernel: Avx512Attention,
@@ -76,7 +82,10 @@ pub fn attention<E: KvElement>(
     for (i, t) in tokens.iter().enumerate() {
         let first = first_of(t);
         let span = t.pos + 1 - first;
-        let n = per_token.min(span.div_ceil(MIN_PART_POSITIONS)).max(1);
+        let n = per_token
+            .min(span.div_ceil(MIN_PART_POSITIONS))
+            .max(span.div_ceil(MAX_PART_POSITIONS))
+            .max(1);
         let len = span.div_ceil(n);
         let mut p0 = first;
         while p0 <= t.pos {
