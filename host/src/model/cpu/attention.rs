@@ -81,23 +81,33 @@ pub fn attention<E: KvElement>(
     } else {
         None
     };
-    // A decode step (each sequence's only query token): split by context position instead,
-    // reading the cache in contiguous runs.
+    // A token that is its sequence's only query in this call: a decode token.
+    let alone = |t: usize| {
+        let e = tokens[t].entry;
+        (t == 0 || tokens[t - 1].entry != e)
+            && !matches!(tokens.get(t + 1), Some(next) if next.entry == e)
+    };
+    // Decode tokens go split by context position, reading the cache in contiguous runs; the
+    // tiles below then take only the prefill chunks of the same step.
+    #[cfg(target_arch = "x86_64")]
+    let split = fast.is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let split = false;
     #[cfg(target_arch = "x86_64")]
     if let Some(kernel) = fast {
-        if tokens.windows(2).all(|w| w[0].entry != w[1].entry) {
-            super::attention_split::attention(
-                kernel,
-                pool,
-                heads,
-                batch,
-                tokens,
-                q,
-                keys,
-                values,
-                out,
-                &mut scratch.split,
-            );
+        super::attention_split::attention(
+            kernel,
+            pool,
+            heads,
+            batch,
+            (tokens, &alone),
+            q,
+            keys,
+            values,
+            out,
+            &mut scratch.split,
+        );
+        if (0..tokens.len()).all(alone) {
             return;
         }
     }
@@ -112,6 +122,9 @@ pub fn attention<E: KvElement>(
     let tiles = &mut scratch.tiles;
     tiles.clear();
     for (t, token) in tokens.iter().enumerate() {
+        if split && alone(t) {
+            continue;
+        }
         match tiles.last_mut() {
             Some((start, count))
                 if *count < tile_max
@@ -266,7 +279,8 @@ mod tests {
 
     /// Decode steps (attention split by context position, long contexts cut into parts whose
     /// sums are combined) against the f64 reference: batches of several sequences of different
-    /// lengths, and one sequence alone (cut into a part per task); f32 and f16 caches, with and
+    /// lengths, one sequence alone (cut into a part per task), and decode tokens beside another
+    /// sequence's prefill chunk in the same call; f32 and f16 caches, with and
     /// without a sliding window, one, three and ten query heads per kv head, head sizes of an
     /// even and an odd number of 16-float chunks.
     #[test]
@@ -291,7 +305,12 @@ mod tests {
         for dtype in [KvDtype::F32, KvDtype::F16] {
             for shape in shapes {
                 for lens in batches {
-                    check_decode(shape, dtype, lens);
+                    check_decode(shape, dtype, lens, 1);
+                    // The first sequence's last 5 positions as a prefill chunk beside the
+                    // others' decode tokens: both paths in one call.
+                    if lens.len() > 1 {
+                        check_decode(shape, dtype, lens, 5);
+                    }
                 }
             }
         }
@@ -309,7 +328,9 @@ mod tests {
         }
     }
 
-    fn check_decode(shape: Shape, dtype: KvDtype, lens: &[usize]) {
+    /// Each sequence of `lens` queries its last position, except the first, which queries its
+    /// last `chunk` positions (a prefill chunk in the same call when `chunk > 1`).
+    fn check_decode(shape: Shape, dtype: KvDtype, lens: &[usize], chunk: usize) {
         let (d, window, num_heads, num_kv_heads) = shape;
         let heads = heads_of(shape);
         let (kv_dim, q_dim) = (num_kv_heads * d, num_heads * d);
@@ -349,15 +370,15 @@ mod tests {
                 v_all.iter().map(|v| through_f16(v)).collect(),
             ),
         };
-        let q = values(3, lens.len() * q_dim);
         let tokens: Vec<QueryToken> = lens
             .iter()
             .enumerate()
-            .map(|(entry, &len)| QueryToken {
-                entry,
-                pos: len - 1,
+            .flat_map(|(entry, &len)| {
+                let first = if entry == 0 { len - chunk } else { len - 1 };
+                (first..len).map(move |pos| QueryToken { entry, pos })
             })
             .collect();
+        let q = values(3, tokens.len() * q_dim);
         // Every sequence's slots, keys and values end to end, stored in one go.
         let slots: Vec<usize> = seqs
             .iter()
@@ -374,7 +395,7 @@ mod tests {
                 logits: LogitRows::None,
             })
             .collect();
-        let mut out = vec![f32::NAN; lens.len() * q_dim];
+        let mut out = vec![f32::NAN; tokens.len() * q_dim];
         let new = (&k_flat[..], &v_flat[..]);
         match cache.layer_mut(0) {
             LayerKv::F32 { keys, values } => fill_and_attend(
@@ -388,7 +409,7 @@ mod tests {
             let first = window.map_or(0, |w| (token.pos + 1).saturating_sub(w));
             let want = reference(
                 &q[t * q_dim..][..q_dim],
-                (&k_all[t], &v_all[t]),
+                (&k_all[token.entry], &v_all[token.entry]),
                 heads,
                 first..=token.pos,
             );
@@ -396,7 +417,7 @@ mod tests {
                 assert!(
                     (got as f64 - want).abs() <= 1e-5,
                     "{dtype:?} d={d} window={window:?} heads={num_heads}/{num_kv_heads} \
-                     lens={lens:?} token={t} element {i}: {got} vs {want}"
+                     lens={lens:?} chunk={chunk} token={t} element {i}: {got} vs {want}"
                 );
             }
         }

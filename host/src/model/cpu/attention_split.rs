@@ -51,16 +51,17 @@ pub struct SplitScratch {
     scores: Vec<Mutex<Vec<f32>>>,
 }
 
-/// [`super::attention::attention`], each token on its own (any token gets the right result;
-/// the caller chooses this for decode steps, where no two tokens share a sequence and so
-/// nothing is lost by not sharing block reads between them).
+/// [`super::attention::attention`] for the tokens `selected` picks, each on its own; the
+/// others' outputs are left as they are. Any token gets the right result; the caller picks
+/// decode tokens, which share no sequence with another token of the call, so nothing is lost
+/// by not sharing block reads between them.
 #[allow(clippy::too_many_arguments)]
 pub fn attention<E: KvElement>(
     kernel: Avx512Attention,
     pool: &ThreadPool,
     heads: Heads,
     batch: &[BatchEntry],
-    tokens: &[QueryToken],
+    (tokens, selected): (&[QueryToken], &dyn Fn(usize) -> bool),
     q: &[f32],
     keys: &[E],
     values: &[E],
@@ -76,10 +77,14 @@ pub fn attention<E: KvElement>(
     let q_dim = nh * d;
     let first_of = |t: &QueryToken| window.map_or(0, |w| (t.pos + 1).saturating_sub(w));
     let target = pool.threads() * PARTS_PER_THREAD;
-    let per_token = target.div_ceil(tokens.len().max(1));
+    let count = (0..tokens.len()).filter(|&i| selected(i)).count();
+    if count == 0 {
+        return;
+    }
+    let per_token = target.div_ceil(count);
     let parts = &mut scratch.parts;
     parts.clear();
-    for (i, t) in tokens.iter().enumerate() {
+    for (i, t) in tokens.iter().enumerate().filter(|&(i, _)| selected(i)) {
         let first = first_of(t);
         let span = t.pos + 1 - first;
         let n = per_token
