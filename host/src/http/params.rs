@@ -217,8 +217,8 @@ impl GenerateRequest {
                 stop,
                 ignore_eos: false,
                 logprobs: (details || streaming || top_n_tokens > 0).then_some(top_n_tokens),
-                // Only `/generate` with details reports them (`details.prefill`).
-                prompt_logprobs: p.decoder_input_details == Some(true) && details && !streaming,
+                // Only `/generate` reports them (`details.prefill`; asking turns details on).
+                prompt_logprobs: p.decoder_input_details == Some(true) && !streaming,
             },
             details,
             return_full_text: p.return_full_text.unwrap_or(false),

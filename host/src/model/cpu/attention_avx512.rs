@@ -208,7 +208,6 @@ unsafe fn attend_chunks<W: Widen, const C: usize>(
         span: g.span(),
         end,
     };
-    let stage_blocks = std::mem::size_of::<W::Elem>() != 4 && heads > 1;
     let mut stage: Stage<C> = [[_mm512_setzero_ps(); C]; BLOCK_SIZE];
     let (kp, vp) = (keys.as_ptr(), values.as_ptr());
 
@@ -217,13 +216,7 @@ unsafe fn attend_chunks<W: Widen, const C: usize>(
         // SAFETY (all three): slot is inside the block, which lies inside `keys`, and its
         // first n positions are readable.
         let rows = unsafe { kp.add(slot * g.kv_dim + g.kv_off) };
-        if stage_blocks {
-            unsafe { widen_block::<W, C>(rows, g.kv_dim, n, &mut stage) };
-            let staged = stage.as_ptr().cast::<f32>();
-            unsafe { block_scores::<F32, C>(&r, staged, C * 16, pos, n, &mut max, scores) };
-        } else {
-            unsafe { block_scores::<W, C>(&r, rows, g.kv_dim, pos, n, &mut max, scores) };
-        }
+        unsafe { cache_block_scores::<W, C>(&r, rows, &mut stage, pos, n, &mut max, scores) };
     }
     let mut max_all = [_mm512_setzero_ps(); MAX_HEADS];
     for (m, max) in max_all.iter_mut().zip(&max).take(heads) {
@@ -243,13 +236,7 @@ unsafe fn attend_chunks<W: Widen, const C: usize>(
     for (pos, n, slot) in block_runs(g) {
         // SAFETY (all three): as above, for `values`.
         let rows = unsafe { vp.add(slot * g.kv_dim + g.kv_off) };
-        if stage_blocks {
-            unsafe { widen_block::<W, C>(rows, g.kv_dim, n, &mut stage) };
-            let staged = stage.as_ptr().cast::<f32>();
-            unsafe { block_values::<F32, C>(&r, staged, C * 16, pos, n, &mut sums) };
-        } else {
-            unsafe { block_values::<W, C>(&r, rows, g.kv_dim, pos, n, &mut sums) };
-        }
+        unsafe { cache_block_values::<W, C>(&r, rows, &mut stage, pos, n, &mut sums) };
     }
     for (h, sum) in sum.iter().enumerate().take(heads) {
         let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(*sum));
@@ -377,7 +364,6 @@ unsafe fn part_chunks<W: Widen, const C: usize>(
         (h0, n, g)
     };
     let n_runs = part.num_kv_heads * runs_per_group;
-    let stage_blocks = std::mem::size_of::<W::Elem>() != 4;
     let mut stage: Stage<C> = [[_mm512_setzero_ps(); C]; BLOCK_SIZE];
     let (kp, vp) = (keys.as_ptr(), values.as_ptr());
     let (walk_h0, walk_n, walk) = run(0);
@@ -393,13 +379,7 @@ unsafe fn part_chunks<W: Widen, const C: usize>(
             let sc = &mut scores[h0 * span..(h0 + nr) * span];
             // SAFETY: the slot's kv head lies inside the checked block.
             let rows = unsafe { kp.add(slot * kv_dim + g.kv_off) };
-            if stage_blocks && nr > 1 {
-                unsafe { widen_block::<W, C>(rows, kv_dim, n, &mut stage) };
-                let staged = stage.as_ptr().cast::<f32>();
-                unsafe { block_scores::<F32, C>(&r, staged, d, pos, n, &mut max, sc) };
-            } else {
-                unsafe { block_scores::<W, C>(&r, rows, kv_dim, pos, n, &mut max, sc) };
-            }
+            unsafe { cache_block_scores::<W, C>(&r, rows, &mut stage, pos, n, &mut max, sc) };
             for (m, v) in sums.max[h0..h0 + nr].iter_mut().zip(&max) {
                 *m = m.max(_mm512_reduce_max_ps(*v));
             }
@@ -425,13 +405,7 @@ unsafe fn part_chunks<W: Widen, const C: usize>(
             };
             // SAFETY: as above, for `values`.
             let rows = unsafe { vp.add(slot * kv_dim + g.kv_off) };
-            if stage_blocks && nr > 1 {
-                unsafe { widen_block::<W, C>(rows, kv_dim, n, &mut stage) };
-                let staged = stage.as_ptr().cast::<f32>();
-                unsafe { block_values::<F32, C>(&r, staged, d, pos, n, &mut acc) };
-            } else {
-                unsafe { block_values::<W, C>(&r, rows, kv_dim, pos, n, &mut acc) };
-            }
+            unsafe { cache_block_values::<W, C>(&r, rows, &mut stage, pos, n, &mut acc) };
             for (s, v) in sums.sum[h0..h0 + nr].iter_mut().zip(&sum) {
                 *s += _mm512_reduce_add_ps(*v);
             }
@@ -469,6 +443,63 @@ fn prefetch_to_l2(p: *const i8, bytes: usize) {
         // SAFETY: SSE is part of every x86-64 CPU; a prefetch hint never faults.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(b)) };
         b += 64;
+    }
+}
+
+/// Whether a block run is widened into a stack copy before the block kernels read it: stored
+/// in 16 bits and read by several rows, so the conversions are done once, not once per row.
+fn stages<W: Widen>(r: &Rows) -> bool {
+    std::mem::size_of::<W::Elem>() != 4 && r.heads > 1
+}
+
+/// [`block_scores`] over `n` positions read from the cache at `rows` (a slot's kv head, rows
+/// `r.g.kv_dim` elements apart), through `stage` when [`stages`] says so.
+///
+/// # Safety
+/// As [`block_scores`] for `rows` with stride `r.g.kv_dim`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn cache_block_scores<W: Widen, const C: usize>(
+    r: &Rows,
+    rows: *const W::Elem,
+    stage: &mut Stage<C>,
+    pos: usize,
+    n: usize,
+    max: &mut [__m512; MAX_HEADS],
+    scores: &mut [f32],
+) {
+    // SAFETY (all three): forwarded; the stage holds n rows of C * 16 floats.
+    if stages::<W>(r) {
+        unsafe { widen_block::<W, C>(rows, r.g.kv_dim, n, stage) };
+        let staged = stage.as_ptr().cast::<f32>();
+        unsafe { block_scores::<F32, C>(r, staged, C * 16, pos, n, max, scores) };
+    } else {
+        unsafe { block_scores::<W, C>(r, rows, r.g.kv_dim, pos, n, max, scores) };
+    }
+}
+
+/// [`block_values`] over `n` positions read from the cache at `rows`, as
+/// [`cache_block_scores`] reads them.
+///
+/// # Safety
+/// As [`block_values`] for `rows` with stride `r.g.kv_dim`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn cache_block_values<W: Widen, const C: usize>(
+    r: &Rows,
+    rows: *const W::Elem,
+    stage: &mut Stage<C>,
+    pos: usize,
+    n: usize,
+    acc: &mut BlockSums,
+) {
+    // SAFETY (all three): forwarded; the stage holds n rows of C * 16 floats.
+    if stages::<W>(r) {
+        unsafe { widen_block::<W, C>(rows, r.g.kv_dim, n, stage) };
+        let staged = stage.as_ptr().cast::<f32>();
+        unsafe { block_values::<F32, C>(r, staged, C * 16, pos, n, acc) };
+    } else {
+        unsafe { block_values::<W, C>(r, rows, r.g.kv_dim, pos, n, acc) };
     }
 }
 
