@@ -61,15 +61,17 @@ SRC="$PEER/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
 if [ ! -d "$SRC" ]; then
   log "downloading the llama-cpp-python $LLAMA_CPP_PYTHON sdist"
   "$PY" - "$LLAMA_CPP_PYTHON" "$LLAMA_CPP_PYTHON_SHA256" <<'EOF'
-import hashlib, json, sys, urllib.parse, urllib.request
+# PyPI's simple index (PEP 503): the JSON API is not reachable from every machine.
+import hashlib, re, sys, urllib.parse, urllib.request
 version, sha = sys.argv[1], sys.argv[2]
-index = f"https://pypi.org/pypi/llama-cpp-python/{version}/json"
-meta = json.load(urllib.request.urlopen(index))
-url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
-data = urllib.request.urlopen(urllib.parse.urljoin(index, url)).read()
+index = "https://pypi.org/simple/llama-cpp-python/"
+page = urllib.request.urlopen(index).read().decode()
+name = f"llama_cpp_python-{version}.tar.gz"
+url = next(h for h in re.findall(r'href="([^"]+)"', page) if name in h.split("#")[0])
+data = urllib.request.urlopen(urllib.parse.urljoin(index, url.split("#")[0])).read()
 if hashlib.sha256(data).hexdigest() != sha:
     sys.exit("sdist sha256 mismatch")
-open(f"llama_cpp_python-{version}.tar.gz", "wb").write(data)
+open(name, "wb").write(data)
 EOF
   tar xzf "llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
 fi
