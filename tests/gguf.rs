@@ -4,8 +4,9 @@
 
 mod common;
 
-use cllm::model::cpu::matmul::Numerics;
+use cllm::model::cpu::matmul::{Numerics, WeightData};
 use cllm::model::kv_cache::KvDtype;
+use cllm::model::weights::{DType, Tensor};
 use cllm::model::Model;
 use common::greedy::{
     check_exact_runs, check_first_logits, check_tokens, check_tokens_before_close_call,
@@ -241,4 +242,210 @@ fn folder_with_one_gguf_and_tokenizer_override() {
         .err()
         .expect("two files are ambiguous");
     assert!(err.to_string().contains("2 .gguf files"), "{err}");
+}
+
+// ---- Types without Hugging Face golden files ----
+//
+// The Q2_K, Q3_K, Q5_K, IQ4_XS and IQ4_NL fixtures (`scripts/make_quant_fixtures.py`: made by
+// llama-quantize from tiny256-f32.gguf) have as reference gguf-py's own dequantization of every
+// tensor (`golden/gguf-dequant.json`), and, for the forward pass, the f32 path that the golden
+// tests above check against transformers, run on those dequantized weights.
+
+#[derive(serde::Deserialize)]
+struct DequantGolden {
+    files: std::collections::BTreeMap<String, DequantFile>,
+}
+
+#[derive(serde::Deserialize)]
+struct DequantFile {
+    sha256: String,
+    tensors: std::collections::BTreeMap<String, TensorDigest>,
+}
+
+#[derive(serde::Deserialize)]
+struct TensorDigest {
+    #[serde(rename = "type")]
+    type_name: String,
+    elements: usize,
+    sum: f64,
+    weighted_sum: f64,
+    samples: Vec<(usize, f32)>,
+}
+
+/// The type's name as gguf-py spells it.
+fn gguf_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "F32",
+        other => other.name(),
+    }
+}
+
+fn dequant_golden() -> DequantGolden {
+    let path = common::repo_root().join("tests/golden/gguf-dequant.json");
+    let text = std::fs::read_to_string(&path).expect("tests/golden/gguf-dequant.json");
+    serde_json::from_str(&text).expect("dequant golden parses")
+}
+
+/// `values` (storage order) against gguf-py's digest: the same type, every sample equal, the
+/// plain and position-weighted sums equal to float64 rounding.
+fn check_digest(what: &str, digest: &TensorDigest, type_name: &str, values: &[f32]) {
+    assert_eq!(type_name, digest.type_name, "{what}: tensor type");
+    assert_eq!(values.len(), digest.elements, "{what}: element count");
+    for &(i, want) in &digest.samples {
+        assert_eq!(values[i], want, "{what}: element {i}");
+    }
+    let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
+    let weighted: f64 = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| f64::from(v) * ((i % 251) + 1) as f64)
+        .sum();
+    let bound: f64 = values.iter().map(|&v| f64::from(v).abs()).sum::<f64>() * 251.0;
+    for (name, got, want) in [
+        ("sum", sum, digest.sum),
+        ("weighted sum", weighted, digest.weighted_sum),
+    ] {
+        assert!(
+            (got - want).abs() <= 1e-12 * bound,
+            "{what}: {name} {got} vs gguf-py's {want}"
+        );
+    }
+}
+
+#[test]
+fn more_quant_types_dequantize_as_gguf_py() {
+    for (name, file) in dequant_golden().files {
+        let path = common::repo_root().join(format!("models/gguf/{name}.gguf"));
+        let bytes = std::fs::read(&path).expect("fixture");
+        let sha = cllm::plugins::registry::sha256_file(&path).expect("hashes");
+        assert_eq!(
+            sha, file.sha256,
+            "{name}: the fixture the golden was made from"
+        );
+        // Every tensor as stored, by the portable reference dequantization.
+        let header = cllm::model::gguf::header::parse(&bytes).expect("parses");
+        for (tensor, t) in &header.tensors {
+            let digest = &file.tensors[tensor];
+            let raw = &bytes[t.range.clone()];
+            let values = match t.dtype {
+                DType::Quant(qt) => {
+                    let mut out = vec![0.0; digest.elements];
+                    cllm::model::quant::dequantize_scalar(qt, raw, &mut out);
+                    out
+                }
+                DType::F32 => raw
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                other => panic!("{name}: unexpected {other:?}"),
+            };
+            check_digest(
+                &format!("{name} {tensor}"),
+                digest,
+                gguf_name(t.dtype),
+                &values,
+            );
+        }
+        // The loaded model's tensors, dequantized by the kernels the engine runs (those with
+        // rows in llama.cpp's order: q and k are reordered at load).
+        let model = Model::load(&path).expect("loads");
+        let w = &model.weights;
+        let mut loaded = vec![("token_embd.weight", &w.embed_tokens)];
+        loaded.extend(w.lm_head.as_ref().map(|t| ("output.weight", t)));
+        let names = ["attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+        let per_layer: Vec<(String, &Tensor)> = w
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                let ts = [&l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj];
+                names
+                    .iter()
+                    .zip(ts)
+                    .map(move |(n, lin)| (format!("blk.{i}.{n}.weight"), &lin.weight))
+            })
+            .collect();
+        let all = loaded
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .chain(per_layer);
+        for (tensor, t) in all {
+            let what = format!("{name} {tensor} (loaded)");
+            let digest = &file.tensors[&tensor];
+            check_digest(&what, digest, gguf_name(t.dtype), &t.to_f32_vec());
+        }
+    }
+}
+
+/// Each fixture's greedy tokens and first-step logits equal those of the same model with every
+/// quantized matrix replaced by its f32 dequantization (checked above against gguf-py): the
+/// quantized decode and prefill kernels against the f32 path, on real llama-quantize files,
+/// alone, batched and with 3-token prefill chunks, exact and fast numerics.
+#[test]
+fn more_quant_types_generate_as_their_f32_dequantization() {
+    let golden_prompts = common::repo_root().join("tests/golden/gguf-tiny256-f32.json");
+    let text = std::fs::read_to_string(golden_prompts).expect("tiny256-f32 golden");
+    let prompts: Vec<Vec<u32>> = serde_json::from_str::<common::Golden>(&text)
+        .expect("parses")
+        .cases
+        .into_iter()
+        .map(|c| c.input_ids)
+        .collect();
+    // The portable reference dequantization, not the kernels under test.
+    let widen = |t: &mut Tensor| {
+        if let WeightData::Quant(qt, blocks) = t.data() {
+            let mut values = vec![0.0; t.len()];
+            cllm::model::quant::dequantize_scalar(qt, blocks, &mut values);
+            *t = Tensor::from_f32(t.shape.clone(), values);
+        }
+    };
+    for name in dequant_golden().files.keys() {
+        let path = common::repo_root().join(format!("models/gguf/{name}.gguf"));
+        let quantized = Model::load(&path).expect("loads");
+        let mut reference = Model::load(&path).expect("loads");
+        let w = &mut reference.weights;
+        widen(&mut w.embed_tokens);
+        if let Some(t) = w.lm_head.as_mut() {
+            widen(t);
+        }
+        for l in &mut w.layers {
+            for lin in [
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ] {
+                widen(&mut lin.weight);
+            }
+        }
+        let want = greedy_outcomes(&reference, &prompts, 24, 512, Numerics::Exact);
+        for (how, prompts, chunk, numerics) in [
+            ("batched", &prompts[..], 512, Numerics::Exact),
+            ("chunked prefill", &prompts[..], 3, Numerics::Exact),
+            ("alone", &prompts[..1], 512, Numerics::Exact),
+            ("fast numerics", &prompts[..], 512, Numerics::Fast),
+        ] {
+            let got = greedy_outcomes(&quantized, prompts, 24, chunk, numerics);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(
+                    g.generation.output_ids(),
+                    w.generation.output_ids(),
+                    "{name} ({how}): tokens"
+                );
+                let worst = g
+                    .first_logits
+                    .iter()
+                    .zip(&w.first_logits)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst <= 1e-3,
+                    "{name} ({how}): first-step logits differ by {worst}"
+                );
+            }
+        }
+    }
 }

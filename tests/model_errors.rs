@@ -229,6 +229,11 @@ fn type_id(dtype: DType) -> u32 {
         DType::Quant(QuantType::Q8_0) => 8,
         DType::Quant(QuantType::Q4K) => 12,
         DType::Quant(QuantType::Q6K) => 14,
+        DType::Quant(QuantType::Q2K) => 10,
+        DType::Quant(QuantType::Q3K) => 11,
+        DType::Quant(QuantType::Q5K) => 13,
+        DType::Quant(QuantType::Iq4Nl) => 20,
+        DType::Quant(QuantType::Iq4Xs) => 23,
     }
 }
 
@@ -391,7 +396,7 @@ fn gguf_tensor_data_past_the_end() {
 fn gguf_unknown_tensor_type() {
     let mut parts = tiny256_parts();
     let t = &mut parts.tensors[3];
-    t.2 = 10; // Q2_K
+    t.2 = 16; // IQ2_XXS
     let name = t.0.clone();
     let (message, path) = gguf_error(&write_gguf(&parts));
     assert_mentions(
@@ -399,7 +404,7 @@ fn gguf_unknown_tensor_type() {
         &[
             &path,
             &format!("tensor {name}"),
-            "unsupported tensor type Q2_K",
+            "unsupported tensor type IQ2_XXS",
             "Q4_K",
         ],
     );

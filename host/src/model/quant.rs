@@ -15,6 +15,21 @@
 //!   each 64 elements take 32 bytes, low nibbles first.
 //! - `Q6_K` (256): 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 × i8 scales (one
 //!   per 16 elements), f16 `d`; `x = d·sc·(q − 32)`.
+//! - `Q2_K` (256): 16 bytes of scales (one per 16 elements: scale in the low nibble, min in the
+//!   high), 64 bytes of 2-bit quants, f16 `d`, f16 `dmin`; `x = d·sc·q − dmin·m`. Element `e`
+//!   (`n = e / 128`, `j = e % 128 / 32`, `l = e % 32`) is bits `2j..2j+2` of quant byte
+//!   `32n + l`.
+//! - `Q3_K` (256): 32 bytes of high-bit masks, 64 bytes of 2-bit quants (as `Q2_K`), 12 bytes
+//!   packing sixteen 6-bit scales, f16 `d`; `x = d·(sc − 32)·(q − 4·[high bit clear])`, the high
+//!   bit of element `e` being bit `e / 32` of mask byte `e % 32`.
+//! - `Q5_K` (256): f16 `d`, f16 `dmin`, 12 scale/min bytes as `Q4_K`, 32 bytes of fifth bits
+//!   (element `e`'s is bit `e / 32` of byte `e % 32`), 128 bytes of nibbles as `Q4_K`;
+//!   `x = d·sc·q − dmin·m`.
+//! - `IQ4_NL` (32): f16 `d`, nibbles as `Q4_0`; `x = d·T[q]` with `T` the fixed non-linear
+//!   table [`IQ4_VALUES`].
+//! - `IQ4_XS` (256): f16 `d`, u16 of high scale bits, 4 bytes of low scale nibbles, 128 bytes of
+//!   nibbles; sub-block `s` (32 elements, nibbles as `IQ4_NL`) has the 6-bit scale `ls` (low
+//!   nibble `s % 2` of byte `s / 2`, high bits `2s..2s+2` of the u16) and `x = d·(ls − 32)·T[q]`.
 
 /// A block-quantized tensor type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,10 +41,15 @@ pub enum QuantType {
     Q8_0,
     Q4K,
     Q6K,
+    Q2K,
+    Q3K,
+    Q5K,
+    Iq4Nl,
+    Iq4Xs,
 }
 
 impl QuantType {
-    pub const ALL: [QuantType; 7] = [
+    pub const ALL: [QuantType; 12] = [
         QuantType::Q4_0,
         QuantType::Q4_1,
         QuantType::Q5_0,
@@ -37,13 +57,28 @@ impl QuantType {
         QuantType::Q8_0,
         QuantType::Q4K,
         QuantType::Q6K,
+        QuantType::Q2K,
+        QuantType::Q3K,
+        QuantType::Q5K,
+        QuantType::Iq4Nl,
+        QuantType::Iq4Xs,
     ];
 
     /// Elements per block.
     pub const fn block_elems(self) -> usize {
         match self {
-            QuantType::Q4K | QuantType::Q6K => 256,
-            _ => 32,
+            QuantType::Q4K
+            | QuantType::Q6K
+            | QuantType::Q2K
+            | QuantType::Q3K
+            | QuantType::Q5K
+            | QuantType::Iq4Xs => 256,
+            QuantType::Q4_0
+            | QuantType::Q4_1
+            | QuantType::Q5_0
+            | QuantType::Q5_1
+            | QuantType::Q8_0
+            | QuantType::Iq4Nl => 32,
         }
     }
 
@@ -57,6 +92,11 @@ impl QuantType {
             QuantType::Q8_0 => 34,
             QuantType::Q4K => 144,
             QuantType::Q6K => 210,
+            QuantType::Q2K => 84,
+            QuantType::Q3K => 110,
+            QuantType::Q5K => 176,
+            QuantType::Iq4Nl => 18,
+            QuantType::Iq4Xs => 136,
         }
     }
 
@@ -70,6 +110,11 @@ impl QuantType {
             QuantType::Q8_0 => "Q8_0",
             QuantType::Q4K => "Q4_K",
             QuantType::Q6K => "Q6_K",
+            QuantType::Q2K => "Q2_K",
+            QuantType::Q3K => "Q3_K",
+            QuantType::Q5K => "Q5_K",
+            QuantType::Iq4Nl => "IQ4_NL",
+            QuantType::Iq4Xs => "IQ4_XS",
         }
     }
 
@@ -90,9 +135,15 @@ pub fn random_blocks(
     mut random: impl FnMut() -> f32,
 ) -> Vec<u8> {
     let f16_fields: &[usize] = match qt {
-        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => &[0],
-        QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K => &[0, 2],
+        QuantType::Q8_0
+        | QuantType::Q4_0
+        | QuantType::Q5_0
+        | QuantType::Iq4Nl
+        | QuantType::Iq4Xs => &[0],
+        QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K | QuantType::Q5K => &[0, 2],
         QuantType::Q6K => &[208],
+        QuantType::Q2K => &[80, 82],
+        QuantType::Q3K => &[108],
     };
     let mut bytes: Vec<u8> = (0..n * qt.block_bytes())
         .map(|_| ((random() + 1.0) * 128.0) as u8)
@@ -127,6 +178,28 @@ pub(crate) fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
             (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
         )
     }
+}
+
+/// Scale `j` (0..16) of a `Q3_K` block from the 12 packed bytes `s`, before the −32: its low
+/// nibble is nibble `j / 8` of byte `j % 8`, its top 2 bits are bits `2·(j / 4)..` of byte
+/// `8 + j % 4`.
+#[inline]
+pub(crate) fn q3k_scale(j: usize, s: &[u8]) -> u8 {
+    let low = (s[j % 8] >> (4 * (j / 8))) & 0x0f;
+    let high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    low | (high << 4)
+}
+
+/// The 16 values an `IQ4_NL` / `IQ4_XS` nibble selects (GGML's fixed non-linear grid).
+pub const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The 6-bit scale of `IQ4_XS` sub-block `s` (0..8), before the −32: low nibble `s % 2` of
+/// `low[s / 2]`, top bits `2s..2s+2` of `high`.
+#[inline]
+pub(crate) fn iq4xs_scale(s: usize, high: u16, low: &[u8]) -> u8 {
+    ((low[s / 2] >> (4 * (s % 2))) & 0x0f) | ((((high >> (2 * s)) & 3) as u8) << 4)
 }
 
 /// Dequantizes whole blocks: `out.len()` must be `blocks.len() / block_bytes * block_elems`.
@@ -213,6 +286,63 @@ pub fn dequantize_scalar(qt: QuantType, blocks: &[u8], out: &mut [f32]) {
                         y[l + 32] = s(2) * q2 as f32;
                         y[l + 64] = s(4) * q3 as f32;
                         y[l + 96] = s(6) * q4 as f32;
+                    }
+                }
+            }
+            QuantType::Q2K => {
+                let (d, dmin) = (f16_at(&b[80..]), f16_at(&b[82..]));
+                for (e, y) in y.iter_mut().enumerate() {
+                    let sc = b[e / 16];
+                    let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+                    let q = (b[16 + 32 * n + l] >> (2 * j)) & 3;
+                    let (dl, ml) = (d * f32::from(sc & 0x0f), dmin * f32::from(sc >> 4));
+                    *y = dl * f32::from(q) - ml;
+                }
+            }
+            QuantType::Q3K => {
+                let d = f16_at(&b[108..]);
+                let scales = &b[96..108];
+                for (e, y) in y.iter_mut().enumerate() {
+                    let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+                    let low = i32::from((b[32 + 32 * n + l] >> (2 * j)) & 3);
+                    let high = (b[l] >> (e / 32)) & 1 == 1;
+                    let q = if high { low } else { low - 4 };
+                    let dl = d * (i32::from(q3k_scale(e / 16, scales)) - 32) as f32;
+                    *y = dl * q as f32;
+                }
+            }
+            QuantType::Q5K => {
+                let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
+                let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+                for (e, y) in y.iter_mut().enumerate() {
+                    let (c, high_nibble, l) = (e / 64, e % 64 >= 32, e % 32);
+                    let byte = qs[32 * c + l];
+                    let nibble = if high_nibble { byte >> 4 } else { byte & 0x0f };
+                    let q = nibble | (((qh[l] >> (e / 32)) & 1) << 4);
+                    let (sc, m) = q4k_scale_min(e / 32, scales);
+                    let (dl, ml) = (d * f32::from(sc), dmin * f32::from(m));
+                    *y = dl * f32::from(q) - ml;
+                }
+            }
+            QuantType::Iq4Nl => {
+                let d = f16_at(b);
+                for (j, &q) in b[2..18].iter().enumerate() {
+                    y[j] = d * f32::from(IQ4_VALUES[usize::from(q & 0x0f)]);
+                    y[j + 16] = d * f32::from(IQ4_VALUES[usize::from(q >> 4)]);
+                }
+            }
+            QuantType::Iq4Xs => {
+                let d = f16_at(b);
+                let high = u16::from_le_bytes([b[2], b[3]]);
+                for (s, (qs, y)) in b[8..136]
+                    .chunks_exact(16)
+                    .zip(y.chunks_exact_mut(32))
+                    .enumerate()
+                {
+                    let dl = d * (i32::from(iq4xs_scale(s, high, &b[4..8])) - 32) as f32;
+                    for (j, &q) in qs.iter().enumerate() {
+                        y[j] = dl * f32::from(IQ4_VALUES[usize::from(q & 0x0f)]);
+                        y[j + 16] = dl * f32::from(IQ4_VALUES[usize::from(q >> 4)]);
                     }
                 }
             }

@@ -177,7 +177,8 @@ const TYPE_NAMES: [(u32, &str); 33] = [
 ];
 
 /// The tensor types this loader reads, for messages.
-pub const SUPPORTED_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K";
+pub const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
 
 fn dtype_of(type_id: u32) -> Result<DType, String> {
     Ok(match type_id {
@@ -191,6 +192,11 @@ fn dtype_of(type_id: u32) -> Result<DType, String> {
         8 => DType::Quant(QuantType::Q8_0),
         12 => DType::Quant(QuantType::Q4K),
         14 => DType::Quant(QuantType::Q6K),
+        10 => DType::Quant(QuantType::Q2K),
+        11 => DType::Quant(QuantType::Q3K),
+        13 => DType::Quant(QuantType::Q5K),
+        20 => DType::Quant(QuantType::Iq4Nl),
+        23 => DType::Quant(QuantType::Iq4Xs),
         other => {
             let name = TYPE_NAMES.iter().find(|(id, _)| *id == other).map_or_else(
                 || format!("unknown type id {other}"),

@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::avx512::Avx512;
-use crate::model::quant::{q4k_scale_min, QuantType};
+use crate::model::quant::{iq4xs_scale, q3k_scale, q4k_scale_min, QuantType, IQ4_VALUES};
 
 /// The f16 stored little-endian at `b[0..2]`, converted by the hardware (`half`'s portable
 /// conversion costs more than dequantizing the rest of a 32-element block).
@@ -211,6 +211,182 @@ unsafe fn q6_k(b: &[u8], y: &mut impl Sink) {
     }
 }
 
+/// 2-bit fields of 16 quant bytes at `p`: bits `shift..shift + 2` of each, as i32 lanes.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; 16 readable bytes at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn two_bits(p: *const u8, shift: u32) -> __m512i {
+    // SAFETY: as the caller guarantees.
+    let bytes = unsafe { u8x16(p) };
+    _mm512_and_si512(
+        _mm512_srlv_epi32(bytes, _mm512_set1_epi32(shift as i32)),
+        _mm512_set1_epi32(3),
+    )
+}
+
+/// Lanes whose byte (of 16 at `p`) has bit `bit` set.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; 16 readable bytes at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn bit_set(p: *const u8, bit: usize) -> __mmask16 {
+    // SAFETY: as the caller guarantees.
+    let bytes = unsafe { u8x16(p) };
+    _mm512_test_epi32_mask(bytes, _mm512_set1_epi32(1 << bit))
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL; `b` one Q2_K block; `y` takes its 256 elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn q2_k(b: &[u8], y: &mut impl Sink) {
+    let (d, dmin) = (f16_at(&b[80..]), f16_at(&b[82..]));
+    // Sixteen elements `e..e + 16` share scale byte `e / 16` and quant bytes `16 + 32n + l`.
+    for e in (0..256).step_by(16) {
+        let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+        let sc = b[e / 16];
+        let dl = _mm512_set1_ps(d * f32::from(sc & 0x0f));
+        let ml = _mm512_set1_ps(dmin * f32::from(sc >> 4));
+        // SAFETY: quant bytes 16 + 32n + l .. +16 lie in the block's 84; floats e .. e + 16
+        // in its 256.
+        unsafe {
+            let q = two_bits(b.as_ptr().add(16 + 32 * n + l), 2 * j as u32);
+            y.put(
+                e,
+                _mm512_sub_ps(_mm512_mul_ps(dl, _mm512_cvtepi32_ps(q)), ml),
+            );
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL; `b` one Q3_K block; `y` takes its 256 elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn q3_k(b: &[u8], y: &mut impl Sink) {
+    let d = f16_at(&b[108..]);
+    let scales = &b[96..108];
+    let four = _mm512_set1_epi32(4);
+    for e in (0..256).step_by(16) {
+        let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+        let dl = _mm512_set1_ps(d * (i32::from(q3k_scale(e / 16, scales)) - 32) as f32);
+        // SAFETY: quant bytes 32 + 32n + l .. +16 and mask bytes l .. l + 16 lie in the
+        // block's 110; floats e .. e + 16 in its 256.
+        unsafe {
+            let q = two_bits(b.as_ptr().add(32 + 32 * n + l), 2 * j as u32);
+            let high = bit_set(b.as_ptr().add(l), e / 32);
+            // Minus 4 where the high bit is clear.
+            let q = _mm512_mask_sub_epi32(q, !high, q, four);
+            y.put(e, _mm512_mul_ps(dl, _mm512_cvtepi32_ps(q)));
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL; `b` one Q5_K block; `y` takes its 256 elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn q5_k(b: &[u8], y: &mut impl Sink) {
+    let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
+    let scales = &b[4..16];
+    let (mask, sixteen) = (_mm512_set1_epi32(0x0f), _mm512_set1_epi32(16));
+    for e in (0..256).step_by(16) {
+        let (c, l) = (e / 64, e % 32);
+        let (sc, m) = q4k_scale_min(e / 32, scales);
+        let scale = _mm512_set1_ps(d * f32::from(sc));
+        let min = _mm512_set1_ps(dmin * f32::from(m));
+        // SAFETY: nibble bytes 48 + 32c + l .. +16 and fifth-bit bytes 16 + l .. +16 lie in
+        // the block's 176; floats e .. e + 16 in its 256.
+        unsafe {
+            let bytes = u8x16(b.as_ptr().add(48 + 32 * c + l));
+            let q = if e % 64 >= 32 {
+                _mm512_srli_epi32::<4>(bytes)
+            } else {
+                _mm512_and_si512(bytes, mask)
+            };
+            let fifth = bit_set(b.as_ptr().add(16 + l), e / 32);
+            let q = _mm512_mask_add_epi32(q, fifth, q, sixteen);
+            y.put(
+                e,
+                _mm512_sub_ps(_mm512_mul_ps(scale, _mm512_cvtepi32_ps(q)), min),
+            );
+        }
+    }
+}
+
+/// [`IQ4_VALUES`] as 16 f32 lanes, for a lookup by nibble.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn iq4_table() -> __m512 {
+    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_setr_epi8(
+        IQ4_VALUES[0],
+        IQ4_VALUES[1],
+        IQ4_VALUES[2],
+        IQ4_VALUES[3],
+        IQ4_VALUES[4],
+        IQ4_VALUES[5],
+        IQ4_VALUES[6],
+        IQ4_VALUES[7],
+        IQ4_VALUES[8],
+        IQ4_VALUES[9],
+        IQ4_VALUES[10],
+        IQ4_VALUES[11],
+        IQ4_VALUES[12],
+        IQ4_VALUES[13],
+        IQ4_VALUES[14],
+        IQ4_VALUES[15],
+    )))
+}
+
+/// 32 elements of an IQ4 sub-block: scale `d`, 16 nibble bytes at `p`, into `y` at `at`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; 16 readable bytes at `p`; `at + 32` at most the block's element count.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn iq4_run(d: __m512, p: *const u8, table: __m512, y: &mut impl Sink, at: usize) {
+    // SAFETY: as the caller guarantees.
+    let bytes = unsafe { u8x16(p) };
+    // The lookup reads each lane's low 4 bits, so the high nibble needs no mask.
+    let low = _mm512_permutexvar_ps(bytes, table);
+    let high = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), table);
+    // SAFETY: as the caller guarantees.
+    unsafe {
+        y.put(at, _mm512_mul_ps(d, low));
+        y.put(at + 16, _mm512_mul_ps(d, high));
+    }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL; `b` one IQ4_NL block; `y` takes its 32 elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn iq4_nl(b: &[u8], y: &mut impl Sink) {
+    // SAFETY: nibble bytes 2..18 of the block's 18; floats 0..32.
+    unsafe { iq4_run(f16_splat(b), b.as_ptr().add(2), iq4_table(), y, 0) }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL; `b` one IQ4_XS block; `y` takes its 256 elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn iq4_xs(b: &[u8], y: &mut impl Sink) {
+    let d = f16_at(b);
+    let high = u16::from_le_bytes([b[2], b[3]]);
+    let table = iq4_table();
+    for s in 0..8 {
+        let dl = d * (i32::from(iq4xs_scale(s, high, &b[4..8])) - 32) as f32;
+        // SAFETY: nibble bytes 8 + 16s .. +16 of the block's 136; floats 32s .. 32s + 32.
+        unsafe {
+            iq4_run(
+                _mm512_set1_ps(dl),
+                b.as_ptr().add(8 + 16 * s),
+                table,
+                y,
+                32 * s,
+            )
+        }
+    }
+}
+
 /// One quantized type's block, for the kernels generic over it.
 trait Block {
     const ELEMS: usize;
@@ -247,6 +423,11 @@ block_type!(BQ5_1, QuantType::Q5_1, |b, y| {
 });
 block_type!(BQ4K, QuantType::Q4K, |b, y| q4_k(b, y));
 block_type!(BQ6K, QuantType::Q6K, |b, y| q6_k(b, y));
+block_type!(BQ2K, QuantType::Q2K, |b, y| q2_k(b, y));
+block_type!(BQ3K, QuantType::Q3K, |b, y| q3_k(b, y));
+block_type!(BQ5K, QuantType::Q5K, |b, y| q5_k(b, y));
+block_type!(BIq4Nl, QuantType::Iq4Nl, |b, y| iq4_nl(b, y));
+block_type!(BIq4Xs, QuantType::Iq4Xs, |b, y| iq4_xs(b, y));
 
 /// `$body` with `$B` naming the [`Block`] type of quantized type `$qt`.
 macro_rules! with_block {
@@ -278,6 +459,26 @@ macro_rules! with_block {
             }
             QuantType::Q6K => {
                 type $B = BQ6K;
+                $body
+            }
+            QuantType::Q2K => {
+                type $B = BQ2K;
+                $body
+            }
+            QuantType::Q3K => {
+                type $B = BQ3K;
+                $body
+            }
+            QuantType::Q5K => {
+                type $B = BQ5K;
+                $body
+            }
+            QuantType::Iq4Nl => {
+                type $B = BIq4Nl;
+                $body
+            }
+            QuantType::Iq4Xs => {
+                type $B = BIq4Xs;
                 $body
             }
         }
