@@ -202,6 +202,23 @@ pub(crate) fn iq4xs_scale(s: usize, high: u16, low: &[u8]) -> u8 {
     ((low[s / 2] >> (4 * (s % 2))) & 0x0f) | ((((high >> (2 * s)) & 3) as u8) << 4)
 }
 
+/// The 2-bit quant of element `e` (0..256) of a `Q2_K` / `Q3_K` block from its 64 quant
+/// bytes: bits `2j..2j+2` of byte `32n + l`, for `n = e / 128`, `j = e % 128 / 32`,
+/// `l = e % 32`.
+#[inline]
+fn two_bit_quant(qs: &[u8], e: usize) -> u8 {
+    (qs[32 * (e / 128) + e % 32] >> (2 * (e % 128 / 32))) & 3
+}
+
+/// 32 elements of an `IQ4_NL` block or `IQ4_XS` sub-block: scale `d`, 16 nibble bytes `qs`
+/// (element `j` the low nibble of byte `j`, element `j + 16` its high nibble).
+fn iq4_sub_block(d: f32, qs: &[u8], y: &mut [f32]) {
+    for (j, &q) in qs.iter().enumerate() {
+        y[j] = d * f32::from(IQ4_VALUES[usize::from(q & 0x0f)]);
+        y[j + 16] = d * f32::from(IQ4_VALUES[usize::from(q >> 4)]);
+    }
+}
+
 /// Dequantizes whole blocks: `out.len()` must be `blocks.len() / block_bytes * block_elems`.
 pub fn dequantize_scalar(qt: QuantType, blocks: &[u8], out: &mut [f32]) {
     let (be, bb) = (qt.block_elems(), qt.block_bytes());
@@ -291,46 +308,46 @@ pub fn dequantize_scalar(qt: QuantType, blocks: &[u8], out: &mut [f32]) {
             }
             QuantType::Q2K => {
                 let (d, dmin) = (f16_at(&b[80..]), f16_at(&b[82..]));
-                for (e, y) in y.iter_mut().enumerate() {
-                    let sc = b[e / 16];
-                    let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
-                    let q = (b[16 + 32 * n + l] >> (2 * j)) & 3;
+                // One scale byte per 16 elements.
+                for (g, (&sc, y)) in b[..16].iter().zip(y.chunks_exact_mut(16)).enumerate() {
                     let (dl, ml) = (d * f32::from(sc & 0x0f), dmin * f32::from(sc >> 4));
-                    *y = dl * f32::from(q) - ml;
+                    for (i, y) in y.iter_mut().enumerate() {
+                        *y = dl * f32::from(two_bit_quant(&b[16..80], 16 * g + i)) - ml;
+                    }
                 }
             }
             QuantType::Q3K => {
                 let d = f16_at(&b[108..]);
-                let scales = &b[96..108];
-                for (e, y) in y.iter_mut().enumerate() {
-                    let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
-                    let low = i32::from((b[32 + 32 * n + l] >> (2 * j)) & 3);
-                    let high = (b[l] >> (e / 32)) & 1 == 1;
-                    let q = if high { low } else { low - 4 };
-                    let dl = d * (i32::from(q3k_scale(e / 16, scales)) - 32) as f32;
-                    *y = dl * q as f32;
+                let (hmask, qs, scales) = (&b[..32], &b[32..96], &b[96..108]);
+                for (g, y) in y.chunks_exact_mut(16).enumerate() {
+                    let dl = d * (i32::from(q3k_scale(g, scales)) - 32) as f32;
+                    for (i, y) in y.iter_mut().enumerate() {
+                        let e = 16 * g + i;
+                        let low = i32::from(two_bit_quant(qs, e));
+                        let high = (hmask[e % 32] >> (e / 32)) & 1 == 1;
+                        let q = if high { low } else { low - 4 };
+                        *y = dl * q as f32;
+                    }
                 }
             }
             QuantType::Q5K => {
                 let (d, dmin) = (f16_at(b), f16_at(&b[2..]));
                 let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-                for (e, y) in y.iter_mut().enumerate() {
-                    let (c, high_nibble, l) = (e / 64, e % 64 >= 32, e % 32);
-                    let byte = qs[32 * c + l];
-                    let nibble = if high_nibble { byte >> 4 } else { byte & 0x0f };
-                    let q = nibble | (((qh[l] >> (e / 32)) & 1) << 4);
-                    let (sc, m) = q4k_scale_min(e / 32, scales);
+                // Sub-block `s` (32 elements): nibbles of bytes 32·(s / 2).., low for even
+                // `s`, high for odd; its fifth bits are bit `s` of the 32 `qh` bytes.
+                for (s, y) in y.chunks_exact_mut(32).enumerate() {
+                    let (sc, m) = q4k_scale_min(s, scales);
                     let (dl, ml) = (d * f32::from(sc), dmin * f32::from(m));
-                    *y = dl * f32::from(q) - ml;
+                    let nibbles = &qs[32 * (s / 2)..][..32];
+                    for (l, y) in y.iter_mut().enumerate() {
+                        let byte = nibbles[l];
+                        let nibble = if s % 2 == 1 { byte >> 4 } else { byte & 0x0f };
+                        let q = nibble | (((qh[l] >> s) & 1) << 4);
+                        *y = dl * f32::from(q) - ml;
+                    }
                 }
             }
-            QuantType::Iq4Nl => {
-                let d = f16_at(b);
-                for (j, &q) in b[2..18].iter().enumerate() {
-                    y[j] = d * f32::from(IQ4_VALUES[usize::from(q & 0x0f)]);
-                    y[j + 16] = d * f32::from(IQ4_VALUES[usize::from(q >> 4)]);
-                }
-            }
+            QuantType::Iq4Nl => iq4_sub_block(f16_at(b), &b[2..18], y),
             QuantType::Iq4Xs => {
                 let d = f16_at(b);
                 let high = u16::from_le_bytes([b[2], b[3]]);
@@ -340,10 +357,7 @@ pub fn dequantize_scalar(qt: QuantType, blocks: &[u8], out: &mut [f32]) {
                     .enumerate()
                 {
                     let dl = d * (i32::from(iq4xs_scale(s, high, &b[4..8])) - 32) as f32;
-                    for (j, &q) in qs.iter().enumerate() {
-                        y[j] = dl * f32::from(IQ4_VALUES[usize::from(q & 0x0f)]);
-                        y[j + 16] = dl * f32::from(IQ4_VALUES[usize::from(q >> 4)]);
-                    }
+                    iq4_sub_block(dl, qs, y);
                 }
             }
         }

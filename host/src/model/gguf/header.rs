@@ -190,11 +190,11 @@ fn dtype_of(type_id: u32) -> Result<DType, String> {
         6 => DType::Quant(QuantType::Q5_0),
         7 => DType::Quant(QuantType::Q5_1),
         8 => DType::Quant(QuantType::Q8_0),
-        12 => DType::Quant(QuantType::Q4K),
-        14 => DType::Quant(QuantType::Q6K),
         10 => DType::Quant(QuantType::Q2K),
         11 => DType::Quant(QuantType::Q3K),
+        12 => DType::Quant(QuantType::Q4K),
         13 => DType::Quant(QuantType::Q5K),
+        14 => DType::Quant(QuantType::Q6K),
         20 => DType::Quant(QuantType::Iq4Nl),
         23 => DType::Quant(QuantType::Iq4Xs),
         other => {

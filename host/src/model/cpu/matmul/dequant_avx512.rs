@@ -318,24 +318,9 @@ unsafe fn q5_k(b: &[u8], y: &mut impl Sink) {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 fn iq4_table() -> __m512 {
-    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_setr_epi8(
-        IQ4_VALUES[0],
-        IQ4_VALUES[1],
-        IQ4_VALUES[2],
-        IQ4_VALUES[3],
-        IQ4_VALUES[4],
-        IQ4_VALUES[5],
-        IQ4_VALUES[6],
-        IQ4_VALUES[7],
-        IQ4_VALUES[8],
-        IQ4_VALUES[9],
-        IQ4_VALUES[10],
-        IQ4_VALUES[11],
-        IQ4_VALUES[12],
-        IQ4_VALUES[13],
-        IQ4_VALUES[14],
-        IQ4_VALUES[15],
-    )))
+    // SAFETY: IQ4_VALUES is 16 readable bytes.
+    let bytes = unsafe { _mm_loadu_si128(IQ4_VALUES.as_ptr().cast()) };
+    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes))
 }
 
 /// 32 elements of an IQ4 sub-block: scale `d`, 16 nibble bytes at `p`, into `y` at `at`.
