@@ -10,7 +10,7 @@ use cllm::model::weights::{DType, Tensor};
 use cllm::model::Model;
 use common::greedy::{
     check_exact_runs, check_first_logits, check_tokens, check_tokens_before_close_call,
-    greedy_outcomes, greedy_outcomes_with, tokenize_prompts,
+    greedy_margins, greedy_outcomes, greedy_outcomes_with, tokenize_prompts,
 };
 use common::{gguf_fixture, smollm2_gguf};
 use std::path::Path;
@@ -34,8 +34,9 @@ fn check_file(name: &str) {
     let model = Model::load(&path).unwrap_or_else(|e| panic!("{name} loads: {e}"));
     let prompts = tokenize_prompts(name, &model, &golden);
     check_exact_runs(name, &model, &prompts, &golden);
-    // Quantized and f32 weights compute exactly in fast mode too.
-    if !matches!(name, "tiny256-f16" | "tiny256-bf16") {
+    // Weights without a fast path compute exactly in fast mode too (the 16-bit and 8-bit
+    // activation paths have their own tolerance tests below).
+    if !matches!(name, "tiny256-f16" | "tiny256-bf16") && !takes_8_bit_path(&model) {
         let outcomes =
             greedy_outcomes(&model, &prompts, golden.max_new_tokens, 512, Numerics::Fast);
         for (case, outcome) in golden.cases.iter().zip(&outcomes) {
@@ -90,19 +91,46 @@ fn tiny256_q6_k_matches_hf() {
     check_file(GGUF_FILES[8]);
 }
 
-/// Fast numerics on the 16-bit files: first-step top-5 logits within 2e-2 (or 1e-2 of the
-/// logit, see below) and the greedy tokens identical up to the first step whose golden
-/// top1-top2 margin is under 0.1.
+/// Whether fast numerics multiply this model's layer matrices with 8-bit activations on this
+/// CPU (K-quant and IQ4_XS weights, AVX512-VNNI).
+fn takes_8_bit_path(model: &Model) -> bool {
+    let (precision, _) = Numerics::Fast.precisions();
+    model
+        .weights
+        .layers
+        .iter()
+        .any(|l| precision.uses_q8_dot(&l.q_proj.weight.data()))
+}
+
+/// Fast numerics on the 16-bit files, and on the quantized files whose matrices take 8-bit
+/// activations: first-step top-5 logits within 2e-2 (or 1e-2 of the logit, see below) and the
+/// greedy tokens identical up to the first step whose golden top1-top2 margin is under 0.1.
+/// The 8-bit path serves up to 4 tokens per product, so those files also run each prompt
+/// alone (decode one token per step) with 3-token prefill chunks (every product on it).
 #[test]
-fn tiny256_16_bit_fast_numerics_within_tolerance() {
-    for name in ["tiny256-f16", "tiny256-bf16"] {
+fn fast_numerics_within_tolerance() {
+    for name in [
+        "tiny256-f16",
+        "tiny256-bf16",
+        "tiny256-q4_k_m",
+        "tiny256-q6_k",
+    ] {
         let Some((path, golden)) = gguf_fixture(name) else {
             return;
         };
         let model = Model::load(&path).expect("loads");
         let prompts = tokenize_prompts(name, &model, &golden);
+        let quantized = matches!(model.weights.dtype(), DType::Quant(_));
+        if quantized && !takes_8_bit_path(&model) {
+            common::say(&format!(
+                "SKIP {name}, fast numerics: this CPU has no AVX512-VNNI; fast == exact here"
+            ));
+            continue;
+        }
         let mut worst = 0.0f32;
+        let mut runs: Vec<(String, Vec<cllm::model::driver::Outcome>)> = Vec::new();
         for chunk in [512, 3] {
+            let how = format!("fast, batched, prefill chunk {chunk}");
             let outcomes = greedy_outcomes(
                 &model,
                 &prompts,
@@ -110,18 +138,32 @@ fn tiny256_16_bit_fast_numerics_within_tolerance() {
                 chunk,
                 Numerics::Fast,
             );
-            let how = format!("fast, prefill chunk {chunk}");
-            for (case, outcome) in golden.cases.iter().zip(&outcomes) {
-                check_tokens_before_close_call(name, &how, case, outcome);
+            runs.push((how, outcomes));
+            if quantized {
+                let how = format!("fast, alone, prefill chunk {chunk}");
+                let outcomes = prompts
+                    .iter()
+                    .flat_map(|p| {
+                        let one = std::slice::from_ref(p);
+                        greedy_outcomes(&model, one, golden.max_new_tokens, chunk, Numerics::Fast)
+                    })
+                    .collect();
+                runs.push((how, outcomes));
+            }
+        }
+        for (how, outcomes) in &runs {
+            for (case, outcome) in golden.cases.iter().zip(outcomes) {
+                check_tokens_before_close_call(name, how, case, outcome);
                 // bf16 activations carry a relative rounding of up to 2^-9 per product,
                 // and the logit error grows with the logit: these files' logits reach ~20
                 // (the final norm is scaled by 4), where 2e-2 absolute is 1e-3 relative,
                 // and the measured worst case is 6.7e-3 relative (0.075 on 11.3; with the
                 // activations split into two bf16 parts it is 1e-5: the rounding, not a
                 // bug). So: 2e-2 absolute, or 1e-2 relative to the logit when that is
-                // larger; the README states both and the measured worst case.
+                // larger; the README states both and the measured worst case. 8-bit
+                // activations are held to the same bound.
                 let tolerance = |want: f32| (2e-2f32).max(1e-2 * want.abs());
-                for (want, got) in check_first_logits(name, &how, case, outcome, tolerance) {
+                for (want, got) in check_first_logits(name, how, case, outcome, tolerance) {
                     worst = worst.max((got - want).abs() / want.abs().max(1.0));
                 }
             }
@@ -380,7 +422,8 @@ fn more_quant_types_dequantize_as_gguf_py() {
 /// Each fixture's greedy tokens and first-step logits equal those of the same model with every
 /// quantized matrix replaced by its f32 dequantization (checked above against gguf-py): the
 /// quantized decode and prefill kernels against the f32 path, on real llama-quantize files,
-/// alone, batched and with 3-token prefill chunks, exact and fast numerics.
+/// alone, batched and with 3-token prefill chunks; with fast numerics (8-bit products) within
+/// a tolerance.
 #[test]
 fn more_quant_types_generate_as_their_f32_dequantization() {
     let golden_prompts = common::repo_root().join("tests/golden/gguf-tiny256-f32.json");
@@ -422,11 +465,36 @@ fn more_quant_types_generate_as_their_f32_dequantization() {
             }
         }
         let want = greedy_outcomes(&reference, &prompts, 24, 512, Numerics::Exact);
+        // Fast numerics with a kernel for these types: 8-bit products (up to 4 tokens, so
+        // each prompt alone with 3-token prefill chunks), held to a tolerance.
+        if takes_8_bit_path(&quantized) {
+            let margins = greedy_margins(&reference, &prompts, 24);
+            let mut worst = 0.0f32;
+            for ((prompt, w), margins) in prompts.iter().zip(&want).zip(&margins) {
+                let one = std::slice::from_ref(prompt);
+                let got = &greedy_outcomes(&quantized, one, 24, 3, Numerics::Fast)[0];
+                let close_call = margins.iter().position(|&m| m < 0.1).unwrap_or(24);
+                assert_eq!(
+                    got.generation.output_ids()[..close_call],
+                    w.generation.output_ids()[..close_call],
+                    "{name} (fast, alone): tokens before step {close_call}, the first whose \
+                     margin is under 0.1"
+                );
+                for (a, b) in got.first_logits.iter().zip(&w.first_logits) {
+                    let diff = (a - b).abs();
+                    assert!(
+                        diff <= (2e-2f32).max(1e-2 * b.abs()),
+                        "{name} (fast, alone): first-step logit {a} against {b}"
+                    );
+                    worst = worst.max(diff / b.abs().max(1.0));
+                }
+            }
+            common::say(&format!("{name}, fast numerics: largest first-step logit difference relative to max(1, |logit|): {worst:.5}"));
+        }
         for (how, prompts, chunk, numerics) in [
             ("batched", &prompts[..], 512, Numerics::Exact),
             ("chunked prefill", &prompts[..], 3, Numerics::Exact),
             ("alone", &prompts[..1], 512, Numerics::Exact),
-            ("fast numerics", &prompts[..], 512, Numerics::Fast),
         ] {
             let got = greedy_outcomes(&quantized, prompts, 24, chunk, numerics);
             for (g, w) in got.iter().zip(&want) {

@@ -30,6 +30,49 @@ pub fn greedy_outcomes_with(
     numerics: Numerics,
     kv_dtype: KvDtype,
 ) -> Vec<Outcome> {
+    let mut executor = executor_for(model, numerics, kv_dtype);
+    let params = GenerationParams {
+        max_new_tokens: tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    generate_batch(model, executor.as_mut(), prompts, &params, chunk, |_, _| {}).expect("generates")
+}
+
+/// Each prompt's top1-top2 logit margin at every greedy step (alone, exact numerics): where a
+/// reference's margin is small, a rounding of the logits may flip its choice.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn greedy_margins(model: &Model, prompts: &[Vec<u32>], tokens: usize) -> Vec<Vec<f32>> {
+    let mut executor = executor_for(model, Numerics::Exact, KvDtype::F32);
+    let params = GenerationParams {
+        max_new_tokens: tokens,
+        ignore_eos: true,
+        logprobs: Some(2),
+        ..Default::default()
+    };
+    let mut margins = vec![Vec::new(); prompts.len()];
+    generate_batch(
+        model,
+        executor.as_mut(),
+        prompts,
+        &params,
+        512,
+        |i, event| {
+            if let Some(lp) = &event.logprobs {
+                margins[i].push(lp.top[0].1 - lp.top[1].1);
+            }
+        },
+    )
+    .expect("generates");
+    margins
+}
+
+/// An executor for `model` on the test device, with every thread and the cache it needs.
+fn executor_for(
+    model: &Model,
+    numerics: Numerics,
+    kv_dtype: KvDtype,
+) -> Box<dyn cllm::model::executor::Executor> {
     let settings = ExecutorSettings {
         device: test_device(model),
         threads: 0,
@@ -39,14 +82,7 @@ pub fn greedy_outcomes_with(
         kv_memory_fraction: 1.0,
         kv_blocks_explicit: true,
     };
-    let mut executor =
-        open_executor(&model.config, &model.weights, &settings).expect("opens the executor");
-    let params = GenerationParams {
-        max_new_tokens: tokens,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    generate_batch(model, executor.as_mut(), prompts, &params, chunk, |_, _| {}).expect("generates")
+    open_executor(&model.config, &model.weights, &settings).expect("opens the executor")
 }
 
 /// Where the golden checks run: the CPU, or the device `CLLM_TEST_DEVICE` names

@@ -234,6 +234,8 @@ fn effective_numerics(asked: Numerics, weights: &ModelWeights) -> &'static str {
         "fast (bf16 activations, AVX512-BF16)"
     } else if main.uses_half_input(&data) {
         "fast (f16 activations for one token)"
+    } else if main.uses_q8_dot(&data) {
+        "fast (8-bit activations for up to 4 tokens, AVX512-VNNI)"
     } else {
         "exact (f32)"
     }

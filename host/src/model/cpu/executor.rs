@@ -261,13 +261,9 @@ impl CpuExecutor {
         let vocab = config.vocab_size;
         logits.resize(wanted.len() * vocab, 0.0);
         let head = weights.lm_head().matrix();
-        // The vocabulary projection stays exact in every mode: rounding its input to bf16
-        // moves the logits by up to ~2e-3 relative, which the fast mode's stated tolerance
-        // (first-step logits within 2e-2 of the f32 reference) cannot afford on top of the
-        // layers' own error; it is one matrix, bandwidth-bound in decode and one row in prefill.
         matmul_group(
             &self.pool,
-            Precision::F32,
+            self.numerics.head_precision(&head.data),
             rows,
             wanted.len(),
             [GroupPart {

@@ -32,6 +32,9 @@ mod dequant_avx512;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
 mod half_input;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod q8dot;
 mod scalar;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -200,9 +203,15 @@ pub enum Numerics {
     ///   several tokens go through it, and rounds it to f16 for one token (decode).
     /// - f16 weights: every projection of one token rounds its input to f16, as llama.cpp's
     ///   f16 path does; several tokens compute as `Exact`.
+    /// - Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights, with AVX512-VNNI: products of up to
+    ///   4 tokens (decode), the vocabulary projection's too, hold their input as two signed
+    ///   bytes per element (`hi + lo / 256` times a scale per 256 elements, within 2^-16 of
+    ///   the block's largest) and multiply the stored quants as integers; more tokens compute
+    ///   as `Exact`. When one product of a group (q/k/v, gate/up) has another type, the group
+    ///   computes as `Exact`.
     ///
-    /// The vocabulary projection, attention, norms, f32 weights and CPUs without AVX-512
-    /// compute exactly as `Exact`.
+    /// Other vocabulary projections, attention, norms, f32 weights, other quantized types and
+    /// CPUs without AVX-512 compute exactly as `Exact`.
     #[default]
     Fast,
 }
@@ -220,6 +229,21 @@ impl Numerics {
             "exact" => Some(Numerics::Exact),
             "fast" => Some(Numerics::Fast),
             _ => None,
+        }
+    }
+
+    /// The arithmetic of the vocabulary projection with weights `data`. It stays exact in
+    /// every mode, except for quantized weights with an 8-bit kernel under `Fast`: rounding
+    /// its input to bf16 moves the logits by up to ~2e-3 relative, which the fast mode's
+    /// stated tolerance (first-step logits within 2e-2 of the f32 reference) cannot afford on
+    /// top of the layers' own error, while the two-byte activations of the 8-bit kernels err
+    /// by at most 2^-16 of each 256 elements' largest (see `q8dot`).
+    pub fn head_precision(self, data: &WeightData) -> Precision {
+        let (main, _) = self.precisions();
+        if main.uses_q8_dot(data) {
+            main
+        } else {
+            Precision::F32
         }
     }
 
@@ -258,6 +282,23 @@ impl Precision {
         fits && Isa::detect() == Isa::Avx512
     }
 
+    /// Whether products of up to [`q8dot::TOKENS`] tokens with `data` take the 8-bit
+    /// activation path on this CPU.
+    pub fn uses_q8_dot(self, data: &WeightData) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self != Precision::F32
+                && matches!(data, WeightData::Quant(qt, _) if q8dot::supports(*qt))
+                && Isa::detect() == Isa::Avx512
+                && q8_dot_supported()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = data;
+            false
+        }
+    }
+
     /// Whether products with `data` take the bf16 path on this CPU.
     pub fn uses_bf16_dot(self, data: &WeightData) -> bool {
         self != Precision::F32
@@ -267,7 +308,6 @@ impl Precision {
     }
 }
 
-/// Whether this CPU has AVX512-BF16 (detected once).
 /// `dst[i]` = `src[i]` clamped to f16's range (+-65504) and rounded to f16 (nearest even),
 /// as IEEE bits; with AVX-512 when the CPU has it. Lengths must be equal.
 pub(crate) fn round_to_f16(src: &[f32], dst: &mut [u16]) {
@@ -281,6 +321,14 @@ pub(crate) fn round_to_f16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// Whether this CPU has AVX512-VNNI (detected once).
+#[cfg(target_arch = "x86_64")]
+fn q8_dot_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| q8dot::Q8Dot::new().is_some())
+}
+
+/// Whether this CPU has AVX512-BF16 (detected once).
 pub fn bf16_dot_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -297,13 +345,16 @@ pub fn bf16_dot_supported() -> bool {
 ///
 /// One f32 panel per thread; a task locks a free one for its duration. `x_bf16` holds the
 /// activations rounded to bf16 for the bf16 paths, `x_bf16_lo` the remainders for the split one,
-/// `x_f16` the activations rounded to f16 for one-token products that take them so.
+/// `x_f16` the activations rounded to f16 for one-token products that take them so, `x_q8`
+/// the activations rounded to 8 bits for the quantized fast path.
 #[derive(Default)]
 pub struct MatmulScratch {
     panels: Vec<Mutex<Vec<f32>>>,
     x_bf16: Vec<u16>,
     x_bf16_lo: Vec<u16>,
     x_f16: Vec<u16>,
+    #[cfg(target_arch = "x86_64")]
+    x_q8: q8dot::Q8Activations,
 }
 
 /// One product of a [`matmul_group`]: a weight matrix and where its result goes.
@@ -349,6 +400,26 @@ pub fn matmul_group<'a, 'b>(
             }
             half_input::round(cpu, x, &mut xh[..x.len()]);
             return half_input::run(cpu, pool, &xh[..x.len()], specs);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if n_tokens <= q8dot::TOKENS
+        && count > 0
+        && specs
+            .iter()
+            .flatten()
+            .all(|p| precision.uses_q8_dot(&p.w.data) && p.w.cols > 0)
+    {
+        if let Some(k) = q8dot::Q8Dot::new() {
+            let cols = specs.iter().flatten().next().map_or(0, |p| p.w.cols);
+            scratch.x_q8.quantize(k, x);
+            let product = q8dot::Product {
+                x: &scratch.x_q8,
+                n_tokens,
+                cols,
+                parts: specs,
+            };
+            return product.run(k, pool);
         }
     }
     let fast = specs
@@ -1230,6 +1301,27 @@ mod tests {
         }
     }
 
+    /// `out` (`[n, rows]`) is `x` (`[n, cols]`) times `w` (`[rows, cols]`) transposed, within
+    /// 1e-5 of each output's `sum |x·w|` of an f64 reference.
+    fn assert_product(x: &[f32], w: &[f32], n: usize, rows: usize, out: &[f32], what: &str) {
+        let cols = x.len() / n;
+        for t in 0..n {
+            for r in 0..rows {
+                let (mut sum, mut bound) = (0.0f64, 0.0f64);
+                for k in 0..cols {
+                    let p = x[t * cols + k] as f64 * w[r * cols + k] as f64;
+                    sum += p;
+                    bound += p.abs();
+                }
+                let got = out[t * rows + r] as f64;
+                assert!(
+                    (got - sum).abs() <= 1e-5 * bound + 1e-30,
+                    "{what} {rows}x{cols} n={n} t={t} r={r}: {got} vs {sum}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn quantized_products_match_dequantized_reference() {
         // Every type, one token (decode) and several (prefill), against the scalar
@@ -1250,26 +1342,95 @@ mod tests {
                     };
                     let mut out = vec![f32::NAN; n * rows];
                     matmul(&pool, &x, n, &m, &mut out, &mut MatmulScratch::default());
-                    for t in 0..n {
-                        for r in 0..rows {
-                            let (mut sum, mut bound) = (0.0f64, 0.0f64);
-                            for k in 0..cols {
-                                let p = x[t * cols + k] as f64 * exact[r * cols + k] as f64;
-                                sum += p;
-                                bound += p.abs();
-                            }
-                            let got = out[t * rows + r] as f64;
-                            assert!(
-                                (got - sum).abs() <= 1e-5 * bound + 1e-30,
-                                "{} {rows}x{cols} n={n} t={t} r={r}: {got} vs {sum}",
-                                qt.name()
-                            );
-                        }
-                    }
+                    assert_product(&x, &exact, n, rows, &out, qt.name());
                     let mut row = vec![0.0; cols];
                     m.row_to_f32(rows - 1, &mut row);
                     assert_eq!(row, exact[(rows - 1) * cols..]);
                     assert_eq!(m.get(1, cols - 3), exact[cols + cols - 3]);
+                }
+            }
+        }
+    }
+
+    /// The documented rounding of activations to two bytes, written independently of the
+    /// kernels: per 256 elements, `dx = max|x| / 127`, `hi = round(x / dx)`,
+    /// `lo = round(256·(x / dx − hi))` (ties to even, saturated to an i8), value
+    /// `dx·(hi + lo / 256)`.
+    fn rounded_to_two_bytes(x: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for block in x.chunks(256) {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let (d, inv) = if amax > 0.0 {
+                (amax / 127.0, 127.0 / amax)
+            } else {
+                (0.0, 0.0)
+            };
+            out.extend(block.iter().map(|&v| {
+                let scaled = v * inv;
+                let hi = scaled.round_ties_even();
+                let lo = ((scaled - hi) * 256.0)
+                    .round_ties_even()
+                    .clamp(-128.0, 127.0);
+                d * (hi + lo / 256.0)
+            }));
+        }
+        out
+    }
+
+    #[test]
+    fn q8_products_match_reference_on_rounded_activations() {
+        // Fast numerics, quantized weights with an 8-bit kernel, up to 4 tokens: the product
+        // of the dequantized weights with the activations as rounded to two bytes, in f64. A
+        // wrong element order, scale or min moves the result by far more than the 1e-5.
+        if !Precision::Bf16.uses_q8_dot(&WeightData::Quant(QuantType::Q4K, &[])) {
+            eprintln!("SKIP q8 products: this CPU has no AVX512-VNNI; fast == exact here");
+            return;
+        }
+        let pool = ThreadPool::new(2);
+        let mut scratch = MatmulScratch::default();
+        let types = QuantType::ALL.into_iter().filter(|&qt| q8dot::supports(qt));
+        for qt in types {
+            for &(rows, cols) in &[(5, 256), (37, 512), (20, 1280)] {
+                for n in 1..=q8dot::TOKENS {
+                    let mut rng = Rng(0x51 ^ (rows * 31 + cols * 7 + n) as u64);
+                    // Two matrices in one group, with 3 and `rows` rows.
+                    let (rows_a, rows_b) = (3, rows);
+                    let blocks_a = random_blocks(&mut rng, qt, rows_a * cols / 256);
+                    let blocks_b = random_blocks(&mut rng, qt, rows_b * cols / 256);
+                    // Activations of mixed sizes, so the blocks' scales differ.
+                    let x: Vec<f32> = (0..n * cols)
+                        .map(|i| rng.next() * if i % 97 == 0 { 8.0 } else { 1.0 })
+                        .collect();
+                    let xr = rounded_to_two_bytes(&x);
+                    let mut out_a = vec![f32::NAN; n * rows_a];
+                    let mut out_b = vec![f32::NAN; n * rows_b];
+                    let parts = [
+                        GroupPart {
+                            w: Matrix {
+                                data: WeightData::Quant(qt, &blocks_a),
+                                rows: rows_a,
+                                cols,
+                            },
+                            out: &mut out_a,
+                        },
+                        GroupPart {
+                            w: Matrix {
+                                data: WeightData::Quant(qt, &blocks_b),
+                                rows: rows_b,
+                                cols,
+                            },
+                            out: &mut out_b,
+                        },
+                    ];
+                    matmul_group(&pool, Precision::Bf16, &x, n, parts, &mut scratch);
+                    assert_eq!(scratch.x_q8.values()[..n * cols], xr, "rounded activations");
+                    for (blocks, out, rows) in
+                        [(&blocks_a, &out_a, rows_a), (&blocks_b, &out_b, rows_b)]
+                    {
+                        let mut w = vec![0.0; rows * cols];
+                        crate::model::quant::dequantize_scalar(qt, blocks, &mut w);
+                        assert_product(&xr, &w, n, rows, out, qt.name());
+                    }
                 }
             }
         }

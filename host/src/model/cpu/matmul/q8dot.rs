@@ -1,0 +1,702 @@
+//! The fast path for 256-element quantized weights (`Numerics::Fast`): Q2_K, Q3_K, Q4_K,
+//! Q5_K, Q6_K and IQ4_XS times activations held as bytes, with AVX512-VNNI's `vpdpbusd` (64
+//! products of unsigned and signed bytes, summed in fours into 16 i32 lanes, in one
+//! instruction).
+//!
+//! Why: the exact path widens every weight to f32 and multiplies in f32. For these types that
+//! widening, not memory, bounds a decode step (Q5_K_M decoded at half llama.cpp's speed while
+//! reading under 10 GB/s). Integer products of the stored quants skip it.
+//!
+//! How:
+//! - Each token's activations are rounded once per product, per 256 elements with one f32
+//!   scale `dx = max|x| / 127`, to two signed bytes: `hi = round(x / dx)` and
+//!   `lo = round(256·(x / dx − hi))`, so `x ≈ dx·(hi + lo / 256)` within `dx / 512`
+//!   (2^-16 of the block's largest element). One byte alone (llama.cpp's Q8_K) errs by up to
+//!   `dx / 2`: on the golden files that moved first-step logits by 0.4-0.7, far outside the
+//!   2e-2 the fast numerics are held to. The second byte doubles the integer products, which
+//!   still cost far less than widening. The sum of every 16 `256·hi + lo` is kept.
+//! - Each weight block is unpacked into its quants as unsigned bytes `u`, in element order,
+//!   an integer scale `s` and an integer min `m` per 16 elements, and two f32 factors `d` and
+//!   `dm`, so that element `e` of group `g` is `d·s[g]·u[e] − dm·m[g]` (a type whose quants
+//!   are centred on zero moves them to unsigned and puts the offset in `m`, with `dm = d`).
+//! - The block's dot product with a token is then
+//!   `dx·(d·Σg s[g]·Σ(u·hi) + d/256·Σg s[g]·Σ(u·lo) − dm/256·Σg m[g]·Σ(256·hi + lo))`, each
+//!   inner sum an integer; the min term is summed in f32.
+//!
+//! Integers cannot overflow: a 4-element `Σ u·hi` is at most 4·241·127 and its scaled
+//! sums over a block stay under 2^24 (i32 lanes).
+//!
+//! Only few-token products (decode) take this path; prefill keeps the exact f32 panels.
+
+use std::arch::x86_64::*;
+
+use super::avx512::lane_sums;
+use super::{job_size, run_tasks, threads_for, OutPtr, Part, TaskSplit, ThreadPool, WeightData};
+use crate::model::quant::{QuantType, IQ4_VALUES};
+
+/// Elements per activation block and weight block.
+const BLOCK: usize = 256;
+
+/// Elements per scale group.
+const GROUP: usize = 16;
+
+/// Most tokens per product on this path.
+pub(super) const TOKENS: usize = 4;
+
+/// Tasks per thread (a few, so a late-starting thread is not on the critical path with a
+/// whole share).
+const TASKS_PER_THREAD: usize = 4;
+
+/// Proof that the CPU supports AVX-512 F, BW, VL and VNNI.
+#[derive(Clone, Copy)]
+pub(super) struct Q8Dot(());
+
+impl Q8Dot {
+    pub(super) fn new() -> Option<Self> {
+        let ok = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni");
+        ok.then_some(Q8Dot(()))
+    }
+}
+
+/// Whether weights of type `qt` have a kernel here.
+pub(super) fn supports(qt: QuantType) -> bool {
+    matches!(
+        qt,
+        QuantType::Q2K
+            | QuantType::Q3K
+            | QuantType::Q4K
+            | QuantType::Q5K
+            | QuantType::Q6K
+            | QuantType::Iq4Xs
+    )
+}
+
+/// Activations as two bytes each: for token `t` and element `k` of `cols`, at
+/// `i = t·cols + k`, the value `d[i / 256]·(hi[i] + lo[i] / 256)`; `sums[j]` is the sum of
+/// `256·hi + lo` over the 16 elements from `16·j`.
+#[derive(Default)]
+pub(crate) struct Q8Activations {
+    hi: Vec<i8>,
+    lo: Vec<i8>,
+    d: Vec<f32>,
+    sums: Vec<i32>,
+}
+
+impl Q8Activations {
+    /// Rounds `x` (a multiple of 256 elements) into `self`, reusing its buffers.
+    pub(super) fn quantize(&mut self, _k: Q8Dot, x: &[f32]) {
+        assert!(x.len().is_multiple_of(BLOCK), "whole 256-element blocks");
+        let n = x.len();
+        self.hi.resize(n, 0);
+        self.lo.resize(n, 0);
+        self.d.resize(n / BLOCK, 0.0);
+        self.sums.resize(n / GROUP, 0);
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let hi = &mut self.hi[b * BLOCK..][..BLOCK];
+            let lo = &mut self.lo[b * BLOCK..][..BLOCK];
+            let sums = &mut self.sums[b * (BLOCK / GROUP)..][..BLOCK / GROUP];
+            // SAFETY: the token proves CPU support; the slices have the block's lengths.
+            self.d[b] = unsafe { quantize_block(block, hi, lo, sums) };
+        }
+    }
+
+    /// The values as f32, for tests.
+    #[cfg(test)]
+    pub(super) fn values(&self) -> Vec<f32> {
+        (0..self.hi.len())
+            .map(|i| {
+                let q = f32::from(self.hi[i]) + f32::from(self.lo[i]) / 256.0;
+                self.d[i / BLOCK] * q
+            })
+            .collect()
+    }
+}
+
+/// One block's scale `dx`; writes `hi = round(x / dx)` and `lo = round(256·(x / dx − hi))`
+/// (nearest, ties to even; `lo` saturates at -128 and 127) and the 16-element sums.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; `x`, `hi` and `lo` hold 256 elements, `sums` 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_block(x: &[f32], hi: &mut [i8], lo: &mut [i8], sums: &mut [i32]) -> f32 {
+    assert!(x.len() == BLOCK && hi.len() == BLOCK && lo.len() == BLOCK);
+    assert!(sums.len() == BLOCK / GROUP);
+    let mut amax = _mm512_setzero_ps();
+    for v in x.chunks_exact(GROUP) {
+        // SAFETY: 16 floats.
+        let v = unsafe { _mm512_loadu_ps(v.as_ptr()) };
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    // A zero block (or one whose max is not finite) rounds to zeros with a scale that keeps
+    // its products what they were: zero, or not finite.
+    let (d, inv) = if amax > 0.0 && amax.is_finite() {
+        (amax / 127.0, 127.0 / amax)
+    } else {
+        (amax, 0.0)
+    };
+    let inv = _mm512_set1_ps(inv);
+    let at = |i: usize| i * GROUP;
+    for (g, sum) in sums.iter_mut().enumerate() {
+        // SAFETY: 16 floats in, 16 bytes out to each of `hi` and `lo`.
+        unsafe {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(at(g))), inv);
+            let h = _mm512_cvtps_epi32(v);
+            let rest = _mm512_sub_ps(v, _mm512_cvtepi32_ps(h));
+            let l = _mm512_cvtps_epi32(_mm512_mul_ps(rest, _mm512_set1_ps(256.0)));
+            let l8 = _mm512_cvtsepi32_epi8(l);
+            _mm_storeu_si128(hi.as_mut_ptr().add(at(g)).cast(), _mm512_cvtsepi32_epi8(h));
+            _mm_storeu_si128(lo.as_mut_ptr().add(at(g)).cast(), l8);
+            let both = _mm512_add_epi32(_mm512_slli_epi32::<8>(h), _mm512_cvtepi8_epi32(l8));
+            *sum = _mm512_reduce_add_epi32(both);
+        }
+    }
+    d
+}
+
+/// One weight block unpacked (see the module's documentation): `u` holds elements
+/// `64r..64r + 64` in `u[r]`; `scale` and `min` one i32 per 16-element group.
+struct Unpacked {
+    u: [__m512i; 4],
+    scale: __m512i,
+    min: __m512i,
+    d: f32,
+    dm: f32,
+}
+
+/// A 256-element weight type this path multiplies.
+trait SuperBlock {
+    const BYTES: usize;
+
+    /// # Safety
+    /// AVX-512 F/BW/VL; `b` points at one whole block.
+    unsafe fn unpack(b: *const u8) -> Unpacked;
+}
+
+/// The f16 stored little-endian at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes.
+    let bits = u16::from_le(unsafe { p.cast::<u16>().read_unaligned() });
+    _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16(bits as i16)))
+}
+
+/// The little-endian u32 at `p`.
+#[inline]
+unsafe fn u32_at(p: *const u8) -> u32 {
+    // SAFETY: the caller guarantees four readable bytes.
+    u32::from_le(unsafe { p.cast::<u32>().read_unaligned() })
+}
+
+/// The low nibbles of `v`'s bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn low_nibbles(v: __m512i) -> __m512i {
+    _mm512_and_si512(v, _mm512_set1_epi8(0x0f))
+}
+
+/// The high nibbles of `v`'s bytes, as values 0..16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn high_nibbles(v: __m512i) -> __m512i {
+    _mm512_and_si512(_mm512_srli_epi16::<4>(v), _mm512_set1_epi8(0x0f))
+}
+
+/// 64 nibble bytes holding 128 elements the `Q4_K` way (each 32 bytes: 32 elements in the
+/// low nibbles, the next 32 in the high ones) as those elements in order, 64 per register.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn nibbles_in_order(v: __m512i) -> [__m512i; 2] {
+    let (lo, hi) = (low_nibbles(v), high_nibbles(v));
+    [
+        _mm512_shuffle_i64x2::<0b01_00_01_00>(lo, hi),
+        _mm512_shuffle_i64x2::<0b11_10_11_10>(lo, hi),
+    ]
+}
+
+/// Eight scales in the bytes of `lo` and eight in `hi` (as i32, groups 0-7 then 8-15).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn bytes_to_i32(lo: u64, hi: u64) -> __m512i {
+    _mm512_cvtepu8_epi32(_mm_set_epi64x(hi as i64, lo as i64))
+}
+
+/// Lane `g` = lane `g / 2` of `v`: eight per-32-element values spread over 16 groups.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn per_pair(v: __m512i, first: i32) -> __m512i {
+    let f = first;
+    let idx = _mm512_setr_epi32(
+        f,
+        f,
+        f + 1,
+        f + 1,
+        f + 2,
+        f + 2,
+        f + 3,
+        f + 3,
+        f + 4,
+        f + 4,
+        f + 5,
+        f + 5,
+        f + 6,
+        f + 6,
+        f + 7,
+        f + 7,
+    );
+    _mm512_permutexvar_epi32(idx, v)
+}
+
+/// `Q4_K` / `Q5_K` scales and mins (six bits each, packed in 12 bytes at `s`) as
+/// 16 i32: scales of sub-blocks 0-7 then mins of sub-blocks 0-7.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn k4_scales_mins(s: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees 12 readable bytes.
+    let (a, b, c) = unsafe { (u32_at(s), u32_at(s.add(4)), u32_at(s.add(8))) };
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    // Sub-blocks 0-3 keep theirs in the low 6 bits of bytes 0-3 (scales) and 4-7 (mins);
+    // 4-7 have their low 4 bits in the nibbles of bytes 8-11 and their top 2 bits in the
+    // top bits of bytes 0-3 (scales) and 4-7 (mins).
+    let scales = (a & LOW6) as u64 | ((((c & LOW4) | (((a >> 6) & TOP2) << 4)) as u64) << 32);
+    let mins = (b & LOW6) as u64 | (((((c >> 4) & LOW4) | (((b >> 6) & TOP2) << 4)) as u64) << 32);
+    bytes_to_i32(scales, mins)
+}
+
+struct Q4K;
+
+impl SuperBlock for Q4K {
+    const BYTES: usize = 144;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack(b: *const u8) -> Unpacked {
+        // SAFETY: a whole block is 144 bytes: d, dmin, 12 scale bytes, 128 nibble bytes.
+        unsafe {
+            let sm = k4_scales_mins(b.add(4));
+            let [u0, u1] = nibbles_in_order(_mm512_loadu_si512(b.add(16).cast()));
+            let [u2, u3] = nibbles_in_order(_mm512_loadu_si512(b.add(80).cast()));
+            Unpacked {
+                u: [u0, u1, u2, u3],
+                scale: per_pair(sm, 0),
+                min: per_pair(sm, 8),
+                d: f16_at(b),
+                dm: f16_at(b.add(2)),
+            }
+        }
+    }
+}
+
+/// Sets `add` in every byte of `u[r]` whose element's bit is set in `bits`: the 32 bytes of
+/// `bits` (repeated in both halves of `planes`) hold one bit per element for eight runs of
+/// 32 elements, bit `p` of byte `l` being element `32p + l`'s.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn add_bit_planes(u: &mut [__m512i; 4], planes: __m512i, add: i8) {
+    let add = _mm512_set1_epi8(add);
+    for (r, u) in u.iter_mut().enumerate() {
+        // Register r holds runs 2r (low half) and 2r + 1 (high half).
+        let lo = _mm256_set1_epi8(1 << (2 * r));
+        let hi = _mm256_set1_epi8((1u8 << (2 * r + 1)) as i8);
+        let bit = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+        let set = _mm512_test_epi8_mask(planes, bit);
+        *u = _mm512_mask_add_epi8(*u, set, *u, add);
+    }
+}
+
+/// 32 bytes at `p` in both 256-bit halves.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn twice_32(p: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees 32 readable bytes.
+    _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(p.cast()) })
+}
+
+struct Q5K;
+
+impl SuperBlock for Q5K {
+    const BYTES: usize = 176;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack(b: *const u8) -> Unpacked {
+        // SAFETY: a whole block is 176 bytes: d, dmin, 12 scale bytes, 32 bytes of fifth
+        // bits, 128 nibble bytes.
+        unsafe {
+            let sm = k4_scales_mins(b.add(4));
+            let [u0, u1] = nibbles_in_order(_mm512_loadu_si512(b.add(48).cast()));
+            let [u2, u3] = nibbles_in_order(_mm512_loadu_si512(b.add(112).cast()));
+            let mut u = [u0, u1, u2, u3];
+            add_bit_planes(&mut u, twice_32(b.add(16)), 16);
+            Unpacked {
+                u,
+                scale: per_pair(sm, 0),
+                min: per_pair(sm, 8),
+                d: f16_at(b),
+                dm: f16_at(b.add(2)),
+            }
+        }
+    }
+}
+
+struct Q6K;
+
+impl SuperBlock for Q6K {
+    const BYTES: usize = 210;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack(b: *const u8) -> Unpacked {
+        let mut u = [_mm512_setzero_si512(); 4];
+        // SAFETY: a whole block is 210 bytes: 128 bytes of low nibbles, 64 of 2-bit high
+        // parts, 16 i8 scales, d.
+        unsafe {
+            for h in 0..2 {
+                // 128 elements: low nibbles of ql[l] and ql[l + 32] are elements l and
+                // l + 32, their high nibbles l + 64 and l + 96; qh[l] holds the top two bits
+                // of elements l, l + 32, l + 64, l + 96 in bits 0-1, 2-3, 4-5, 6-7.
+                let ql = _mm512_loadu_si512(b.add(64 * h).cast());
+                let qh = twice_32(b.add(128 + 32 * h));
+                for (i, low) in [low_nibbles(ql), high_nibbles(ql)].into_iter().enumerate() {
+                    let s = 4 * i as i16;
+                    let shift =
+                        _mm512_inserti64x4::<1>(_mm512_set1_epi16(s), _mm256_set1_epi16(s + 2));
+                    let top = _mm512_srlv_epi16(qh, shift);
+                    let top = _mm512_and_si512(_mm512_slli_epi16::<4>(top), _mm512_set1_epi8(0x30));
+                    u[2 * h + i] = _mm512_or_si512(low, top);
+                }
+            }
+            let scale = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(192).cast()));
+            let d = f16_at(b.add(208));
+            Unpacked {
+                u,
+                scale,
+                // q − 32
+                min: _mm512_slli_epi32::<5>(scale),
+                d,
+                dm: d,
+            }
+        }
+    }
+}
+
+/// The 2-bit quants of `Q2_K` / `Q3_K` (64 bytes at `p`) in element order: element `e`
+/// is bits `2j..2j+2` of byte `32n + l` for `n = e / 128`, `j = e % 128 / 32`, `l = e % 32`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn two_bit_quants(p: *const u8) -> [__m512i; 4] {
+    let mut u = [_mm512_setzero_si512(); 4];
+    // SAFETY: the caller guarantees 64 readable bytes.
+    let v = unsafe { _mm512_loadu_si512(p.cast()) };
+    let halves = [
+        _mm512_shuffle_i64x2::<0b01_00_01_00>(v, v),
+        _mm512_shuffle_i64x2::<0b11_10_11_10>(v, v),
+    ];
+    for (r, u) in u.iter_mut().enumerate() {
+        // Register r: elements 64r.., runs j = 2(r % 2) (low half) and j + 1 (high half).
+        let s = 4 * (r % 2) as i16;
+        let shift = _mm512_inserti64x4::<1>(_mm512_set1_epi16(s), _mm256_set1_epi16(s + 2));
+        let q = _mm512_srlv_epi16(halves[r / 2], shift);
+        *u = _mm512_and_si512(q, _mm512_set1_epi8(3));
+    }
+    u
+}
+
+struct Q2K;
+
+impl SuperBlock for Q2K {
+    const BYTES: usize = 84;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack(b: *const u8) -> Unpacked {
+        // SAFETY: a whole block is 84 bytes: 16 scale bytes, 64 quant bytes, d, dmin.
+        unsafe {
+            let sm = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.cast()));
+            Unpacked {
+                u: two_bit_quants(b.add(16)),
+                scale: _mm512_and_si512(sm, _mm512_set1_epi32(0x0f)),
+                min: _mm512_srli_epi32::<4>(sm),
+                d: f16_at(b.add(80)),
+                dm: f16_at(b.add(82)),
+            }
+        }
+    }
+}
+
+struct Q3K;
+
+impl SuperBlock for Q3K {
+    const BYTES: usize = 110;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack(b: *const u8) -> Unpacked {
+        // SAFETY: a whole block is 110 bytes: 32 bytes of high-bit masks, 64 quant bytes,
+        // 12 scale bytes, d.
+        unsafe {
+            let mut u = two_bit_quants(b.add(32));
+            add_bit_planes(&mut u, twice_32(b), 4);
+            // Scale g's low nibble is nibble g / 8 of byte g % 8; its top two bits are
+            // bits 2·(g / 4).. of byte 8 + g % 4.
+            let s = b.add(96);
+            let low = s.cast::<u64>().read_unaligned().to_le();
+            let top = u32_at(s.add(8));
+            const TOP2: u32 = 0x0303_0303;
+            let top_of = |g4: u32| ((top >> (2 * g4)) & TOP2) as u64;
+            const LOW4: u64 = 0x0f0f_0f0f_0f0f_0f0f;
+            let first = (low & LOW4) | ((top_of(0) | (top_of(1) << 32)) << 4);
+            let second = ((low >> 4) & LOW4) | ((top_of(2) | (top_of(3) << 32)) << 4);
+            let scale = _mm512_sub_epi32(bytes_to_i32(first, second), _mm512_set1_epi32(32));
+            let d = f16_at(b.add(108));
+            Unpacked {
+                u,
+                scale,
+                // (low | high << 2) − 4
+                min: _mm512_slli_epi32::<2>(scale),
+                d,
+                dm: d,
+            }
+        }
+    }
+}
+
+struct Iq4Xs;
+
+impl SuperBlock for Iq4Xs {
+    const BYTES: usize = 136;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack(b: *const u8) -> Unpacked {
+        // The grid's values plus 128, as unsigned bytes, in every 128-bit lane.
+        let grid = IQ4_VALUES.map(|v| (i16::from(v) + 128) as u8 as i8);
+        // SAFETY: 16 bytes.
+        let table = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(grid.as_ptr().cast()) });
+        let mut u = [_mm512_setzero_si512(); 4];
+        // SAFETY: a whole block is 136 bytes: d, 2 + 4 scale bytes, 128 nibble bytes.
+        unsafe {
+            for h in 0..2 {
+                // Four sub-blocks of 16 bytes: the low nibbles are a sub-block's first 16
+                // elements, the high nibbles its last 16.
+                let v = _mm512_loadu_si512(b.add(8 + 64 * h).cast());
+                let lo = _mm512_shuffle_epi8(table, low_nibbles(v));
+                let hi = _mm512_shuffle_epi8(table, high_nibbles(v));
+                let first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+                let second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+                u[2 * h] = _mm512_permutex2var_epi64(lo, first, hi);
+                u[2 * h + 1] = _mm512_permutex2var_epi64(lo, second, hi);
+            }
+            let high = u32::from(b.add(2).cast::<u16>().read_unaligned().to_le());
+            let low = u32_at(b.add(4));
+            let mut scales = 0u64;
+            for s in 0..8 {
+                let ls = ((low >> (4 * s)) & 0x0f) | (((high >> (2 * s)) & 3) << 4);
+                scales |= u64::from(ls) << (8 * s);
+            }
+            let scale =
+                _mm512_sub_epi32(per_pair(bytes_to_i32(scales, 0), 0), _mm512_set1_epi32(32));
+            let d = f16_at(b);
+            Unpacked {
+                u,
+                scale,
+                // T[q] + 128 − 128
+                min: _mm512_slli_epi32::<7>(scale),
+                d,
+                dm: d,
+            }
+        }
+    }
+}
+
+/// Quantized weights times 8-bit activations, for one or more matrices of equal `cols`.
+pub(super) struct Product<'a> {
+    pub x: &'a Q8Activations,
+    pub n_tokens: usize,
+    pub cols: usize,
+    pub parts: &'a [Option<Part<'a>>],
+}
+
+impl Product<'_> {
+    pub(super) fn run(&self, k: Q8Dot, pool: &ThreadPool) {
+        let cols = self.cols;
+        assert!(self.n_tokens <= TOKENS && cols.is_multiple_of(BLOCK));
+        assert!(self.x.hi.len() >= self.n_tokens * cols);
+        let (rows, work) = job_size(self.parts, self.n_tokens);
+        if rows == 0 || self.n_tokens == 0 {
+            return;
+        }
+        let threads = threads_for(pool, work);
+        let rows_per_task = rows
+            .div_ceil(threads * TASKS_PER_THREAD)
+            .next_multiple_of(16);
+        let split = TaskSplit::new(self.parts, rows_per_task);
+        run_tasks(pool, threads, self.parts, &split, |part, r0, r1| {
+            let WeightData::Quant(qt, w) = part.w.data else {
+                unreachable!("the 8-bit path only takes quantized weights");
+            };
+            assert_eq!(w.len(), qt.bytes_for(part.w.rows * cols));
+            assert!(self.n_tokens * part.w.rows <= part.out.len);
+            // SAFETY: the token proves CPU support. Rows r0..r1 of `w` and every token of
+            // `x` are in bounds (checked above); tasks own disjoint rows of each part's
+            // output, which outlives the product.
+            unsafe { self.rows_of(k, qt, w, part.out, part.w.rows, r0..r1) };
+        });
+    }
+
+    /// # Safety
+    /// As [`Product::rows`].
+    unsafe fn rows_of(
+        &self,
+        k: Q8Dot,
+        qt: QuantType,
+        w: &[u8],
+        out: OutPtr,
+        out_rows: usize,
+        rows: std::ops::Range<usize>,
+    ) {
+        // SAFETY: forwarded.
+        unsafe {
+            match qt {
+                QuantType::Q2K => self.rows::<Q2K>(k, w, out, out_rows, rows),
+                QuantType::Q3K => self.rows::<Q3K>(k, w, out, out_rows, rows),
+                QuantType::Q4K => self.rows::<Q4K>(k, w, out, out_rows, rows),
+                QuantType::Q5K => self.rows::<Q5K>(k, w, out, out_rows, rows),
+                QuantType::Q6K => self.rows::<Q6K>(k, w, out, out_rows, rows),
+                QuantType::Iq4Xs => self.rows::<Iq4Xs>(k, w, out, out_rows, rows),
+                _ => unreachable!("{} has no 8-bit kernel", qt.name()),
+            }
+        }
+    }
+
+    /// Rows `rows` for every token.
+    ///
+    /// # Safety
+    /// `w` holds `out_rows` rows of `B` blocks, `rows.end <= out_rows`; `out` holds
+    /// `n_tokens * out_rows` floats and no other thread touches rows `rows`.
+    unsafe fn rows<B: SuperBlock>(
+        &self,
+        _k: Q8Dot,
+        w: &[u8],
+        out: OutPtr,
+        out_rows: usize,
+        rows: std::ops::Range<usize>,
+    ) {
+        // SAFETY: forwarded; the token count becomes a constant, so the per-token loops
+        // unroll.
+        unsafe {
+            match self.n_tokens {
+                1 => self.rows_n::<B, 1>(w, out, out_rows, rows),
+                2 => self.rows_n::<B, 2>(w, out, out_rows, rows),
+                3 => self.rows_n::<B, 3>(w, out, out_rows, rows),
+                _ => self.rows_n::<B, 4>(w, out, out_rows, rows),
+            }
+        }
+    }
+
+    /// [`Product::rows`] for `N` tokens: rows in memory order, one sequential stream, the
+    /// sums of 16 rows reduced together.
+    ///
+    /// # Safety
+    /// As [`Product::rows`], and AVX-512 F/BW/VL/VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::needless_range_loop)] // index loops over the per-token accumulators
+    unsafe fn rows_n<B: SuperBlock, const N: usize>(
+        &self,
+        w: &[u8],
+        out: OutPtr,
+        out_rows: usize,
+        rows: std::ops::Range<usize>,
+    ) {
+        let cols = self.cols;
+        let blocks = cols / BLOCK;
+        let row_bytes = blocks * B::BYTES;
+        assert!(w.len() >= rows.end * row_bytes);
+        assert!(N == 0 || (N - 1) * out_rows + rows.end <= out.len);
+        let (x_hi, x_lo) = (self.x.hi.as_ptr(), self.x.lo.as_ptr());
+        let (xd, xs) = (self.x.d.as_ptr(), self.x.sums.as_ptr());
+        // Lane l of a `vpdpbusd` result sums elements 4l..4l + 4 of its 64: group
+        // 4r + l / 4 of the block for register r.
+        let lane_groups: [__m512i; 4] = std::array::from_fn(|r| {
+            let g = 4 * r as i32;
+            _mm512_setr_epi32(
+                g,
+                g,
+                g,
+                g,
+                g + 1,
+                g + 1,
+                g + 1,
+                g + 1,
+                g + 2,
+                g + 2,
+                g + 2,
+                g + 2,
+                g + 3,
+                g + 3,
+                g + 3,
+                g + 3,
+            )
+        });
+        let mut r = rows.start;
+        while r < rows.end {
+            let g = (rows.end - r).min(16);
+            let mut v = [[_mm512_setzero_ps(); 16]; N];
+            for i in 0..g {
+                let row = w[(r + i) * row_bytes..][..row_bytes].as_ptr();
+                let mut acc = [_mm512_setzero_ps(); N];
+                for b in 0..blocks {
+                    // SAFETY: block b of the row is in bounds (checked); token t's
+                    // activations for block b start at t·cols + 256b, its sums at
+                    // (t·cols + 256b) / 16 and its scale at t·blocks + b, all in bounds as
+                    // `run` checked.
+                    unsafe {
+                        let wb = B::unpack(row.add(b * B::BYTES));
+                        let scales = lane_groups.map(|l| _mm512_permutexvar_epi32(l, wb.scale));
+                        let min = _mm512_cvtepi32_ps(wb.min);
+                        for t in 0..N {
+                            let at = t * cols + b * BLOCK;
+                            let (mut hi, mut lo) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                            for q in 0..4 {
+                                let zero = _mm512_setzero_si512();
+                                let xh = _mm512_loadu_si512(x_hi.add(at + 64 * q).cast());
+                                let xl = _mm512_loadu_si512(x_lo.add(at + 64 * q).cast());
+                                let dh = _mm512_dpbusd_epi32(zero, wb.u[q], xh);
+                                let dl = _mm512_dpbusd_epi32(zero, wb.u[q], xl);
+                                hi = _mm512_add_epi32(hi, _mm512_mullo_epi32(dh, scales[q]));
+                                lo = _mm512_add_epi32(lo, _mm512_mullo_epi32(dl, scales[q]));
+                            }
+                            let sums = _mm512_loadu_si512(xs.add(at / GROUP).cast());
+                            let msum = _mm512_mul_ps(min, _mm512_cvtepi32_ps(sums));
+                            let dx = *xd.add(t * blocks + b);
+                            let d = wb.d * dx;
+                            let a =
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(d), acc[t]);
+                            let lo = _mm512_cvtepi32_ps(lo);
+                            let a = _mm512_fmadd_ps(lo, _mm512_set1_ps(d / 256.0), a);
+                            let dm = _mm512_set1_ps(wb.dm * dx / 256.0);
+                            acc[t] = _mm512_fnmadd_ps(msum, dm, a);
+                        }
+                    }
+                }
+                for t in 0..N {
+                    v[t][i] = acc[t];
+                }
+            }
+            for t in 0..N {
+                for (i, &value) in lane_sums(&v[t]).iter().enumerate().take(g) {
+                    // SAFETY: t·out_rows + r + i < out.len (checked); this task alone
+                    // writes these rows.
+                    unsafe { *out.ptr.add(t * out_rows + r + i) = value };
+                }
+            }
+            r += g;
+        }
+    }
+}
