@@ -105,8 +105,9 @@ fn takes_8_bit_path(model: &Model) -> bool {
 /// Fast numerics on the 16-bit files, and on the quantized files whose matrices take 8-bit
 /// activations: first-step top-5 logits within 2e-2 (or 1e-2 of the logit, see below) and the
 /// greedy tokens identical up to the first step whose golden top1-top2 margin is under 0.1.
-/// The 8-bit path serves up to 4 tokens per product, so those files also run each prompt
-/// alone (decode one token per step) with 3-token prefill chunks (every product on it).
+/// The 8-bit path serves up to 16 tokens per product (the batched decode of the 5 prompts,
+/// in tiles of 4 and 1), and those files also run each prompt alone (one token per decode
+/// step) with 3-token prefill chunks, so every product takes it.
 #[test]
 fn fast_numerics_within_tolerance() {
     for name in [
@@ -465,8 +466,8 @@ fn more_quant_types_generate_as_their_f32_dequantization() {
             }
         }
         let want = greedy_outcomes(&reference, &prompts, 24, 512, Numerics::Exact);
-        // Fast numerics with a kernel for these types: 8-bit products (up to 4 tokens, so
-        // each prompt alone with 3-token prefill chunks), held to a tolerance.
+        // Fast numerics with a kernel for these types: 8-bit products (up to 16 tokens; each
+        // prompt alone with 3-token prefill chunks, so every product), held to a tolerance.
         if takes_8_bit_path(&quantized) {
             let margins = greedy_margins(&reference, &prompts, 24);
             let mut worst = 0.0f32;

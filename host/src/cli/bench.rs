@@ -235,7 +235,7 @@ fn effective_numerics(asked: Numerics, weights: &ModelWeights) -> &'static str {
     } else if main.uses_half_input(&data) {
         "fast (f16 activations for one token)"
     } else if main.uses_q8_dot(&data) {
-        "fast (8-bit activations for up to 4 tokens, AVX512-VNNI)"
+        "fast (two-byte activations, 8-bit integer products for up to 16 tokens, AVX512-VNNI)"
     } else {
         "exact (f32)"
     }

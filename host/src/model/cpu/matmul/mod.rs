@@ -204,7 +204,7 @@ pub enum Numerics {
     /// - f16 weights: every projection of one token rounds its input to f16, as llama.cpp's
     ///   f16 path does; several tokens compute as `Exact`.
     /// - Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights, with AVX512-VNNI: products of up to
-    ///   4 tokens (decode), the vocabulary projection's too, hold their input as two signed
+    ///   16 tokens (decode), the vocabulary projection's too, hold their input as two signed
     ///   bytes per element (`hi + lo / 256` times a scale per 256 elements, within 2^-16 of
     ///   the block's largest) and multiply the stored quants as integers; more tokens compute
     ///   as `Exact`. When one product of a group (q/k/v, gate/up) has another type, the group
@@ -1379,7 +1379,7 @@ mod tests {
 
     #[test]
     fn q8_products_match_reference_on_rounded_activations() {
-        // Fast numerics, quantized weights with an 8-bit kernel, up to 4 tokens: the product
+        // Fast numerics, quantized weights with an 8-bit kernel, up to 16 tokens: the product
         // of the dequantized weights with the activations as rounded to two bytes, in f64. A
         // wrong element order, scale or min moves the result by far more than the 1e-5.
         if !Precision::Bf16.uses_q8_dot(&WeightData::Quant(QuantType::Q4K, &[])) {
@@ -1391,7 +1391,7 @@ mod tests {
         let types = QuantType::ALL.into_iter().filter(|&qt| q8dot::supports(qt));
         for qt in types {
             for &(rows, cols) in &[(5, 256), (37, 512), (20, 1280)] {
-                for n in 1..=q8dot::TOKENS {
+                for n in [1, 2, 3, 4, 5, 8, 13, q8dot::TOKENS] {
                     let mut rng = Rng(0x51 ^ (rows * 31 + cols * 7 + n) as u64);
                     // Two matrices in one group, with 3 and `rows` rows.
                     let (rows_a, rows_b) = (3, rows);

@@ -29,7 +29,8 @@
 //! ±128; IQ4_XS: 241 and ±32), and such a type adds a block's four registers in f32. The
 //! others (quants to 31, scales to 63) add them as integers: 16·31·32640·63 < 2^31.
 //!
-//! Only few-token products (decode) take this path; prefill keeps the exact f32 panels.
+//! Only products of up to [`TOKENS`] tokens (decode) take this path; prefill keeps the exact
+//! f32 panels.
 
 use std::arch::x86_64::*;
 
@@ -43,8 +44,16 @@ const BLOCK: usize = 256;
 /// Elements per scale group.
 const GROUP: usize = 16;
 
-/// Most tokens per product on this path.
-pub(super) const TOKENS: usize = 4;
+/// Most tokens per product on this path. Each tile of 4 tokens unpacks the weights again
+/// (from L1), and the two-byte activations cost two `vpdpbusd` per 64 products, so with many
+/// tokens the exact path's f32 panels (weights widened once, 16 products per FMA) win.
+/// `cllm bench`, the 110M shapes as Q4_K_M, this path against the exact one, alternated:
+/// 8 tokens 352-518 against 286-406 tokens/s, 16 tokens 498-564 against 489-520, 512
+/// (prefill) 623-739 against 996-1037.
+pub(super) const TOKENS: usize = 16;
+
+/// Tokens per micro-kernel tile.
+const TILE: usize = 4;
 
 /// How far ahead of the block it multiplies a task asks for its weights. The hardware
 /// prefetchers alone left decode short of the bandwidth. `cllm bench` decode at an empty
@@ -544,7 +553,7 @@ pub(super) struct Product<'a> {
 impl Product<'_> {
     pub(super) fn run(&self, k: Q8Dot, pool: &ThreadPool) {
         let cols = self.cols;
-        assert!(self.n_tokens <= TOKENS && cols.is_multiple_of(BLOCK));
+        assert!(cols.is_multiple_of(BLOCK));
         assert!(self.x.hi.len() >= self.n_tokens * cols);
         let (rows, work) = job_size(self.parts, self.n_tokens);
         if rows == 0 || self.n_tokens == 0 {
@@ -593,7 +602,8 @@ impl Product<'_> {
         }
     }
 
-    /// Rows `rows` for every token.
+    /// Rows `rows` for every token: 16 rows at a time, and for those rows, every tile of up
+    /// to [`TILE`] tokens (the rows' weights stay in L1 across the tiles).
     ///
     /// # Safety
     /// `w` holds `out_rows` rows of `B` blocks, `rows.end <= out_rows`; `out` holds
@@ -606,37 +616,49 @@ impl Product<'_> {
         out_rows: usize,
         rows: std::ops::Range<usize>,
     ) {
-        // SAFETY: forwarded; the token count becomes a constant, so the per-token loops
-        // unroll.
-        unsafe {
-            match self.n_tokens {
-                1 => self.rows_n::<B, 1>(w, out, out_rows, rows),
-                2 => self.rows_n::<B, 2>(w, out, out_rows, rows),
-                3 => self.rows_n::<B, 3>(w, out, out_rows, rows),
-                _ => self.rows_n::<B, 4>(w, out, out_rows, rows),
+        let n = self.n_tokens;
+        let mut r = rows.start;
+        while r < rows.end {
+            let group = r..(r + 16).min(rows.end);
+            let mut t0 = 0;
+            while t0 < n {
+                let tile = (n - t0).min(TILE);
+                let group = group.clone();
+                // SAFETY: forwarded; the tile's token count becomes a constant, so the
+                // per-token loops unroll.
+                unsafe {
+                    match tile {
+                        1 => self.tile::<B, 1>(w, out, out_rows, group, t0),
+                        2 => self.tile::<B, 2>(w, out, out_rows, group, t0),
+                        3 => self.tile::<B, 3>(w, out, out_rows, group, t0),
+                        _ => self.tile::<B, 4>(w, out, out_rows, group, t0),
+                    }
+                }
+                t0 += tile;
             }
+            r = group.end;
         }
     }
 
-    /// [`Product::rows`] for `N` tokens: rows in memory order, one sequential stream, the
-    /// sums of 16 rows reduced together.
+    /// At most 16 `rows` for the `N` tokens from `t0`, the rows' sums reduced together.
     ///
     /// # Safety
-    /// As [`Product::rows`], and AVX-512 F/BW/VL/VNNI.
+    /// As [`Product::rows`], `t0 + N <= n_tokens`, and AVX-512 F/BW/VL/VNNI.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // index loops over the per-token accumulators
-    unsafe fn rows_n<B: SuperBlock, const N: usize>(
+    unsafe fn tile<B: SuperBlock, const N: usize>(
         &self,
         w: &[u8],
         out: OutPtr,
         out_rows: usize,
         rows: std::ops::Range<usize>,
+        t0: usize,
     ) {
         let cols = self.cols;
         let blocks = cols / BLOCK;
         let row_bytes = blocks * B::BYTES;
         assert!(w.len() >= rows.end * row_bytes);
-        assert!(N == 0 || (N - 1) * out_rows + rows.end <= out.len);
+        assert!(N == 0 || (t0 + N - 1) * out_rows + rows.end <= out.len);
         let (x_hi, x_lo) = (self.x.hi.as_ptr(), self.x.lo.as_ptr());
         let (xd, xs) = (self.x.d.as_ptr(), self.x.sums.as_ptr());
         // Lane l of a `vpdpbusd` result sums elements 4l..4l + 4 of its 64: group
@@ -662,71 +684,67 @@ impl Product<'_> {
                 g + 3,
             )
         });
-        let mut r = rows.start;
-        while r < rows.end {
-            let g = (rows.end - r).min(16);
-            let mut v = [[_mm512_setzero_ps(); 16]; N];
-            for i in 0..g {
-                let row = w[(r + i) * row_bytes..][..row_bytes].as_ptr();
-                let mut acc = [_mm512_setzero_ps(); N];
-                for b in 0..blocks {
-                    // SAFETY: block b of the row is in bounds (checked); token t's
-                    // activations for block b start at t·cols + 256b, its sums at
-                    // (t·cols + 256b) / 16 and its scale at t·blocks + b, all in bounds as
-                    // `run` checked.
-                    unsafe {
-                        let block = row.add(b * B::BYTES);
-                        // The stream PREFETCH_AHEAD bytes on, one request per cache line of
-                        // this block (past the task's end it only warms another's rows).
-                        let ahead = block.wrapping_add(PREFETCH_AHEAD);
-                        for line in (0..B::BYTES).step_by(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                        }
-                        let wb = B::unpack(block);
-                        let scales = lane_groups.map(|l| _mm512_permutexvar_epi32(l, wb.scale));
-                        let min = _mm512_cvtepi32_ps(wb.min);
-                        for t in 0..N {
-                            let at = t * cols + b * BLOCK;
-                            // Per register, 256·Σ(u·hi) + Σ(u·lo): the second product
-                            // accumulates onto the shifted first.
-                            let scaled: [__m512i; 4] = std::array::from_fn(|q| {
-                                let xh = _mm512_loadu_si512(x_hi.add(at + 64 * q).cast());
-                                let xl = _mm512_loadu_si512(x_lo.add(at + 64 * q).cast());
-                                let zero = _mm512_setzero_si512();
-                                let dh = _mm512_dpbusd_epi32(zero, wb.u[q], xh);
-                                let c =
-                                    _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(dh), wb.u[q], xl);
-                                _mm512_mullo_epi32(c, scales[q])
-                            });
-                            let total = if B::WIDE {
-                                let f = scaled.map(|p| _mm512_cvtepi32_ps(p));
-                                _mm512_add_ps(_mm512_add_ps(f[0], f[1]), _mm512_add_ps(f[2], f[3]))
-                            } else {
-                                let a = _mm512_add_epi32(scaled[0], scaled[1]);
-                                let b = _mm512_add_epi32(scaled[2], scaled[3]);
-                                _mm512_cvtepi32_ps(_mm512_add_epi32(a, b))
-                            };
-                            let sums = _mm512_loadu_si512(xs.add(at / GROUP).cast());
-                            let msum = _mm512_mul_ps(min, _mm512_cvtepi32_ps(sums));
-                            let dx = *xd.add(t * blocks + b) / 256.0;
-                            let a = _mm512_fmadd_ps(total, _mm512_set1_ps(wb.d * dx), acc[t]);
-                            let dm = _mm512_set1_ps(wb.dm * dx);
-                            acc[t] = _mm512_fnmadd_ps(msum, dm, a);
-                        }
+        let g = rows.len();
+        assert!(g <= 16);
+        let mut v = [[_mm512_setzero_ps(); 16]; N];
+        for i in 0..g {
+            let row = w[(rows.start + i) * row_bytes..][..row_bytes].as_ptr();
+            let mut acc = [_mm512_setzero_ps(); N];
+            for b in 0..blocks {
+                // SAFETY: block b of the row is in bounds (checked); token t's activations
+                // for block b start at t·cols + 256b, its sums at (t·cols + 256b) / 16 and
+                // its scale at t·blocks + b, all in bounds as `run` checked.
+                unsafe {
+                    let block = row.add(b * B::BYTES);
+                    // The stream PREFETCH_AHEAD bytes on, one request per cache line of this
+                    // block (past the task's end it only warms another's rows).
+                    let ahead = block.wrapping_add(PREFETCH_AHEAD);
+                    for line in (0..B::BYTES).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
                     }
-                }
-                for t in 0..N {
-                    v[t][i] = acc[t];
+                    let wb = B::unpack(block);
+                    let scales = lane_groups.map(|l| _mm512_permutexvar_epi32(l, wb.scale));
+                    let min = _mm512_cvtepi32_ps(wb.min);
+                    for t in 0..N {
+                        let token = t0 + t;
+                        let at = token * cols + b * BLOCK;
+                        // Per register, 256·Σ(u·hi) + Σ(u·lo): the second product
+                        // accumulates onto the shifted first.
+                        let scaled: [__m512i; 4] = std::array::from_fn(|q| {
+                            let xh = _mm512_loadu_si512(x_hi.add(at + 64 * q).cast());
+                            let xl = _mm512_loadu_si512(x_lo.add(at + 64 * q).cast());
+                            let zero = _mm512_setzero_si512();
+                            let dh = _mm512_dpbusd_epi32(zero, wb.u[q], xh);
+                            let c = _mm512_dpbusd_epi32(_mm512_slli_epi32::<8>(dh), wb.u[q], xl);
+                            _mm512_mullo_epi32(c, scales[q])
+                        });
+                        let total = if B::WIDE {
+                            let f = scaled.map(|p| _mm512_cvtepi32_ps(p));
+                            _mm512_add_ps(_mm512_add_ps(f[0], f[1]), _mm512_add_ps(f[2], f[3]))
+                        } else {
+                            let a = _mm512_add_epi32(scaled[0], scaled[1]);
+                            let b = _mm512_add_epi32(scaled[2], scaled[3]);
+                            _mm512_cvtepi32_ps(_mm512_add_epi32(a, b))
+                        };
+                        let sums = _mm512_loadu_si512(xs.add(at / GROUP).cast());
+                        let msum = _mm512_mul_ps(min, _mm512_cvtepi32_ps(sums));
+                        let dx = *xd.add(token * blocks + b) / 256.0;
+                        let a = _mm512_fmadd_ps(total, _mm512_set1_ps(wb.d * dx), acc[t]);
+                        let dm = _mm512_set1_ps(wb.dm * dx);
+                        acc[t] = _mm512_fnmadd_ps(msum, dm, a);
+                    }
                 }
             }
             for t in 0..N {
-                for (i, &value) in lane_sums(&v[t]).iter().enumerate().take(g) {
-                    // SAFETY: t·out_rows + r + i < out.len (checked); this task alone
-                    // writes these rows.
-                    unsafe { *out.ptr.add(t * out_rows + r + i) = value };
-                }
+                v[t][i] = acc[t];
             }
-            r += g;
+        }
+        for t in 0..N {
+            for (i, &value) in lane_sums(&v[t]).iter().enumerate().take(g) {
+                // SAFETY: (t0 + t)·out_rows + rows.start + i < out.len (checked); this task
+                // alone writes these rows.
+                unsafe { *out.ptr.add((t0 + t) * out_rows + rows.start + i) = value };
+            }
         }
     }
 }
