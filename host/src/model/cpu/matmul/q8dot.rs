@@ -100,7 +100,7 @@ pub(crate) struct Q8Activations {
     hi: Vec<i8>,
     lo: Vec<i8>,
     d: Vec<f32>,
-    sums: Vec<i32>,
+    sums: Vec<f32>,
 }
 
 impl Q8Activations {
@@ -111,7 +111,7 @@ impl Q8Activations {
         self.hi.resize(n, 0);
         self.lo.resize(n, 0);
         self.d.resize(n / BLOCK, 0.0);
-        self.sums.resize(n / GROUP, 0);
+        self.sums.resize(n / GROUP, 0.0);
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
             let hi = &mut self.hi[b * BLOCK..][..BLOCK];
             let lo = &mut self.lo[b * BLOCK..][..BLOCK];
@@ -139,7 +139,7 @@ impl Q8Activations {
 /// # Safety
 /// AVX-512 F/BW/VL; `x`, `hi` and `lo` hold 256 elements, `sums` 16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn quantize_block(x: &[f32], hi: &mut [i8], lo: &mut [i8], sums: &mut [i32]) -> f32 {
+unsafe fn quantize_block(x: &[f32], hi: &mut [i8], lo: &mut [i8], sums: &mut [f32]) -> f32 {
     assert!(x.len() == BLOCK && hi.len() == BLOCK && lo.len() == BLOCK);
     assert!(sums.len() == BLOCK / GROUP);
     let mut amax = _mm512_setzero_ps();
@@ -169,7 +169,8 @@ unsafe fn quantize_block(x: &[f32], hi: &mut [i8], lo: &mut [i8], sums: &mut [i3
             _mm_storeu_si128(hi.as_mut_ptr().add(at(g)).cast(), _mm512_cvtsepi32_epi8(h));
             _mm_storeu_si128(lo.as_mut_ptr().add(at(g)).cast(), l8);
             let both = _mm512_add_epi32(_mm512_slli_epi32::<8>(h), _mm512_cvtepi8_epi32(l8));
-            *sum = _mm512_reduce_add_epi32(both);
+            // At most 16·32640 in magnitude: exact in f32.
+            *sum = _mm512_reduce_add_epi32(both) as f32;
         }
     }
     d
@@ -704,7 +705,10 @@ impl Product<'_> {
                     }
                     let wb = B::unpack(block);
                     let scales = lane_groups.map(|l| _mm512_permutexvar_epi32(l, wb.scale));
-                    let min = _mm512_cvtepi32_ps(wb.min);
+                    // The products are in units of dx/256.
+                    let d = _mm512_set1_ps(wb.d / 256.0);
+                    let min =
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(wb.min), _mm512_set1_ps(wb.dm / 256.0));
                     for t in 0..N {
                         let token = t0 + t;
                         let at = token * cols + b * BLOCK;
@@ -726,12 +730,10 @@ impl Product<'_> {
                             let b = _mm512_add_epi32(scaled[2], scaled[3]);
                             _mm512_cvtepi32_ps(_mm512_add_epi32(a, b))
                         };
-                        let sums = _mm512_loadu_si512(xs.add(at / GROUP).cast());
-                        let msum = _mm512_mul_ps(min, _mm512_cvtepi32_ps(sums));
-                        let dx = *xd.add(token * blocks + b) / 256.0;
-                        let a = _mm512_fmadd_ps(total, _mm512_set1_ps(wb.d * dx), acc[t]);
-                        let dm = _mm512_set1_ps(wb.dm * dx);
-                        acc[t] = _mm512_fnmadd_ps(msum, dm, a);
+                        let sums = _mm512_loadu_ps(xs.add(at / GROUP));
+                        let block_sum = _mm512_fmsub_ps(total, d, _mm512_mul_ps(min, sums));
+                        let dx = _mm512_set1_ps(*xd.add(token * blocks + b));
+                        acc[t] = _mm512_fmadd_ps(block_sum, dx, acc[t]);
                     }
                 }
             }
