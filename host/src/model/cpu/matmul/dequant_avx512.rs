@@ -13,7 +13,7 @@ use crate::model::quant::{iq4xs_scale, q3k_scale, q4k_scale_min, QuantType, IQ4_
 /// conversion costs more than dequantizing the rest of a 32-element block).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn f16_at(b: &[u8]) -> f32 {
+pub(super) fn f16_at(b: &[u8]) -> f32 {
     let bits = u16::from_le_bytes([b[0], b[1]]);
     _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16(bits as i16)))
 }

@@ -386,32 +386,53 @@ pub fn matmul_group<'a, 'b>(
     }
     let specs = &specs[..count];
     #[cfg(target_arch = "x86_64")]
-    if n_tokens == 1
-        && count > 0
-        && specs
+    if fast_path(pool, precision, x, n_tokens, specs, scratch) {
+        return;
+    }
+    // Other targets have no fast path: `precision` only decides on x86-64.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = precision;
+    let product = Product {
+        x,
+        n_tokens,
+        parts: specs,
+    };
+    product.dispatch(Isa::detect(), pool, scratch);
+}
+
+/// Runs a [`matmul_group`] on a path that rounds the activations, when `precision`, every
+/// part's weights, the token count and the CPU allow one; returns whether it ran.
+#[cfg(target_arch = "x86_64")]
+fn fast_path(
+    pool: &ThreadPool,
+    precision: Precision,
+    x: &[f32],
+    n_tokens: usize,
+    specs: &[Option<Part>],
+    scratch: &mut MatmulScratch,
+) -> bool {
+    let Some(cols) = specs.iter().flatten().next().map(|p| p.w.cols) else {
+        return false;
+    };
+    let every = |uses: fn(Precision, &WeightData) -> bool| {
+        specs
             .iter()
             .flatten()
-            .all(|p| precision.uses_half_input(&p.w.data) && p.w.cols > 0)
-    {
+            .all(|p| uses(precision, &p.w.data) && p.w.cols > 0)
+    };
+    if n_tokens == 1 && every(Precision::uses_half_input) {
         if let Some(cpu) = avx512::Avx512::new() {
             let xh = &mut scratch.x_f16;
             if xh.len() < x.len() {
                 xh.resize(x.len(), 0);
             }
             half_input::round(cpu, x, &mut xh[..x.len()]);
-            return half_input::run(cpu, pool, &xh[..x.len()], specs);
+            half_input::run(cpu, pool, &xh[..x.len()], specs);
+            return true;
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if n_tokens <= q8dot::TOKENS
-        && count > 0
-        && specs
-            .iter()
-            .flatten()
-            .all(|p| precision.uses_q8_dot(&p.w.data) && p.w.cols > 0)
-    {
+    if n_tokens <= q8dot::TOKENS && every(Precision::uses_q8_dot) {
         if let Some(k) = q8dot::Q8Dot::new() {
-            let cols = specs.iter().flatten().next().map_or(0, |p| p.w.cols);
             scratch.x_q8.quantize(k, x);
             let product = q8dot::Product {
                 x: &scratch.x_q8,
@@ -419,17 +440,12 @@ pub fn matmul_group<'a, 'b>(
                 cols,
                 parts: specs,
             };
-            return product.run(k, pool);
+            product.run(k, pool);
+            return true;
         }
     }
-    let fast = specs
-        .iter()
-        .flatten()
-        .all(|p| precision.uses_bf16_dot(&p.w.data) && p.w.cols > 0);
-    #[cfg(target_arch = "x86_64")]
-    if fast && count > 0 {
+    if every(Precision::uses_bf16_dot) {
         if let Some(k) = bf16dot::Bf16Dot::new() {
-            let cols = specs.iter().flatten().next().map_or(0, |p| p.w.cols);
             let xb = &mut scratch.x_bf16;
             if xb.len() < x.len() {
                 xb.resize(x.len(), 0);
@@ -452,18 +468,11 @@ pub fn matmul_group<'a, 'b>(
                 cols,
                 parts: specs,
             };
-            return product.run(k, pool);
+            product.run(k, pool);
+            return true;
         }
     }
-    // Other targets have no bf16 path: `fast` only decides on x86-64.
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = fast;
-    let product = Product {
-        x,
-        n_tokens,
-        parts: specs,
-    };
-    product.dispatch(Isa::detect(), pool, scratch);
+    false
 }
 
 /// Most products in one [`matmul_group`] (q, k and v).
