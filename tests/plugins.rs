@@ -609,10 +609,25 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
             "imports cllm-test:foreign/vault, which cllm does not offer",
         ),
     ];
-    let refusals = cases.len() as f64;
-    for (what, bytes, reason) in cases {
+    let refused = r#"cllm_plugin_reloads_total{plugin="policy.wasm",result="refused"}"#;
+    for (done, (what, bytes, reason)) in cases.into_iter().enumerate() {
         put(&dir, "policy.wasm", &bytes);
         let deadline = Instant::now() + Duration::from_secs(5);
+        // Two cases share a reason, so the listing alone cannot tell this refusal from the
+        // last one: wait for this one to be counted (it is counted before it is listed).
+        // Each refusal is counted exactly once, by plugin.
+        while metric_value(&server.metrics().await, refused) < (done + 1) as f64 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: never counted as refused"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            metric_value(&server.metrics().await, refused),
+            (done + 1) as f64,
+            "{what}: counted once"
+        );
         let listed = loop {
             let list = plugins(&server).await;
             let entry = list
@@ -636,12 +651,6 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
             "{what}: deny-all still applies"
         );
     }
-    let refused = r#"cllm_plugin_reloads_total{plugin="policy.wasm",result="refused"}"#;
-    assert_eq!(
-        metric_value(&server.metrics().await, refused),
-        refusals,
-        "each refusal counted, by plugin"
-    );
     // A new file renamed into place is picked up, once.
     let loaded = r#"cllm_plugin_reloads_total{plugin="renamed.wasm",result="loaded"}"#;
     let before = metric_value(&server.metrics().await, loaded);
