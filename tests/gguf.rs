@@ -99,15 +99,16 @@ fn takes_8_bit_path(model: &Model) -> bool {
         .weights
         .layers
         .iter()
-        .any(|l| precision.uses_q8_dot(&l.q_proj.weight.data()))
+        .any(|l| precision.uses_integer_dot(&l.q_proj.weight.data()))
 }
 
 /// Fast numerics on the 16-bit files, and on the quantized files whose matrices take 8-bit
 /// activations: first-step top-5 logits within 2e-2 (or 1e-2 of the logit, see below) and the
 /// greedy tokens identical up to the first step whose golden top1-top2 margin is under 0.1.
-/// The 8-bit path serves up to 16 tokens per product (the batched decode of the 5 prompts,
-/// in tiles of 4 and 1), and those files also run each prompt alone (one token per decode
-/// step) with 3-token prefill chunks, so every product takes it.
+/// The two-byte integer path serves up to 16 tokens per product (the batched decode of the 5
+/// prompts, in tiles of 4 and 1), and those files also run each prompt alone (one token per
+/// decode step) with 3-token prefill chunks, so every product takes it; the prefill of the
+/// prompts of 24, 27 and 36 tokens in one chunk takes the i16 panels.
 #[test]
 fn fast_numerics_within_tolerance() {
     for name in [
@@ -466,28 +467,36 @@ fn more_quant_types_generate_as_their_f32_dequantization() {
             }
         }
         let want = greedy_outcomes(&reference, &prompts, 24, 512, Numerics::Exact);
-        // Fast numerics with a kernel for these types: 8-bit products (up to 16 tokens; each
-        // prompt alone with 3-token prefill chunks, so every product), held to a tolerance.
+        // Fast numerics with kernels for these types: integer products, held to a
+        // tolerance. Each prompt alone, with 3-token prefill chunks (every product takes the
+        // two-byte path) and in one chunk (prompts of 17 tokens and more prefill through
+        // the i16 panels).
         if takes_8_bit_path(&quantized) {
             let margins = greedy_margins(&reference, &prompts, 24);
+            assert!(
+                prompts.iter().any(|p| p.len() > 16),
+                "a prompt for the i16 path"
+            );
             let mut worst = 0.0f32;
             for ((prompt, w), margins) in prompts.iter().zip(&want).zip(&margins) {
-                let one = std::slice::from_ref(prompt);
-                let got = &greedy_outcomes(&quantized, one, 24, 3, Numerics::Fast)[0];
-                let close_call = margins.iter().position(|&m| m < 0.1).unwrap_or(24);
-                assert_eq!(
-                    got.generation.output_ids()[..close_call],
-                    w.generation.output_ids()[..close_call],
-                    "{name} (fast, alone): tokens before step {close_call}, the first whose \
-                     margin is under 0.1"
-                );
-                for (a, b) in got.first_logits.iter().zip(&w.first_logits) {
-                    let diff = (a - b).abs();
-                    assert!(
-                        diff <= (2e-2f32).max(1e-2 * b.abs()),
-                        "{name} (fast, alone): first-step logit {a} against {b}"
+                for chunk in [3, 512] {
+                    let one = std::slice::from_ref(prompt);
+                    let got = &greedy_outcomes(&quantized, one, 24, chunk, Numerics::Fast)[0];
+                    let close_call = margins.iter().position(|&m| m < 0.1).unwrap_or(24);
+                    assert_eq!(
+                        got.generation.output_ids()[..close_call],
+                        w.generation.output_ids()[..close_call],
+                        "{name} (fast, alone, chunk {chunk}): tokens before step {close_call}, \
+                         the first whose margin is under 0.1"
                     );
-                    worst = worst.max(diff / b.abs().max(1.0));
+                    for (a, b) in got.first_logits.iter().zip(&w.first_logits) {
+                        let diff = (a - b).abs();
+                        assert!(
+                            diff <= (2e-2f32).max(1e-2 * b.abs()),
+                            "{name} (fast, alone, chunk {chunk}): first-step logit {a} against {b}"
+                        );
+                        worst = worst.max(diff / b.abs().max(1.0));
+                    }
                 }
             }
             common::say(&format!("{name}, fast numerics: largest first-step logit difference relative to max(1, |logit|): {worst:.5}"));

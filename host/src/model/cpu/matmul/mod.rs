@@ -34,6 +34,9 @@ mod dequant_avx512;
 mod half_input;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
+mod i16_panels;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
 mod q8dot;
 mod scalar;
 
@@ -240,7 +243,7 @@ impl Numerics {
     /// by at most 2^-16 of each 256 elements' largest (see `q8dot`).
     pub fn head_precision(self, data: &WeightData) -> Precision {
         let (main, _) = self.precisions();
-        if main.uses_q8_dot(data) {
+        if main.uses_integer_dot(data) {
             main
         } else {
             Precision::F32
@@ -282,9 +285,10 @@ impl Precision {
         fits && Isa::detect() == Isa::Avx512
     }
 
-    /// Whether products of up to [`q8dot::TOKENS`] tokens with `data` take the 8-bit
-    /// activation path on this CPU.
-    pub fn uses_q8_dot(self, data: &WeightData) -> bool {
+    /// Whether products with `data` multiply integers on this CPU: up to [`q8dot::TOKENS`]
+    /// tokens with two-byte activations (`q8dot`), more with i16 activations and panels
+    /// (`i16_panels`).
+    pub fn uses_integer_dot(self, data: &WeightData) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             self != Precision::F32
@@ -346,7 +350,8 @@ pub fn bf16_dot_supported() -> bool {
 /// One f32 panel per thread; a task locks a free one for its duration. `x_bf16` holds the
 /// activations rounded to bf16 for the bf16 paths, `x_bf16_lo` the remainders for the split one,
 /// `x_f16` the activations rounded to f16 for one-token products that take them so, `x_q8`
-/// the activations rounded to 8 bits for the quantized fast path.
+/// the activations as two bytes for the quantized decode path, `x_i16` as i16 for the
+/// quantized prefill path, whose weight panels are in `i16_panels` (one per thread).
 #[derive(Default)]
 pub struct MatmulScratch {
     panels: Vec<Mutex<Vec<f32>>>,
@@ -355,6 +360,10 @@ pub struct MatmulScratch {
     x_f16: Vec<u16>,
     #[cfg(target_arch = "x86_64")]
     x_q8: q8dot::Q8Activations,
+    #[cfg(target_arch = "x86_64")]
+    x_i16: i16_panels::I16Activations,
+    #[cfg(target_arch = "x86_64")]
+    i16_panels: Vec<Mutex<i16_panels::Panel>>,
 }
 
 /// One product of a [`matmul_group`]: a weight matrix and where its result goes.
@@ -431,7 +440,7 @@ fn fast_path(
             return true;
         }
     }
-    if n_tokens <= q8dot::TOKENS && every(Precision::uses_q8_dot) {
+    if n_tokens <= q8dot::TOKENS && every(Precision::uses_integer_dot) {
         if let Some(k) = q8dot::Q8Dot::new() {
             scratch.x_q8.quantize(k, x);
             let product = q8dot::Product {
@@ -441,6 +450,23 @@ fn fast_path(
                 parts: specs,
             };
             product.run(k, pool);
+            return true;
+        }
+    }
+    if every(Precision::uses_integer_dot) {
+        if let Some(k) = q8dot::Q8Dot::new() {
+            scratch.x_i16.quantize(k, x);
+            let slots = &mut scratch.i16_panels;
+            if slots.len() < pool.threads() {
+                slots.resize_with(pool.threads(), Default::default);
+            }
+            let product = i16_panels::Product {
+                x: &scratch.x_i16,
+                n_tokens,
+                cols,
+                parts: specs,
+            };
+            product.run(k, pool, slots);
             return true;
         }
     }
@@ -965,6 +991,20 @@ fn with_panel(panels: &[Mutex<Vec<f32>>], len: usize, f: impl FnOnce(&mut [f32])
     f(&mut vec![0.0; len]);
 }
 
+/// Runs `f` with the first free scratch slot of `slots` (which a task may grow; it keeps
+/// its size for the next product).
+#[cfg(target_arch = "x86_64")]
+fn with_slot<T: Default>(slots: &[Mutex<T>], f: impl FnOnce(&mut T)) {
+    // As in `with_panel`: a free slot exists; a missing one would be a bug, and a temporary
+    // value keeps it a slowdown only.
+    for slot in slots {
+        if let Ok(mut value) = slot.try_lock() {
+            return f(&mut value);
+        }
+    }
+    f(&mut T::default());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1386,21 +1426,42 @@ mod tests {
         out
     }
 
+    /// `x` as the i16 prefill path rounds it: per 256 elements, `dx = max|x| / 8191` and
+    /// `dx·round(x / dx)`.
+    fn rounded_to_i16(x: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(x.len());
+        for block in x.chunks(256) {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let (d, inv) = if amax > 0.0 {
+                (amax / 32767.0, 32767.0 / amax)
+            } else {
+                (0.0, 0.0)
+            };
+            out.extend(block.iter().map(|&v| d * (v * inv).round_ties_even()));
+        }
+        out
+    }
+
     #[test]
-    fn q8_products_match_reference_on_rounded_activations() {
-        // Fast numerics, quantized weights with an 8-bit kernel, up to 16 tokens: the product
-        // of the dequantized weights with the activations as rounded to two bytes, in f64. A
-        // wrong element order, scale or min moves the result by far more than the 1e-5.
-        if !Precision::Bf16.uses_q8_dot(&WeightData::Quant(QuantType::Q4K, &[])) {
-            eprintln!("SKIP q8 products: this CPU has no AVX512-VNNI; fast == exact here");
+    fn integer_products_match_reference_on_rounded_activations() {
+        // Fast numerics, quantized weights with integer kernels: the product of the
+        // dequantized weights with the activations as rounded to two bytes (up to 16 tokens)
+        // or to i16 (more), in f64. A wrong element order, scale or min moves the result by
+        // far more than the 1e-5. The shapes cover padded row groups, several tasks, token
+        // tiles of every size and a second block of columns.
+        if !Precision::Bf16.uses_integer_dot(&WeightData::Quant(QuantType::Q4K, &[])) {
+            eprintln!("SKIP integer products: this CPU has no AVX512-VNNI; fast == exact here");
             return;
         }
         let pool = ThreadPool::new(2);
         let mut scratch = MatmulScratch::default();
         let types = QuantType::ALL.into_iter().filter(|&qt| q8dot::supports(qt));
         for qt in types {
-            for &(rows, cols) in &[(5, 256), (37, 512), (20, 1280)] {
-                for n in [1, 2, 3, 4, 5, 8, 13, q8dot::TOKENS] {
+            for &(rows, cols) in &[(5, 256), (37, 512), (20, 1280), (70, 2304)] {
+                for n in [1, 2, 3, 4, 5, 8, 13, q8dot::TOKENS, 17, 24, 41] {
+                    if rows == 70 && n < 17 {
+                        continue;
+                    }
                     let mut rng = Rng(0x51 ^ (rows * 31 + cols * 7 + n) as u64);
                     // Two matrices in one group, with 3 and `rows` rows.
                     let (rows_a, rows_b) = (3, rows);
@@ -1410,7 +1471,11 @@ mod tests {
                     let x: Vec<f32> = (0..n * cols)
                         .map(|i| rng.next() * if i % 97 == 0 { 8.0 } else { 1.0 })
                         .collect();
-                    let xr = rounded_to_two_bytes(&x);
+                    let xr = if n <= q8dot::TOKENS {
+                        rounded_to_two_bytes(&x)
+                    } else {
+                        rounded_to_i16(&x)
+                    };
                     let mut out_a = vec![f32::NAN; n * rows_a];
                     let mut out_b = vec![f32::NAN; n * rows_b];
                     let parts = [
@@ -1432,13 +1497,75 @@ mod tests {
                         },
                     ];
                     matmul_group(&pool, Precision::Bf16, &x, n, parts, &mut scratch);
-                    assert_eq!(scratch.x_q8.values()[..n * cols], xr, "rounded activations");
+                    let rounded = if n <= q8dot::TOKENS {
+                        scratch.x_q8.values()
+                    } else {
+                        scratch.x_i16.values()
+                    };
+                    assert_eq!(rounded[..n * cols], xr, "rounded activations");
                     for (blocks, out, rows) in
                         [(&blocks_a, &out_a, rows_a), (&blocks_b, &out_b, rows_b)]
                     {
                         let mut w = vec![0.0; rows * cols];
                         crate::model::quant::dequantize_scalar(qt, blocks, &mut w);
                         assert_product(&xr, &w, n, rows, out, qt.name());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn integer_products_hold_extreme_weights_and_activations() {
+        // Every quant and scale byte at one extreme (all bits clear or set, or the signed
+        // extremes), the block factors at 1, and activations all at +-max: products as large
+        // as each type allows, which must not overflow the kernels' i32 sums (decode: two-byte
+        // activations; prefill: i16 with the flush interval each type's bound allows).
+        if !Precision::Bf16.uses_integer_dot(&WeightData::Quant(QuantType::Q4K, &[])) {
+            eprintln!("SKIP integer products: this CPU has no AVX512-VNNI; fast == exact here");
+            return;
+        }
+        // Where each type keeps its f16 factors.
+        let factors = |qt: QuantType| -> &[usize] {
+            match qt {
+                QuantType::Q4K | QuantType::Q5K => &[0, 2],
+                QuantType::Q6K => &[208],
+                QuantType::Q2K => &[80, 82],
+                QuantType::Q3K => &[108],
+                QuantType::Iq4Xs => &[0],
+                _ => &[],
+            }
+        };
+        let pool = ThreadPool::new(2);
+        let mut scratch = MatmulScratch::default();
+        let (rows, cols) = (32, 512);
+        let types = QuantType::ALL.into_iter().filter(|&qt| q8dot::supports(qt));
+        for qt in types {
+            let bytes = qt.bytes_for(256);
+            for fill in [0x00u8, 0xff, 0x80, 0x7f, 0x88] {
+                let mut blocks = vec![fill; qt.bytes_for(rows * cols)];
+                for block in blocks.chunks_exact_mut(bytes) {
+                    for &at in factors(qt) {
+                        block[at..at + 2].copy_from_slice(&half::f16::ONE.to_bits().to_le_bytes());
+                    }
+                }
+                let mut w = vec![0.0; rows * cols];
+                crate::model::quant::dequantize_scalar(qt, &blocks, &mut w);
+                for n in [3, 40] {
+                    for sign in [1.0f32, -1.0] {
+                        let x = vec![sign * 3.0; n * cols];
+                        let mut out = vec![f32::NAN; n * rows];
+                        let part = GroupPart {
+                            w: Matrix {
+                                data: WeightData::Quant(qt, &blocks),
+                                rows,
+                                cols,
+                            },
+                            out: &mut out,
+                        };
+                        matmul_group(&pool, Precision::Bf16, &x, n, [part], &mut scratch);
+                        let what = format!("{} filled with {fill:#x}", qt.name());
+                        assert_product(&x, &w, n, rows, &out, &what);
                     }
                 }
             }

@@ -29,8 +29,8 @@
 //! ±128; IQ4_XS: 241 and ±32), and such a type adds a block's four registers in f32. The
 //! others (quants to 31, scales to 63) add them as integers: 16·31·32640·63 < 2^31.
 //!
-//! Only products of up to [`TOKENS`] tokens (decode) take this path; prefill keeps the exact
-//! f32 panels.
+//! Only products of up to [`TOKENS`] tokens (decode) take this path; more tokens (prefill)
+//! take `i16_panels`, which unpacks the weights with the same `unpack`.
 
 use std::arch::x86_64::*;
 
@@ -143,20 +143,7 @@ impl Q8Activations {
 unsafe fn quantize_block(x: &[f32], hi: &mut [i8], lo: &mut [i8], sums: &mut [f32]) -> f32 {
     assert!(x.len() == BLOCK && hi.len() == BLOCK && lo.len() == BLOCK);
     assert!(sums.len() == BLOCK / GROUP);
-    let mut amax = _mm512_setzero_ps();
-    for v in x.chunks_exact(GROUP) {
-        // SAFETY: 16 floats.
-        let v = unsafe { _mm512_loadu_ps(v.as_ptr()) };
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-    }
-    let amax = _mm512_reduce_max_ps(amax);
-    // A zero block (or one whose max is not finite) rounds to zeros with a scale that keeps
-    // its products what they were: zero, or not finite.
-    let (d, inv) = if amax > 0.0 && amax.is_finite() {
-        (amax / 127.0, 127.0 / amax)
-    } else {
-        (amax, 0.0)
-    };
+    let (d, inv) = block_scale(x, 127.0);
     let inv = _mm512_set1_ps(inv);
     let at = |i: usize| i * GROUP;
     for (g, sum) in sums.iter_mut().enumerate() {
@@ -177,22 +164,54 @@ unsafe fn quantize_block(x: &[f32], hi: &mut [i8], lo: &mut [i8], sums: &mut [f3
     d
 }
 
+/// A block's scale `d = max|x| / range` and its inverse, so that `x / d` lies within
+/// `±range`. A zero block (or one whose max is not finite) gets the inverse 0, so it rounds to
+/// zeros, and the scale `max|x|`, which keeps its products what they were: zero, or not
+/// finite.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) fn block_scale(x: &[f32], range: f32) -> (f32, f32) {
+    let mut amax = _mm512_setzero_ps();
+    for v in x.chunks_exact(GROUP) {
+        // SAFETY: 16 floats.
+        let v = unsafe { _mm512_loadu_ps(v.as_ptr()) };
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+    }
+    let amax = _mm512_reduce_max_ps(amax);
+    if amax > 0.0 && amax.is_finite() {
+        (amax / range, range / amax)
+    } else {
+        (amax, 0.0)
+    }
+}
+
 /// One weight block unpacked (see the module's documentation): `u` holds elements
 /// `64r..64r + 64` in `u[r]`; `scale` and `min` one i32 per 16-element group.
-struct Unpacked {
-    u: [__m512i; 4],
-    scale: __m512i,
-    min: __m512i,
-    d: f32,
-    dm: f32,
+pub(super) struct Unpacked {
+    pub u: [__m512i; 4],
+    pub scale: __m512i,
+    pub min: __m512i,
+    pub d: f32,
+    pub dm: f32,
 }
 
 /// A 256-element weight type this path multiplies.
-trait SuperBlock {
+pub(super) trait SuperBlock {
     const BYTES: usize;
     /// Quants up to 63 or more: a block's four scaled register sums could together overflow
     /// i32, so they are added in f32.
     const WIDE: bool;
+    /// The quants are centred on zero: `min` is the scale times the offset that made them
+    /// unsigned, and `dm` equals `d`.
+    const CENTRED: bool;
+    /// What `i16_panels` subtracts from the quants of a type that is not `CENTRED` (about
+    /// half their range, moving the rest into the min), so that its i16 weights stay small.
+    const RECENTRE: i16;
+    /// The largest `|s·u − m|` (`CENTRED`) or `|s·(u − RECENTRE)|` (not) of an element:
+    /// what bounds the i16 products of `i16_panels`.
+    const MAX_WEIGHT: i32;
+    /// Elements that share one min (16 or 32; for `CENTRED` types their scale groups).
+    const MIN_GROUP: usize;
 
     /// # Safety
     /// AVX-512 F/BW/VL; `b` holds at least one whole block.
@@ -289,11 +308,15 @@ fn k4_scales_mins(s: &[u8]) -> __m512i {
     bytes_to_i32(scales, mins)
 }
 
-struct Q4K;
+pub(super) struct Q4K;
 
 impl SuperBlock for Q4K {
     const BYTES: usize = 144;
     const WIDE: bool = false;
+    const CENTRED: bool = false;
+    const RECENTRE: i16 = 8;
+    const MAX_WEIGHT: i32 = 63 * 8;
+    const MIN_GROUP: usize = 32;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -341,11 +364,15 @@ unsafe fn twice_32(p: *const u8) -> __m512i {
     _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(p.cast()) })
 }
 
-struct Q5K;
+pub(super) struct Q5K;
 
 impl SuperBlock for Q5K {
     const BYTES: usize = 176;
     const WIDE: bool = false;
+    const CENTRED: bool = false;
+    const RECENTRE: i16 = 16;
+    const MAX_WEIGHT: i32 = 63 * 16;
+    const MIN_GROUP: usize = 32;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -371,11 +398,15 @@ impl SuperBlock for Q5K {
     }
 }
 
-struct Q6K;
+pub(super) struct Q6K;
 
 impl SuperBlock for Q6K {
     const BYTES: usize = 210;
     const WIDE: bool = true;
+    const CENTRED: bool = true;
+    const RECENTRE: i16 = 0;
+    const MAX_WEIGHT: i32 = 128 * 32;
+    const MIN_GROUP: usize = 16;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -432,11 +463,15 @@ unsafe fn two_bit_quants(p: *const u8) -> [__m512i; 4] {
     u
 }
 
-struct Q2K;
+pub(super) struct Q2K;
 
 impl SuperBlock for Q2K {
     const BYTES: usize = 84;
     const WIDE: bool = false;
+    const CENTRED: bool = false;
+    const RECENTRE: i16 = 0;
+    const MAX_WEIGHT: i32 = 15 * 3;
+    const MIN_GROUP: usize = 16;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -457,11 +492,15 @@ impl SuperBlock for Q2K {
     }
 }
 
-struct Q3K;
+pub(super) struct Q3K;
 
 impl SuperBlock for Q3K {
     const BYTES: usize = 110;
     const WIDE: bool = false;
+    const CENTRED: bool = true;
+    const RECENTRE: i16 = 0;
+    const MAX_WEIGHT: i32 = 32 * 4;
+    const MIN_GROUP: usize = 16;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -497,11 +536,15 @@ impl SuperBlock for Q3K {
     }
 }
 
-struct Iq4Xs;
+pub(super) struct Iq4Xs;
 
 impl SuperBlock for Iq4Xs {
     const BYTES: usize = 136;
     const WIDE: bool = true;
+    const CENTRED: bool = true;
+    const RECENTRE: i16 = 0;
+    const MAX_WEIGHT: i32 = 32 * 127;
+    const MIN_GROUP: usize = 32;
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]

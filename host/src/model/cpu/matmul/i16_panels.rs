@@ -1,0 +1,484 @@
+//! The fast path for prefill with 256-element quantized weights (`Numerics::Fast`): Q2_K,
+//! Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS times many tokens, as 16-bit integer products with
+//! AVX512-VNNI's `vpdpwssd` (32 products of i16 pairs, summed in pairs into 16 i32 lanes, in
+//! one instruction: twice an f32 FMA's multiply-adds).
+//!
+//! Why: the exact path widens each panel of weights to f32 once and multiplies in f32; with
+//! hundreds of tokens that is compute-bound at 16 multiply-adds per instruction, and the
+//! 8-bit decode kernels (`q8dot`) unpack every block again for each token tile.
+//!
+//! How:
+//! - Activations: each token's, per 256 elements, one f32 scale `dx = max|x| / 32767` and
+//!   `q = round(x / dx)` as i16 (within `dx / 2`, 2^-16 of the block's largest element, as
+//!   the decode path's two bytes). The sum of `dx·q` over each 16 elements is kept for the
+//!   min terms. With `max|x| / 8191` (fewer conversions below) the llama-quantize fixtures'
+//!   first-step logits moved by up to 8.5e-3 of the logit, against 3.1e-3 with this range.
+//! - Weights: each task unpacks a panel of its rows once per block of columns (`q8dot`'s
+//!   `unpack`) into i16 weights with the group scale folded in: `s·u − m` for types centred
+//!   on zero; for types with mins `s·(u − c)`, `c` about half the quants' range (so the
+//!   weights, and the products, stay small), and per row and min group the f32 min
+//!   `dm·m − c·d·s`. The block's `d` is kept per row as f32. The panel holds 16 rows side by
+//!   side per element pair (`[pair][row][2]`), so one load feeds 16 rows.
+//! - The micro-kernel broadcasts one token's element pair and multiplies it into 16 rows at
+//!   a time: a tile of up to 6 tokens times 32 rows, in i32 accumulators that are converted
+//!   and scaled (`d·dx`) into f32 ones before they could overflow; the min terms
+//!   (`dm·m·Σ(dx·q)` per group) are subtracted in f32.
+//!
+//! Integers cannot overflow: `|q| <= 32767` and each type's `|w|` has a bound
+//! ([`SuperBlock::MAX_WEIGHT`], 4096 for Q6_K), so `FLUSH` elements (the most that keep
+//! `FLUSH·MAX_WEIGHT·32767 < 2^31`, a power of two: 16 for Q6_K and IQ4_XS, 64 for Q5_K,
+//! 128 for Q4_K, 256 for Q2_K and Q3_K) are summed in i32 before each conversion.
+
+use std::arch::x86_64::*;
+use std::sync::Mutex;
+
+use super::q8dot::{block_scale, Iq4Xs, Q8Dot, SuperBlock, Q2K, Q3K, Q4K, Q5K, Q6K};
+use super::{job_size, run_tasks, threads_for, with_slot, OutPtr, Part, TaskSplit, ThreadPool};
+use super::{WeightData, K_BLOCK};
+use crate::model::quant::QuantType;
+
+/// Elements per activation block and weight block.
+const BLOCK: usize = 256;
+
+/// Elements per min group.
+const GROUP: usize = 16;
+
+/// The largest `|q|` of the activations.
+const RANGE: i32 = 32767;
+
+/// Tokens per micro-kernel tile.
+const TOKENS: usize = 6;
+
+/// Rows per register (and per panel group).
+const LANES: usize = 16;
+
+/// Weight bytes of one panel (with a token tile's activations it stays in L2).
+const PANEL_BYTES: usize = 128 << 10;
+
+/// Activations as i16: for token `t` and element `k` of `cols`, at `i = t·cols + k`, the
+/// value `dx[i / 256]·q[i]`; `sums[j]` is the sum of those values over the 16 elements from
+/// `16·j`.
+#[derive(Default)]
+pub(crate) struct I16Activations {
+    q: Vec<i16>,
+    dx: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+impl I16Activations {
+    /// Rounds `x` (a multiple of 256 elements) into `self`, reusing its buffers.
+    pub(super) fn quantize(&mut self, _k: Q8Dot, x: &[f32]) {
+        assert!(x.len().is_multiple_of(BLOCK), "whole 256-element blocks");
+        let n = x.len();
+        self.q.resize(n, 0);
+        self.dx.resize(n / BLOCK, 0.0);
+        self.sums.resize(n / GROUP, 0.0);
+        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+            let q = &mut self.q[b * BLOCK..][..BLOCK];
+            let sums = &mut self.sums[b * (BLOCK / GROUP)..][..BLOCK / GROUP];
+            // SAFETY: the token proves CPU support; the slices have the block's lengths.
+            self.dx[b] = unsafe { quantize_block(block, q, sums) };
+        }
+    }
+
+    /// The values as f32, for tests.
+    #[cfg(test)]
+    pub(super) fn values(&self) -> Vec<f32> {
+        (0..self.q.len())
+            .map(|i| self.dx[i / BLOCK] * f32::from(self.q[i]))
+            .collect()
+    }
+}
+
+/// One block's scale `dx`; writes `q = round(x / dx)` (nearest, ties to even) and the
+/// 16-element sums of `dx·q`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; `x` and `q` hold 256 elements, `sums` 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_block(x: &[f32], q: &mut [i16], sums: &mut [f32]) -> f32 {
+    assert!(x.len() == BLOCK && q.len() == BLOCK && sums.len() == BLOCK / GROUP);
+    let (dx, inv) = block_scale(x, RANGE as f32);
+    for (g, sum) in sums.iter_mut().enumerate() {
+        // SAFETY: 16 floats in, 16 i16 out.
+        unsafe {
+            let v = _mm512_loadu_ps(x.as_ptr().add(g * GROUP));
+            let r = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));
+            _mm256_storeu_si256(
+                q.as_mut_ptr().add(g * GROUP).cast(),
+                _mm512_cvtepi32_epi16(r),
+            );
+            // At most 16·32767 in magnitude: exact in f32.
+            *sum = dx * _mm512_reduce_add_epi32(r) as f32;
+        }
+    }
+    dx
+}
+
+/// A task's weights for one block of columns: rows in groups of 16 (the last padded with
+/// zero rows), `len` columns.
+#[derive(Default)]
+pub(super) struct Panel {
+    /// Group `g`, element pair `p`, row `r`: `w[(g·len/2 + p)·16 + r]` holds the row's
+    /// elements `2p` and `2p + 1` as two i16 (low half first).
+    w: Vec<i32>,
+    /// `d[(g·blocks + b)·16 + r]`: block `b`'s factor.
+    d: Vec<f32>,
+    /// `m[(g·len/MIN_GROUP + j)·16 + r]`: `dm·m` of min group `j` (types with mins only).
+    m: Vec<f32>,
+}
+
+impl Panel {
+    /// Sizes the buffers for `groups` groups of `len` columns, with a min per `min_group`
+    /// elements (0: none).
+    fn fit(&mut self, groups: usize, len: usize, min_group: usize) {
+        let lanes = groups * LANES;
+        self.w.resize(lanes * len / 2, 0);
+        self.d.resize(lanes * len / BLOCK, 0.0);
+        self.m
+            .resize(lanes * len.checked_div(min_group).unwrap_or(0), 0.0);
+    }
+}
+
+/// Quantized weights times i16 activations, for one or more matrices of equal `cols`.
+pub(super) struct Product<'a> {
+    pub x: &'a I16Activations,
+    pub n_tokens: usize,
+    pub cols: usize,
+    pub parts: &'a [Option<Part<'a>>],
+}
+
+impl Product<'_> {
+    pub(super) fn run(&self, k: Q8Dot, pool: &ThreadPool, panels: &[Mutex<Panel>]) {
+        let cols = self.cols;
+        assert!(cols.is_multiple_of(BLOCK));
+        assert!(self.x.q.len() >= self.n_tokens * cols);
+        let (rows, work) = job_size(self.parts, self.n_tokens);
+        if rows == 0 || self.n_tokens == 0 {
+            return;
+        }
+        let threads = threads_for(pool, work);
+        // A panel fits its budget, and every thread gets at least two.
+        let len = K_BLOCK.min(cols);
+        let rows_per_task = (PANEL_BYTES / (2 * len))
+            .min(rows.div_ceil(2 * threads))
+            .next_multiple_of(2 * LANES);
+        let split = TaskSplit::new(self.parts, rows_per_task);
+        run_tasks(pool, threads, self.parts, &split, |part, r0, r1| {
+            let WeightData::Quant(qt, w) = part.w.data else {
+                unreachable!("the i16 path only takes quantized weights");
+            };
+            assert_eq!(w.len(), qt.bytes_for(part.w.rows * cols));
+            assert!(self.n_tokens * part.w.rows <= part.out.len);
+            with_slot(panels, |panel| {
+                // SAFETY: the token proves CPU support. Rows r0..r1 of `w` and every token
+                // of `x` are in bounds (checked above); tasks own disjoint rows of each
+                // part's output, which outlives the product.
+                unsafe { self.rows_of(k, qt, w, part.out, part.w.rows, r0..r1, panel) }
+            });
+        });
+    }
+
+    /// # Safety
+    /// As [`Product::rows`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_of(
+        &self,
+        k: Q8Dot,
+        qt: QuantType,
+        w: &[u8],
+        out: OutPtr,
+        out_rows: usize,
+        rows: std::ops::Range<usize>,
+        panel: &mut Panel,
+    ) {
+        // SAFETY: forwarded.
+        unsafe {
+            match qt {
+                QuantType::Q2K => self.rows::<Q2K>(k, w, out, out_rows, rows, panel),
+                QuantType::Q3K => self.rows::<Q3K>(k, w, out, out_rows, rows, panel),
+                QuantType::Q4K => self.rows::<Q4K>(k, w, out, out_rows, rows, panel),
+                QuantType::Q5K => self.rows::<Q5K>(k, w, out, out_rows, rows, panel),
+                QuantType::Q6K => self.rows::<Q6K>(k, w, out, out_rows, rows, panel),
+                QuantType::Iq4Xs => self.rows::<Iq4Xs>(k, w, out, out_rows, rows, panel),
+                _ => unreachable!("{} has no i16 kernel", qt.name()),
+            }
+        }
+    }
+
+    /// Rows `rows` for every token, one block of columns at a time: the block's panel is
+    /// unpacked once, then every token tile runs over it, 32 rows at a time.
+    ///
+    /// # Safety
+    /// `w` holds `out_rows` rows of `B` blocks, `rows.end <= out_rows`; `out` holds
+    /// `n_tokens * out_rows` floats and no other thread touches rows `rows`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows<B: SuperBlock>(
+        &self,
+        _k: Q8Dot,
+        w: &[u8],
+        out: OutPtr,
+        out_rows: usize,
+        rows: std::ops::Range<usize>,
+        panel: &mut Panel,
+    ) {
+        let cols = self.cols;
+        let row_bytes = cols / BLOCK * B::BYTES;
+        let n_rows = rows.len();
+        let groups = n_rows.div_ceil(LANES);
+        assert!(w.len() >= rows.end * row_bytes);
+        assert!(self.n_tokens * out_rows <= out.len);
+        let mut k0 = 0;
+        while k0 < cols {
+            let len = K_BLOCK.min(cols - k0);
+            panel.fit(groups, len, if B::CENTRED { 0 } else { B::MIN_GROUP });
+            for r in 0..groups * LANES {
+                let blocks = &w[(rows.start + r.min(n_rows - 1)) * row_bytes..][..row_bytes];
+                let blocks = &blocks[k0 / BLOCK * B::BYTES..][..len / BLOCK * B::BYTES];
+                // SAFETY: whole blocks; the row index is within the panel's groups.
+                unsafe { unpack_row::<B>(blocks, r, r < n_rows, len, panel) };
+            }
+            let mut t0 = 0;
+            while t0 < self.n_tokens {
+                let nt = (self.n_tokens - t0).min(TOKENS);
+                let mut g = 0;
+                while g < groups {
+                    let ng = (groups - g).min(2);
+                    let at = Tile {
+                        t0,
+                        k0,
+                        len,
+                        group: g,
+                        row: rows.start + g * LANES,
+                        valid: (n_rows - g * LANES).min(ng * LANES),
+                        accumulate: k0 > 0,
+                    };
+                    // SAFETY: forwarded; the tile's shape becomes constants, so its loops
+                    // unroll and its accumulators stay in registers.
+                    unsafe {
+                        match (nt, ng) {
+                            (6, 2) => self.tile::<B, 6, 2>(panel, &at, out, out_rows),
+                            (5, 2) => self.tile::<B, 5, 2>(panel, &at, out, out_rows),
+                            (4, 2) => self.tile::<B, 4, 2>(panel, &at, out, out_rows),
+                            (3, 2) => self.tile::<B, 3, 2>(panel, &at, out, out_rows),
+                            (2, 2) => self.tile::<B, 2, 2>(panel, &at, out, out_rows),
+                            (_, 2) => self.tile::<B, 1, 2>(panel, &at, out, out_rows),
+                            (6, _) => self.tile::<B, 6, 1>(panel, &at, out, out_rows),
+                            (5, _) => self.tile::<B, 5, 1>(panel, &at, out, out_rows),
+                            (4, _) => self.tile::<B, 4, 1>(panel, &at, out, out_rows),
+                            (3, _) => self.tile::<B, 3, 1>(panel, &at, out, out_rows),
+                            (2, _) => self.tile::<B, 2, 1>(panel, &at, out, out_rows),
+                            (_, _) => self.tile::<B, 1, 1>(panel, &at, out, out_rows),
+                        }
+                    }
+                    g += ng;
+                }
+                t0 += nt;
+            }
+            k0 += len;
+        }
+    }
+
+    /// `NT` tokens from `at.t0` times the panel's `NG` groups from `at.group`, over the
+    /// panel's columns, written (or added) to `out`.
+    ///
+    /// # Safety
+    /// As [`Product::rows`]; the panel holds this tile's groups for `at.len` columns from
+    /// `at.k0`, `at.t0 + NT <= n_tokens`, and AVX-512 F/BW/VL/VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::needless_range_loop)] // index loops over the const-size register tile
+    unsafe fn tile<B: SuperBlock, const NT: usize, const NG: usize>(
+        &self,
+        panel: &Panel,
+        at: &Tile,
+        out: OutPtr,
+        out_rows: usize,
+    ) {
+        let (cols, len) = (self.cols, at.len);
+        let blocks = len / BLOCK;
+        let flush = flush_elems(B::MAX_WEIGHT);
+        let pairs = len / 2;
+        assert!(panel.w.len() >= (at.group + NG) * pairs * LANES);
+        assert!(panel.d.len() >= (at.group + NG) * blocks * LANES);
+        let min_groups = len / B::MIN_GROUP;
+        assert!(B::CENTRED || panel.m.len() >= (at.group + NG) * min_groups * LANES);
+        assert!((at.t0 + NT) * cols <= self.x.q.len());
+        let wp = panel.w.as_ptr();
+        let dp = panel.d.as_ptr();
+        let mp = panel.m.as_ptr();
+        // Token t's pairs for this column block, as i32.
+        let xq: [*const i32; NT] =
+            std::array::from_fn(|t| self.x.q[(at.t0 + t) * cols + at.k0..].as_ptr().cast());
+        let mut acc = [[_mm512_setzero_ps(); NG]; NT];
+        for b in 0..blocks {
+            let dx: [f32; NT] =
+                std::array::from_fn(|t| self.x.dx[((at.t0 + t) * cols + at.k0) / BLOCK + b]);
+            // SAFETY (all panel and activation reads): within the lengths asserted above.
+            let scale: [[__m512; NG]; NT] = std::array::from_fn(|t| {
+                std::array::from_fn(|g| unsafe {
+                    let d = _mm512_loadu_ps(dp.add(((at.group + g) * blocks + b) * LANES));
+                    _mm512_mul_ps(d, _mm512_set1_ps(dx[t]))
+                })
+            });
+            let mut p0 = b * BLOCK / 2;
+            while p0 < (b + 1) * BLOCK / 2 {
+                let mut sum = [[_mm512_setzero_si512(); NG]; NT];
+                for p in p0..p0 + flush / 2 {
+                    let wv: [__m512i; NG] = std::array::from_fn(|g| unsafe {
+                        _mm512_loadu_si512(wp.add(((at.group + g) * pairs + p) * LANES).cast())
+                    });
+                    for t in 0..NT {
+                        let xv = _mm512_set1_epi32(unsafe { xq[t].add(p).read_unaligned() });
+                        for g in 0..NG {
+                            sum[t][g] = _mm512_dpwssd_epi32(sum[t][g], wv[g], xv);
+                        }
+                    }
+                }
+                for t in 0..NT {
+                    for g in 0..NG {
+                        let s = _mm512_cvtepi32_ps(sum[t][g]);
+                        acc[t][g] = _mm512_fmadd_ps(s, scale[t][g], acc[t][g]);
+                    }
+                }
+                p0 += flush / 2;
+            }
+            if !B::CENTRED {
+                let per = B::MIN_GROUP / GROUP;
+                for j in b * BLOCK / B::MIN_GROUP..(b + 1) * BLOCK / B::MIN_GROUP {
+                    let mv: [__m512; NG] = std::array::from_fn(|g| unsafe {
+                        _mm512_loadu_ps(mp.add(((at.group + g) * min_groups + j) * LANES))
+                    });
+                    for t in 0..NT {
+                        let first = ((at.t0 + t) * cols + at.k0) / GROUP + j * per;
+                        let xs: f32 = self.x.sums[first..first + per].iter().sum();
+                        let xs = _mm512_set1_ps(xs);
+                        for g in 0..NG {
+                            acc[t][g] = _mm512_fnmadd_ps(mv[g], xs, acc[t][g]);
+                        }
+                    }
+                }
+            }
+        }
+        for t in 0..NT {
+            for g in 0..NG {
+                let valid = at.valid.saturating_sub(g * LANES).min(LANES);
+                if valid == 0 {
+                    continue;
+                }
+                let mask = super::avx512::lanes(valid);
+                let i = (at.t0 + t) * out_rows + at.row + g * LANES;
+                assert!(i + valid <= out.len);
+                // SAFETY: in bounds (checked); this task alone writes these rows.
+                unsafe {
+                    let o = out.ptr.add(i);
+                    let v = if at.accumulate {
+                        _mm512_add_ps(acc[t][g], _mm512_maskz_loadu_ps(mask, o))
+                    } else {
+                        acc[t][g]
+                    };
+                    _mm512_mask_storeu_ps(o, mask, v);
+                }
+            }
+        }
+    }
+}
+
+/// Where a micro-kernel tile sits: its first token, its panel's columns (`k0..k0 + len` of
+/// the matrix), its first panel group and that group's first row in the output, how many of
+/// its rows are real (the rest are padding), and whether it adds to the output.
+struct Tile {
+    t0: usize,
+    k0: usize,
+    len: usize,
+    group: usize,
+    row: usize,
+    valid: usize,
+    accumulate: bool,
+}
+
+/// The most elements (a power of two, at most a block) whose products with weights of
+/// magnitude up to `max_weight` sum within i32: `flush·max_weight·RANGE < 2^31`.
+const fn flush_elems(max_weight: i32) -> usize {
+    let mut f = BLOCK;
+    while f as i64 * max_weight as i64 * RANGE as i64 >= 1 << 31 {
+        f /= 2;
+    }
+    f
+}
+
+/// Unpacks one row's blocks (`len` elements) into panel row `r`; a padding row (`real`
+/// false) gets zero factors, so whatever its weights, it adds nothing.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; `blocks` holds `len / 256` whole blocks; the panel fits row `r`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn unpack_row<B: SuperBlock>(
+    blocks: &[u8],
+    r: usize,
+    real: bool,
+    len: usize,
+    p: &mut Panel,
+) {
+    let (g, lane) = (r / LANES, r % LANES);
+    let n_blocks = len / BLOCK;
+    let pairs = len / 2;
+    let mut values = [0i16; BLOCK];
+    let mut scales = [0i16; BLOCK / GROUP];
+    let mut mins = [0i16; BLOCK / GROUP];
+    let mut dm_m = [0f32; BLOCK / GROUP];
+    for (b, block) in blocks.chunks_exact(B::BYTES).enumerate() {
+        // SAFETY: a whole block; the stores write the local arrays' exact sizes.
+        unsafe {
+            let wb = B::unpack(block);
+            _mm256_storeu_si256(scales.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(wb.scale));
+            _mm256_storeu_si256(mins.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(wb.min));
+            for (q, u) in wb.u.iter().enumerate() {
+                for h in 0..2 {
+                    // Elements 64q + 32h.., groups 4q + 2h and 4q + 2h + 1.
+                    let bytes = if h == 0 {
+                        _mm512_castsi512_si256(*u)
+                    } else {
+                        _mm512_extracti64x4_epi64::<1>(*u)
+                    };
+                    let v = _mm512_cvtepu8_epi16(bytes);
+                    let v = _mm512_sub_epi16(v, _mm512_set1_epi16(B::RECENTRE));
+                    let gi = 4 * q + 2 * h;
+                    let per_group = |s: &[i16; 16]| {
+                        _mm512_inserti64x4::<1>(
+                            _mm512_set1_epi16(s[gi]),
+                            _mm256_set1_epi16(s[gi + 1]),
+                        )
+                    };
+                    let mut v = _mm512_mullo_epi16(v, per_group(&scales));
+                    if B::CENTRED {
+                        v = _mm512_sub_epi16(v, per_group(&mins));
+                    }
+                    _mm512_storeu_si512(values.as_mut_ptr().add(64 * q + 32 * h).cast(), v);
+                }
+            }
+            if !B::CENTRED {
+                // `d·s·u − dm·m = d·s·(u − RECENTRE) − (dm·m − RECENTRE·d·s)`.
+                let m = _mm512_mul_ps(_mm512_cvtepi32_ps(wb.min), _mm512_set1_ps(wb.dm));
+                let shift = f32::from(B::RECENTRE) * wb.d;
+                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(wb.scale), _mm512_set1_ps(shift));
+                _mm512_storeu_ps(dm_m.as_mut_ptr(), _mm512_sub_ps(m, s));
+            }
+            p.d[(g * n_blocks + b) * LANES + lane] = if real { wb.d } else { 0.0 };
+        }
+        let first_pair = b * BLOCK / 2;
+        for (i, pair) in values.chunks_exact(2).enumerate() {
+            let v = (pair[0] as u16 as u32 | ((pair[1] as u16 as u32) << 16)) as i32;
+            p.w[(g * pairs + first_pair + i) * LANES + lane] = v;
+        }
+        if !B::CENTRED {
+            // `dm_m` has one value per 16 elements; a min group of 32 takes the first of its
+            // two (they are equal).
+            let per = B::MIN_GROUP / GROUP;
+            let groups = len / B::MIN_GROUP;
+            for (j, &m) in dm_m.iter().step_by(per).enumerate() {
+                let at = g * groups + b * (BLOCK / B::MIN_GROUP) + j;
+                p.m[at * LANES + lane] = if real { m } else { 0.0 };
+            }
+        }
+    }
+}
