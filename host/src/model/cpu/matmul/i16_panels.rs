@@ -232,11 +232,16 @@ impl Product<'_> {
         while k0 < cols {
             let len = K_BLOCK.min(cols - k0);
             panel.fit(groups, len, if B::CENTRED { 0 } else { B::MIN_GROUP });
-            for r in 0..groups * LANES {
-                let blocks = &w[(rows.start + r.min(n_rows - 1)) * row_bytes..][..row_bytes];
-                let blocks = &blocks[k0 / BLOCK * B::BYTES..][..len / BLOCK * B::BYTES];
-                // SAFETY: whole blocks; the row index is within the panel's groups.
-                unsafe { unpack_row::<B>(blocks, r, r < n_rows, len, panel) };
+            for g in 0..groups {
+                // Padding rows repeat the last real row's blocks (their factors are zero).
+                let blocks: [&[u8]; LANES] = std::array::from_fn(|i| {
+                    let r = (g * LANES + i).min(n_rows - 1);
+                    &w[(rows.start + r) * row_bytes..][k0 / BLOCK * B::BYTES..]
+                        [..len / BLOCK * B::BYTES]
+                });
+                let real = n_rows - g * LANES;
+                // SAFETY: whole blocks; the panel was sized for `groups` groups.
+                unsafe { unpack_group::<B>(&blocks, real, g, len, panel) };
             }
             let mut t0 = 0;
             while t0 < self.n_tokens {
@@ -311,19 +316,16 @@ impl Product<'_> {
             std::array::from_fn(|t| self.x.q[(at.t0 + t) * cols + at.k0..].as_ptr().cast());
         let mut acc = [[_mm512_setzero_ps(); NG]; NT];
         for b in 0..blocks {
-            let dx: [f32; NT] =
-                std::array::from_fn(|t| self.x.dx[((at.t0 + t) * cols + at.k0) / BLOCK + b]);
-            // SAFETY (all panel and activation reads): within the lengths asserted above.
-            let scale: [[__m512; NG]; NT] = std::array::from_fn(|t| {
-                std::array::from_fn(|g| unsafe {
-                    let d = _mm512_loadu_ps(dp.add(((at.group + g) * blocks + b) * LANES));
-                    _mm512_mul_ps(d, _mm512_set1_ps(dx[t]))
-                })
-            });
+            // The block's sums, before its factor `d·dx`: the conversions add here with
+            // `vaddps`, which Zen 4 runs beside the integer products, and the factor
+            // multiplies once per block.
+            let mut block = [[_mm512_setzero_ps(); NG]; NT];
             let mut p0 = b * BLOCK / 2;
             while p0 < (b + 1) * BLOCK / 2 {
                 let mut sum = [[_mm512_setzero_si512(); NG]; NT];
                 for p in p0..p0 + flush / 2 {
+                    // SAFETY (all panel and activation reads): within the lengths asserted
+                    // above.
                     let wv: [__m512i; NG] = std::array::from_fn(|g| unsafe {
                         _mm512_loadu_si512(wp.add(((at.group + g) * pairs + p) * LANES).cast())
                     });
@@ -336,11 +338,20 @@ impl Product<'_> {
                 }
                 for t in 0..NT {
                     for g in 0..NG {
-                        let s = _mm512_cvtepi32_ps(sum[t][g]);
-                        acc[t][g] = _mm512_fmadd_ps(s, scale[t][g], acc[t][g]);
+                        block[t][g] = _mm512_add_ps(block[t][g], _mm512_cvtepi32_ps(sum[t][g]));
                     }
                 }
                 p0 += flush / 2;
+            }
+            for t in 0..NT {
+                let dx = self.x.dx[((at.t0 + t) * cols + at.k0) / BLOCK + b];
+                for g in 0..NG {
+                    // SAFETY: as above.
+                    let d =
+                        unsafe { _mm512_loadu_ps(dp.add(((at.group + g) * blocks + b) * LANES)) };
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+                    acc[t][g] = _mm512_fmadd_ps(block[t][g], scale, acc[t][g]);
+                }
             }
             if !B::CENTRED {
                 let per = B::MIN_GROUP / GROUP;
@@ -406,79 +417,148 @@ const fn flush_elems(max_weight: i32) -> usize {
     f
 }
 
-/// Unpacks one row's blocks (`len` elements) into panel row `r`; a padding row (`real`
-/// false) gets zero factors, so whatever its weights, it adds nothing.
+/// Unpacks a group of 16 rows' blocks (`len` elements each) into panel group `g`: each
+/// row's blocks unpacked to i16 in element order, then 16 rows' element pairs transposed so
+/// that each pair's 16 rows lie side by side. Rows from `real` on are padding: they get zero
+/// factors, so whatever their weights, they add nothing.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL; `blocks` holds `len / 256` whole blocks; the panel fits row `r`.
+/// AVX-512 F/BW/VL; each of `rows` holds `len / 256` whole blocks; the panel fits group `g`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn unpack_row<B: SuperBlock>(
-    blocks: &[u8],
-    r: usize,
-    real: bool,
+unsafe fn unpack_group<B: SuperBlock>(
+    rows: &[&[u8]; LANES],
+    real: usize,
+    g: usize,
     len: usize,
     p: &mut Panel,
 ) {
-    let (g, lane) = (r / LANES, r % LANES);
     let n_blocks = len / BLOCK;
     let pairs = len / 2;
-    let mut values = [0i16; BLOCK];
-    let mut scales = [0i16; BLOCK / GROUP];
-    let mut mins = [0i16; BLOCK / GROUP];
+    assert!(p.w.len() >= (g + 1) * pairs * LANES);
+    let mut values = [[0i16; BLOCK]; LANES];
     let mut dm_m = [0f32; BLOCK / GROUP];
-    for (b, block) in blocks.chunks_exact(B::BYTES).enumerate() {
-        // SAFETY: a whole block; the stores write the local arrays' exact sizes.
-        unsafe {
-            let wb = B::unpack(block);
-            _mm256_storeu_si256(scales.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(wb.scale));
-            _mm256_storeu_si256(mins.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(wb.min));
-            for (q, u) in wb.u.iter().enumerate() {
-                for h in 0..2 {
-                    // Elements 64q + 32h.., groups 4q + 2h and 4q + 2h + 1.
-                    let bytes = if h == 0 {
-                        _mm512_castsi512_si256(*u)
-                    } else {
-                        _mm512_extracti64x4_epi64::<1>(*u)
-                    };
-                    let v = _mm512_cvtepu8_epi16(bytes);
-                    let v = _mm512_sub_epi16(v, _mm512_set1_epi16(B::RECENTRE));
-                    let gi = 4 * q + 2 * h;
-                    let per_group = |s: &[i16; 16]| {
-                        _mm512_inserti64x4::<1>(
-                            _mm512_set1_epi16(s[gi]),
-                            _mm256_set1_epi16(s[gi + 1]),
-                        )
-                    };
-                    let mut v = _mm512_mullo_epi16(v, per_group(&scales));
-                    if B::CENTRED {
-                        v = _mm512_sub_epi16(v, per_group(&mins));
-                    }
-                    _mm512_storeu_si512(values.as_mut_ptr().add(64 * q + 32 * h).cast(), v);
+    for b in 0..n_blocks {
+        for (lane, values) in values.iter_mut().enumerate() {
+            let block = &rows[lane][b * B::BYTES..][..B::BYTES];
+            let real = lane < real;
+            // SAFETY: a whole block.
+            let d = unsafe { unpack_block::<B>(block, values, &mut dm_m) };
+            p.d[(g * n_blocks + b) * LANES + lane] = if real { d } else { 0.0 };
+            if !B::CENTRED {
+                // `dm_m` has one value per 16 elements; a min group of 32 takes the first of
+                // its two (they are equal).
+                let per = B::MIN_GROUP / GROUP;
+                let groups = len / B::MIN_GROUP;
+                for (j, &m) in dm_m.iter().step_by(per).enumerate() {
+                    let at = g * groups + b * (BLOCK / B::MIN_GROUP) + j;
+                    p.m[at * LANES + lane] = if real { m } else { 0.0 };
                 }
             }
-            if !B::CENTRED {
-                // `d·s·u − dm·m = d·s·(u − RECENTRE) − (dm·m − RECENTRE·d·s)`.
-                let m = _mm512_mul_ps(_mm512_cvtepi32_ps(wb.min), _mm512_set1_ps(wb.dm));
-                let shift = f32::from(B::RECENTRE) * wb.d;
-                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(wb.scale), _mm512_set1_ps(shift));
-                _mm512_storeu_ps(dm_m.as_mut_ptr(), _mm512_sub_ps(m, s));
-            }
-            p.d[(g * n_blocks + b) * LANES + lane] = if real { wb.d } else { 0.0 };
         }
-        let first_pair = b * BLOCK / 2;
-        for (i, pair) in values.chunks_exact(2).enumerate() {
-            let v = (pair[0] as u16 as u32 | ((pair[1] as u16 as u32) << 16)) as i32;
-            p.w[(g * pairs + first_pair + i) * LANES + lane] = v;
-        }
-        if !B::CENTRED {
-            // `dm_m` has one value per 16 elements; a min group of 32 takes the first of its
-            // two (they are equal).
-            let per = B::MIN_GROUP / GROUP;
-            let groups = len / B::MIN_GROUP;
-            for (j, &m) in dm_m.iter().step_by(per).enumerate() {
-                let at = g * groups + b * (BLOCK / B::MIN_GROUP) + j;
-                p.m[at * LANES + lane] = if real { m } else { 0.0 };
+        // Sixteen rows' 16 pairs at a time: row r's pairs in register r become pair i's
+        // rows in register i.
+        for c in 0..BLOCK / 32 {
+            // SAFETY: each row holds 256 i16, 32 of them from 32c; the stores stay inside
+            // group g (asserted above).
+            unsafe {
+                let rows = std::array::from_fn(|r| {
+                    _mm512_loadu_si512(values[r].as_ptr().add(32 * c).cast())
+                });
+                for (i, v) in transpose16(rows).into_iter().enumerate() {
+                    let at = (g * pairs + b * BLOCK / 2 + 16 * c + i) * LANES;
+                    _mm512_storeu_si512(p.w.as_mut_ptr().add(at).cast(), v);
+                }
             }
         }
     }
+}
+
+/// One block as i16 weights in element order (see the module's documentation) into
+/// `values`; returns its `d`, and for types with mins writes each 16 elements' f32 min into
+/// `dm_m`.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; `block` is one whole block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn unpack_block<B: SuperBlock>(
+    block: &[u8],
+    values: &mut [i16; BLOCK],
+    dm_m: &mut [f32; BLOCK / GROUP],
+) -> f32 {
+    let mut scales = [0i16; BLOCK / GROUP];
+    let mut mins = [0i16; BLOCK / GROUP];
+    // SAFETY: a whole block; the stores write the local arrays' exact sizes.
+    unsafe {
+        let wb = B::unpack(block);
+        _mm256_storeu_si256(scales.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(wb.scale));
+        _mm256_storeu_si256(mins.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(wb.min));
+        for (q, u) in wb.u.iter().enumerate() {
+            for h in 0..2 {
+                // Elements 64q + 32h.., groups 4q + 2h and 4q + 2h + 1.
+                let bytes = if h == 0 {
+                    _mm512_castsi512_si256(*u)
+                } else {
+                    _mm512_extracti64x4_epi64::<1>(*u)
+                };
+                let v = _mm512_cvtepu8_epi16(bytes);
+                let v = _mm512_sub_epi16(v, _mm512_set1_epi16(B::RECENTRE));
+                let gi = 4 * q + 2 * h;
+                let per_group = |s: &[i16; 16]| {
+                    _mm512_inserti64x4::<1>(_mm512_set1_epi16(s[gi]), _mm256_set1_epi16(s[gi + 1]))
+                };
+                let mut v = _mm512_mullo_epi16(v, per_group(&scales));
+                if B::CENTRED {
+                    v = _mm512_sub_epi16(v, per_group(&mins));
+                }
+                _mm512_storeu_si512(values.as_mut_ptr().add(64 * q + 32 * h).cast(), v);
+            }
+        }
+        if !B::CENTRED {
+            // `d·s·u − dm·m = d·s·(u − RECENTRE) − (dm·m − RECENTRE·d·s)`.
+            let m = _mm512_mul_ps(_mm512_cvtepi32_ps(wb.min), _mm512_set1_ps(wb.dm));
+            let shift = f32::from(B::RECENTRE) * wb.d;
+            let s = _mm512_mul_ps(_mm512_cvtepi32_ps(wb.scale), _mm512_set1_ps(shift));
+            _mm512_storeu_ps(dm_m.as_mut_ptr(), _mm512_sub_ps(m, s));
+        }
+        wb.d
+    }
+}
+
+/// The transpose of a 16 x 16 matrix of 32-bit elements, one row per register.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn transpose16(a: [__m512i; 16]) -> [__m512i; 16] {
+    // Within each 128-bit lane: rows 2i and 2i + 1 interleaved, then rows 4i..4i + 4, so
+    // that u[4i + j] holds, in lane l, column 4l + j of rows 4i..4i + 4.
+    let t: [__m512i; 16] = std::array::from_fn(|k| {
+        let (x, y) = (a[k & !1], a[k | 1]);
+        if k % 2 == 0 {
+            _mm512_unpacklo_epi32(x, y)
+        } else {
+            _mm512_unpackhi_epi32(x, y)
+        }
+    });
+    let u: [__m512i; 16] = std::array::from_fn(|k| {
+        let (i, j) = (k / 4, k % 4);
+        let (x, y) = (t[4 * i + j / 2], t[4 * i + 2 + j / 2]);
+        if j % 2 == 0 {
+            _mm512_unpacklo_epi64(x, y)
+        } else {
+            _mm512_unpackhi_epi64(x, y)
+        }
+    });
+    // Column 4l + j gathers lane l of u[j], u[4 + j], u[8 + j], u[12 + j].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let even_a = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[j], u[4 + j]);
+        let odd_a = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[j], u[4 + j]);
+        let even_b = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + j], u[12 + j]);
+        let odd_b = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + j], u[12 + j]);
+        out[j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(even_a, even_b);
+        out[8 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(even_a, even_b);
+        out[4 + j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(odd_a, odd_b);
+        out[12 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(odd_a, odd_b);
+    }
+    out
 }
