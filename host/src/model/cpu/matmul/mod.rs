@@ -209,9 +209,10 @@ pub enum Numerics {
     /// - Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights, with AVX512-VNNI: products of up to
     ///   16 tokens (decode), the vocabulary projection's too, hold their input as two signed
     ///   bytes per element (`hi + lo / 256` times a scale per 256 elements, within 2^-16 of
-    ///   the block's largest) and multiply the stored quants as integers; more tokens compute
-    ///   as `Exact`. When one product of a group (q/k/v, gate/up) has another type, the group
-    ///   computes as `Exact`.
+    ///   the block's largest) and multiply the stored quants as integers; more tokens
+    ///   (prefill) hold it as i16 (times a scale per 256 elements, the same 2^-16) and
+    ///   multiply i16 weights with the group scales folded in. When one product of a group
+    ///   (q/k/v, gate/up) has another type, the group computes as `Exact`.
     ///
     /// Other vocabulary projections, attention, norms, f32 weights, other quantized types and
     /// CPUs without AVX-512 compute exactly as `Exact`.
