@@ -10,9 +10,10 @@
 //! How:
 //! - Activations: each token's, per 256 elements, one f32 scale `dx = max|x| / 32767` and
 //!   `q = round(x / dx)` as i16 (within `dx / 2`, 2^-16 of the block's largest element, as
-//!   the decode path's two bytes). The sum of `dx·q` over each 16 elements is kept for the
-//!   min terms. With `max|x| / 8191` (fewer conversions below) the llama-quantize fixtures'
-//!   first-step logits moved by up to 8.5e-3 of the logit, against 3.1e-3 with this range.
+//!   the decode path's two bytes). The sums of `dx·q` over each 16 and each 32 elements are
+//!   kept for the min terms. With `max|x| / 8191` (fewer conversions below) the
+//!   llama-quantize fixtures' first-step logits moved by up to 8.5e-3 of the logit, against
+//!   2.9e-3 with this range.
 //! - Weights: each task unpacks a panel of its rows once per block of columns (`q8dot`'s
 //!   `unpack`) into i16 weights with the group scale folded in: `s·u − m` for types centred
 //!   on zero; for types with mins `s·(u − c)`, `c` about half the quants' range (so the
@@ -21,8 +22,9 @@
 //!   side per element pair (`[pair][row][2]`), so one load feeds 16 rows.
 //! - The micro-kernel broadcasts one token's element pair and multiplies it into 16 rows at
 //!   a time: a tile of up to 6 tokens times 32 rows, in i32 accumulators that are converted
-//!   and scaled (`d·dx`) into f32 ones before they could overflow; the min terms
-//!   (`dm·m·Σ(dx·q)` per group) are subtracted in f32.
+//!   and added into f32 block sums before they could overflow; each block's sums are then
+//!   scaled by `d·dx`, and the min terms (the f32 min times `Σ(dx·q)` per group) are
+//!   subtracted.
 //!
 //! Integers cannot overflow: `|q| <= 32767` and each type's `|w|` has a bound
 //! ([`SuperBlock::MAX_WEIGHT`], 4096 for Q6_K), so `FLUSH` elements (the most that keep
@@ -40,7 +42,7 @@ use crate::model::quant::QuantType;
 /// Elements per activation block and weight block.
 const BLOCK: usize = 256;
 
-/// Elements per min group.
+/// Elements per activation sum (the smaller min group).
 const GROUP: usize = 16;
 
 /// The largest `|q|` of the activations.
