@@ -122,6 +122,22 @@ impl QuantType {
     pub fn bytes_for(self, elems: usize) -> usize {
         elems / self.block_elems() * self.block_bytes()
     }
+
+    /// Where a block keeps its f16 fields (the scale, and the min where the type has one),
+    /// as byte offsets.
+    pub fn f16_fields(self) -> &'static [usize] {
+        match self {
+            QuantType::Q8_0
+            | QuantType::Q4_0
+            | QuantType::Q5_0
+            | QuantType::Iq4Nl
+            | QuantType::Iq4Xs => &[0],
+            QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K | QuantType::Q5K => &[0, 2],
+            QuantType::Q6K => &[208],
+            QuantType::Q2K => &[80, 82],
+            QuantType::Q3K => &[108],
+        }
+    }
 }
 
 /// `n` blocks of random quants, for tests and synthetic benchmark weights: every byte from
@@ -134,22 +150,11 @@ pub fn random_blocks(
     scale: f32,
     mut random: impl FnMut() -> f32,
 ) -> Vec<u8> {
-    let f16_fields: &[usize] = match qt {
-        QuantType::Q8_0
-        | QuantType::Q4_0
-        | QuantType::Q5_0
-        | QuantType::Iq4Nl
-        | QuantType::Iq4Xs => &[0],
-        QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4K | QuantType::Q5K => &[0, 2],
-        QuantType::Q6K => &[208],
-        QuantType::Q2K => &[80, 82],
-        QuantType::Q3K => &[108],
-    };
     let mut bytes: Vec<u8> = (0..n * qt.block_bytes())
         .map(|_| ((random() + 1.0) * 128.0) as u8)
         .collect();
     for block in bytes.chunks_exact_mut(qt.block_bytes()) {
-        for &at in f16_fields {
+        for &at in qt.f16_fields() {
             let v = half::f16::from_f32(random() * scale)
                 .to_bits()
                 .to_le_bytes();

@@ -130,7 +130,8 @@ pub(super) struct Panel {
     w: Vec<i32>,
     /// `d[(g·blocks + b)·16 + r]`: block `b`'s factor.
     d: Vec<f32>,
-    /// `m[(g·len/MIN_GROUP + j)·16 + r]`: `dm·m` of min group `j` (types with mins only).
+    /// `m[(g·len/MIN_GROUP + j)·16 + r]`: the f32 min of min group `j`, `dm·m − c·d·s`
+    /// (types with mins only).
     m: Vec<f32>,
 }
 

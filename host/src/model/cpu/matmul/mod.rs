@@ -978,26 +978,22 @@ impl Product<'_> {
     }
 }
 
-/// Runs `f` with a panel of `len` floats from a free scratch slot.
+/// Runs `f` with a panel of `len` floats from a free scratch slot (grown if it is shorter,
+/// which `Product::run`'s growing beforehand makes the exception).
 fn with_panel(panels: &[Mutex<Vec<f32>>], len: usize, f: impl FnOnce(&mut [f32])) {
-    // At most `panels.len()` tasks run at once, so a free slot exists; a missing one would be
-    // a bug, and a temporary buffer keeps it a slowdown only.
-    for slot in panels {
-        if let Ok(mut panel) = slot.try_lock() {
-            if panel.len() >= len {
-                return f(&mut panel[..len]);
-            }
+    with_slot(panels, |panel| {
+        if panel.len() < len {
+            panel.resize(len, 0.0);
         }
-    }
-    f(&mut vec![0.0; len]);
+        f(&mut panel[..len])
+    });
 }
 
 /// Runs `f` with the first free scratch slot of `slots` (which a task may grow; it keeps
 /// its size for the next product).
-#[cfg(target_arch = "x86_64")]
 fn with_slot<T: Default>(slots: &[Mutex<T>], f: impl FnOnce(&mut T)) {
-    // As in `with_panel`: a free slot exists; a missing one would be a bug, and a temporary
-    // value keeps it a slowdown only.
+    // At most `slots.len()` tasks run at once, so a free slot exists; a missing one would be
+    // a bug, and a temporary value keeps it a slowdown only.
     for slot in slots {
         if let Ok(mut value) = slot.try_lock() {
             return f(&mut value);
@@ -1406,15 +1402,21 @@ mod tests {
     /// kernels: per 256 elements, `dx = max|x| / 127`, `hi = round(x / dx)`,
     /// `lo = round(256·(x / dx − hi))` (ties to even, saturated to an i8), value
     /// `dx·(hi + lo / 256)`.
+    /// A 256-element block's scale `max|x| / range` and its inverse (0 and 0 for a zero
+    /// block), as the integer paths compute them.
+    fn reference_scale(block: &[f32], range: f32) -> (f32, f32) {
+        let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        if amax > 0.0 {
+            (amax / range, range / amax)
+        } else {
+            (0.0, 0.0)
+        }
+    }
+
     fn rounded_to_two_bytes(x: &[f32]) -> Vec<f32> {
         let mut out = Vec::with_capacity(x.len());
         for block in x.chunks(256) {
-            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let (d, inv) = if amax > 0.0 {
-                (amax / 127.0, 127.0 / amax)
-            } else {
-                (0.0, 0.0)
-            };
+            let (d, inv) = reference_scale(block, 127.0);
             out.extend(block.iter().map(|&v| {
                 let scaled = v * inv;
                 let hi = scaled.round_ties_even();
@@ -1427,17 +1429,12 @@ mod tests {
         out
     }
 
-    /// `x` as the i16 prefill path rounds it: per 256 elements, `dx = max|x| / 8191` and
+    /// `x` as the i16 prefill path rounds it: per 256 elements, `dx = max|x| / 32767` and
     /// `dx·round(x / dx)`.
     fn rounded_to_i16(x: &[f32]) -> Vec<f32> {
         let mut out = Vec::with_capacity(x.len());
         for block in x.chunks(256) {
-            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let (d, inv) = if amax > 0.0 {
-                (amax / 32767.0, 32767.0 / amax)
-            } else {
-                (0.0, 0.0)
-            };
+            let (d, inv) = reference_scale(block, 32767.0);
             out.extend(block.iter().map(|&v| d * (v * inv).round_ties_even()));
         }
         out
@@ -1526,17 +1523,6 @@ mod tests {
             eprintln!("SKIP integer products: this CPU has no AVX512-VNNI; fast == exact here");
             return;
         }
-        // Where each type keeps its f16 factors.
-        let factors = |qt: QuantType| -> &[usize] {
-            match qt {
-                QuantType::Q4K | QuantType::Q5K => &[0, 2],
-                QuantType::Q6K => &[208],
-                QuantType::Q2K => &[80, 82],
-                QuantType::Q3K => &[108],
-                QuantType::Iq4Xs => &[0],
-                _ => &[],
-            }
-        };
         let pool = ThreadPool::new(2);
         let mut scratch = MatmulScratch::default();
         let (rows, cols) = (32, 512);
@@ -1546,7 +1532,7 @@ mod tests {
             for fill in [0x00u8, 0xff, 0x80, 0x7f, 0x88] {
                 let mut blocks = vec![fill; qt.bytes_for(rows * cols)];
                 for block in blocks.chunks_exact_mut(bytes) {
-                    for &at in factors(qt) {
+                    for &at in qt.f16_fields() {
                         block[at..at + 2].copy_from_slice(&half::f16::ONE.to_bits().to_le_bytes());
                     }
                 }
