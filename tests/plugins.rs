@@ -346,6 +346,30 @@ async fn looping_trapping_and_memory_eating_plugins_are_cut_off() {
     }
 }
 
+/// A plugin's first call on a fresh instance (a Python interpreter setting itself up) can be
+/// much slower than its warm calls: the load-time trial call has the instantiate deadline, not
+/// the 5 ms call deadline, and the warm calls after it still have theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_call_passes_its_trial_and_later_calls_keep_the_call_deadline() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    let server = start_with_plugins(&dir, |c| {
+        assert_eq!(c.plugins.call_deadline_ms, 5, "the default call deadline");
+    })
+    .await;
+    put_plugin(&dir, "slow.wasm", "slow-start");
+    let listed = wait_for(&server, "slow.wasm", "active").await;
+    assert_eq!(listed["faults"], 0, "{listed}");
+    until_status(&server, "blocked", 429, "the warm plugin rejects `blocked`").await;
+    assert_eq!(generate_as(&server, "someone", &[]).await.status(), 200);
+    let listed = wait_for(&server, "slow.wasm", "active").await;
+    assert_eq!(
+        listed["faults"], 0,
+        "warm calls are within the deadline: {listed}"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_limiter_faults_answer_503_policy_unavailable() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -413,7 +413,8 @@ pub struct PluginsConfig {
     /// Deadline of one health-check call, in ms.
     pub health_deadline_ms: u64,
     /// Deadline of building a fresh plugin instance (at load, and after a fault or a config
-    /// change), in ms, before the call's own deadline starts.
+    /// change), in ms, before the call's own deadline starts; also the deadline of the
+    /// load-time trial call (a fresh instance's first call).
     pub instantiate_deadline_ms: u64,
     /// Most linear memory one plugin instance may use, in MiB.
     pub memory_limit_mb: usize,

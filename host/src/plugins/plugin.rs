@@ -121,6 +121,8 @@ pub struct Plugin {
     pub faults: AtomicU64,
     consecutive_faults: AtomicU32,
     disabled: AtomicBool,
+    /// No call has run yet: the next one is the load-time trial (see [`Plugin::call_with`]).
+    first_call: AtomicBool,
 }
 
 impl Plugin {
@@ -163,6 +165,7 @@ impl Plugin {
             faults: AtomicU64::new(0),
             consecutive_faults: AtomicU32::new(0),
             disabled: AtomicBool::new(false),
+            first_call: AtomicBool::new(true),
         }
     }
 
@@ -275,6 +278,12 @@ impl Plugin {
     }
 
     /// Runs `f` on the instance in `live` (built first if there is none), under the deadline.
+    /// The plugin's very first call (the loader's trial call, off the request path) runs under
+    /// the instantiate deadline instead: a large component's first call on a fresh instance
+    /// (a Python interpreter touching its heap) can take longer than a warm call's deadline on
+    /// a busy machine, and refusing the file for that would be wrong. Later calls, including
+    /// the first one on an instance rebuilt after a fault, keep the call deadline, so a
+    /// looping plugin costs a request no more than that.
     fn call_with<R>(
         &self,
         verdict: bool,
@@ -289,7 +298,12 @@ impl Plugin {
             let Some(Live { store, bindings }) = live.as_mut() else {
                 wasmtime::bail!("no instance");
             };
-            store.set_epoch_deadline(PluginEngine::ticks(self.limits.deadline));
+            let deadline = if self.first_call.swap(false, Ordering::Relaxed) {
+                self.limits.instantiate_deadline
+            } else {
+                self.limits.deadline
+            };
+            store.set_epoch_deadline(PluginEngine::ticks(deadline));
             f(store, bindings)
         })();
         self.calls.fetch_add(1, Ordering::Relaxed);
