@@ -9,6 +9,8 @@ use common::wasm::{plugin_wasm, python_plugin_wasm};
 use common::{eventually, repo_root};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn stories() -> PathBuf {
@@ -707,21 +709,28 @@ async fn hot_swap_under_load_loses_no_request() {
     })
     .await;
     wait_for(&server, "swap.wasm", "active").await;
+    // The clients keep sending until the last swap is written, so every swap lands under load
+    // however fast the requests are answered.
+    let swapping = Arc::new(AtomicBool::new(true));
     let swapper = {
-        let dir = dir.clone();
+        let (dir, swapping) = (dir.clone(), swapping.clone());
         tokio::spawn(async move {
             for i in 0..20 {
                 tokio::time::sleep(Duration::from_millis(60)).await;
                 put(&dir, "swap.wasm", if i % 2 == 0 { &deny } else { &allow });
             }
+            // Time to load the last one while requests still flow.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            swapping.store(false, Ordering::Relaxed);
         })
     };
     let workers: Vec<_> = (0..8)
         .map(|w| {
             let (http, url) = (server.http.clone(), server.url("/generate"));
+            let swapping = swapping.clone();
             tokio::spawn(async move {
                 let mut counts = [0u32; 3]; // 200, 429, other
-                for _ in 0..250 {
+                while swapping.load(Ordering::Relaxed) {
                     let r = http
                         .post(&url)
                         .header("x-client-id", format!("worker-{w}"))
