@@ -39,6 +39,11 @@ use super::{job_size, run_tasks, threads_for, with_slot, OutPtr, Part, TaskSplit
 use super::{WeightData, K_BLOCK};
 use crate::model::quant::QuantType;
 
+/// Whether weights of type `qt` have panels here: `q8dot`'s 256-element types.
+pub(super) fn supports(qt: QuantType) -> bool {
+    super::q8dot::has_super_blocks(qt)
+}
+
 /// Elements per activation block and weight block.
 const BLOCK: usize = 256;
 

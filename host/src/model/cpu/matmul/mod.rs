@@ -25,6 +25,9 @@ pub(crate) mod avx512;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
 mod bf16dot;
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod block32;
 mod dequant;
 #[cfg(target_arch = "x86_64")]
 #[clippy::msrv = "1.89"]
@@ -288,7 +291,7 @@ impl Precision {
 
     /// Whether products with `data` multiply integers on this CPU: up to [`q8dot::TOKENS`]
     /// tokens with two-byte activations (`q8dot`), more with i16 activations and panels
-    /// (`i16_panels`).
+    /// (`i16_panels`) for the types that have them (see [`Precision::uses_i16_panels`]).
     pub fn uses_integer_dot(self, data: &WeightData) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -296,6 +299,22 @@ impl Precision {
                 && matches!(data, WeightData::Quant(qt, _) if q8dot::supports(*qt))
                 && Isa::detect() == Isa::Avx512
                 && q8_dot_supported()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = data;
+            false
+        }
+    }
+
+    /// Whether products of more than [`q8dot::TOKENS`] tokens with `data` multiply i16
+    /// activations and panels on this CPU (the 256-element types; the 32-element ones compute
+    /// exactly there).
+    pub fn uses_i16_panels(self, data: &WeightData) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.uses_integer_dot(data)
+                && matches!(data, WeightData::Quant(qt, _) if i16_panels::supports(*qt))
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -443,7 +462,7 @@ fn fast_path(
     }
     if n_tokens <= q8dot::TOKENS && every(Precision::uses_integer_dot) {
         if let Some(k) = q8dot::Q8Dot::new() {
-            scratch.x_q8.quantize(k, x);
+            scratch.x_q8.quantize(k, x, cols);
             let product = q8dot::Product {
                 x: &scratch.x_q8,
                 n_tokens,
@@ -454,7 +473,7 @@ fn fast_path(
             return true;
         }
     }
-    if every(Precision::uses_integer_dot) {
+    if every(Precision::uses_i16_panels) {
         if let Some(k) = q8dot::Q8Dot::new() {
             scratch.x_i16.quantize(k, x);
             let slots = &mut scratch.i16_panels;
@@ -1398,10 +1417,6 @@ mod tests {
         }
     }
 
-    /// The documented rounding of activations to two bytes, written independently of the
-    /// kernels: per 256 elements, `dx = max|x| / 127`, `hi = round(x / dx)`,
-    /// `lo = round(256·(x / dx − hi))` (ties to even, saturated to an i8), value
-    /// `dx·(hi + lo / 256)`.
     /// A 256-element block's scale `max|x| / range` and its inverse (0 and 0 for a zero
     /// block), as the integer paths compute them.
     fn reference_scale(block: &[f32], range: f32) -> (f32, f32) {
@@ -1413,9 +1428,13 @@ mod tests {
         }
     }
 
-    fn rounded_to_two_bytes(x: &[f32]) -> Vec<f32> {
+    /// The documented rounding of activations to two bytes, written independently of the
+    /// kernels: per 256 elements of each row of `cols` (the last run of a row may be
+    /// shorter), `dx = max|x| / 127`, `hi = round(x / dx)`, `lo = round(256·(x / dx − hi))`
+    /// (ties to even, saturated to an i8), value `dx·(hi + lo / 256)`.
+    fn rounded_to_two_bytes(x: &[f32], cols: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(x.len());
-        for block in x.chunks(256) {
+        for block in x.chunks(cols).flat_map(|row| row.chunks(256)) {
             let (d, inv) = reference_scale(block, 127.0);
             out.extend(block.iter().map(|&v| {
                 let scaled = v * inv;
@@ -1444,9 +1463,11 @@ mod tests {
     fn integer_products_match_reference_on_rounded_activations() {
         // Fast numerics, quantized weights with integer kernels: the product of the
         // dequantized weights with the activations as rounded to two bytes (up to 16 tokens)
-        // or to i16 (more), in f64. A wrong element order, scale or min moves the result by
-        // far more than the 1e-5. The shapes cover padded row groups, several tasks, token
-        // tiles of every size and a second block of columns.
+        // or to i16 (more; the 32-element types compute those exactly), in f64. A wrong
+        // element order, scale or min moves the result by far more than the 1e-5. The shapes
+        // cover padded row groups, several tasks, token tiles of every size and a second
+        // block of columns; for the 32-element types also rows that end in a short run of
+        // 256 (one, two and seven blocks).
         if !Precision::Bf16.uses_integer_dot(&WeightData::Quant(QuantType::Q4K, &[])) {
             eprintln!("SKIP integer products: this CPU has no AVX512-VNNI; fast == exact here");
             return;
@@ -1455,7 +1476,14 @@ mod tests {
         let mut scratch = MatmulScratch::default();
         let types = QuantType::ALL.into_iter().filter(|&qt| q8dot::supports(qt));
         for qt in types {
-            for &(rows, cols) in &[(5, 256), (37, 512), (20, 1280), (70, 2304)] {
+            let small = qt.block_elems() == 32;
+            let short_runs: &[(usize, usize)] = if small {
+                &[(9, 288), (37, 576), (4, 224)]
+            } else {
+                &[]
+            };
+            let shapes = [(5, 256), (37, 512), (20, 1280), (70, 2304)];
+            for &(rows, cols) in shapes.iter().chain(short_runs) {
                 for n in [1, 2, 3, 4, 5, 8, 13, q8dot::TOKENS, 17, 24, 41] {
                     if rows == 70 && n < 17 {
                         continue;
@@ -1463,14 +1491,18 @@ mod tests {
                     let mut rng = Rng(0x51 ^ (rows * 31 + cols * 7 + n) as u64);
                     // Two matrices in one group, with 3 and `rows` rows.
                     let (rows_a, rows_b) = (3, rows);
-                    let blocks_a = random_blocks(&mut rng, qt, rows_a * cols / 256);
-                    let blocks_b = random_blocks(&mut rng, qt, rows_b * cols / 256);
+                    let per_block = qt.block_elems();
+                    let blocks_a = random_blocks(&mut rng, qt, rows_a * cols / per_block);
+                    let blocks_b = random_blocks(&mut rng, qt, rows_b * cols / per_block);
                     // Activations of mixed sizes, so the blocks' scales differ.
                     let x: Vec<f32> = (0..n * cols)
                         .map(|i| rng.next() * if i % 97 == 0 { 8.0 } else { 1.0 })
                         .collect();
+                    let exact = n > q8dot::TOKENS && small;
                     let xr = if n <= q8dot::TOKENS {
-                        rounded_to_two_bytes(&x)
+                        rounded_to_two_bytes(&x, cols)
+                    } else if small {
+                        x.clone()
                     } else {
                         rounded_to_i16(&x)
                     };
@@ -1495,12 +1527,14 @@ mod tests {
                         },
                     ];
                     matmul_group(&pool, Precision::Bf16, &x, n, parts, &mut scratch);
-                    let rounded = if n <= q8dot::TOKENS {
-                        scratch.x_q8.values()
-                    } else {
-                        scratch.x_i16.values()
-                    };
-                    assert_eq!(rounded[..n * cols], xr, "rounded activations");
+                    if !exact {
+                        let rounded = if n <= q8dot::TOKENS {
+                            scratch.x_q8.values()
+                        } else {
+                            scratch.x_i16.values()
+                        };
+                        assert_eq!(rounded[..n * cols], xr, "rounded activations");
+                    }
                     for (blocks, out, rows) in
                         [(&blocks_a, &out_a, rows_a), (&blocks_b, &out_b, rows_b)]
                     {
@@ -1528,7 +1562,7 @@ mod tests {
         let (rows, cols) = (32, 512);
         let types = QuantType::ALL.into_iter().filter(|&qt| q8dot::supports(qt));
         for qt in types {
-            let bytes = qt.bytes_for(256);
+            let bytes = qt.bytes_for(qt.block_elems());
             for fill in [0x00u8, 0xff, 0x80, 0x7f, 0x88] {
                 let mut blocks = vec![fill; qt.bytes_for(rows * cols)];
                 for block in blocks.chunks_exact_mut(bytes) {

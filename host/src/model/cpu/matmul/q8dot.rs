@@ -1,5 +1,6 @@
-//! The fast path for 256-element quantized weights (`Numerics::Fast`): Q2_K, Q3_K, Q4_K,
-//! Q5_K, Q6_K and IQ4_XS times activations held as bytes, with AVX512-VNNI's `vpdpbusd` (64
+//! The fast path for quantized weights (`Numerics::Fast`): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and
+//! IQ4_XS (256-element blocks, here) and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL (32-element
+//! blocks, in `block32`) times activations held as bytes, with AVX512-VNNI's `vpdpbusd` (64
 //! products of unsigned and signed bytes, summed in fours into 16 i32 lanes, in one
 //! instruction).
 //!
@@ -8,8 +9,9 @@
 //! reading under 10 GB/s). Integer products of the stored quants skip it.
 //!
 //! How:
-//! - Each token's activations are rounded once per product, per 256 elements with one f32
-//!   scale `dx = max|x| / 127`, to two signed bytes: `hi = round(x / dx)` and
+//! - Each token's activations are rounded once per product, per 256 elements (the last run of
+//!   a row may be shorter, a multiple of 32) with one f32 scale `dx = max|x| / 127`, to two
+//!   signed bytes: `hi = round(x / dx)` and
 //!   `lo = round(256·(x / dx − hi))`, so `x ≈ dx·(hi + lo / 256)` within `dx / 512`
 //!   (2^-16 of the block's largest element). One byte alone (llama.cpp's Q8_K) errs by up to
 //!   `dx / 2`: on the golden files that moved first-step logits by 0.4-0.7, far outside the
@@ -35,15 +37,16 @@
 use std::arch::x86_64::*;
 
 use super::avx512::lane_sums;
+use super::block32::{self, Iq4Nl, Small, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::dequant_avx512::f16_at;
 use super::{job_size, run_tasks, threads_for, OutPtr, Part, TaskSplit, ThreadPool, WeightData};
 use crate::model::quant::{QuantType, IQ4_VALUES};
 
 /// Elements per activation block and weight block.
-const BLOCK: usize = 256;
+pub(super) const BLOCK: usize = 256;
 
 /// Elements per scale group.
-const GROUP: usize = 16;
+pub(super) const GROUP: usize = 16;
 
 /// Most tokens per product on this path. Each tile of 4 tokens unpacks the weights again
 /// (from L1), and the two-byte activations cost two `vpdpbusd` per 64 products, so with many
@@ -66,6 +69,9 @@ const PREFETCH_AHEAD: usize = 4096;
 /// whole share).
 const TASKS_PER_THREAD: usize = 4;
 
+/// `PREFETCH_AHEAD` for the kernels in `block32`.
+pub(super) const PREFETCH: usize = PREFETCH_AHEAD;
+
 /// Proof that the CPU supports AVX-512 F, BW, VL and VNNI.
 #[derive(Clone, Copy)]
 pub(super) struct Q8Dot(());
@@ -80,8 +86,13 @@ impl Q8Dot {
     }
 }
 
-/// Whether weights of type `qt` have a kernel here.
+/// Whether weights of type `qt` have a kernel here (or in `block32`).
 pub(super) fn supports(qt: QuantType) -> bool {
+    has_super_blocks(qt) || block32::supports(qt)
+}
+
+/// Whether `qt` is one of the 256-element types this module multiplies itself.
+pub(super) fn has_super_blocks(qt: QuantType) -> bool {
     matches!(
         qt,
         QuantType::Q2K
@@ -94,55 +105,69 @@ pub(super) fn supports(qt: QuantType) -> bool {
 }
 
 /// Activations as two bytes each: for token `t` and element `k` of `cols`, at
-/// `i = t·cols + k`, the value `d[i / 256]·(hi[i] + lo[i] / 256)`; `sums[j]` is the sum of
-/// `256·hi + lo` over the 16 elements from `16·j`.
+/// `i = t·cols + k`, the value `d[t·runs + k / 256]·(hi[i] + lo[i] / 256)` with
+/// `runs = ⌈cols / 256⌉`; `sums[j]` is the sum of `256·hi + lo` over the 16 elements from
+/// `16·j`.
 #[derive(Default)]
 pub(crate) struct Q8Activations {
-    hi: Vec<i8>,
-    lo: Vec<i8>,
-    d: Vec<f32>,
-    sums: Vec<f32>,
+    pub(super) hi: Vec<i8>,
+    pub(super) lo: Vec<i8>,
+    pub(super) d: Vec<f32>,
+    pub(super) sums: Vec<f32>,
+    cols: usize,
 }
 
 impl Q8Activations {
-    /// Rounds `x` (a multiple of 256 elements) into `self`, reusing its buffers.
-    pub(super) fn quantize(&mut self, _k: Q8Dot, x: &[f32]) {
-        assert!(x.len().is_multiple_of(BLOCK), "whole 256-element blocks");
+    /// Rounds `x`, rows of `cols` elements (a multiple of 32), into `self`, reusing its
+    /// buffers: each row in runs of 256 elements, the last one possibly shorter.
+    pub(super) fn quantize(&mut self, _k: Q8Dot, x: &[f32], cols: usize) {
+        assert!(
+            cols > 0 && cols.is_multiple_of(32),
+            "rows of whole 32-element blocks"
+        );
+        assert!(x.len().is_multiple_of(cols), "whole rows");
         let n = x.len();
+        let runs = cols.div_ceil(BLOCK);
+        self.cols = cols;
         self.hi.resize(n, 0);
         self.lo.resize(n, 0);
-        self.d.resize(n / BLOCK, 0.0);
+        self.d.resize(n / cols * runs, 0.0);
         self.sums.resize(n / GROUP, 0.0);
-        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-            let hi = &mut self.hi[b * BLOCK..][..BLOCK];
-            let lo = &mut self.lo[b * BLOCK..][..BLOCK];
-            let sums = &mut self.sums[b * (BLOCK / GROUP)..][..BLOCK / GROUP];
-            // SAFETY: the token proves CPU support; the slices have the block's lengths.
-            self.d[b] = unsafe { quantize_block(block, hi, lo, sums) };
+        for (t, row) in x.chunks_exact(cols).enumerate() {
+            for (r, run) in row.chunks(BLOCK).enumerate() {
+                let at = t * cols + r * BLOCK;
+                let hi = &mut self.hi[at..][..run.len()];
+                let lo = &mut self.lo[at..][..run.len()];
+                let sums = &mut self.sums[at / GROUP..][..run.len() / GROUP];
+                // SAFETY: the token proves CPU support; the slices have the run's lengths.
+                self.d[t * runs + r] = unsafe { quantize_block(run, hi, lo, sums) };
+            }
         }
     }
 
     /// The values as f32, for tests.
     #[cfg(test)]
     pub(super) fn values(&self) -> Vec<f32> {
+        let runs = self.cols.div_ceil(BLOCK);
         (0..self.hi.len())
             .map(|i| {
                 let q = f32::from(self.hi[i]) + f32::from(self.lo[i]) / 256.0;
-                self.d[i / BLOCK] * q
+                self.d[i / self.cols * runs + i % self.cols / BLOCK] * q
             })
             .collect()
     }
 }
 
-/// One block's scale `dx`; writes `hi = round(x / dx)` and `lo = round(256·(x / dx − hi))`
+/// One run's scale `dx`; writes `hi = round(x / dx)` and `lo = round(256·(x / dx − hi))`
 /// (nearest, ties to even; `lo` saturates at -128 and 127) and the 16-element sums.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL; `x`, `hi` and `lo` hold 256 elements, `sums` 16.
+/// AVX-512 F/BW/VL; `x`, `hi` and `lo` hold the same number of elements, a multiple of 16 up
+/// to 256, and `sums` one per 16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_block(x: &[f32], hi: &mut [i8], lo: &mut [i8], sums: &mut [f32]) -> f32 {
-    assert!(x.len() == BLOCK && hi.len() == BLOCK && lo.len() == BLOCK);
-    assert!(sums.len() == BLOCK / GROUP);
+    assert!(x.len() <= BLOCK && hi.len() == x.len() && lo.len() == x.len());
+    assert!(sums.len() * GROUP == x.len());
     let (d, inv) = block_scale(x, 127.0);
     let inv = _mm512_set1_ps(inv);
     let at = |i: usize| i * GROUP;
@@ -605,8 +630,7 @@ pub(super) struct Product<'a> {
 impl Product<'_> {
     pub(super) fn run(&self, k: Q8Dot, pool: &ThreadPool) {
         let cols = self.cols;
-        assert!(cols.is_multiple_of(BLOCK));
-        assert!(self.x.hi.len() >= self.n_tokens * cols);
+        assert!(self.x.hi.len() >= self.n_tokens * cols && self.x.cols == cols);
         let (rows, work) = job_size(self.parts, self.n_tokens);
         if rows == 0 || self.n_tokens == 0 {
             return;
@@ -620,6 +644,10 @@ impl Product<'_> {
             let WeightData::Quant(qt, w) = part.w.data else {
                 unreachable!("the 8-bit path only takes quantized weights");
             };
+            assert!(
+                cols.is_multiple_of(qt.block_elems()),
+                "whole blocks per row"
+            );
             assert_eq!(w.len(), qt.bytes_for(part.w.rows * cols));
             assert!(self.n_tokens * part.w.rows <= part.out.len);
             // SAFETY: the token proves CPU support. Rows r0..r1 of `w` and every token of
@@ -649,7 +677,12 @@ impl Product<'_> {
                 QuantType::Q5K => self.rows::<Q5K>(k, w, out, out_rows, rows),
                 QuantType::Q6K => self.rows::<Q6K>(k, w, out, out_rows, rows),
                 QuantType::Iq4Xs => self.rows::<Iq4Xs>(k, w, out, out_rows, rows),
-                _ => unreachable!("{} has no 8-bit kernel", qt.name()),
+                QuantType::Q4_0 => self.rows::<Small<Q4_0>>(k, w, out, out_rows, rows),
+                QuantType::Q4_1 => self.rows::<Small<Q4_1>>(k, w, out, out_rows, rows),
+                QuantType::Q5_0 => self.rows::<Small<Q5_0>>(k, w, out, out_rows, rows),
+                QuantType::Q5_1 => self.rows::<Small<Q5_1>>(k, w, out, out_rows, rows),
+                QuantType::Q8_0 => self.rows::<Small<Q8_0>>(k, w, out, out_rows, rows),
+                QuantType::Iq4Nl => self.rows::<Small<Iq4Nl>>(k, w, out, out_rows, rows),
             }
         }
     }
@@ -660,7 +693,7 @@ impl Product<'_> {
     /// # Safety
     /// `w` holds `out_rows` rows of `B` blocks, `rows.end <= out_rows`; `out` holds
     /// `n_tokens * out_rows` floats and no other thread touches rows `rows`.
-    unsafe fn rows<B: SuperBlock>(
+    unsafe fn rows<B: Tile>(
         &self,
         _k: Q8Dot,
         w: &[u8],
@@ -680,10 +713,10 @@ impl Product<'_> {
                 // per-token loops unroll.
                 unsafe {
                     match tile {
-                        1 => self.tile::<B, 1>(w, out, out_rows, group, t0),
-                        2 => self.tile::<B, 2>(w, out, out_rows, group, t0),
-                        3 => self.tile::<B, 3>(w, out, out_rows, group, t0),
-                        _ => self.tile::<B, 4>(w, out, out_rows, group, t0),
+                        1 => B::tile::<1>(self, w, out, out_rows, group, t0),
+                        2 => B::tile::<2>(self, w, out, out_rows, group, t0),
+                        3 => B::tile::<3>(self, w, out, out_rows, group, t0),
+                        _ => B::tile::<4>(self, w, out, out_rows, group, t0),
                     }
                 }
                 t0 += tile;
@@ -695,10 +728,10 @@ impl Product<'_> {
     /// At most 16 `rows` for the `N` tokens from `t0`, the rows' sums reduced together.
     ///
     /// # Safety
-    /// As [`Product::rows`], `t0 + N <= n_tokens`, and AVX-512 F/BW/VL/VNNI.
+    /// As [`Tile::tile`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // index loops over the per-token accumulators
-    unsafe fn tile<B: SuperBlock, const N: usize>(
+    unsafe fn super_tile<B: SuperBlock, const N: usize>(
         &self,
         w: &[u8],
         out: OutPtr,
@@ -798,5 +831,35 @@ impl Product<'_> {
                 unsafe { *out.ptr.add((t0 + t) * out_rows + rows.start + i) = value };
             }
         }
+    }
+}
+
+/// A weight type's kernel for one tile: at most 16 rows times at most [`TILE`] tokens.
+pub(super) trait Tile {
+    /// At most 16 `rows` for the `N` tokens from `t0`, written to `out`.
+    ///
+    /// # Safety
+    /// As [`Product::rows`], `t0 + N <= n_tokens`, and AVX-512 F/BW/VL/VNNI.
+    unsafe fn tile<const N: usize>(
+        p: &Product,
+        w: &[u8],
+        out: OutPtr,
+        out_rows: usize,
+        rows: std::ops::Range<usize>,
+        t0: usize,
+    );
+}
+
+impl<B: SuperBlock> Tile for B {
+    unsafe fn tile<const N: usize>(
+        p: &Product,
+        w: &[u8],
+        out: OutPtr,
+        out_rows: usize,
+        rows: std::ops::Range<usize>,
+        t0: usize,
+    ) {
+        // SAFETY: forwarded.
+        unsafe { p.super_tile::<B, N>(w, out, out_rows, rows, t0) }
     }
 }
