@@ -243,8 +243,8 @@ fn block_count<B: Block32, const REGS: usize, const FULL: bool>(bytes: &[u8]) ->
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn unpack<B: Block32, const REGS: usize, const FULL: bool>(bytes: &[u8]) -> Run<REGS> {
     let n = block_count::<B, REGS, FULL>(bytes);
-    // Loops of constant length and no closures, so that everything unrolls and stays in
-    // registers (closures here were compiled out of line, three times slower).
+    // A loop of constant length, not a closure, so that it unrolls and `u` stays in
+    // registers (`std::array::from_fn` here was compiled out of line, three times slower).
     let mut u = [_mm512_setzero_si512(); REGS];
     for (r, u) in u.iter_mut().enumerate() {
         // SAFETY: whole blocks.
