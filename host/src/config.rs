@@ -276,12 +276,14 @@ pub struct ModelConfig {
     pub device: crate::model::executor::DeviceChoice,
     /// CPU compute threads (0 = all cores).
     pub threads: usize,
-    /// How products with bf16 and f16 weights compute on AVX-512 CPUs. `fast`: with bf16
-    /// weights and AVX512-BF16, the q/k/v, o, gate and up projections round their inputs to
-    /// bf16, and the down projection splits its input into two bf16 parts (several tokens)
-    /// or rounds it to f16 (one token); with f16 weights, one-token products round their
-    /// inputs to f16. `exact` computes in f32 and reproduces Hugging Face transformers. f32
-    /// and quantized weights, and CPUs without AVX-512, always compute exactly.
+    /// How matrix products compute on AVX-512 CPUs. `fast`: with bf16 weights and
+    /// AVX512-BF16, the q/k/v, o, gate and up projections round their inputs to bf16, and the
+    /// down projection splits its input into two bf16 parts (several tokens) or rounds it to
+    /// f16 (one token); with f16 weights, one-token products round their inputs to f16; with
+    /// quantized weights and AVX512-VNNI, products of up to 16 tokens hold their inputs as two
+    /// bytes per element (longer ones as i16 for the K-quants and IQ4_XS) and multiply the
+    /// stored quants as integers. `exact` computes in f32 and reproduces Hugging Face
+    /// transformers. f32 weights, and CPUs without AVX-512, always compute exactly.
     pub numerics: crate::model::cpu::matmul::Numerics,
     /// The model's name in the OpenAI API (`model`, `/v1/models`); null = the folder's name.
     pub served_model_name: Option<String>,

@@ -54,7 +54,7 @@ pub struct GenerateArgs {
     /// CPU worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// fast or exact: how products with bf16 and f16 weights compute (see model.numerics).
+    /// fast or exact: how matrix products compute (see model.numerics).
     #[arg(long, default_value = "fast", value_parser = super::parse_numerics)]
     numerics: Numerics,
     /// f32 or f16: what the KV cache stores (see scheduler.kv_cache_dtype).
