@@ -24,9 +24,9 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
 use super::avx512::lane_sums;
-use super::q8dot::{Product, Tile, BLOCK, GROUP, PREFETCH};
+use super::q8dot::{Product, Tile, BLOCK, GROUP, IQ4_UNSIGNED, PREFETCH};
 use super::OutPtr;
-use crate::model::quant::{QuantType, IQ4_VALUES};
+use crate::model::quant::QuantType;
 
 /// Elements per block.
 const ELEMS: usize = 32;
@@ -185,11 +185,10 @@ impl Block32 for Iq4Nl {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn quants(b: &[u8]) -> __m256i {
-        // The grid's values plus 128, as unsigned bytes, in both 128-bit lanes.
-        let grid = IQ4_VALUES.map(|v| (i16::from(v) + 128) as u8 as i8);
         // SAFETY: 16 bytes; a whole block is d, then 16 nibble bytes.
         unsafe {
-            let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(grid.as_ptr().cast()));
+            // The grid's values plus 128, as unsigned bytes, in both 128-bit lanes.
+            let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_UNSIGNED.as_ptr().cast()));
             _mm256_shuffle_epi8(table, nibbles(b[..Self::BYTES].as_ptr().add(2)))
         }
     }
