@@ -23,8 +23,7 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::avx512::lane_sums;
-use super::q8dot::{Product, Tile, BLOCK, GROUP, IQ4_UNSIGNED, PREFETCH};
+use super::q8dot::{write_tile, Product, Tile, BLOCK, GROUP, IQ4_UNSIGNED, PREFETCH_AHEAD};
 use super::OutPtr;
 use crate::model::quant::QuantType;
 
@@ -234,14 +233,13 @@ fn block_count<B: Block32, const REGS: usize, const FULL: bool>(bytes: &[u8]) ->
     n
 }
 
-/// Unpacks the whole blocks in `bytes` (see [`block_count`]).
+/// Unpacks the `n` whole blocks in `bytes` (as [`block_count`] gives them).
 ///
 /// # Safety
 /// AVX-512 F/BW/VL.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn unpack<B: Block32, const REGS: usize, const FULL: bool>(bytes: &[u8]) -> Run<REGS> {
-    let n = block_count::<B, REGS, FULL>(bytes);
+unsafe fn unpack<B: Block32, const REGS: usize>(bytes: &[u8], n: usize) -> Run<REGS> {
     // A loop of constant length, not a closure, so that it unrolls and `u` stays in
     // registers (`std::array::from_fn` here was compiled out of line, three times slower).
     let mut u = [_mm512_setzero_si512(); REGS];
@@ -311,9 +309,9 @@ unsafe fn run_products<B: Block32, const N: usize, const REGS: usize, const FULL
     t0: usize,
     acc: &mut [__m512; N],
 ) {
-    // SAFETY: the CPU support is the caller's.
-    let run = unsafe { unpack::<B, REGS, FULL>(bytes) };
     let n = block_count::<B, REGS, FULL>(bytes);
+    // SAFETY: the CPU support is the caller's.
+    let run = unsafe { unpack::<B, REGS>(bytes, n) };
     // What belongs to the run: an odd block count leaves the last register half full, and
     // the activations past the run's end may lie past the buffer (the end of the last row).
     let tail: __mmask64 = if n % 2 == 1 { 0xffff_ffff } else { !0 };
@@ -373,9 +371,9 @@ unsafe fn tile<B: Block32, const N: usize>(
             let first = r * PER_RUN;
             let n_blocks = (blocks - first).min(PER_RUN);
             let bytes = &row[first * B::BYTES..][..n_blocks * B::BYTES];
-            // The stream PREFETCH bytes on, one request per cache line of this run (past the
+            // The stream PREFETCH_AHEAD bytes on, one request per cache line of this run (past the
             // task's end it only warms another's rows).
-            let ahead = bytes.as_ptr().wrapping_add(PREFETCH);
+            let ahead = bytes.as_ptr().wrapping_add(PREFETCH_AHEAD);
             for line in (0..bytes.len()).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
             }
@@ -395,11 +393,6 @@ unsafe fn tile<B: Block32, const N: usize>(
             v[t][i] = acc[t];
         }
     }
-    for t in 0..N {
-        for (i, &value) in lane_sums(&v[t]).iter().enumerate().take(g) {
-            // SAFETY: (t0 + t)·out_rows + rows.start + i < out.len (checked); this task alone
-            // writes these rows.
-            unsafe { *out.ptr.add((t0 + t) * out_rows + rows.start + i) = value };
-        }
-    }
+    // SAFETY: the bounds were checked above; the rows are this task's.
+    unsafe { write_tile(&v, g, out, out_rows, rows.start, t0) };
 }

@@ -195,30 +195,31 @@ impl Isa {
     }
 }
 
-/// How matrix products with 16-bit weights compute.
+/// How matrix products with 16-bit and quantized weights compute.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Numerics {
     /// Weights widened to f32, f32 activations, f32 multiply-adds: reproduces Hugging Face
     /// transformers' float32 computation.
     Exact,
-    /// On CPUs with AVX-512, 16-bit activations:
+    /// On CPUs with AVX-512, rounded activations:
     /// - bf16 weights, with AVX512-BF16: the q/k/v, o, gate and up projections round their
     ///   input to bf16 ([`Precision::Bf16`]), as llama.cpp's bf16 path does; the down
     ///   projection splits its input into two bf16 parts ([`Precision::Bf16Split`]) when
     ///   several tokens go through it, and rounds it to f16 for one token (decode).
     /// - f16 weights: every projection of one token rounds its input to f16, as llama.cpp's
     ///   f16 path does; several tokens compute as `Exact`.
-    /// - Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS weights, with AVX512-VNNI: products of up to
+    /// - Quantized weights (every GGUF type cllm reads), with AVX512-VNNI: products of up to
     ///   16 tokens (decode), the vocabulary projection's too, hold their input as two signed
     ///   bytes per element (`hi + lo / 256` times a scale per 256 elements, within 2^-16 of
-    ///   the block's largest) and multiply the stored quants as integers; more tokens
-    ///   (prefill) hold it as i16 (times a scale per 256 elements, the same 2^-16) and
-    ///   multiply i16 weights with the group scales folded in. When one product of a group
-    ///   (q/k/v, gate/up) has another type, the group computes as `Exact`.
+    ///   the block's largest) and multiply the stored quants as integers. More tokens
+    ///   (prefill) with Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS hold it as i16 (times a scale
+    ///   per 256 elements, the same 2^-16) and multiply i16 weights with the group scales
+    ///   folded in; with the 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL), or a
+    ///   group (q/k/v, gate/up) that mixes types, they compute as `Exact`.
     ///
-    /// Other vocabulary projections, attention, norms, f32 weights, other quantized types and
-    /// CPUs without AVX-512 compute exactly as `Exact`.
+    /// Other vocabulary projections, attention, norms, f32 weights and CPUs without AVX-512
+    /// compute exactly as `Exact`.
     #[default]
     Fast,
 }
@@ -1498,11 +1499,12 @@ mod tests {
                     let x: Vec<f32> = (0..n * cols)
                         .map(|i| rng.next() * if i % 97 == 0 { 8.0 } else { 1.0 })
                         .collect();
+                    // Longer products with the 32-element types compute exactly.
                     let exact = n > q8dot::TOKENS && small;
-                    let xr = if n <= q8dot::TOKENS {
-                        rounded_to_two_bytes(&x, cols)
-                    } else if small {
+                    let xr = if exact {
                         x.clone()
+                    } else if n <= q8dot::TOKENS {
+                        rounded_to_two_bytes(&x, cols)
                     } else {
                         rounded_to_i16(&x)
                     };

@@ -63,14 +63,11 @@ const TILE: usize = 4;
 /// prefetchers alone left decode short of the bandwidth. `cllm bench` decode at an empty
 /// context, the 110M shapes as Q4_K_M, 2 threads, runs alternated: none 244-273 tokens/s,
 /// 768 bytes ahead 254-282, 1536 bytes 276-300, 3072-6144 bytes 283-339, 9216 bytes 285-299.
-const PREFETCH_AHEAD: usize = 4096;
+pub(super) const PREFETCH_AHEAD: usize = 4096;
 
 /// Tasks per thread (a few, so a late-starting thread is not on the critical path with a
 /// whole share).
 const TASKS_PER_THREAD: usize = 4;
-
-/// `PREFETCH_AHEAD` for the kernels in `block32`.
-pub(super) const PREFETCH: usize = PREFETCH_AHEAD;
 
 /// Proof that the CPU supports AVX-512 F, BW, VL and VNNI.
 #[derive(Clone, Copy)]
@@ -837,12 +834,31 @@ impl Product<'_> {
                 v[t][i] = acc[t];
             }
         }
-        for t in 0..N {
-            for (i, &value) in lane_sums(&v[t]).iter().enumerate().take(g) {
-                // SAFETY: (t0 + t)·out_rows + rows.start + i < out.len (checked); this task
-                // alone writes these rows.
-                unsafe { *out.ptr.add((t0 + t) * out_rows + rows.start + i) = value };
-            }
+        // SAFETY: forwarded; the bounds were checked above.
+        unsafe { write_tile(&v, g, out, out_rows, rows.start, t0) };
+    }
+}
+
+/// Writes a tile's results: token `t0 + t`'s row `first + i` is the sum of the lanes of
+/// `v[t][i]`, for the tile's `g` rows.
+///
+/// # Safety
+/// AVX-512 F/BW/VL; `(t0 + N - 1)·out_rows + first + g <= out.len`, and no other thread
+/// writes these rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn write_tile<const N: usize>(
+    v: &[[__m512; 16]; N],
+    g: usize,
+    out: OutPtr,
+    out_rows: usize,
+    first: usize,
+    t0: usize,
+) {
+    for (t, v) in v.iter().enumerate() {
+        for (i, &value) in lane_sums(v).iter().enumerate().take(g) {
+            // SAFETY: in bounds as the caller guarantees; this task alone writes these rows.
+            unsafe { *out.ptr.add((t0 + t) * out_rows + first + i) = value };
         }
     }
 }
