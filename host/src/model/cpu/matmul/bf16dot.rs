@@ -53,10 +53,6 @@ const TILE: usize = 4;
 /// Weight bytes of one prefill panel: with a token tile's activations it stays in L2.
 const PANEL_BYTES: usize = 256 << 10;
 
-/// Decode tasks per thread (a few, so a late-starting thread is not on the critical path
-/// with a whole share).
-const DIRECT_TASKS_PER_THREAD: usize = 4;
-
 /// Bf16 weights times bf16-rounded activations, for one or more matrices of equal `cols`.
 pub(super) struct Product<'a> {
     /// `[n_tokens, cols]` activations, rounded to bf16.
@@ -79,15 +75,14 @@ impl Product<'_> {
             return;
         }
         let threads = threads_for(pool, work);
-        let direct = self.n_tokens <= TILE;
-        let rows_per_task = if direct {
-            rows.div_ceil(threads * DIRECT_TASKS_PER_THREAD)
+        let split = if self.n_tokens <= TILE {
+            // One token reduces rows sixteen at a time.
+            TaskSplit::guided(self.parts, threads, 16)
         } else {
             // A panel fits in L2, and every thread gets at least two.
-            (PANEL_BYTES / (2 * self.cols)).min(rows.div_ceil(2 * threads))
+            let per = (PANEL_BYTES / (2 * self.cols)).min(rows.div_ceil(2 * threads));
+            TaskSplit::even(self.parts, per.next_multiple_of(TILE).max(TILE))
         };
-        let rows_per_task = rows_per_task.next_multiple_of(TILE).max(TILE);
-        let split = TaskSplit::new(self.parts, rows_per_task);
         run_tasks(pool, threads, self.parts, &split, |part, r0, r1| {
             let WeightData::Bf16(w) = part.w.data else {
                 unreachable!("the bf16 path only takes bf16 weights");

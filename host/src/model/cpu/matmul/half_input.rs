@@ -17,10 +17,6 @@ use std::arch::x86_64::*;
 use super::avx512::{dot_row, lane_sums, lanes, Avx512, Bf16, Widen, F16};
 use super::{job_size, run_tasks, threads_for, OutPtr, Part, TaskSplit, ThreadPool, WeightData};
 
-/// Tasks per thread (a few, so a late-starting thread is not on the critical path with a
-/// whole share).
-const TASKS_PER_THREAD: usize = 4;
-
 /// Largest finite f16.
 const F16_MAX: f32 = 65504.0;
 
@@ -39,10 +35,7 @@ pub(super) fn run(_cpu: Avx512, pool: &ThreadPool, x: &[u16], parts: &[Option<Pa
         return;
     }
     let threads = threads_for(pool, work);
-    let rows_per_task = rows
-        .div_ceil(threads * TASKS_PER_THREAD)
-        .next_multiple_of(16);
-    let split = TaskSplit::new(parts, rows_per_task);
+    let split = TaskSplit::guided(parts, threads, 16);
     run_tasks(pool, threads, parts, &split, |part, r0, r1| {
         let cols = part.w.cols;
         assert_eq!(cols, x.len());

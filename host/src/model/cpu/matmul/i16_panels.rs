@@ -175,7 +175,7 @@ impl Product<'_> {
         let rows_per_task = (PANEL_BYTES / (2 * len))
             .min(rows.div_ceil(2 * threads))
             .next_multiple_of(2 * LANES);
-        let split = TaskSplit::new(self.parts, rows_per_task);
+        let split = TaskSplit::even(self.parts, rows_per_task);
         run_tasks(pool, threads, self.parts, &split, |part, r0, r1| {
             let WeightData::Quant(qt, w) = part.w.data else {
                 unreachable!("the i16 path only takes quantized weights");

@@ -42,12 +42,14 @@ mod i16_panels;
 #[clippy::msrv = "1.89"]
 mod q8dot;
 mod scalar;
+mod tasks;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::pool::ThreadPool;
 use crate::model::quant::QuantType;
+use tasks::{run_tasks, TaskSplit};
 
 /// A weight matrix's elements in their stored dtype (bf16 and f16 as raw bits, quantized
 /// types as their blocks; a quantized matrix's rows are whole blocks).
@@ -711,52 +713,11 @@ const K_BLOCK: usize = 1024;
 /// Panel rows per task in the panel schedule, in micro-kernel row tiles.
 const PANEL_TILES: usize = 16;
 
-/// Direct-schedule tasks per thread (a few, so a late-starting thread is not on the critical
-/// path with a whole share).
-const DIRECT_TASKS_PER_THREAD: usize = 4;
-
 /// One product of a job: its weights and its output.
 #[derive(Clone, Copy)]
 struct Part<'a> {
     w: Matrix<'a>,
     out: OutPtr,
-}
-
-/// How a job's rows are cut into tasks: every part's rows in runs of `rows_per_task`, parts
-/// one after the other; task `i` belongs to the part whose range of task indices holds it.
-#[derive(Clone, Copy)]
-struct TaskSplit {
-    rows_per_task: usize,
-    /// `first[p]`: the first task of part `p`; `first[parts]` is the task count.
-    first: [usize; MAX_PARTS + 1],
-    parts: usize,
-}
-
-impl TaskSplit {
-    fn new(parts: &[Option<Part>], rows_per_task: usize) -> Self {
-        let mut first = [0; MAX_PARTS + 1];
-        for (p, part) in parts.iter().enumerate() {
-            let rows = part.map_or(0, |part| part.w.rows);
-            first[p + 1] = first[p] + rows.div_ceil(rows_per_task);
-        }
-        TaskSplit {
-            rows_per_task,
-            first,
-            parts: parts.len(),
-        }
-    }
-
-    fn tasks(&self) -> usize {
-        self.first[self.parts]
-    }
-
-    /// Task `i`'s part and first row within it.
-    fn locate(&self, i: usize) -> (usize, usize) {
-        let p = (0..self.parts)
-            .find(|&p| i < self.first[p + 1])
-            .unwrap_or(self.parts - 1);
-        (p, (i - self.first[p]) * self.rows_per_task)
-    }
 }
 
 /// The threads a job of `work` multiply-adds is worth: waking the pool for less than
@@ -766,29 +727,6 @@ fn threads_for(pool: &ThreadPool, work: usize) -> usize {
         1
     } else {
         pool.threads()
-    }
-}
-
-/// Runs `task(part, r0, r1)` for every task of `split` (rows `r0..r1` of `part`): on the
-/// pool when `threads > 1` and there are several tasks, else on this thread.
-fn run_tasks(
-    pool: &ThreadPool,
-    threads: usize,
-    parts: &[Option<Part>],
-    split: &TaskSplit,
-    task: impl Fn(&Part, usize, usize) + Sync,
-) {
-    let one = |i: usize| {
-        let (p, r0) = split.locate(i);
-        if let Some(part) = &parts[p] {
-            task(part, r0, (r0 + split.rows_per_task).min(part.w.rows));
-        }
-    };
-    let n_tasks = split.tasks();
-    if threads == 1 || n_tasks == 1 {
-        (0..n_tasks).for_each(one);
-    } else {
-        pool.run(n_tasks, &one);
     }
 }
 
@@ -865,16 +803,14 @@ impl Product<'_> {
         let few_quant = false;
         let direct = few_quant
             || (!quant && (self.n_tokens <= K::TOKENS || self.n_tokens * cols <= DIRECT_MAX_X));
-        let (rows_per_task, panel_rows) = if direct {
-            let per = (rows.div_ceil(threads * DIRECT_TASKS_PER_THREAD)).next_multiple_of(K::ROWS);
-            (per.max(K::ROWS), 0)
+        let (split, panel_rows) = if direct {
+            (TaskSplit::guided(self.parts, threads, K::ROWS), 0)
         } else {
             // At least two panels per thread when the matrix allows it, for balance.
             let per = rows.div_ceil(2 * threads).next_multiple_of(K::ROWS);
             let per = per.clamp(K::ROWS, PANEL_TILES * K::ROWS);
-            (per, per)
+            (TaskSplit::even(self.parts, per), per)
         };
-        let split = TaskSplit::new(self.parts, rows_per_task);
         let n_tasks = split.tasks();
         // f32 weights need no widening, hence no panel.
         let widen = self

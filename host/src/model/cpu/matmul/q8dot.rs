@@ -65,10 +65,6 @@ const TILE: usize = 4;
 /// 768 bytes ahead 254-282, 1536 bytes 276-300, 3072-6144 bytes 283-339, 9216 bytes 285-299.
 pub(super) const PREFETCH_AHEAD: usize = 4096;
 
-/// Tasks per thread (a few, so a late-starting thread is not on the critical path with a
-/// whole share).
-const TASKS_PER_THREAD: usize = 4;
-
 /// Proof that the CPU supports AVX-512 F, BW, VL and VNNI.
 #[derive(Clone, Copy)]
 pub(super) struct Q8Dot(());
@@ -646,10 +642,7 @@ impl Product<'_> {
             return;
         }
         let threads = threads_for(pool, work);
-        let rows_per_task = rows
-            .div_ceil(threads * TASKS_PER_THREAD)
-            .next_multiple_of(16);
-        let split = TaskSplit::new(self.parts, rows_per_task);
+        let split = TaskSplit::guided(self.parts, threads, 16);
         run_tasks(pool, threads, self.parts, &split, |part, r0, r1| {
             let WeightData::Quant(qt, w) = part.w.data else {
                 unreachable!("the 8-bit path only takes quantized weights");
