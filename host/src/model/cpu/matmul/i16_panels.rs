@@ -1,5 +1,6 @@
-//! The fast path for prefill with 256-element quantized weights (`Numerics::Fast`): Q2_K,
-//! Q3_K, Q4_K, Q5_K, Q6_K and IQ4_XS times many tokens, as 16-bit integer products with
+//! The fast path for prefill with quantized weights (`Numerics::Fast`): Q2_K, Q3_K, Q4_K,
+//! Q5_K, Q6_K and IQ4_XS, and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL in rows of whole runs of
+//! 256 elements, times many tokens, as 16-bit integer products with
 //! AVX512-VNNI's `vpdpwssd` (32 products of i16 pairs, summed in pairs into 16 i32 lanes, in
 //! one instruction: twice an f32 FMA's multiply-adds).
 //!
@@ -25,6 +26,10 @@
 //!   and added into f32 block sums before they could overflow; each block's sums are then
 //!   scaled by `d·dx`, and the min terms (the f32 min times `Σ(dx·q)` per group) are
 //!   subtracted.
+//! - The 32-element types ([`Eight`]) go through the same panels and tiles, eight blocks at
+//!   a time: their quants are the i16 weights as they are (centred by the type's offset, or
+//!   unsigned with the stored min as the min term), and each block keeps its own `d`, so
+//!   the flush interval is the block, and its sums multiply by `d` as they are converted.
 //!
 //! Integers cannot overflow: `|q| <= 32767` and each type's `|w|` has a bound
 //! ([`SuperBlock::MAX_WEIGHT`], 4096 for Q6_K), so `FLUSH` elements (the most that keep
@@ -32,16 +37,20 @@
 //! 128 for Q4_K, 256 for Q2_K and Q3_K) are summed in i32 before each conversion.
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 use std::sync::Mutex;
 
+use super::block32::{Block32, Iq4Nl, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::q8dot::{block_scale, Iq4Xs, Q8Dot, SuperBlock, Q2K, Q3K, Q4K, Q5K, Q6K};
 use super::{job_size, run_tasks, threads_for, with_slot, OutPtr, Part, TaskSplit, ThreadPool};
 use super::{WeightData, K_BLOCK};
 use crate::model::quant::QuantType;
 
-/// Whether weights of type `qt` have panels here: `q8dot`'s 256-element types.
+/// Whether weights of type `qt` have panels here: `q8dot`'s 256-element types and
+/// `block32`'s 32-element ones (these only in rows of whole 256-element runs: see
+/// [`Product::run`]).
 pub(super) fn supports(qt: QuantType) -> bool {
-    super::q8dot::has_super_blocks(qt)
+    super::q8dot::has_super_blocks(qt) || super::block32::supports(qt)
 }
 
 /// Elements per activation block and weight block.
@@ -133,7 +142,8 @@ pub(super) struct Panel {
     /// Group `g`, element pair `p`, row `r`: `w[(g·len/2 + p)·16 + r]` holds the row's
     /// elements `2p` and `2p + 1` as two i16 (low half first).
     w: Vec<i32>,
-    /// `d[(g·blocks + b)·16 + r]`: block `b`'s factor.
+    /// `d[(g·factors + b)·16 + r]`: the factor of the `b`-th run of `P::SCALE_ELEMS`
+    /// elements.
     d: Vec<f32>,
     /// `m[(g·len/MIN_GROUP + j)·16 + r]`: the f32 min of min group `j`, `dm·m − c·d·s`
     /// (types with mins only).
@@ -141,12 +151,12 @@ pub(super) struct Panel {
 }
 
 impl Panel {
-    /// Sizes the buffers for `groups` groups of `len` columns, with a min per `min_group`
-    /// elements (0: none).
-    fn fit(&mut self, groups: usize, len: usize, min_group: usize) {
+    /// Sizes the buffers for `groups` groups of `len` columns, with a factor per
+    /// `scale_elems` elements and a min per `min_group` elements (0: none).
+    fn fit(&mut self, groups: usize, len: usize, scale_elems: usize, min_group: usize) {
         let lanes = groups * LANES;
         self.w.resize(lanes * len / 2, 0);
-        self.d.resize(lanes * len / BLOCK, 0.0);
+        self.d.resize(lanes * len / scale_elems, 0.0);
         self.m
             .resize(lanes * len.checked_div(min_group).unwrap_or(0), 0.0);
     }
@@ -213,7 +223,12 @@ impl Product<'_> {
                 QuantType::Q5K => self.rows::<Q5K>(k, w, out, out_rows, rows, panel),
                 QuantType::Q6K => self.rows::<Q6K>(k, w, out, out_rows, rows, panel),
                 QuantType::Iq4Xs => self.rows::<Iq4Xs>(k, w, out, out_rows, rows, panel),
-                _ => unreachable!("{} has no i16 kernel", qt.name()),
+                QuantType::Q4_0 => self.rows::<Eight<Q4_0>>(k, w, out, out_rows, rows, panel),
+                QuantType::Q4_1 => self.rows::<Eight<Q4_1>>(k, w, out, out_rows, rows, panel),
+                QuantType::Q5_0 => self.rows::<Eight<Q5_0>>(k, w, out, out_rows, rows, panel),
+                QuantType::Q5_1 => self.rows::<Eight<Q5_1>>(k, w, out, out_rows, rows, panel),
+                QuantType::Q8_0 => self.rows::<Eight<Q8_0>>(k, w, out, out_rows, rows, panel),
+                QuantType::Iq4Nl => self.rows::<Eight<Iq4Nl>>(k, w, out, out_rows, rows, panel),
             }
         }
     }
@@ -225,7 +240,7 @@ impl Product<'_> {
     /// `w` holds `out_rows` rows of `B` blocks, `rows.end <= out_rows`; `out` holds
     /// `n_tokens * out_rows` floats and no other thread touches rows `rows`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn rows<B: SuperBlock>(
+    unsafe fn rows<B: PanelBlock>(
         &self,
         _k: Q8Dot,
         w: &[u8],
@@ -243,7 +258,8 @@ impl Product<'_> {
         let mut k0 = 0;
         while k0 < cols {
             let len = K_BLOCK.min(cols - k0);
-            panel.fit(groups, len, if B::CENTRED { 0 } else { B::MIN_GROUP });
+            let min_group = if B::CENTRED { 0 } else { B::MIN_GROUP };
+            panel.fit(groups, len, B::SCALE_ELEMS, min_group);
             for g in 0..groups {
                 // Padding rows repeat the last real row's blocks (their factors are zero).
                 let blocks: [&[u8]; LANES] = std::array::from_fn(|i| {
@@ -304,7 +320,7 @@ impl Product<'_> {
     /// `at.k0`, `at.t0 + NT <= n_tokens`, and AVX-512 F/BW/VL/VNNI.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[allow(clippy::needless_range_loop)] // index loops over the const-size register tile
-    unsafe fn tile<B: SuperBlock, const NT: usize, const NG: usize>(
+    unsafe fn tile<B: PanelBlock, const NT: usize, const NG: usize>(
         &self,
         panel: &Panel,
         at: &Tile,
@@ -313,11 +329,13 @@ impl Product<'_> {
     ) {
         let (cols, len) = (self.cols, at.len);
         let blocks = len / BLOCK;
-        // A constant, so the loop over a flush interval's pairs has a known trip count.
-        let flush = Flush::<B>::ELEMS;
+        // Constants, so the loop over a flush interval's pairs has a known trip count.
+        let flush = B::FLUSH;
+        let scaled_flush = B::SCALE_ELEMS < BLOCK;
+        let factors = len / B::SCALE_ELEMS;
         let pairs = len / 2;
         assert!(panel.w.len() >= (at.group + NG) * pairs * LANES);
-        assert!(panel.d.len() >= (at.group + NG) * blocks * LANES);
+        assert!(panel.d.len() >= (at.group + NG) * factors * LANES);
         let min_groups = len / B::MIN_GROUP;
         assert!(B::CENTRED || panel.m.len() >= (at.group + NG) * min_groups * LANES);
         // The activations' sums per min group.
@@ -357,9 +375,26 @@ impl Product<'_> {
                         }
                     }
                 }
-                for t in 0..NT {
-                    for g in 0..NG {
-                        block[t][g] = _mm512_add_ps(block[t][g], _mm512_cvtepi32_ps(sum[t][g]));
+                if scaled_flush {
+                    // A factor per flush interval (the 32-element types): its sums multiply
+                    // by it on the way into the block's.
+                    let f = 2 * p0 / B::SCALE_ELEMS;
+                    // SAFETY: as above.
+                    let d: [__m512; NG] = std::array::from_fn(|g| unsafe {
+                        _mm512_loadu_ps(dp.add(((at.group + g) * factors + f) * LANES))
+                    });
+                    for t in 0..NT {
+                        for g in 0..NG {
+                            let v = _mm512_cvtepi32_ps(sum[t][g]);
+                            block[t][g] = _mm512_fmadd_ps(v, d[g], block[t][g]);
+                        }
+                    }
+                } else {
+                    for t in 0..NT {
+                        for g in 0..NG {
+                            let v = _mm512_cvtepi32_ps(sum[t][g]);
+                            block[t][g] = _mm512_add_ps(block[t][g], v);
+                        }
                     }
                 }
                 p0 += flush / 2;
@@ -367,10 +402,15 @@ impl Product<'_> {
             for t in 0..NT {
                 let dx = self.x.dx[((at.t0 + t) * cols + at.k0) / BLOCK + b];
                 for g in 0..NG {
-                    // SAFETY: as above.
-                    let d =
-                        unsafe { _mm512_loadu_ps(dp.add(((at.group + g) * blocks + b) * LANES)) };
-                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+                    let scale = if scaled_flush {
+                        _mm512_set1_ps(dx)
+                    } else {
+                        // SAFETY: as above.
+                        let d = unsafe {
+                            _mm512_loadu_ps(dp.add(((at.group + g) * factors + b) * LANES))
+                        };
+                        _mm512_mul_ps(d, _mm512_set1_ps(dx))
+                    };
                     acc[t][g] = _mm512_fmadd_ps(block[t][g], scale, acc[t][g]);
                 }
             }
@@ -449,11 +489,94 @@ struct Tile {
     accumulate: bool,
 }
 
-/// [`flush_elems`] of a weight type, evaluated at compile time.
-struct Flush<B>(std::marker::PhantomData<B>);
+/// A weight type with panels here, 256 elements of a row at a time.
+pub(super) trait PanelBlock {
+    /// Bytes of 256 elements of a row.
+    const BYTES: usize;
+    /// Elements per factor `d`: 256, or 32 for the 32-element types.
+    const SCALE_ELEMS: usize;
+    /// Elements whose products are summed in i32 before a conversion to f32: a power of two
+    /// that divides `SCALE_ELEMS` and keeps `FLUSH·|w|·RANGE < 2^31`.
+    const FLUSH: usize;
+    /// The weights need no min term.
+    const CENTRED: bool;
+    /// Elements that share one min.
+    const MIN_GROUP: usize;
 
-impl<B: SuperBlock> Flush<B> {
-    const ELEMS: usize = flush_elems(B::MAX_WEIGHT);
+    /// 256 elements of a row as i16 weights in element order into `values`, the factors of
+    /// their `256 / SCALE_ELEMS` runs into `d`, and for types with mins each 16 elements' f32
+    /// min (subtracted, times the activations' sum) into `dm_m`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL; `bytes` holds `BYTES` bytes.
+    unsafe fn unpack(
+        bytes: &[u8],
+        values: &mut [i16; BLOCK],
+        d: &mut [f32; BLOCK / 32],
+        dm_m: &mut [f32; BLOCK / GROUP],
+    );
+}
+
+impl<B: SuperBlock> PanelBlock for B {
+    const BYTES: usize = B::BYTES;
+    const SCALE_ELEMS: usize = BLOCK;
+    const FLUSH: usize = flush_elems(B::MAX_WEIGHT);
+    const CENTRED: bool = B::CENTRED;
+    const MIN_GROUP: usize = B::MIN_GROUP;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack(
+        bytes: &[u8],
+        values: &mut [i16; BLOCK],
+        d: &mut [f32; BLOCK / 32],
+        dm_m: &mut [f32; BLOCK / GROUP],
+    ) {
+        // SAFETY: forwarded: one whole block.
+        d[0] = unsafe { unpack_block::<B>(bytes, values, dm_m) };
+    }
+}
+
+/// Eight blocks of a 32-element type: 256 elements. Their quants go into the panel as they
+/// are, centred by the type's offset (`u − 8` for Q4_0, `u − 16` for Q5_0, the signed values
+/// of Q8_0 and IQ4_NL), or unsigned for the types with a min, whose min term takes the
+/// stored `m`; each block keeps its `d`, by which its 32 elements' sums multiply (the flush
+/// interval is the block: `|w| <= 128`, so 32 products stay under 2^28).
+pub(super) struct Eight<B>(PhantomData<B>);
+
+impl<B: Block32> PanelBlock for Eight<B> {
+    const BYTES: usize = 8 * B::BYTES;
+    const SCALE_ELEMS: usize = 32;
+    const FLUSH: usize = 32;
+    const CENTRED: bool = !B::HAS_MIN;
+    const MIN_GROUP: usize = 32;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn unpack(
+        bytes: &[u8],
+        values: &mut [i16; BLOCK],
+        d: &mut [f32; BLOCK / 32],
+        dm_m: &mut [f32; BLOCK / GROUP],
+    ) {
+        let offset = _mm512_set1_epi16(B::OFFSET as i16);
+        for (j, d) in d.iter_mut().enumerate() {
+            let block = &bytes[j * B::BYTES..][..B::BYTES];
+            let half = |at: usize| half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
+            *d = half(0);
+            if B::HAS_MIN {
+                let m = half(2);
+                dm_m[2 * j] = -m;
+                dm_m[2 * j + 1] = -m;
+            }
+            // SAFETY: a whole block; 32 i16 stored at element 32j of 256.
+            unsafe {
+                let u = _mm512_cvtepu8_epi16(B::quants(block));
+                let v = _mm512_sub_epi16(u, offset);
+                _mm512_storeu_si512(values.as_mut_ptr().add(32 * j).cast(), v);
+            }
+        }
+    }
 }
 
 /// The most elements (a power of two, at most a block) whose products with weights of
@@ -474,7 +597,7 @@ const fn flush_elems(max_weight: i32) -> usize {
 /// # Safety
 /// AVX-512 F/BW/VL; each of `rows` holds `len / 256` whole blocks; the panel fits group `g`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn unpack_group<B: SuperBlock>(
+unsafe fn unpack_group<B: PanelBlock>(
     rows: &[&[u8]; LANES],
     real: usize,
     g: usize,
@@ -484,15 +607,20 @@ unsafe fn unpack_group<B: SuperBlock>(
     let n_blocks = len / BLOCK;
     let pairs = len / 2;
     assert!(p.w.len() >= (g + 1) * pairs * LANES);
+    let per_block = BLOCK / B::SCALE_ELEMS;
+    let factors = len / B::SCALE_ELEMS;
     let mut values = [[0i16; BLOCK]; LANES];
+    let mut d = [0f32; BLOCK / 32];
     let mut dm_m = [0f32; BLOCK / GROUP];
     for b in 0..n_blocks {
         for (lane, values) in values.iter_mut().enumerate() {
             let block = &rows[lane][b * B::BYTES..][..B::BYTES];
             let real = lane < real;
             // SAFETY: a whole block.
-            let d = unsafe { unpack_block::<B>(block, values, &mut dm_m) };
-            p.d[(g * n_blocks + b) * LANES + lane] = if real { d } else { 0.0 };
+            unsafe { B::unpack(block, values, &mut d, &mut dm_m) };
+            for (f, &d) in d[..per_block].iter().enumerate() {
+                p.d[(g * factors + b * per_block + f) * LANES + lane] = if real { d } else { 0.0 };
+            }
             if !B::CENTRED {
                 // `dm_m` has one value per 16 elements; a min group of 32 takes the first of
                 // its two (they are equal).
