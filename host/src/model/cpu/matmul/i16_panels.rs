@@ -72,29 +72,42 @@ const LANES: usize = 16;
 const PANEL_BYTES: usize = 128 << 10;
 
 /// Activations as i16: for token `t` and element `k` of `cols`, at `i = t·cols + k`, the
-/// value `dx[i / 256]·q[i]`; `sums[j]` is the sum of those values over the 16 elements from
-/// `16·j`, `sums32[j]` over the 32 from `32·j`.
+/// value `dx[t·⌈cols/256⌉ + k/256]·q[i]`; `sums[j]` is the sum of those values over the 16
+/// elements from `16·j`, `sums32[j]` over the 32 from `32·j`.
 #[derive(Default)]
 pub(crate) struct I16Activations {
     q: Vec<i16>,
     dx: Vec<f32>,
     sums: Vec<f32>,
     sums32: Vec<f32>,
+    /// Elements per row.
+    cols: usize,
 }
 
 impl I16Activations {
-    /// Rounds `x` (a multiple of 256 elements) into `self`, reusing its buffers.
-    pub(super) fn quantize(&mut self, _k: Q8Dot, x: &[f32]) {
-        assert!(x.len().is_multiple_of(BLOCK), "whole 256-element blocks");
+    /// Rounds `x`, rows of `cols` elements (a multiple of 32), into `self`, reusing its
+    /// buffers: each row in runs of 256, the last one shorter where `cols` is not a multiple
+    /// of 256; run `r` of token `t` has the scale `dx[t·⌈cols/256⌉ + r]`.
+    pub(super) fn quantize(&mut self, _k: Q8Dot, x: &[f32], cols: usize) {
+        assert!(
+            cols > 0 && cols.is_multiple_of(32),
+            "rows of whole 32-element blocks"
+        );
+        assert!(x.len().is_multiple_of(cols), "whole rows");
         let n = x.len();
+        let runs = cols.div_ceil(BLOCK);
+        self.cols = cols;
         self.q.resize(n, 0);
-        self.dx.resize(n / BLOCK, 0.0);
+        self.dx.resize(n / cols * runs, 0.0);
         self.sums.resize(n / GROUP, 0.0);
-        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-            let q = &mut self.q[b * BLOCK..][..BLOCK];
-            let sums = &mut self.sums[b * (BLOCK / GROUP)..][..BLOCK / GROUP];
-            // SAFETY: the token proves CPU support; the slices have the block's lengths.
-            self.dx[b] = unsafe { quantize_block(block, q, sums) };
+        for (t, row) in x.chunks_exact(cols).enumerate() {
+            for (r, run) in row.chunks(BLOCK).enumerate() {
+                let at = t * cols + r * BLOCK;
+                let q = &mut self.q[at..][..run.len()];
+                let sums = &mut self.sums[at / GROUP..][..run.len() / GROUP];
+                // SAFETY: the token proves CPU support; the slices have the run's lengths.
+                self.dx[t * runs + r] = unsafe { quantize_block(run, q, sums) };
+            }
         }
         self.sums32.clear();
         self.sums32
@@ -104,20 +117,23 @@ impl I16Activations {
     /// The values as f32, for tests.
     #[cfg(test)]
     pub(super) fn values(&self) -> Vec<f32> {
+        let runs = self.cols.div_ceil(BLOCK);
         (0..self.q.len())
-            .map(|i| self.dx[i / BLOCK] * f32::from(self.q[i]))
+            .map(|i| self.dx[i / self.cols * runs + i % self.cols / BLOCK] * f32::from(self.q[i]))
             .collect()
     }
 }
 
-/// One block's scale `dx`; writes `q = round(x / dx)` (nearest, ties to even) and the
+/// One run's scale `dx`; writes `q = round(x / dx)` (nearest, ties to even) and the
 /// 16-element sums of `dx·q`.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL; `x` and `q` hold 256 elements, `sums` 16.
+/// AVX-512 F/BW/VL; `x` and `q` hold the run's elements (a multiple of 16, at most 256),
+/// `sums` one per 16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn quantize_block(x: &[f32], q: &mut [i16], sums: &mut [f32]) -> f32 {
-    assert!(x.len() == BLOCK && q.len() == BLOCK && sums.len() == BLOCK / GROUP);
+    assert!(x.len() <= BLOCK && x.len().is_multiple_of(GROUP));
+    assert!(q.len() == x.len() && sums.len() == x.len() / GROUP);
     let (dx, inv) = block_scale(x, RANGE as f32);
     for (g, sum) in sums.iter_mut().enumerate() {
         // SAFETY: 16 floats in, 16 i16 out.
@@ -173,8 +189,7 @@ pub(super) struct Product<'a> {
 impl Product<'_> {
     pub(super) fn run(&self, k: Q8Dot, pool: &ThreadPool, panels: &[Mutex<Panel>]) {
         let cols = self.cols;
-        assert!(cols.is_multiple_of(BLOCK));
-        assert!(self.x.q.len() >= self.n_tokens * cols);
+        assert!(self.x.cols == cols && self.x.q.len() >= self.n_tokens * cols);
         let (rows, work) = job_size(self.parts, self.n_tokens);
         if rows == 0 || self.n_tokens == 0 {
             return;
@@ -190,6 +205,10 @@ impl Product<'_> {
             let WeightData::Quant(qt, w) = part.w.data else {
                 unreachable!("the i16 path only takes quantized weights");
             };
+            assert!(
+                cols.is_multiple_of(qt.block_elems()),
+                "whole blocks per row"
+            );
             assert_eq!(w.len(), qt.bytes_for(part.w.rows * cols));
             assert!(self.n_tokens * part.w.rows <= part.out.len);
             with_slot(panels, |panel| {
@@ -237,8 +256,8 @@ impl Product<'_> {
     /// unpacked once, then every token tile runs over it, 32 rows at a time.
     ///
     /// # Safety
-    /// `w` holds `out_rows` rows of `B` blocks, `rows.end <= out_rows`; `out` holds
-    /// `n_tokens * out_rows` floats and no other thread touches rows `rows`.
+    /// `w` holds `out_rows` rows of `cols` elements of type `B`, `rows.end <= out_rows`;
+    /// `out` holds `n_tokens * out_rows` floats and no other thread touches rows `rows`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn rows<B: PanelBlock>(
         &self,
@@ -250,7 +269,7 @@ impl Product<'_> {
         panel: &mut Panel,
     ) {
         let cols = self.cols;
-        let row_bytes = cols / BLOCK * B::BYTES;
+        let row_bytes = bytes_of::<B>(cols);
         let n_rows = rows.len();
         let groups = n_rows.div_ceil(LANES);
         assert!(w.len() >= rows.end * row_bytes);
@@ -264,11 +283,11 @@ impl Product<'_> {
                 // Padding rows repeat the last real row's blocks (their factors are zero).
                 let blocks: [&[u8]; LANES] = std::array::from_fn(|i| {
                     let r = (g * LANES + i).min(n_rows - 1);
-                    &w[(rows.start + r) * row_bytes..][k0 / BLOCK * B::BYTES..]
-                        [..len / BLOCK * B::BYTES]
+                    &w[(rows.start + r) * row_bytes..][bytes_of::<B>(k0)..][..bytes_of::<B>(len)]
                 });
                 let real = n_rows - g * LANES;
-                // SAFETY: whole blocks; the panel was sized for `groups` groups.
+                // SAFETY: whole blocks of `len` elements; the panel was sized for `groups`
+                // groups.
                 unsafe { unpack_group::<B>(&blocks, real, g, len, panel) };
             }
             let mut t0 = 0;
@@ -328,7 +347,9 @@ impl Product<'_> {
         out_rows: usize,
     ) {
         let (cols, len) = (self.cols, at.len);
-        let blocks = len / BLOCK;
+        // Runs of 256 (the last may be shorter: 32-element types only).
+        let blocks = len.div_ceil(BLOCK);
+        let runs_per_row = cols.div_ceil(BLOCK);
         // Constants, so the loop over a flush interval's pairs has a known trip count.
         let flush = B::FLUSH;
         let scaled_flush = B::SCALE_ELEMS < BLOCK;
@@ -360,7 +381,7 @@ impl Product<'_> {
             // multiplies once per block.
             let mut block = [[_mm512_setzero_ps(); NG]; NT];
             let mut p0 = b * BLOCK / 2;
-            while p0 < (b + 1) * BLOCK / 2 {
+            while p0 < ((b + 1) * BLOCK).min(len) / 2 {
                 let mut sum = [[_mm512_setzero_si512(); NG]; NT];
                 for p in p0..p0 + flush / 2 {
                     // SAFETY (all panel and activation reads): within the lengths asserted
@@ -400,7 +421,7 @@ impl Product<'_> {
                 p0 += flush / 2;
             }
             for t in 0..NT {
-                let dx = self.x.dx[((at.t0 + t) * cols + at.k0) / BLOCK + b];
+                let dx = self.x.dx[(at.t0 + t) * runs_per_row + at.k0 / BLOCK + b];
                 for g in 0..NG {
                     let scale = if scaled_flush {
                         _mm512_set1_ps(dx)
@@ -415,7 +436,7 @@ impl Product<'_> {
                 }
             }
             if !B::CENTRED {
-                for j in b * BLOCK / B::MIN_GROUP..(b + 1) * BLOCK / B::MIN_GROUP {
+                for j in b * BLOCK / B::MIN_GROUP..((b + 1) * BLOCK).min(len) / B::MIN_GROUP {
                     let mv: [__m512; NG] = std::array::from_fn(|g| unsafe {
                         _mm512_loadu_ps(mp.add(((at.group + g) * min_groups + j) * LANES))
                     });
@@ -489,10 +510,16 @@ struct Tile {
     accumulate: bool,
 }
 
+/// Bytes of `elems` elements (whole blocks) of type `B`.
+fn bytes_of<B: PanelBlock>(elems: usize) -> usize {
+    elems / B::BLOCK_ELEMS * B::BLOCK_BYTES
+}
+
 /// A weight type with panels here, 256 elements of a row at a time.
 pub(super) trait PanelBlock {
-    /// Bytes of 256 elements of a row.
-    const BYTES: usize;
+    /// Elements and bytes of one block of the type.
+    const BLOCK_ELEMS: usize;
+    const BLOCK_BYTES: usize;
     /// Elements per factor `d`: 256, or 32 for the 32-element types.
     const SCALE_ELEMS: usize;
     /// Elements whose products are summed in i32 before a conversion to f32: a power of two
@@ -503,13 +530,15 @@ pub(super) trait PanelBlock {
     /// Elements that share one min.
     const MIN_GROUP: usize;
 
-    /// 256 elements of a row as i16 weights in element order into `values`, the factors of
-    /// their `256 / SCALE_ELEMS` runs into `d`, and for types with mins each 16 elements' f32
-    /// min (subtracted, times the activations' sum) into `dm_m`.
+    /// `elems` elements of a row (256, or fewer at a row's end: whole blocks) as i16
+    /// weights in element order into `values`, the factors of their runs of `SCALE_ELEMS`
+    /// into `d`, and for types with mins each 16 elements' f32 min (subtracted, times the
+    /// activations' sum) into `dm_m`.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL; `bytes` holds `BYTES` bytes.
+    /// AVX-512 F/BW/VL; `bytes` holds `elems` elements' whole blocks.
     unsafe fn unpack(
+        elems: usize,
         bytes: &[u8],
         values: &mut [i16; BLOCK],
         d: &mut [f32; BLOCK / 32],
@@ -518,7 +547,8 @@ pub(super) trait PanelBlock {
 }
 
 impl<B: SuperBlock> PanelBlock for B {
-    const BYTES: usize = B::BYTES;
+    const BLOCK_ELEMS: usize = BLOCK;
+    const BLOCK_BYTES: usize = B::BYTES;
     const SCALE_ELEMS: usize = BLOCK;
     const FLUSH: usize = flush_elems(B::MAX_WEIGHT);
     const CENTRED: bool = B::CENTRED;
@@ -527,11 +557,13 @@ impl<B: SuperBlock> PanelBlock for B {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn unpack(
+        elems: usize,
         bytes: &[u8],
         values: &mut [i16; BLOCK],
         d: &mut [f32; BLOCK / 32],
         dm_m: &mut [f32; BLOCK / GROUP],
     ) {
+        assert_eq!(elems, BLOCK, "rows of 256-element types are whole blocks");
         // SAFETY: forwarded: one whole block.
         d[0] = unsafe { unpack_block::<B>(bytes, values, dm_m) };
     }
@@ -545,7 +577,8 @@ impl<B: SuperBlock> PanelBlock for B {
 pub(super) struct Eight<B>(PhantomData<B>);
 
 impl<B: Block32> PanelBlock for Eight<B> {
-    const BYTES: usize = 8 * B::BYTES;
+    const BLOCK_ELEMS: usize = 32;
+    const BLOCK_BYTES: usize = B::BYTES;
     const SCALE_ELEMS: usize = 32;
     const FLUSH: usize = 32;
     const CENTRED: bool = !B::HAS_MIN;
@@ -554,13 +587,14 @@ impl<B: Block32> PanelBlock for Eight<B> {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn unpack(
+        elems: usize,
         bytes: &[u8],
         values: &mut [i16; BLOCK],
         d: &mut [f32; BLOCK / 32],
         dm_m: &mut [f32; BLOCK / GROUP],
     ) {
         let offset = _mm512_set1_epi16(B::OFFSET as i16);
-        for (j, d) in d.iter_mut().enumerate() {
+        for (j, d) in d.iter_mut().enumerate().take(elems / 32) {
             let block = &bytes[j * B::BYTES..][..B::BYTES];
             let half = |at: usize| half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32();
             *d = half(0);
@@ -604,7 +638,8 @@ unsafe fn unpack_group<B: PanelBlock>(
     len: usize,
     p: &mut Panel,
 ) {
-    let n_blocks = len / BLOCK;
+    // Runs of 256 elements, the last of `len` may be shorter (whole blocks).
+    let n_blocks = len.div_ceil(BLOCK);
     let pairs = len / 2;
     assert!(p.w.len() >= (g + 1) * pairs * LANES);
     let per_block = BLOCK / B::SCALE_ELEMS;
@@ -613,12 +648,13 @@ unsafe fn unpack_group<B: PanelBlock>(
     let mut d = [0f32; BLOCK / 32];
     let mut dm_m = [0f32; BLOCK / GROUP];
     for b in 0..n_blocks {
+        let elems = (len - b * BLOCK).min(BLOCK);
         for (lane, values) in values.iter_mut().enumerate() {
-            let block = &rows[lane][b * B::BYTES..][..B::BYTES];
+            let block = &rows[lane][bytes_of::<B>(b * BLOCK)..][..bytes_of::<B>(elems)];
             let real = lane < real;
-            // SAFETY: a whole block.
-            unsafe { B::unpack(block, values, &mut d, &mut dm_m) };
-            for (f, &d) in d[..per_block].iter().enumerate() {
+            // SAFETY: whole blocks of `elems` elements.
+            unsafe { B::unpack(elems, block, values, &mut d, &mut dm_m) };
+            for (f, &d) in d[..elems / B::SCALE_ELEMS].iter().enumerate() {
                 p.d[(g * factors + b * per_block + f) * LANES + lane] = if real { d } else { 0.0 };
             }
             if !B::CENTRED {
@@ -626,7 +662,8 @@ unsafe fn unpack_group<B: PanelBlock>(
                 // its two (they are equal).
                 let per = B::MIN_GROUP / GROUP;
                 let groups = len / B::MIN_GROUP;
-                for (j, &m) in dm_m.iter().step_by(per).enumerate() {
+                let run_groups = elems / B::MIN_GROUP;
+                for (j, &m) in dm_m.iter().step_by(per).take(run_groups).enumerate() {
                     let at = g * groups + b * (BLOCK / B::MIN_GROUP) + j;
                     p.m[at * LANES + lane] = if real { m } else { 0.0 };
                 }
@@ -634,8 +671,8 @@ unsafe fn unpack_group<B: PanelBlock>(
         }
         // Sixteen rows' 16 pairs at a time: row r's pairs in register r become pair i's
         // rows in register i.
-        for c in 0..BLOCK / 32 {
-            // SAFETY: each row holds 256 i16, 32 of them from 32c; the stores stay inside
+        for c in 0..elems / 32 {
+            // SAFETY: each row holds `elems` i16, 32 of them from 32c; the stores stay inside
             // group g (asserted above).
             unsafe {
                 let rows = std::array::from_fn(|r| {

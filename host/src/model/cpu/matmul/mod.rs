@@ -311,9 +311,7 @@ impl Precision {
     }
 
     /// Whether products of more than [`q8dot::TOKENS`] tokens with `data` multiply i16
-    /// activations and panels on this CPU (every type with integer products; the 32-element
-    /// types only in rows of whole runs of 256, checked per product: shorter rows compute
-    /// exactly).
+    /// activations and panels on this CPU (every type with integer products).
     pub fn uses_i16_panels(self, data: &WeightData) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -477,10 +475,9 @@ fn fast_path(
             return true;
         }
     }
-    // The i16 activations come in whole runs of 256 (the 32-element types' rows may not).
-    if every(Precision::uses_i16_panels) && cols.is_multiple_of(256) {
+    if every(Precision::uses_i16_panels) {
         if let Some(k) = q8dot::Q8Dot::new() {
-            scratch.x_i16.quantize(k, x);
+            scratch.x_i16.quantize(k, x, cols);
             let slots = &mut scratch.i16_panels;
             if slots.len() < pool.threads() {
                 slots.resize_with(pool.threads(), Default::default);
@@ -1387,11 +1384,11 @@ mod tests {
         out
     }
 
-    /// `x` as the i16 prefill path rounds it: per 256 elements, `dx = max|x| / 32767` and
-    /// `dx·round(x / dx)`.
-    fn rounded_to_i16(x: &[f32]) -> Vec<f32> {
+    /// `x` as the i16 prefill path rounds it: per 256 elements of a row (the last run may be
+    /// shorter), `dx = max|x| / 32767` and `dx·round(x / dx)`.
+    fn rounded_to_i16(x: &[f32], cols: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(x.len());
-        for block in x.chunks(256) {
+        for block in x.chunks(cols).flat_map(|row| row.chunks(256)) {
             let (d, inv) = reference_scale(block, 32767.0);
             out.extend(block.iter().map(|&v| d * (v * inv).round_ties_even()));
         }
@@ -1402,12 +1399,11 @@ mod tests {
     fn integer_products_match_reference_on_rounded_activations() {
         // Fast numerics, quantized weights with integer kernels: the product of the
         // dequantized weights with the activations as rounded to two bytes (up to 16 tokens)
-        // or to i16 (more; the 32-element types compute those exactly in rows that end in
-        // a short run of 256), in f64. A wrong
+        // or to i16 (more), in f64. A wrong
         // element order, scale or min moves the result by far more than the 1e-5. The shapes
         // cover padded row groups, several tasks, token tiles of every size and a second
         // block of columns; for the 32-element types also rows that end in a short run of
-        // 256 (one, two and seven blocks).
+        // 256 (one, two and seven blocks; two, after a first block of 1024 columns).
         if !Precision::Bf16.uses_integer_dot(&WeightData::Quant(QuantType::Q4K, &[])) {
             eprintln!("SKIP integer products: this CPU has no AVX512-VNNI; fast == exact here");
             return;
@@ -1418,7 +1414,7 @@ mod tests {
         for qt in types {
             let small = qt.block_elems() == 32;
             let short_runs: &[(usize, usize)] = if small {
-                &[(9, 288), (37, 576), (4, 224)]
+                &[(9, 288), (37, 576), (4, 224), (6, 1088)]
             } else {
                 &[]
             };
@@ -1438,15 +1434,10 @@ mod tests {
                     let x: Vec<f32> = (0..n * cols)
                         .map(|i| rng.next() * if i % 97 == 0 { 8.0 } else { 1.0 })
                         .collect();
-                    // Longer products with the 32-element types compute exactly in rows
-                    // that end in a short run.
-                    let exact = n > q8dot::TOKENS && small && !cols.is_multiple_of(256);
-                    let xr = if exact {
-                        x.clone()
-                    } else if n <= q8dot::TOKENS {
+                    let xr = if n <= q8dot::TOKENS {
                         rounded_to_two_bytes(&x, cols)
                     } else {
-                        rounded_to_i16(&x)
+                        rounded_to_i16(&x, cols)
                     };
                     let mut out_a = vec![f32::NAN; n * rows_a];
                     let mut out_b = vec![f32::NAN; n * rows_b];
@@ -1469,14 +1460,12 @@ mod tests {
                         },
                     ];
                     matmul_group(&pool, Precision::Bf16, &x, n, parts, &mut scratch);
-                    if !exact {
-                        let rounded = if n <= q8dot::TOKENS {
-                            scratch.x_q8.values()
-                        } else {
-                            scratch.x_i16.values()
-                        };
-                        assert_eq!(rounded[..n * cols], xr, "rounded activations");
-                    }
+                    let rounded = if n <= q8dot::TOKENS {
+                        scratch.x_q8.values()
+                    } else {
+                        scratch.x_i16.values()
+                    };
+                    assert_eq!(rounded[..n * cols], xr, "rounded activations");
                     for (blocks, out, rows) in
                         [(&blocks_a, &out_a, rows_a), (&blocks_b, &out_b, rows_b)]
                     {
