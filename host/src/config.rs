@@ -281,8 +281,7 @@ pub struct ModelConfig {
     /// down projection splits its input into two bf16 parts (several tokens) or rounds it to
     /// f16 (one token); with f16 weights, one-token products round their inputs to f16; with
     /// quantized weights and AVX512-VNNI, products of up to 16 tokens hold their inputs as two
-    /// bytes per element (longer ones as i16 for the K-quants and IQ4_XS) and multiply the
-    /// stored quants as integers. `exact` computes in f32 and reproduces Hugging Face
+    /// bytes per element (longer ones as i16) and multiply the stored quants as integers. `exact` computes in f32 and reproduces Hugging Face
     /// transformers. f32 weights, and CPUs without AVX-512, always compute exactly.
     pub numerics: crate::model::cpu::matmul::Numerics,
     /// The model's name in the OpenAI API (`model`, `/v1/models`); null = the folder's name.

@@ -215,10 +215,10 @@ pub enum Numerics {
     ///   16 tokens (decode), the vocabulary projection's too, hold their input as two signed
     ///   bytes per element (`hi + lo / 256` times a scale per 256 elements, within 2^-16 of
     ///   the block's largest) and multiply the stored quants as integers. More tokens
-    ///   (prefill) with Q2_K, Q3_K, Q4_K, Q5_K, Q6_K or IQ4_XS hold it as i16 (times a scale
-    ///   per 256 elements, the same 2^-16) and multiply i16 weights with the group scales
-    ///   folded in; with the 32-element types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL), or a
-    ///   group (q/k/v, gate/up) that mixes types, they compute as `Exact`.
+    ///   (prefill) hold it as i16 (times a scale per 256 elements, the same 2^-16) and
+    ///   multiply i16 weights: the K-quants' and IQ4_XS's with their group scales folded in,
+    ///   the 32-element types' (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) as stored, with each
+    ///   block's factor applied to its sums.
     ///
     /// Other vocabulary projections, attention, norms, f32 weights and CPUs without AVX-512
     /// compute exactly as `Exact`.
