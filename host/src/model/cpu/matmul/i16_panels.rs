@@ -1,6 +1,6 @@
 //! The fast path for prefill with quantized weights (`Numerics::Fast`): Q2_K, Q3_K, Q4_K,
-//! Q5_K, Q6_K and IQ4_XS, and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL in rows of whole runs of
-//! 256 elements, times many tokens, as 16-bit integer products with
+//! Q5_K, Q6_K and IQ4_XS, and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL (whose rows may end in
+//! a run shorter than 256 elements), times many tokens, as 16-bit integer products with
 //! AVX512-VNNI's `vpdpwssd` (32 products of i16 pairs, summed in pairs into 16 i32 lanes, in
 //! one instruction: twice an f32 FMA's multiply-adds).
 //!
@@ -9,9 +9,9 @@
 //! 8-bit decode kernels (`q8dot`) unpack every block again for each token tile.
 //!
 //! How:
-//! - Activations: each token's, per 256 elements, one f32 scale `dx = max|x| / 32767` and
-//!   `q = round(x / dx)` as i16 (within `dx / 2`, 2^-16 of the block's largest element, as
-//!   the decode path's two bytes). The sums of `dx·q` over each 16 and each 32 elements are
+//! - Activations: each token's, per run of 256 elements (a row's last run may be shorter),
+//!   one f32 scale `dx = max|x| / 32767` and `q = round(x / dx)` as i16 (within `dx / 2`,
+//!   2^-16 of the run's largest element, as the decode path's two bytes). The sums of `dx·q` over each 16 and each 32 elements are
 //!   kept for the min terms. With `max|x| / 8191` (fewer conversions below) the
 //!   llama-quantize fixtures' first-step logits moved by up to 8.5e-3 of the logit, against
 //!   2.9e-3 with this range.
@@ -47,8 +47,7 @@ use super::{WeightData, K_BLOCK};
 use crate::model::quant::QuantType;
 
 /// Whether weights of type `qt` have panels here: `q8dot`'s 256-element types and
-/// `block32`'s 32-element ones (these only in rows of whole 256-element runs: see
-/// [`Product::run`]).
+/// `block32`'s 32-element ones.
 pub(super) fn supports(qt: QuantType) -> bool {
     super::q8dot::has_super_blocks(qt) || super::block32::supports(qt)
 }
@@ -629,7 +628,8 @@ const fn flush_elems(max_weight: i32) -> usize {
 /// factors, so whatever their weights, they add nothing.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL; each of `rows` holds `len / 256` whole blocks; the panel fits group `g`.
+/// AVX-512 F/BW/VL; each of `rows` holds the whole blocks of `len` elements (a multiple of
+/// 256, or of 32 for the 32-element types); the panel fits group `g`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn unpack_group<B: PanelBlock>(
     rows: &[&[u8]; LANES],

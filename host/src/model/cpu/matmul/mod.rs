@@ -213,9 +213,10 @@ pub enum Numerics {
     ///   f16 path does; several tokens compute as `Exact`.
     /// - Quantized weights (every GGUF type cllm reads), with AVX512-VNNI: products of up to
     ///   16 tokens (decode), the vocabulary projection's too, hold their input as two signed
-    ///   bytes per element (`hi + lo / 256` times a scale per 256 elements, within 2^-16 of
-    ///   the block's largest) and multiply the stored quants as integers. More tokens
-    ///   (prefill) hold it as i16 (times a scale per 256 elements, the same 2^-16) and
+    ///   bytes per element (`hi + lo / 256` times a scale per run of 256 elements, a row's
+    ///   last run possibly shorter, within 2^-16 of the run's largest) and multiply the
+    ///   stored quants as integers. More tokens (prefill) hold it as i16 (times a scale per
+    ///   run, the same 2^-16) and
     ///   multiply i16 weights: the K-quants' and IQ4_XS's with their group scales folded in,
     ///   the 32-element types' (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) as stored, with each
     ///   block's factor applied to its sums.
