@@ -70,41 +70,35 @@ impl TaskSplit {
             .max(GUIDED_MIN_ROWS)
             .next_multiple_of(align);
         let share = 2 * threads.max(1);
-        let mut split = TaskSplit::Guided {
-            part: [0; GUIDED_CAPACITY],
-            start: [0; GUIDED_CAPACITY],
-            end: [0; GUIDED_CAPACITY],
-            tasks: 0,
-        };
-        let TaskSplit::Guided {
-            part,
-            start,
-            end,
-            tasks,
-        } = &mut split
-        else {
-            unreachable!("constructed as guided just above");
-        };
+        let mut part = [0; GUIDED_CAPACITY];
+        let mut start = [0; GUIDED_CAPACITY];
+        let mut end = [0; GUIDED_CAPACITY];
+        let mut tasks = 0;
         let mut left = total;
         for (p, rows) in parts.iter().map(|p| p.map_or(0, |p| p.w.rows)).enumerate() {
             let mut r = 0;
             while r < rows {
                 // Room stays for one task per later part, whatever the sizes came to.
-                let size = if *tasks + MAX_PARTS >= GUIDED_CAPACITY {
+                let size = if tasks + MAX_PARTS >= GUIDED_CAPACITY {
                     rows - r
                 } else {
                     (left / share).next_multiple_of(align).max(floor)
                 };
                 let r1 = (r + size).min(rows);
-                part[*tasks] = p as u8;
-                start[*tasks] = r as u32;
-                end[*tasks] = r1 as u32;
-                *tasks += 1;
+                part[tasks] = p as u8;
+                start[tasks] = r as u32;
+                end[tasks] = r1 as u32;
+                tasks += 1;
                 left -= r1 - r;
                 r = r1;
             }
         }
-        split
+        TaskSplit::Guided {
+            part,
+            start,
+            end,
+            tasks,
+        }
     }
 
     /// How many tasks the job has.
