@@ -234,10 +234,8 @@ fn effective_numerics(asked: Numerics, weights: &ModelWeights) -> &'static str {
         "fast (bf16 activations, AVX512-BF16)"
     } else if main.uses_half_input(&data) {
         "fast (f16 activations for one token)"
-    } else if main.uses_i16_panels(&data) {
-        "fast (integer products, AVX512-VNNI: two-byte activations for up to 16 tokens, i16 beyond)"
     } else if main.uses_integer_dot(&data) {
-        "fast (integer products, AVX512-VNNI: two-byte activations for up to 16 tokens, f32 beyond)"
+        "fast (integer products, AVX512-VNNI: two-byte activations for up to 16 tokens, i16 beyond)"
     } else {
         "exact (f32)"
     }

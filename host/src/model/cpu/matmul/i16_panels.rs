@@ -41,16 +41,11 @@ use std::marker::PhantomData;
 use std::sync::Mutex;
 
 use super::block32::{Block32, Iq4Nl, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
-use super::q8dot::{block_scale, Iq4Xs, Q8Dot, SuperBlock, Q2K, Q3K, Q4K, Q5K, Q6K};
+use super::q8dot::{activation_runs, block_scale, Iq4Xs, Q8Dot, SuperBlock};
+use super::q8dot::{Q2K, Q3K, Q4K, Q5K, Q6K};
 use super::{job_size, run_tasks, threads_for, with_slot, OutPtr, Part, TaskSplit, ThreadPool};
 use super::{WeightData, K_BLOCK};
 use crate::model::quant::QuantType;
-
-/// Whether weights of type `qt` have panels here: `q8dot`'s 256-element types and
-/// `block32`'s 32-element ones.
-pub(super) fn supports(qt: QuantType) -> bool {
-    super::q8dot::has_super_blocks(qt) || super::block32::supports(qt)
-}
 
 /// Elements per activation block and weight block.
 const BLOCK: usize = 256;
@@ -88,25 +83,17 @@ impl I16Activations {
     /// buffers: each row in runs of 256, the last one shorter where `cols` is not a multiple
     /// of 256; run `r` of token `t` has the scale `dx[t·⌈cols/256⌉ + r]`.
     pub(super) fn quantize(&mut self, _k: Q8Dot, x: &[f32], cols: usize) {
-        assert!(
-            cols > 0 && cols.is_multiple_of(32),
-            "rows of whole 32-element blocks"
-        );
-        assert!(x.len().is_multiple_of(cols), "whole rows");
+        let runs = activation_runs(x, cols);
         let n = x.len();
-        let runs = cols.div_ceil(BLOCK);
         self.cols = cols;
         self.q.resize(n, 0);
-        self.dx.resize(n / cols * runs, 0.0);
+        self.dx.resize(n / cols * cols.div_ceil(BLOCK), 0.0);
         self.sums.resize(n / GROUP, 0.0);
-        for (t, row) in x.chunks_exact(cols).enumerate() {
-            for (r, run) in row.chunks(BLOCK).enumerate() {
-                let at = t * cols + r * BLOCK;
-                let q = &mut self.q[at..][..run.len()];
-                let sums = &mut self.sums[at / GROUP..][..run.len() / GROUP];
-                // SAFETY: the token proves CPU support; the slices have the run's lengths.
-                self.dx[t * runs + r] = unsafe { quantize_block(run, q, sums) };
-            }
+        for (scale, at, run) in runs {
+            let q = &mut self.q[at..][..run.len()];
+            let sums = &mut self.sums[at / GROUP..][..run.len() / GROUP];
+            // SAFETY: the token proves CPU support; the slices have the run's lengths.
+            self.dx[scale] = unsafe { quantize_block(run, q, sums) };
         }
         self.sums32.clear();
         self.sums32
@@ -116,9 +103,8 @@ impl I16Activations {
     /// The values as f32, for tests.
     #[cfg(test)]
     pub(super) fn values(&self) -> Vec<f32> {
-        let runs = self.cols.div_ceil(BLOCK);
         (0..self.q.len())
-            .map(|i| self.dx[i / self.cols * runs + i % self.cols / BLOCK] * f32::from(self.q[i]))
+            .map(|i| self.dx[super::q8dot::run_of(i, self.cols)] * f32::from(self.q[i]))
             .collect()
     }
 }

@@ -295,7 +295,7 @@ impl Precision {
 
     /// Whether products with `data` multiply integers on this CPU: up to [`q8dot::TOKENS`]
     /// tokens with two-byte activations (`q8dot`), more with i16 activations and panels
-    /// (`i16_panels`) for the types that have them (see [`Precision::uses_i16_panels`]).
+    /// (`i16_panels`).
     pub fn uses_integer_dot(self, data: &WeightData) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -303,21 +303,6 @@ impl Precision {
                 && matches!(data, WeightData::Quant(qt, _) if q8dot::supports(*qt))
                 && Isa::detect() == Isa::Avx512
                 && q8_dot_supported()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = data;
-            false
-        }
-    }
-
-    /// Whether products of more than [`q8dot::TOKENS`] tokens with `data` multiply i16
-    /// activations and panels on this CPU (every type with integer products).
-    pub fn uses_i16_panels(self, data: &WeightData) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            self.uses_integer_dot(data)
-                && matches!(data, WeightData::Quant(qt, _) if i16_panels::supports(*qt))
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -476,7 +461,7 @@ fn fast_path(
             return true;
         }
     }
-    if every(Precision::uses_i16_panels) {
+    if every(Precision::uses_integer_dot) {
         if let Some(k) = q8dot::Q8Dot::new() {
             scratch.x_i16.quantize(k, x, cols);
             let slots = &mut scratch.i16_panels;

@@ -94,20 +94,16 @@ pub(super) const IQ4_UNSIGNED: [i8; 16] = {
 
 /// Whether weights of type `qt` have a kernel here (or in `block32`).
 pub(super) fn supports(qt: QuantType) -> bool {
-    has_super_blocks(qt) || block32::supports(qt)
-}
-
-/// Whether `qt` is one of the 256-element types this module multiplies itself.
-pub(super) fn has_super_blocks(qt: QuantType) -> bool {
-    matches!(
-        qt,
-        QuantType::Q2K
-            | QuantType::Q3K
-            | QuantType::Q4K
-            | QuantType::Q5K
-            | QuantType::Q6K
-            | QuantType::Iq4Xs
-    )
+    block32::supports(qt)
+        || matches!(
+            qt,
+            QuantType::Q2K
+                | QuantType::Q3K
+                | QuantType::Q4K
+                | QuantType::Q5K
+                | QuantType::Q6K
+                | QuantType::Iq4Xs
+        )
 }
 
 /// Activations as two bytes each: for token `t` and element `k` of `cols`, at
@@ -127,41 +123,60 @@ impl Q8Activations {
     /// Rounds `x`, rows of `cols` elements (a multiple of 32), into `self`, reusing its
     /// buffers: each row in runs of 256 elements, the last one possibly shorter.
     pub(super) fn quantize(&mut self, _k: Q8Dot, x: &[f32], cols: usize) {
-        assert!(
-            cols > 0 && cols.is_multiple_of(32),
-            "rows of whole 32-element blocks"
-        );
-        assert!(x.len().is_multiple_of(cols), "whole rows");
+        let runs = activation_runs(x, cols);
         let n = x.len();
-        let runs = cols.div_ceil(BLOCK);
         self.cols = cols;
         self.hi.resize(n, 0);
         self.lo.resize(n, 0);
-        self.d.resize(n / cols * runs, 0.0);
+        self.d.resize(n / cols * cols.div_ceil(BLOCK), 0.0);
         self.sums.resize(n / GROUP, 0.0);
-        for (t, row) in x.chunks_exact(cols).enumerate() {
-            for (r, run) in row.chunks(BLOCK).enumerate() {
-                let at = t * cols + r * BLOCK;
-                let hi = &mut self.hi[at..][..run.len()];
-                let lo = &mut self.lo[at..][..run.len()];
-                let sums = &mut self.sums[at / GROUP..][..run.len() / GROUP];
-                // SAFETY: the token proves CPU support; the slices have the run's lengths.
-                self.d[t * runs + r] = unsafe { quantize_block(run, hi, lo, sums) };
-            }
+        for (scale, at, run) in runs {
+            let hi = &mut self.hi[at..][..run.len()];
+            let lo = &mut self.lo[at..][..run.len()];
+            let sums = &mut self.sums[at / GROUP..][..run.len() / GROUP];
+            // SAFETY: the token proves CPU support; the slices have the run's lengths.
+            self.d[scale] = unsafe { quantize_block(run, hi, lo, sums) };
         }
     }
 
     /// The values as f32, for tests.
     #[cfg(test)]
     pub(super) fn values(&self) -> Vec<f32> {
-        let runs = self.cols.div_ceil(BLOCK);
         (0..self.hi.len())
             .map(|i| {
                 let q = f32::from(self.hi[i]) + f32::from(self.lo[i]) / 256.0;
-                self.d[i / self.cols * runs + i % self.cols / BLOCK] * q
+                self.d[run_of(i, self.cols)] * q
             })
             .collect()
     }
+}
+
+/// The runs in which the integer paths round activations: each row of `cols` elements (a
+/// multiple of 32) in runs of 256, the last one possibly shorter. Yields each run's scale
+/// index (`t·⌈cols/256⌉ + r` for run `r` of token `t`), its first element's index in `x`, and
+/// its elements.
+pub(super) fn activation_runs(
+    x: &[f32],
+    cols: usize,
+) -> impl Iterator<Item = (usize, usize, &[f32])> {
+    assert!(
+        cols > 0 && cols.is_multiple_of(32),
+        "rows of whole 32-element blocks"
+    );
+    assert!(x.len().is_multiple_of(cols), "whole rows");
+    let runs = cols.div_ceil(BLOCK);
+    x.chunks_exact(cols).enumerate().flat_map(move |(t, row)| {
+        row.chunks(BLOCK)
+            .enumerate()
+            .map(move |(r, run)| (t * runs + r, t * cols + r * BLOCK, run))
+    })
+}
+
+/// The scale index of element `i` of activation rows of `cols` elements (see
+/// [`activation_runs`]).
+#[cfg(test)]
+pub(super) fn run_of(i: usize, cols: usize) -> usize {
+    i / cols * cols.div_ceil(BLOCK) + i % cols / BLOCK
 }
 
 /// One run's scale `dx`; writes `hi = round(x / dx)` and `lo = round(256·(x / dx − hi))`
