@@ -192,8 +192,9 @@ fn bench_json_reports_an_empty_context_decode() {
     };
     let stdout = stdout_of(
         cllm()
-            .args(["bench", "--json", "--batch", "2", "--prompt-tokens", "0"])
-            .args(["--decode-tokens", "8", "--numerics", "exact", "--model"])
+            .args(["bench", "--json", "--device", "cpu", "--batch", "2"])
+            .args(["--prompt-tokens", "0", "--decode-tokens", "8"])
+            .args(["--numerics", "exact", "--model"])
             .arg(&fx.model_dir),
     );
     let report: serde_json::Value = serde_json::from_slice(&stdout).expect("one JSON object");
@@ -226,7 +227,8 @@ fn bench_names_the_numerics_of_f16_weights() {
     let numerics_of = |asked: &str| {
         let stdout = stdout_of(
             cllm()
-                .args(["bench", "--json", "--batch", "0", "--prompt-tokens", "4"])
+                .args(["bench", "--json", "--device", "cpu", "--batch", "0"])
+                .args(["--prompt-tokens", "4"])
                 .args(["--decode-tokens", "2", "--numerics", asked, "--model"])
                 .arg(&model),
         );

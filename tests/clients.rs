@@ -150,6 +150,8 @@ async fn openai_client_chats_with_smollm2_gguf_like_hf() {
     )
     .expect("golden parses");
     let server = TestServer::start(&model, |c| {
+        // Quantized weights run on the CPU only, whatever device the tests run on.
+        c.model.device = cllm::model::executor::DeviceChoice::Cpu;
         c.model.threads = 2;
         c.scheduler.kv_cache_mb = 64;
     })
