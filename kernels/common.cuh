@@ -10,9 +10,19 @@ typedef unsigned long long u64;
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#else
+    // Host compilers (the CPU emulator in tests/cuda_emulator): the same value by bits.
+    u32 sign = ((u32)h & 0x8000u) << 16, exp = ((u32)h >> 10) & 0x1fu, man = (u32)h & 0x3ffu;
+    if (exp == 0x1fu) return __uint_as_float(sign | 0x7f800000u | (man << 13));  // inf, NaN
+    if (exp != 0) return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
+    // Zero and subnormals: man * 2^-24, exact in f32.
+    float v = (float)man * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+#endif
 }
 
 // Weight element types: `at` widens one element, `load8` eight consecutive ones from a

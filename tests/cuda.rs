@@ -456,3 +456,64 @@ fn gpu_attention_matches_f64_reference() {
         }
     }
 }
+
+// ---- Without a GPU: the CUDA backend on the CPU emulator (tests/cuda_emulator) ----
+
+/// The kernel checks above, run again with the emulator as the driver, blocks and the threads
+/// of each block in reverse order (a result that depends on the order blocks run in shows).
+#[test]
+fn kernel_checks_pass_on_the_cuda_emulator() {
+    let checks = [
+        "gpu_matmul_matches_f64_reference",
+        "gpu_norm_silu_rope_embed_and_argmax_match_the_cpu",
+        "gpu_attention_matches_f64_reference",
+        "gpu_bench_profile_times_every_phase",
+    ];
+    common::emulated_gpu::rerun_on_emulated_gpu(&checks, checks.len(), "reverse");
+}
+
+/// With a driver library that has a device, `--device auto` takes it and says why; greedy
+/// tokens past 64 positions (several KV blocks, attention split in two) and a prefill chunked
+/// across CUDA-graph shapes are the CPU's.
+#[test]
+fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
+    use common::emulated_gpu::{emulator_dir, on_emulator};
+    if std::env::var_os("CLLM_TEST_DEVICE").is_some() {
+        return;
+    }
+    let Some(emulator) = emulator_dir() else {
+        return;
+    };
+    let fx = fixture("stories260K").expect("in the repository");
+    let run = |device: &str, emulated: bool| {
+        let mut cmd = cllm();
+        cmd.args([
+            "generate",
+            "--json",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "90",
+        ])
+        .args(["--device", device, "--model"])
+        .arg(&fx.model_dir)
+        .arg("Once upon a time, there was a little dog named Max. Max liked to run");
+        if emulated {
+            cmd = on_emulator(cmd, &emulator);
+        }
+        let out = cmd.output().expect("runs cllm");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "--device {device}: {stderr}");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        (json["output_ids"].clone(), stderr)
+    };
+    let (cpu, _) = run("cpu", false);
+    let (auto, stderr) = run("auto", true);
+    assert_eq!(cpu.as_array().map(Vec::len), Some(90), "90 tokens: {cpu}");
+    assert_eq!(auto, cpu, "the emulated device's tokens are the CPU's");
+    assert!(
+        stderr.contains(
+            "generated on cllm CUDA emulator (CPU) (sm_90) [device auto: CUDA device 0 found]"
+        ),
+        "auto says it runs on CUDA and why: {stderr}"
+    );
+}

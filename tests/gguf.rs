@@ -546,3 +546,10 @@ fn more_quant_types_generate_as_their_f32_dequantization() {
         }
     }
 }
+
+/// CI has no GPU: the bf16 GGUF file's golden runs again on the CUDA emulator
+/// (tests/cuda_emulator).
+#[test]
+fn bf16_gguf_runs_pass_on_the_cuda_emulator() {
+    common::emulated_gpu::rerun_on_emulated_gpu(&["tiny256_bf16_matches_hf"], 1, "forward");
+}

@@ -84,3 +84,14 @@ fn tiny_llama_bf16_fast_numerics_within_tolerance() {
         );
     }
 }
+
+/// CI has no GPU: the exact runs of stories260K and of the Qwen2 model (biases) again on the
+/// CUDA emulator (tests/cuda_emulator), one at a time, batched and in prefill chunks.
+#[test]
+fn golden_runs_pass_on_the_cuda_emulator() {
+    common::emulated_gpu::rerun_on_emulated_gpu(
+        &["stories260k_matches_hf", "tiny_qwen2_f32_matches_hf"],
+        2,
+        "forward",
+    );
+}

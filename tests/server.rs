@@ -895,3 +895,17 @@ async fn disabled_metrics_are_not_served() {
     assert_eq!(body["error_type"], "not_found", "{body}");
     server.shutdown().await;
 }
+
+/// CI has no GPU: the server on the CUDA emulator (tests/cuda_emulator): the device report,
+/// golden tokens streamed as they come, and a dropped stream freeing its blocks. (Golden tokens
+/// in batches and chunks run on the emulator in golden.rs; these few keep the CPU free for the
+/// timing-sensitive tests beside them.)
+#[test]
+fn server_runs_on_the_cuda_emulator() {
+    let tests = [
+        "info_health_and_metrics_report_the_device",
+        "stream_delivers_golden_tokens_as_they_come",
+        "dropped_stream_is_cancelled_and_frees_its_kv_blocks",
+    ];
+    common::emulated_gpu::rerun_on_emulated_gpu(&tests, tests.len(), "forward");
+}

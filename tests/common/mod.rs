@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: where fixtures live and how to read golden files.
 #![allow(dead_code)]
 
+pub mod emulated_gpu;
 pub mod greedy;
 pub mod process;
 pub mod rng;

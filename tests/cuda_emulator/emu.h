@@ -1,0 +1,133 @@
+// The CUDA built-ins that kernels/*.cu use, for a host C++ compiler: each kernel file is
+// compiled as `emu.h`, `common.cuh`, the file, and the registration of its kernels.
+// The thread and block indices are globals that the scheduler (runtime.cpp) sets before it
+// switches to a thread's fiber; threads switch only inside the synchronisation calls below,
+// which are defined in another file, so the compiler reloads the indices after each of them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <utility>
+
+struct EmuDim3 {
+    unsigned int x, y, z;
+};
+
+extern EmuDim3 emu_thread_idx, emu_block_idx, emu_block_dim, emu_grid_dim;
+
+#define threadIdx emu_thread_idx
+#define blockIdx emu_block_idx
+#define blockDim emu_block_dim
+#define gridDim emu_grid_dim
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+// Shared memory: one copy for the block being run (blocks run one at a time).
+#define __shared__ static
+
+void emu_syncthreads();
+unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask);
+
+inline void __syncthreads() { emu_syncthreads(); }
+
+inline float __int_as_float(int v) {
+    float f;
+    std::memcpy(&f, &v, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned int v) {
+    float f;
+    std::memcpy(&f, &v, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int v;
+    std::memcpy(&v, &f, 4);
+    return v;
+}
+inline unsigned int __float_as_uint(float f) {
+    unsigned int v;
+    std::memcpy(&v, &f, 4);
+    return v;
+}
+
+inline float __shfl_xor_sync(unsigned int mask, float v, int lane_mask) {
+    return __uint_as_float(emu_shfl_xor(mask, __float_as_uint(v), lane_mask));
+}
+inline int __shfl_xor_sync(unsigned int mask, int v, int lane_mask) {
+    return (int)emu_shfl_xor(mask, (unsigned int)v, lane_mask);
+}
+inline unsigned int __shfl_xor_sync(unsigned int mask, unsigned int v, int lane_mask) {
+    return emu_shfl_xor(mask, v, lane_mask);
+}
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
+inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned int x, y;
+};
+
+// Registration: each kernel file's `extern "C"` kernels, found by build.sh, are listed as
+// EMU_KERNEL(name) after the file, which records the kernel's parameter types so that a launch
+// can copy its arguments out of cuLaunchKernel's `void**` array.
+struct EmuCall {
+    virtual void run() = 0;
+    virtual ~EmuCall() = default;
+};
+
+struct EmuKernel {
+    const char* name;
+    explicit EmuKernel(const char* n);
+    virtual EmuCall* bind(void** params) const = 0;
+    virtual ~EmuKernel() = default;
+};
+
+template <class... A>
+struct EmuBoundCall : EmuCall {
+    void (*f)(A...);
+    std::tuple<A...> args;
+    EmuBoundCall(void (*fn)(A...), std::tuple<A...> a) : f(fn), args(a) {}
+    void run() override { std::apply(f, args); }
+};
+
+template <class... A>
+struct EmuTypedKernel : EmuKernel {
+    void (*f)(A...);
+    EmuTypedKernel(const char* n, void (*fn)(A...)) : EmuKernel(n), f(fn) {}
+    template <std::size_t... I>
+    EmuCall* bind_at(void** params, std::index_sequence<I...>) const {
+        return new EmuBoundCall<A...>(f, std::tuple<A...>(*static_cast<A*>(params[I])...));
+    }
+    EmuCall* bind(void** params) const override {
+        return bind_at(params, std::index_sequence_for<A...>{});
+    }
+};
+
+template <class... A>
+EmuTypedKernel<A...>* emu_register(const char* name, void (*fn)(A...)) {
+    return new EmuTypedKernel<A...>(name, fn);
+}
+
+#define EMU_KERNEL(name) static EmuKernel* emu_registered_##name = emu_register(#name, &name);
