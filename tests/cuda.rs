@@ -472,9 +472,15 @@ fn kernel_checks_pass_on_the_cuda_emulator() {
     common::emulated_gpu::rerun_on_emulated_gpu(&checks, checks.len(), "reverse");
 }
 
-/// With a driver library that has a device, `--device auto` takes it and says why; greedy
-/// tokens past 64 positions (several KV blocks, attention split in two) and a prefill chunked
-/// across CUDA-graph shapes are the CPU's.
+/// With a driver library that has a device, `--device auto` takes it and says why, and its
+/// greedy tokens are the CPU's: a prompt of more than 64 tokens (the prefill's products are
+/// tiled GEMMs, not GEMVs), then 90 decode steps replayed from captured graphs over several KV
+/// blocks, with the attention split in two.
+const LONG_PROMPT: &str = "Once upon a time, there was a little dog named Max. Max liked to \
+     run in the park with his friend, a big red ball. One day, the sun was hot and the grass was \
+     green. Max saw a bird in a tree. The bird sang a happy song. Max wanted to play with the \
+     bird, so he ran to the tree and jumped up high. The bird";
+
 #[test]
 fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
     use common::emulated_gpu::{emulator_dir, on_emulator};
@@ -496,7 +502,7 @@ fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
         ])
         .args(["--device", device, "--model"])
         .arg(&fx.model_dir)
-        .arg("Once upon a time, there was a little dog named Max. Max liked to run");
+        .arg(LONG_PROMPT);
         if emulated {
             cmd = on_emulator(cmd, &emulator);
         }
@@ -506,7 +512,14 @@ fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
         (json["output_ids"].clone(), stderr)
     };
-    let (cpu, _) = run("cpu", false);
+    let (cpu, cpu_log) = run("cpu", false);
+    let prompt_tokens: usize = cpu_log
+        .lines()
+        .find(|l| l.contains(" prompt tokens, "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("cllm generate reports its prompt tokens");
+    assert!(prompt_tokens > 64, "{prompt_tokens} prompt tokens");
     let (auto, stderr) = run("auto", true);
     assert_eq!(cpu.as_array().map(Vec::len), Some(90), "90 tokens: {cpu}");
     assert_eq!(auto, cpu, "the emulated device's tokens are the CPU's");
