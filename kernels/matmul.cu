@@ -2,7 +2,10 @@
 // f32, accumulated in f32. y[t * rows + r] for token t < tokens.
 //
 // gemv_*: few tokens (decode), bound by reading W once: 16-byte loads, two rows a warp, up to
-//   GEMV_TOKENS tokens per pass over the weights.
+//   GEMV_TOKENS tokens per pass over the weights. gemv_norm_* take the residual stream and
+//   apply the RMSNorm as they read it: one launch (and one activation round trip) fewer. (Not
+//   SwiGLU: every warp reads all of its input, so a GEMV would compute each exp and division
+//   once per row pair, about as many instructions as its loads leave room for.)
 // gemm_*: many tokens (prefill, large batches): 64×64 output tiles staged in shared memory.
 // With `accumulate`, y += the product (the residual add fused in).
 
@@ -10,16 +13,64 @@
 #define GEMV_ROWS 2
 #define GEMV_UNROLL 2
 
-// y[t * rows + r] (+)= x[t] · W[r] for t < tokens (<= GEMV_TOKENS), bound by reading W once.
-// Blocks of 256 threads (8 warps). A warp computes GEMV_ROWS rows, so that each input value it
-// loads serves several rows; `wpr` warps (1, 2, 4 or 8) share those rows, each taking every
-// wpr-th 256-element chunk, so that short, wide matrices still fill the GPU (their sums meet
-// in shared memory). Each lane keeps GEMV_ROWS * GEMV_UNROLL 16-byte weight loads in flight.
-template <class W>
-__device__ void gemv(const typename W::T* __restrict__ w, const float* __restrict__ x,
-                     float* __restrict__ y, int rows, int cols, int tokens, int wpr,
-                     int accumulate) {
+// How a GEMV reads its input x[t][k] (k < cols): `load8` eight values from k (a multiple of
+// 8, with cols one too), `at` one. `prologue` runs once per block, in every thread, first.
+
+// The rows as they are.
+struct InPlain {
+    const float* x;
+    int cols;
+    __device__ __forceinline__ void prologue(int) {}
+    __device__ __forceinline__ void load8(int t, int k, float* out) const {
+        const float4* p = (const float4*)(x + (u64)t * cols + k);
+        float4 a = p[0], b = p[1];
+        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    }
+    __device__ __forceinline__ float at(int t, int k) const { return x[(u64)t * cols + k]; }
+};
+
+// RMSNorm of the rows with weight w, as norm.cu computes it: w * (x * 1/sqrt(mean(x²) + eps)).
+// Each block sums the squares of its tokens' rows itself (they are read from L2).
+struct InNorm {
+    const float* x;
+    const float* w;
+    float eps;
+    int cols;
+    float inv[GEMV_TOKENS];
+    __device__ __forceinline__ void prologue(int tokens) {
+#pragma unroll
+        for (int t = 0; t < GEMV_TOKENS; t++) {
+            inv[t] = 0.0f;
+            if (t < tokens) {
+                const float* row = x + (u64)t * cols;
+                float ss = 0.0f;
+                for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += row[i] * row[i];
+                ss = block_sum(ss);
+                inv[t] = 1.0f / sqrtf(ss / (float)cols + eps);
+            }
+        }
+    }
+    __device__ __forceinline__ void load8(int t, int k, float* out) const {
+        const float4* p = (const float4*)(x + (u64)t * cols + k);
+        const float4* q = (const float4*)(w + k);
+        float4 a = p[0], b = p[1], wa = q[0], wb = q[1];
+        float r = inv[t];
+        out[0] = wa.x * (a.x * r); out[1] = wa.y * (a.y * r);
+        out[2] = wa.z * (a.z * r); out[3] = wa.w * (a.w * r);
+        out[4] = wb.x * (b.x * r); out[5] = wb.y * (b.y * r);
+        out[6] = wb.z * (b.z * r); out[7] = wb.w * (b.w * r);
+    }
+    __device__ __forceinline__ float at(int t, int k) const {
+        return w[k] * (x[(u64)t * cols + k] * inv[t]);
+    }
+};
+
+template <class W, class In>
+__device__ void gemv(const typename W::T* __restrict__ w, In in, float* __restrict__ y, int rows,
+                     int cols, int tokens, int wpr, int accumulate) {
     __shared__ float partial[8][GEMV_ROWS][GEMV_TOKENS];
+    in.prologue(tokens);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int r0 = (blockIdx.x * (8 / wpr) + warp / wpr) * GEMV_ROWS;
     int part = warp % wpr;
@@ -49,14 +100,14 @@ __device__ void gemv(const typename W::T* __restrict__ w, const float* __restric
 #pragma unroll
                         for (int t = 0; t < GEMV_TOKENS; t++) {
                             if (t < tokens) {
-                                const float4* xp = (const float4*)(x + (u64)t * cols + k);
-                                float4 a = xp[0], b = xp[1];
+                                float xv[8];
+                                in.load8(t, k, xv);
 #pragma unroll
                                 for (int j = 0; j < GEMV_ROWS; j++)
-                                    acc[j][t] += wv[u][j][0] * a.x + wv[u][j][1] * a.y +
-                                                 wv[u][j][2] * a.z + wv[u][j][3] * a.w +
-                                                 wv[u][j][4] * b.x + wv[u][j][5] * b.y +
-                                                 wv[u][j][6] * b.z + wv[u][j][7] * b.w;
+                                    acc[j][t] += wv[u][j][0] * xv[0] + wv[u][j][1] * xv[1] +
+                                                 wv[u][j][2] * xv[2] + wv[u][j][3] * xv[3] +
+                                                 wv[u][j][4] * xv[4] + wv[u][j][5] * xv[5] +
+                                                 wv[u][j][6] * xv[6] + wv[u][j][7] * xv[7];
                             }
                         }
                     }
@@ -69,7 +120,7 @@ __device__ void gemv(const typename W::T* __restrict__ w, const float* __restric
                     float wk = W::at(row[j], k);
 #pragma unroll
                     for (int t = 0; t < GEMV_TOKENS; t++)
-                        if (t < tokens) acc[j][t] += wk * x[(u64)t * cols + k];
+                        if (t < tokens) acc[j][t] += wk * in.at(t, k);
                 }
             }
         }
@@ -151,7 +202,13 @@ __device__ void gemm(const typename W::T* __restrict__ w, const float* __restric
     extern "C" __global__ void __launch_bounds__(256) gemv_##name(                                \
         const W::T* w, const float* x, float* y, int rows, int cols, int tokens, int wpr,         \
         int accumulate) {                                                                         \
-        gemv<W>(w, x, y, rows, cols, tokens, wpr, accumulate);                                    \
+        gemv<W>(w, InPlain{x, cols}, y, rows, cols, tokens, wpr, accumulate);                     \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) gemv_norm_##name(                           \
+        const W::T* w, const float* x, const float* norm_w, float eps, float* y, int rows,        \
+        int cols, int tokens, int wpr, int accumulate) {                                          \
+        InNorm in{x, norm_w, eps, cols};                                                          \
+        gemv<W>(w, in, y, rows, cols, tokens, wpr, accumulate);                                   \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemm_##name(                                \
         const W::T* w, const float* x, float* y, int rows, int cols, int tokens, int accumulate) { \

@@ -8,7 +8,7 @@ mod common;
 
 use cllm::model::cpu::ops;
 use cllm::model::cuda::compile::{compile_cubin, nvrtc_present, KERNEL_FILES};
-use cllm::model::cuda::{driver_present, AttentionCase, KernelCheck};
+use cllm::model::cuda::{driver_present, AttentionCase, KernelCheck, ProductInput};
 use cllm::model::executor::DeviceChoice;
 use cllm::model::rng::Rng;
 use cllm::model::sampling::argmax;
@@ -207,6 +207,26 @@ fn weights_of(dtype: DType, values: &[f32]) -> (Vec<u8>, Vec<f64>) {
     }
 }
 
+/// `y0 + inputs · Wᵀ` in f64 for W `rows × cols` and the input rows `inputs`.
+fn reference_product(
+    wf: &[f64],
+    rows: usize,
+    cols: usize,
+    inputs: &[f64],
+    y0: Option<&[f32]>,
+) -> Vec<f64> {
+    let tokens = inputs.len() / cols;
+    (0..tokens * rows)
+        .map(|i| {
+            let (t, r) = (i / rows, i % rows);
+            let start = y0.map_or(0.0, |y| y[i] as f64);
+            let row = &wf[r * cols..(r + 1) * cols];
+            let input = &inputs[t * cols..(t + 1) * cols];
+            start + row.iter().zip(input).map(|(w, x)| w * x).sum::<f64>()
+        })
+        .collect()
+}
+
 #[test]
 fn gpu_matmul_matches_f64_reference() {
     let Some(gpu) = gpu() else { return };
@@ -234,20 +254,63 @@ fn gpu_matmul_matches_f64_reference() {
             let got = gpu
                 .matmul(dtype, &w, rows, cols, &x, tokens, y0.as_deref())
                 .expect("matmul runs");
-            let want: Vec<f64> = (0..tokens * rows)
-                .map(|i| {
-                    let (t, r) = (i / rows, i % rows);
-                    let start = y0.as_ref().map_or(0.0, |y| y[i] as f64);
-                    start
-                        + (0..cols)
-                            .map(|k| wf[r * cols + k] * x[t * cols + k] as f64)
-                            .sum::<f64>()
-                })
-                .collect();
+            let inputs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let want = reference_product(&wf, rows, cols, &inputs, y0.as_deref());
             let err = rel_err(&got, &want);
             assert!(
                 err < 1e-5,
                 "{} {rows}x{cols}, {tokens} tokens: relative error {err}",
+                dtype.name()
+            );
+        }
+    }
+}
+
+/// The products whose input is the RMSNorm of the rows (q/k/v, gate/up): the GEMVs apply it
+/// as they read the rows, the tiled GEMMs take it from the norm kernel first. Against an f64
+/// reference of the same computation.
+#[test]
+fn gpu_normed_products_match_f64_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    // The 1.1B model's q/k/v and up shapes, an odd width (the scalar path), and f16.
+    let shapes = [
+        (2560, 2048, DType::Bf16),
+        (5632, 2048, DType::Bf16),
+        (300, 129, DType::F32),
+        (300, 136, DType::F16),
+    ];
+    let eps = 1e-5f32;
+    for (rows, cols, dtype) in shapes {
+        let (w, wf) = weights_of(dtype, &random(&mut rng, rows * cols, 0.05));
+        let norm_w = random(&mut rng, cols, 1.0);
+        for tokens in [1, 3, 8, 13, 100] {
+            let x = random(&mut rng, tokens * cols, 2.0);
+            // The normed input, in f64.
+            let normed: Vec<f64> = (0..tokens * cols)
+                .map(|i| {
+                    let (t, k) = (i / cols, i % cols);
+                    let row = &x[t * cols..(t + 1) * cols];
+                    let ss: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+                    let inv = 1.0 / (ss / cols as f64 + eps as f64).sqrt();
+                    norm_w[k] as f64 * (x[i] as f64 * inv)
+                })
+                .collect();
+            let input = ProductInput::Normed {
+                x: &x,
+                weight: &norm_w,
+                eps,
+            };
+            // Odd token counts add the product onto y0 (the residual add).
+            let y0 = (tokens % 2 == 1).then(|| random(&mut rng, tokens * rows, 1.0));
+            let got = gpu
+                .product(dtype, &w, rows, cols, input, tokens, y0.as_deref())
+                .expect("product runs");
+            let want = reference_product(&wf, rows, cols, &normed, y0.as_deref());
+            let err = rel_err(&got, &want);
+            assert!(
+                err < 1e-5,
+                "normed input, {} {rows}x{cols}, {tokens} tokens: relative error {err}",
                 dtype.name()
             );
         }
@@ -465,6 +528,7 @@ fn gpu_attention_matches_f64_reference() {
 fn kernel_checks_pass_on_the_cuda_emulator() {
     let checks = [
         "gpu_matmul_matches_f64_reference",
+        "gpu_normed_products_match_f64_reference",
         "gpu_norm_silu_rope_embed_and_argmax_match_the_cpu",
         "gpu_attention_matches_f64_reference",
         "gpu_bench_profile_times_every_phase",

@@ -3,10 +3,10 @@
 //! come back to the host, where sampling runs as on the CPU.
 
 use super::compile::compile_all;
-use super::kernels::{elementwise_blocks, launch, matmul, Arg, Kernels};
+use super::kernels::{elementwise_blocks, launch, matmul, Arg, Input, Kernels, NORM_THREADS};
 use super::memory::{DeviceBuffer, Growable};
 use super::profile::{events_per_pass, EventProfile};
-use super::weights::{unsupported_dtype, upload, DevMatrix, DevWeights};
+use super::weights::{unsupported_dtype, upload, DevWeights};
 use crate::model::config::ModelConfig;
 use crate::model::cpu::pool::PoolTimes;
 use crate::model::cpu::profile::{Phase, PhaseTimes};
@@ -27,8 +27,6 @@ const MAX_ATTENTION_SPLITS: usize = 64;
 /// Keys per split at least (fewer would spend more on merging than on attending).
 const MIN_SPLIT_KEYS: usize = 64;
 const MAX_HEAD_DIM: usize = 256;
-/// Threads of a norm block (one block a row): enough that each loads only a few values.
-const NORM_THREADS: u32 = 512;
 /// Decode steps of up to this many sequences run as captured CUDA graphs.
 const MAX_GRAPH_BATCH: usize = 256;
 
@@ -379,9 +377,12 @@ impl CudaBackend {
     }
 
     /// Every kernel of one forward pass, on the stream (or into a graph being captured):
-    /// ten launches a layer. The residual adds are the o and down products' (they add into
-    /// the residual stream x), and RoPE and the KV append are one kernel. `mark` is called
-    /// as each phase's last kernel has been launched (to record a profiling event).
+    /// eight launches a layer for up to 64 tokens, where the q/k/v and gate/up GEMVs apply
+    /// the RMSNorm to their input; ten beyond, where the norms run before the tiled products.
+    /// The residual adds are the o and down products' (they add into the residual stream x),
+    /// and RoPE and the KV append are one kernel. `mark` is called as each phase's last
+    /// kernel has been launched (to record a profiling event); a norm folded into a product
+    /// counts in the product's phase.
     fn launch_pass(
         &self,
         p: &Pass,
@@ -404,29 +405,26 @@ impl CudaBackend {
             ],
         )?;
         mark(Phase::Embed)?;
-        // `x · W` of the RMSNorm of the residual stream x with `norm_weight`, into `out`.
-        type Mark<'m> = &'m mut dyn FnMut(Phase) -> Result<(), DriverError>;
-        let normed_product = |m: &DevMatrix, norm_weight: u64, out: u64, phase, mark: Mark| {
-            let args = [
-                Arg::Ptr(p.x),
-                Arg::Ptr(norm_weight),
-                Arg::Ptr(p.normed),
-                Arg::I32(hi),
-                Arg::F32(eps),
-            ];
-            launch(st, &k.rms_norm, (ni, 1, 1), NORM_THREADS, &args)?;
-            mark(Phase::Norm)?;
-            matmul(st, k, &m.view(), p.normed, out, p.n, false)?;
-            mark(phase)
+        // The RMSNorm of the residual stream x with `weight`, as a product's input (a GEMV
+        // applies it as it reads x, so its time is the product's).
+        let normed = |weight: u64| Input::Normed {
+            x: p.x,
+            weight,
+            eps,
+            scratch: p.normed,
         };
         for (li, layer) in w.layers.iter().enumerate() {
-            normed_product(
-                &layer.qkv,
-                layer.input_norm.ptr(),
+            let qkv = &layer.qkv.view();
+            matmul(
+                st,
+                k,
+                qkv,
+                normed(layer.input_norm.ptr()),
                 p.qkv,
-                Phase::QkvProj,
-                &mut *mark,
+                p.n,
+                false,
             )?;
+            mark(Phase::QkvProj)?;
             let layer_off = (li * self.kv.layer_bytes) as u64;
             let (kc, vc) = (
                 self.kv.keys.ptr() + layer_off,
@@ -483,15 +481,12 @@ impl CudaBackend {
             )?;
             // x += attn · Wo, x += SwiGLU(...) · Wdown: the residual adds are the products'.
             mark(Phase::Attention)?;
-            matmul(st, k, &layer.o.view(), p.attn, p.x, p.n, true)?;
+            matmul(st, k, &layer.o.view(), Input::Rows(p.attn), p.x, p.n, true)?;
             mark(Phase::OProj)?;
-            normed_product(
-                &layer.gate_up,
-                layer.post_norm.ptr(),
-                p.gate_up,
-                Phase::GateUpProj,
-                &mut *mark,
-            )?;
+            let gate_up = &layer.gate_up.view();
+            let input = normed(layer.post_norm.ptr());
+            matmul(st, k, gate_up, input, p.gate_up, p.n, false)?;
+            mark(Phase::GateUpProj)?;
             let elems = p.n * dims.inter;
             let silu_args = [
                 Arg::Ptr(p.gate_up),
@@ -499,15 +494,18 @@ impl CudaBackend {
                 Arg::I32(dims.inter as i32),
                 Arg::U64(elems as u64),
             ];
-            launch(
-                st,
-                &k.silu_mul,
-                (elementwise_blocks(elems), 1, 1),
-                256,
-                &silu_args,
-            )?;
+            let grid = (elementwise_blocks(elems), 1, 1);
+            launch(st, &k.silu_mul, grid, 256, &silu_args)?;
             mark(Phase::Elementwise)?;
-            matmul(st, k, &layer.down.view(), p.act, p.x, p.n, true)?;
+            matmul(
+                st,
+                k,
+                &layer.down.view(),
+                Input::Rows(p.act),
+                p.x,
+                p.n,
+                true,
+            )?;
             mark(Phase::DownProj)?;
         }
         if p.m > 0 {
@@ -527,7 +525,8 @@ impl CudaBackend {
                 &args,
             )?;
             mark(Phase::Norm)?;
-            matmul(st, k, &w.lm_head().view(), p.last, p.logits, p.m, false)?;
+            let input = Input::Rows(p.last);
+            matmul(st, k, &w.lm_head().view(), input, p.logits, p.m, false)?;
             mark(Phase::LmHead)?;
         }
         Ok(())

@@ -3,10 +3,21 @@
 //! forward pass uses, exactly as the pass does, and reads the result back.
 
 use super::backend::{open_device, OpenDevice};
-use super::kernels::{elementwise_blocks, launch, matmul, Arg, MatrixView};
+use super::kernels::{elementwise_blocks, launch, matmul, Arg, Input, MatrixView};
 use super::memory::DeviceBuffer;
 use super::weights::DevDType;
 use crate::model::weights::DType;
+
+/// What [`KernelCheck::product`] feeds a product, `tokens` rows of `cols` values.
+pub enum ProductInput<'a> {
+    Rows(&'a [f32]),
+    /// The RMSNorm of the rows of `x` with `weight` (`cols` values) and `eps`.
+    Normed {
+        x: &'a [f32],
+        weight: &'a [f32],
+        eps: f32,
+    },
+}
 
 fn dev(e: cudarc::driver::DriverError) -> anyhow::Error {
     anyhow::anyhow!("CUDA: {e:?}")
@@ -92,13 +103,50 @@ impl KernelCheck {
         tokens: usize,
         y0: Option<&[f32]>,
     ) -> anyhow::Result<Vec<f32>> {
+        self.product(dtype, w, rows, cols, ProductInput::Rows(x), tokens, y0)
+    }
+
+    /// [`Self::matmul`] of what `input` describes: the rows, or their RMSNorm (which the GEMVs
+    /// apply as they read the rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn product(
+        &self,
+        dtype: DType,
+        w: &[u8],
+        rows: usize,
+        cols: usize,
+        input: ProductInput,
+        tokens: usize,
+        y0: Option<&[f32]>,
+    ) -> anyhow::Result<Vec<f32>> {
         let dtype = match dtype {
             DType::F32 => DevDType::F32,
             DType::F16 => DevDType::F16,
             DType::Bf16 => DevDType::Bf16,
             other => anyhow::bail!("no CUDA product for {}", other.name()),
         };
-        let (wb, xb) = (self.up(w)?, self.up(x)?);
+        let wb = self.up(w)?;
+        // Device copies of the input, kept alive until the product has run.
+        let mut held = Vec::new();
+        let input = match input {
+            ProductInput::Rows(x) => {
+                let xb = self.up(x)?;
+                let ptr = xb.ptr();
+                held.push(xb);
+                Input::Rows(ptr)
+            }
+            ProductInput::Normed { x, weight, eps } => {
+                let (xb, nb, sb) = (self.up(x)?, self.up(weight)?, self.out(tokens * cols)?);
+                let input = Input::Normed {
+                    x: xb.ptr(),
+                    weight: nb.ptr(),
+                    eps,
+                    scratch: sb.ptr(),
+                };
+                held.extend([xb, nb, sb]);
+                input
+            }
+        };
         let yb = match y0 {
             Some(y) => self.up(y)?,
             None => self.out(rows * tokens)?,
@@ -116,7 +164,7 @@ impl KernelCheck {
             &d.stream,
             &d.kernels,
             &view,
-            xb.ptr(),
+            input,
             yb.ptr(),
             tokens,
             accumulate,

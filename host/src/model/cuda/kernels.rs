@@ -11,6 +11,8 @@ use std::sync::Arc;
 pub struct Kernels {
     pub embed: [CudaFunction; 3],
     pub gemv: [CudaFunction; 3],
+    /// GEMVs that apply the RMSNorm to their input as they read it.
+    pub gemv_norm: [CudaFunction; 3],
     pub gemm: [CudaFunction; 3],
     pub rms_norm: CudaFunction,
     pub gather_rms_norm: CudaFunction,
@@ -50,6 +52,7 @@ impl Kernels {
         Ok(Kernels {
             embed: typed("embed.cu", "embed")?,
             gemv: typed("matmul.cu", "gemv")?,
+            gemv_norm: typed("matmul.cu", "gemv_norm")?,
             gemm: typed("matmul.cu", "gemm")?,
             rms_norm: f("norm.cu", "rms_norm")?,
             gather_rms_norm: f("norm.cu", "gather_rms_norm")?,
@@ -135,27 +138,59 @@ fn warps_per_row(rows: usize, cols: usize, sms: usize) -> usize {
     wpr
 }
 
-/// `y[t * rows + r] (+)= x[t] · W[r] (+ bias[r])` for `tokens` rows of x; with `accumulate`,
+/// Threads of a norm block (one block a row): enough that each loads only a few values.
+pub const NORM_THREADS: u32 = 512;
+
+/// What a product reads as its `tokens × cols` input.
+#[derive(Clone, Copy)]
+pub enum Input {
+    /// The rows at this address.
+    Rows(u64),
+    /// The RMSNorm (weight `weight`, epsilon `eps`) of the rows at `x`. GEMVs apply it as
+    /// they read x; GEMMs take it from `scratch` (`tokens × cols` floats), written first.
+    Normed {
+        x: u64,
+        weight: u64,
+        eps: f32,
+        scratch: u64,
+    },
+}
+
+/// `y[t * rows + r] (+)= in[t] · W[r] (+ bias[r])` for `tokens` input rows; with `accumulate`,
 /// added to what y holds (the residual add fused in). GEMVs up to [`GEMV_MAX_TOKENS`] tokens,
 /// tiled GEMMs beyond.
 pub fn matmul(
     stream: &CudaStream,
     k: &Kernels,
     m: &MatrixView,
-    x: u64,
+    input: Input,
     y: u64,
     tokens: usize,
     accumulate: bool,
 ) -> Result<(), DriverError> {
     let (rows, cols) = (m.rows, m.cols);
+    let f = 4 * cols;
     if tokens <= GEMV_MAX_TOKENS {
         let wpr = warps_per_row(rows, cols, k.sms);
         let grid = (rows.div_ceil(8 * GEMV_ROWS / wpr) as u32, 1, 1);
         for start in (0..tokens).step_by(GEMV_TOKENS_PER_PASS) {
             let t = GEMV_TOKENS_PER_PASS.min(tokens - start);
-            let args = [
-                Arg::Ptr(m.ptr),
-                Arg::Ptr(x + (start * cols * 4) as u64),
+            // The weights, the input's arguments, then the rest: no allocation per launch.
+            let mut args = [Arg::I32(0); 10];
+            args[0] = Arg::Ptr(m.ptr);
+            let (func, n_in) = match input {
+                Input::Rows(x) => {
+                    args[1] = Arg::Ptr(x + (start * f) as u64);
+                    (&k.gemv[m.dtype], 1)
+                }
+                Input::Normed { x, weight, eps, .. } => {
+                    args[1] = Arg::Ptr(x + (start * f) as u64);
+                    args[2] = Arg::Ptr(weight);
+                    args[3] = Arg::F32(eps);
+                    (&k.gemv_norm[m.dtype], 3)
+                }
+            };
+            let rest = [
                 Arg::Ptr(y + (start * rows * 4) as u64),
                 Arg::I32(rows as i32),
                 Arg::I32(cols as i32),
@@ -163,9 +198,30 @@ pub fn matmul(
                 Arg::I32(wpr as i32),
                 Arg::I32(accumulate as i32),
             ];
-            launch(stream, &k.gemv[m.dtype], grid, 256, &args)?;
+            args[1 + n_in..1 + n_in + rest.len()].copy_from_slice(&rest);
+            launch(stream, func, grid, 256, &args[..1 + n_in + rest.len()])?;
         }
     } else {
+        let x = match input {
+            Input::Rows(x) => x,
+            Input::Normed {
+                x,
+                weight,
+                eps,
+                scratch,
+            } => {
+                let args = [
+                    Arg::Ptr(x),
+                    Arg::Ptr(weight),
+                    Arg::Ptr(scratch),
+                    Arg::I32(cols as i32),
+                    Arg::F32(eps),
+                ];
+                let grid = (tokens as u32, 1, 1);
+                launch(stream, &k.rms_norm, grid, NORM_THREADS, &args)?;
+                scratch
+            }
+        };
         let args = [
             Arg::Ptr(m.ptr),
             Arg::Ptr(x),

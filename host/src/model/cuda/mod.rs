@@ -12,4 +12,4 @@ mod profile;
 mod weights;
 
 pub use backend::{driver_present, CudaBackend};
-pub use check::{AttentionCase, KernelCheck};
+pub use check::{AttentionCase, KernelCheck, ProductInput};
