@@ -536,19 +536,21 @@ fn kernel_checks_pass_on_the_cuda_emulator() {
     common::emulated_gpu::rerun_on_emulated_gpu(&checks, checks.len(), "reverse");
 }
 
-/// With a driver library that has a device, `--device auto` takes it and says why, and its
-/// greedy tokens are the CPU's: a prompt of more than 64 tokens (the prefill's products are
-/// tiled GEMMs, not GEMVs), then 90 decode steps replayed from captured graphs over several KV
-/// blocks, with the attention split in two.
+/// A stories260K prompt of more than 64 tokens.
 const LONG_PROMPT: &str = "Once upon a time, there was a little dog named Max. Max liked to \
      run in the park with his friend, a big red ball. One day, the sun was hot and the grass was \
      green. Max saw a bird in a tree. The bird sang a happy song. Max wanted to play with the \
      bird, so he ran to the tree and jumped up high. The bird";
 
+/// With a driver library that has a device, `--device auto` takes it and says why, and its
+/// greedy tokens are the CPU's: a prompt of more than 64 tokens (the prefill's products are
+/// tiled GEMMs, not GEMVs), then 90 decode steps replayed from captured graphs over several KV
+/// blocks, with the attention split in two.
 #[test]
 fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
     use common::emulated_gpu::{emulator_dir, on_emulator};
     if std::env::var_os("CLLM_TEST_DEVICE").is_some() {
+        say("not run on the CUDA emulator: CLLM_TEST_DEVICE already names the device");
         return;
     }
     let Some(emulator) = emulator_dir() else {

@@ -46,7 +46,7 @@ pub fn emulator_dir() -> Option<PathBuf> {
 }
 
 /// `LD_LIBRARY_PATH` with the emulator first, so that it is the driver library cudarc opens.
-pub fn library_path(emulator: &std::path::Path) -> std::ffi::OsString {
+fn library_path(emulator: &std::path::Path) -> std::ffi::OsString {
     let mut paths = vec![emulator.to_path_buf()];
     if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
         paths.extend(std::env::split_paths(&old));
@@ -62,9 +62,9 @@ pub fn on_emulator(mut cmd: Command, emulator: &std::path::Path) -> Command {
 
 /// Runs this test binary's tests whose names contain one of `filters` again, in a child
 /// process with the emulator as the CUDA driver and `CLLM_TEST_DEVICE=cuda`, and fails if any
-/// of them fails or if fewer than `at_least` passed (a renamed test would otherwise drop out). `block_order` is passed on as
-/// `CLLM_EMU_BLOCK_ORDER` (`forward` or `reverse`). Does nothing inside such a child, or on a
-/// machine whose tests already run on a device.
+/// of them fails or if fewer than `at_least` passed (a renamed test would otherwise drop
+/// out). `block_order` is passed on as `CLLM_EMU_BLOCK_ORDER` (`forward` or `reverse`). Does
+/// nothing inside such a child, or on a machine whose tests already run on a device.
 pub fn rerun_on_emulated_gpu(filters: &[&str], at_least: usize, block_order: &str) {
     if std::env::var_os("CLLM_TEST_DEVICE").is_some() {
         say("not rerun on the CUDA emulator: CLLM_TEST_DEVICE already names the device");

@@ -106,7 +106,7 @@ struct Fiber {
     Barrier* waiting_on = nullptr;
     unsigned long wait_generation = 0;
     EmuDim3 tid{};
-    int index = 0, warp = 0, lane = 0;
+    int index = 0;  // in the block; warp index / 32, lane index % 32
     unsigned long shuffles = 0;
 };
 
@@ -176,6 +176,12 @@ static void switch_away() {
     fail(msg);
 }
 
+// Every expected thread has arrived at `b`: the waiting ones may go on.
+static void release(Barrier& b) {
+    b.arrived = 0;
+    b.generation++;
+}
+
 static void fiber_main(void*) {
     blk.call->run();
     Fiber* f = blk.current;
@@ -183,14 +189,11 @@ static void fiber_main(void*) {
     blk.done++;
     // A finished thread no longer counts at its block's barrier; a lane that leaves while its
     // warp waits in a shuffle skipped a shuffle the others are in (undefined on a GPU).
-    Warp& w = blk.warps[f->warp];
+    Warp& w = blk.warps[f->index / 32];
     if (w.barrier.arrived > 0) fail_here("a thread exited while its warp waits in a shuffle");
     w.barrier.expected--;
     blk.block.expected--;
-    if (blk.block.arrived > 0 && blk.block.arrived == blk.block.expected) {
-        blk.block.arrived = 0;
-        blk.block.generation++;
-    }
+    if (blk.block.arrived > 0 && blk.block.arrived == blk.block.expected) release(blk.block);
     switch_away();
     fail("a finished fiber was resumed");
 }
@@ -199,8 +202,7 @@ static void fiber_main(void*) {
 static void arrive_and_wait(Barrier& b) {
     Fiber* f = blk.current;
     if (++b.arrived == b.expected) {
-        b.arrived = 0;
-        b.generation++;
+        release(b);
         return;
     }
     f->state = State::Waiting;
@@ -214,14 +216,15 @@ void emu_syncthreads() { arrive_and_wait(blk.block); }
 unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask) {
     if (mask != 0xffffffffu) fail_here("only full-warp shuffles are emulated");
     Fiber* f = blk.current;
-    Warp& w = blk.warps[f->warp];
+    Warp& w = blk.warps[f->index / 32];
     if (w.barrier.expected != 32) fail_here("a full-warp shuffle in a warp with exited lanes");
     // Two buffers: shuffle k + 1 cannot overwrite what shuffle k's slowest lane still reads,
     // and shuffle k + 2 cannot start before every lane has left shuffle k + 1.
     unsigned long k = f->shuffles++;
-    w.values[k & 1][f->lane] = bits;
+    int lane = f->index % 32;
+    w.values[k & 1][lane] = bits;
     arrive_and_wait(w.barrier);
-    int src = f->lane ^ lane_mask;
+    int src = lane ^ lane_mask;
     return src < 32 ? w.values[k & 1][src] : bits;
 }
 
@@ -256,9 +259,7 @@ static void run_block(int threads) {
                         (unsigned)(i / emu_block_dim.x % emu_block_dim.y),
                         (unsigned)(i / (emu_block_dim.x * emu_block_dim.y))};
         f.index = i;
-        f.warp = i / 32;
-        f.lane = i % 32;
-        blk.warps[f.warp].barrier.expected++;
+        blk.warps[i / 32].barrier.expected++;
         // Initial frame, from the stack pointer up: r15, r14, r13, r12, rbx, rbp, return
         // address. The return address sits 8 bytes below a 16-byte boundary, so the stack is
         // aligned for the call in emu_fiber_start.
@@ -417,10 +418,9 @@ static Stream default_stream;
 
 static Stream* stream_of(void* s) { return s ? (Stream*)s : &default_stream; }
 
-static CUresult run_launch(const Launch& l) {
+static void run_launch(const Launch& l) {
     run_kernel(l.kernel, l.call.get(), l.grid[0], l.grid[1], l.grid[2], l.block[0], l.block[1],
                l.block[2]);
-    return OK;
 }
 
 // ---- the driver API --------------------------------------------------------------------
@@ -539,10 +539,7 @@ API cuGraphUpload(void*, void*) { return OK; }
 API cuGraphLaunch(void* exec, void* s) {
     if (stream_of(s)->capturing) return ERR_CAPTURE_UNSUPPORTED;
     std::lock_guard<std::recursive_mutex> lock(device_lock());
-    for (const Launch& l : ((Graph*)exec)->launches) {
-        CUresult r = run_launch(l);
-        if (r != OK) return r;
-    }
+    for (const Launch& l : ((Graph*)exec)->launches) run_launch(l);
     return OK;
 }
 API cuGraphDestroy(void* g) {
@@ -616,7 +613,8 @@ API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
         return OK;
     }
     std::lock_guard<std::recursive_mutex> lock(device_lock());
-    return run_launch(l);
+    run_launch(l);
+    return OK;
 }
 
 API cuMemAlloc_v2(uint64_t* ptr, size_t bytes) {

@@ -3,7 +3,7 @@
 //! come back to the host, where sampling runs as on the CPU.
 
 use super::compile::compile_all;
-use super::kernels::{elementwise_blocks, launch, matmul, Arg, Input, Kernels, NORM_THREADS};
+use super::kernels::{gather_rms_norm, launch, matmul, silu_mul, Arg, Input, Kernels};
 use super::memory::{DeviceBuffer, Growable};
 use super::profile::{events_per_pass, EventProfile};
 use super::weights::{unsupported_dtype, upload, DevWeights};
@@ -487,15 +487,7 @@ impl CudaBackend {
             let input = normed(layer.post_norm.ptr());
             matmul(st, k, gate_up, input, p.gate_up, p.n, false)?;
             mark(Phase::GateUpProj)?;
-            let elems = p.n * dims.inter;
-            let silu_args = [
-                Arg::Ptr(p.gate_up),
-                Arg::Ptr(p.act),
-                Arg::I32(dims.inter as i32),
-                Arg::U64(elems as u64),
-            ];
-            let grid = (elementwise_blocks(elems), 1, 1);
-            launch(st, &k.silu_mul, grid, 256, &silu_args)?;
+            silu_mul(st, k, p.gate_up, p.act, p.n, dims.inter)?;
             mark(Phase::Elementwise)?;
             matmul(
                 st,
@@ -509,21 +501,8 @@ impl CudaBackend {
             mark(Phase::DownProj)?;
         }
         if p.m > 0 {
-            let args = [
-                Arg::Ptr(p.x),
-                Arg::Ptr(p.rows),
-                Arg::Ptr(w.norm.ptr()),
-                Arg::Ptr(p.last),
-                Arg::I32(hi),
-                Arg::F32(eps),
-            ];
-            launch(
-                st,
-                &k.gather_rms_norm,
-                (p.m as u32, 1, 1),
-                NORM_THREADS,
-                &args,
-            )?;
+            let norm = w.norm.ptr();
+            gather_rms_norm(st, k, p.x, p.rows, norm, p.last, p.m, dims.h, eps)?;
             mark(Phase::Norm)?;
             let input = Input::Rows(p.last);
             matmul(st, k, &w.lm_head().view(), input, p.logits, p.m, false)?;

@@ -3,7 +3,7 @@
 //! forward pass uses, exactly as the pass does, and reads the result back.
 
 use super::backend::{open_device, OpenDevice};
-use super::kernels::{elementwise_blocks, launch, matmul, Arg, Input, MatrixView};
+use super::kernels::{launch, matmul, rms_norm, silu_mul, Arg, Input, MatrixView};
 use super::memory::DeviceBuffer;
 use super::weights::DevDType;
 use crate::model::weights::DType;
@@ -179,20 +179,8 @@ impl KernelCheck {
         let rows = x.len() / h;
         let (xb, wb, ob) = (self.up(x)?, self.up(w)?, self.out(x.len())?);
         let d = &self.device;
-        launch(
-            &d.stream,
-            &d.kernels.rms_norm,
-            (rows as u32, 1, 1),
-            512,
-            &[
-                Arg::Ptr(xb.ptr()),
-                Arg::Ptr(wb.ptr()),
-                Arg::Ptr(ob.ptr()),
-                Arg::I32(h as i32),
-                Arg::F32(eps),
-            ],
-        )
-        .map_err(dev)?;
+        let (xp, wp, op) = (xb.ptr(), wb.ptr(), ob.ptr());
+        rms_norm(&d.stream, &d.kernels, xp, wp, op, rows, h, eps).map_err(dev)?;
         self.down(&ob, x.len())
     }
 
@@ -201,19 +189,8 @@ impl KernelCheck {
         let n = gate_up.len() / 2;
         let (gb, ob) = (self.up(gate_up)?, self.out(n)?);
         let d = &self.device;
-        launch(
-            &d.stream,
-            &d.kernels.silu_mul,
-            (elementwise_blocks(n), 1, 1),
-            256,
-            &[
-                Arg::Ptr(gb.ptr()),
-                Arg::Ptr(ob.ptr()),
-                Arg::I32(inter as i32),
-                Arg::U64(n as u64),
-            ],
-        )
-        .map_err(dev)?;
+        let tokens = n / inter;
+        silu_mul(&d.stream, &d.kernels, gb.ptr(), ob.ptr(), tokens, inter).map_err(dev)?;
         self.down(&ob, n)
     }
 

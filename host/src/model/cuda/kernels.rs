@@ -139,7 +139,86 @@ fn warps_per_row(rows: usize, cols: usize, sms: usize) -> usize {
 }
 
 /// Threads of a norm block (one block a row): enough that each loads only a few values.
-pub const NORM_THREADS: u32 = 512;
+const NORM_THREADS: u32 = 512;
+
+/// `out[t] = rmsnorm(x[t]) * weight` for `tokens` rows of `cols` floats.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm(
+    stream: &CudaStream,
+    k: &Kernels,
+    x: u64,
+    weight: u64,
+    out: u64,
+    tokens: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<(), DriverError> {
+    let args = [
+        Arg::Ptr(x),
+        Arg::Ptr(weight),
+        Arg::Ptr(out),
+        Arg::I32(cols as i32),
+        Arg::F32(eps),
+    ];
+    launch(
+        stream,
+        &k.rms_norm,
+        (tokens as u32, 1, 1),
+        NORM_THREADS,
+        &args,
+    )
+}
+
+/// The final norm of the rows that get logits: `out[i] = rmsnorm(x[rows[i]]) * weight` for
+/// the `count` row indices at `rows`.
+#[allow(clippy::too_many_arguments)]
+pub fn gather_rms_norm(
+    stream: &CudaStream,
+    k: &Kernels,
+    x: u64,
+    rows: u64,
+    weight: u64,
+    out: u64,
+    count: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<(), DriverError> {
+    let args = [
+        Arg::Ptr(x),
+        Arg::Ptr(rows),
+        Arg::Ptr(weight),
+        Arg::Ptr(out),
+        Arg::I32(cols as i32),
+        Arg::F32(eps),
+    ];
+    let grid = (count as u32, 1, 1);
+    launch(stream, &k.gather_rms_norm, grid, NORM_THREADS, &args)
+}
+
+/// `out[t] = silu(gate) * up` for `tokens` fused `[gate | up]` rows of `2 × inter` floats.
+pub fn silu_mul(
+    stream: &CudaStream,
+    k: &Kernels,
+    gate_up: u64,
+    out: u64,
+    tokens: usize,
+    inter: usize,
+) -> Result<(), DriverError> {
+    let n = tokens * inter;
+    let args = [
+        Arg::Ptr(gate_up),
+        Arg::Ptr(out),
+        Arg::I32(inter as i32),
+        Arg::U64(n as u64),
+    ];
+    launch(
+        stream,
+        &k.silu_mul,
+        (elementwise_blocks(n), 1, 1),
+        256,
+        &args,
+    )
+}
 
 /// What a product reads as its `tokens × cols` input.
 #[derive(Clone, Copy)]
@@ -169,37 +248,27 @@ pub fn matmul(
     accumulate: bool,
 ) -> Result<(), DriverError> {
     let (rows, cols) = (m.rows, m.cols);
-    let f = 4 * cols;
+    let row_bytes = 4 * cols;
     if tokens <= GEMV_MAX_TOKENS {
         let wpr = warps_per_row(rows, cols, k.sms);
         let grid = (rows.div_ceil(8 * GEMV_ROWS / wpr) as u32, 1, 1);
         for start in (0..tokens).step_by(GEMV_TOKENS_PER_PASS) {
             let t = GEMV_TOKENS_PER_PASS.min(tokens - start);
-            // The weights, the input's arguments, then the rest: no allocation per launch.
-            let mut args = [Arg::I32(0); 10];
-            args[0] = Arg::Ptr(m.ptr);
-            let (func, n_in) = match input {
+            let x_at = |x: u64| Arg::Ptr(x + (start * row_bytes) as u64);
+            let y_at = Arg::Ptr(y + (start * rows * 4) as u64);
+            let shape = [rows, cols, t, wpr, accumulate as usize].map(|v| Arg::I32(v as i32));
+            let [r, c, tk, wp, acc] = shape;
+            match input {
                 Input::Rows(x) => {
-                    args[1] = Arg::Ptr(x + (start * f) as u64);
-                    (&k.gemv[m.dtype], 1)
+                    let args = [Arg::Ptr(m.ptr), x_at(x), y_at, r, c, tk, wp, acc];
+                    launch(stream, &k.gemv[m.dtype], grid, 256, &args)?;
                 }
                 Input::Normed { x, weight, eps, .. } => {
-                    args[1] = Arg::Ptr(x + (start * f) as u64);
-                    args[2] = Arg::Ptr(weight);
-                    args[3] = Arg::F32(eps);
-                    (&k.gemv_norm[m.dtype], 3)
+                    let (w, e) = (Arg::Ptr(weight), Arg::F32(eps));
+                    let args = [Arg::Ptr(m.ptr), x_at(x), w, e, y_at, r, c, tk, wp, acc];
+                    launch(stream, &k.gemv_norm[m.dtype], grid, 256, &args)?;
                 }
-            };
-            let rest = [
-                Arg::Ptr(y + (start * rows * 4) as u64),
-                Arg::I32(rows as i32),
-                Arg::I32(cols as i32),
-                Arg::I32(t as i32),
-                Arg::I32(wpr as i32),
-                Arg::I32(accumulate as i32),
-            ];
-            args[1 + n_in..1 + n_in + rest.len()].copy_from_slice(&rest);
-            launch(stream, func, grid, 256, &args[..1 + n_in + rest.len()])?;
+            }
         }
     } else {
         let x = match input {
@@ -210,15 +279,7 @@ pub fn matmul(
                 eps,
                 scratch,
             } => {
-                let args = [
-                    Arg::Ptr(x),
-                    Arg::Ptr(weight),
-                    Arg::Ptr(scratch),
-                    Arg::I32(cols as i32),
-                    Arg::F32(eps),
-                ];
-                let grid = (tokens as u32, 1, 1);
-                launch(stream, &k.rms_norm, grid, NORM_THREADS, &args)?;
+                rms_norm(stream, k, x, weight, scratch, tokens, cols, eps)?;
                 scratch
             }
         };
