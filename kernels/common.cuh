@@ -65,6 +65,32 @@ struct WF16 {
     }
 };
 
+// f32 → bf16 bits, rounded to nearest even (NaN inputs are not expected).
+__device__ __forceinline__ u32 bf16_bits(float f) {
+    u32 b = __float_as_uint(f);
+    return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+}
+
+// d += a · b on the tensor cores for one warp: a 16×16 (row-major) bf16 tile, b 16×8
+// (column-major) bf16, d 16×8 f32, in the m16n8k16 fragment layout of the PTX ISA (lane =
+// 4 · group + index in group; a[0..3] hold rows group and group + 8 at columns 2·index and
+// 2·index + 8, two values a register, lower column in the low half; b[0..1] column group at
+// rows 2·index and 2·index + 8; d rows group and group + 8, columns 2·index, 2·index + 1).
+// Only launched on sm_80 and later.
+__device__ __forceinline__ void mma_bf16_16816(float* d, const u32* a, u32 b0, u32 b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(__CUDA_ARCH__)
+    asm volatile("trap;");
+#else
+    // Host compilers (tests/cuda_emulator): the same layout, computed by the emulator.
+    emu_mma_bf16_16816(d, a, b0, b1);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -217,6 +217,117 @@ __device__ void gemm(const typename W::T* __restrict__ w, const float* __restric
     }
 }
 
+// mma_bf16: products of 2 or more tokens with bf16 weights on the tensor cores (sm_80 and
+// later), m16n8k16 with f32 accumulators. The f32 input is split into two bf16 parts,
+// hi = bf16(x) and lo = bf16(x - hi), and each part is multiplied (two mmas): the input
+// keeps 16 significant bits (error within 2^-18 of |x|, against f32's 2^-24), the products
+// are exact and summed in f32, so the result is within about 1e-5 of what the f32 GEMV
+// computes instead of bf16 rounding's 1e-3.
+//
+// A warp computes 16 rows of W (two n8 tiles) for up to 64 tokens (four m16 tiles) over its
+// share of the columns; `wpr` warps share a row group (columns dealt in chunks of 32) and sum
+// in shared memory. blockIdx.y picks the 64-token tile. In a chunk, lane (group g, index q)
+// loads 8 consecutive columns 8q..8q+7 of W rows g and 8 + g (one 16-byte load each) and of
+// the input rows; the mma's k order is a permutation of the chunk's columns, the same for
+// A and B: step s takes columns 8q + 4s + {0, 1} as k = 2q + {0, 1} and 8q + 4s + {2, 3} as
+// k = 8 + 2q + {0, 1}. Needs cols % 8 == 0 (the backend checks).
+#define MMA_TILES_M 4
+#define MMA_ROWS 16
+
+__device__ __forceinline__ u32 pack_bf16(u32 lo_col, u32 hi_col) { return lo_col | (hi_col << 16); }
+
+extern "C" __global__ void __launch_bounds__(256) mma_bf16(const u16* __restrict__ w,
+                                                           const float* __restrict__ x,
+                                                           float* __restrict__ y, int rows,
+                                                           int cols, int tokens, int wpr,
+                                                           int accumulate) {
+    // The accumulators, acc[(m * 2 + n) * 4 + r]: m16 tile m, n8 tile n, register r.
+    const int ACC = MMA_TILES_M * 2 * 4;
+    __shared__ float partial[8][ACC][32];  // [warp][accumulator][lane]
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    int n0 = (blockIdx.x * (8 / wpr) + warp / wpr) * MMA_ROWS;
+    int part = warp % wpr;
+    int t0 = blockIdx.y * (16 * MMA_TILES_M);
+    int mtiles = min(MMA_TILES_M, (tokens - t0 + 15) / 16);
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+    // Rows past the end of W or of the input read the last one again (and are not written).
+    const u16* wrow[2];
+#pragma unroll
+    for (int n = 0; n < 2; n++) wrow[n] = w + (u64)min(n0 + 8 * n + g, rows - 1) * cols;
+    if (n0 < rows) {
+        for (int c = part; c * 32 < cols; c += wpr) {
+            int k = c * 32 + 8 * q;
+            bool in = k < cols;  // cols % 8 == 0: a lane's 8 columns are all in or all out
+            uint4 wv[2];
+#pragma unroll
+            for (int n = 0; n < 2; n++)
+                wv[n] = in ? *(const uint4*)(wrow[n] + k) : uint4{0u, 0u, 0u, 0u};
+#pragma unroll
+            for (int m = 0; m < MMA_TILES_M; m++) {
+                if (m >= mtiles) continue;  // the same in every lane: the mmas stay converged
+                // hi[h][j], lo[h][j]: columns 8q + 2j, 8q + 2j + 1 of input row g + 8h.
+                u32 hi[2][4], lo[2][4];
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    int t = min(t0 + 16 * m + 8 * h + g, tokens - 1);
+                    float v[8];
+                    if (in) {
+                        const float4* p = (const float4*)(x + (u64)t * cols + k);
+                        float4 a = p[0], b = p[1];
+                        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+                        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < 8; e++) v[e] = 0.0f;
+                    }
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        u32 h0 = bf16_bits(v[2 * j]), h1 = bf16_bits(v[2 * j + 1]);
+                        u32 l0 = bf16_bits(v[2 * j] - __uint_as_float(h0 << 16));
+                        u32 l1 = bf16_bits(v[2 * j + 1] - __uint_as_float(h1 << 16));
+                        hi[h][j] = pack_bf16(h0, h1);
+                        lo[h][j] = pack_bf16(l0, l1);
+                    }
+                }
+#pragma unroll
+                for (int s = 0; s < 2; s++) {
+                    u32 ahi[4] = {hi[0][2 * s], hi[1][2 * s], hi[0][2 * s + 1], hi[1][2 * s + 1]};
+                    u32 alo[4] = {lo[0][2 * s], lo[1][2 * s], lo[0][2 * s + 1], lo[1][2 * s + 1]};
+#pragma unroll
+                    for (int n = 0; n < 2; n++) {
+                        u32 b0 = s == 0 ? wv[n].x : wv[n].z, b1 = s == 0 ? wv[n].y : wv[n].w;
+                        mma_bf16_16816(acc + (m * 2 + n) * 4, ahi, b0, b1);
+                        mma_bf16_16816(acc + (m * 2 + n) * 4, alo, b0, b1);
+                    }
+                }
+            }
+        }
+    }
+    if (wpr > 1) {
+#pragma unroll
+        for (int i = 0; i < ACC; i++) partial[warp][i][lane] = acc[i];
+        __syncthreads();
+        if (part != 0) return;
+#pragma unroll
+        for (int i = 0; i < ACC; i++) {
+            float sum = 0.0f;
+            for (int p = 0; p < wpr; p++) sum += partial[warp + p][i][lane];
+            acc[i] = sum;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < ACC; i++) {
+        int m = i / 8, n = (i / 4) % 2, r = i % 4;
+        int t = t0 + 16 * m + g + (r >= 2 ? 8 : 0), row = n0 + 8 * n + 2 * q + (r & 1);
+        if (m < mtiles && t < tokens && row < rows) {
+            u64 at = (u64)t * rows + row;
+            y[at] = accumulate ? y[at] + acc[i] : acc[i];
+        }
+    }
+}
+
 #define MATMUL_ENTRY(name, W)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) gemv_##name(                                \
         const W::T* w, const float* x, float* y, int rows, int cols, int tokens, int wpr,         \

@@ -67,6 +67,18 @@ for line in text.splitlines():
         print("| bench 1b bf16: " + line[2:])
 PY
 
+result "bench numerics" "$(grep -m1 -o 'numerics: .*  kv cache' "$LOG/bench-1b.txt" | sed 's/  kv cache$//')"
+
+# The same bench with the products on the CUDA cores only, for the comparison.
+CLLM_CUDA_TENSOR_CORES=0 timeout 150 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda \
+  --batch 8,64 --decode-tokens 64 > "$LOG/bench-1b-cuda-cores.txt" 2>&1
+python3 - "$LOG/bench-1b-cuda-cores.txt" <<'PY' | tee -a "$RESULTS"
+import sys
+for line in open(sys.argv[1]).read().splitlines():
+    if line.startswith("| ") and "measurement" not in line and "---" not in line:
+        print("| bench 1b bf16, CLLM_CUDA_TENSOR_CORES=0: " + line[2:])
+PY
+
 # Where a batch-1 decode step's GPU time goes (CUDA events between phases, no graph).
 timeout 120 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --batch 0 \
   --decode-tokens 32 --profile > "$LOG/profile-1b.txt" 2>&1

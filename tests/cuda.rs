@@ -227,13 +227,45 @@ fn reference_product(
         .collect()
 }
 
+/// The largest relative error a product may have: the CUDA cores' f32 sums, or the tensor
+/// cores' (bf16 weights, several tokens), whose input is split into two bf16 parts (2^-18 of
+/// each value lost) and whose f32 sums may truncate.
+fn product_tolerance(dtype: DType, tokens: usize, tensor_cores: bool) -> f64 {
+    if tensor_cores && dtype == DType::Bf16 && tokens >= 2 {
+        3e-5
+    } else {
+        1e-5
+    }
+}
+
+/// The kernel check on the GPU or its emulator, with the tensor cores on: a device that
+/// has them (sm_80 and later, the emulator's sm_90) must have passed their start-up check.
+fn gpu_with_tensor_cores() -> Option<KernelCheck> {
+    let gpu = gpu()?;
+    let major: u32 = gpu.arch()[3..].parse::<u32>().expect("sm_XY") / 10;
+    if major >= 8 {
+        assert_eq!(
+            gpu.tensor_cores_off(),
+            None,
+            "tensor cores on {}",
+            gpu.arch()
+        );
+    }
+    Some(gpu)
+}
+
 #[test]
 fn gpu_matmul_matches_f64_reference() {
-    let Some(gpu) = gpu() else { return };
+    let Some(mut gpu) = gpu_with_tensor_cores() else {
+        return;
+    };
+    let tensor_cores = gpu.tensor_cores_off().is_none();
     let mut rng = Rng::new(7);
     // Every type on a square 2048 and an odd width (the scalar path); bf16 also on an odd row
     // count (a warp's second row past the end) and on the MLP's 5632 × 2048 and back. Token
-    // counts cover one GEMV pass, several, and the tiled GEMM.
+    // counts cover one GEMV pass, several, and the tiled GEMM; for bf16, also the tensor
+    // cores' token tiles (64), a partial tile and a width not a multiple of their 32-column
+    // chunks (2056). bf16 runs twice: on the tensor cores, then on the CUDA cores.
     let shapes = [
         (2048, 2048, DType::F32),
         (2048, 2048, DType::F16),
@@ -244,26 +276,36 @@ fn gpu_matmul_matches_f64_reference() {
         (301, 2048, DType::Bf16),
         (5632, 2048, DType::Bf16),
         (2048, 5632, DType::Bf16),
+        (72, 2056, DType::Bf16),
     ];
     for (rows, cols, dtype) in shapes {
         let (w, wf) = weights_of(dtype, &random(&mut rng, rows * cols, 0.05));
+        let paths: &[bool] = if dtype == DType::Bf16 && tensor_cores {
+            &[true, false]
+        } else {
+            &[false]
+        };
         for tokens in [1, 3, 8, 13, 64, 100] {
             let x = random(&mut rng, tokens * cols, 1.0);
             // Odd token counts add the product onto y0 (the residual add).
             let y0 = (tokens % 2 == 1).then(|| random(&mut rng, tokens * rows, 1.0));
-            let got = gpu
-                .matmul(dtype, &w, rows, cols, &x, tokens, y0.as_deref())
-                .expect("matmul runs");
             let inputs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
             let want = reference_product(&wf, rows, cols, &inputs, y0.as_deref());
-            let err = rel_err(&got, &want);
-            assert!(
-                err < 1e-5,
-                "{} {rows}x{cols}, {tokens} tokens: relative error {err}",
-                dtype.name()
-            );
+            for &on in paths {
+                gpu.use_tensor_cores(on);
+                let got = gpu
+                    .matmul(dtype, &w, rows, cols, &x, tokens, y0.as_deref())
+                    .expect("matmul runs");
+                let err = rel_err(&got, &want);
+                assert!(
+                    err < product_tolerance(dtype, tokens, on),
+                    "{} {rows}x{cols}, {tokens} tokens, tensor cores {on}: relative error {err}",
+                    dtype.name()
+                );
+            }
         }
     }
+    gpu.use_tensor_cores(true);
 }
 
 /// The products whose input is the RMSNorm of the rows (q/k/v, gate/up): the GEMVs apply it
@@ -271,7 +313,10 @@ fn gpu_matmul_matches_f64_reference() {
 /// reference of the same computation.
 #[test]
 fn gpu_normed_products_match_f64_reference() {
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = gpu_with_tensor_cores() else {
+        return;
+    };
+    let tensor_cores = gpu.tensor_cores_off().is_none();
     let mut rng = Rng::new(11);
     // The 1.1B model's q/k/v and up shapes, an odd width (the scalar path), and f16.
     let shapes = [
@@ -287,14 +332,15 @@ fn gpu_normed_products_match_f64_reference() {
         for tokens in [1, 3, 8, 13, 100] {
             let x = random(&mut rng, tokens * cols, 2.0);
             // The normed input, in f64.
-            let normed: Vec<f64> = (0..tokens * cols)
-                .map(|i| {
-                    let (t, k) = (i / cols, i % cols);
-                    let row = &x[t * cols..(t + 1) * cols];
+            let inv: Vec<f64> = x
+                .chunks(cols)
+                .map(|row| {
                     let ss: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
-                    let inv = 1.0 / (ss / cols as f64 + eps as f64).sqrt();
-                    norm_w[k] as f64 * (x[i] as f64 * inv)
+                    1.0 / (ss / cols as f64 + eps as f64).sqrt()
                 })
+                .collect();
+            let normed: Vec<f64> = (0..tokens * cols)
+                .map(|i| norm_w[i % cols] as f64 * (x[i] as f64 * inv[i / cols]))
                 .collect();
             let input = ProductInput::Normed {
                 x: &x,
@@ -309,7 +355,7 @@ fn gpu_normed_products_match_f64_reference() {
             let want = reference_product(&wf, rows, cols, &normed, y0.as_deref());
             let err = rel_err(&got, &want);
             assert!(
-                err < 1e-5,
+                err < product_tolerance(dtype, tokens, tensor_cores),
                 "normed input, {} {rows}x{cols}, {tokens} tokens: relative error {err}",
                 dtype.name()
             );

@@ -835,7 +835,10 @@ async fn info_health_and_metrics_report_the_device() {
             "{device}"
         );
         assert!(metrics.contains("cllm_device_memory_total_bytes"));
+    } else {
+        assert_eq!(device["tensor_cores"], false, "{device}");
     }
+    assert!(device["tensor_cores"].is_boolean(), "{device}");
     server.shutdown().await;
 }
 

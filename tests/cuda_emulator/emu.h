@@ -36,6 +36,11 @@ unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask);
 
 inline void __syncthreads() { emu_syncthreads(); }
 
+// Every lane of the warp passes `n` words and gets all lanes' (at [lane * EMU_GATHER_MAX + i]),
+// readable until the lane's next warp-wide call: a synchronisation point, as an mma.sync is.
+#define EMU_GATHER_MAX 8
+const unsigned int* emu_warp_gather(const unsigned int* mine, int n);
+
 inline float __int_as_float(int v) {
     float f;
     std::memcpy(&f, &v, 4);
@@ -65,6 +70,54 @@ inline int __shfl_xor_sync(unsigned int mask, int v, int lane_mask) {
 }
 inline unsigned int __shfl_xor_sync(unsigned int mask, unsigned int v, int lane_mask) {
     return emu_shfl_xor(mask, v, lane_mask);
+}
+
+inline float emu_bf16_value(unsigned int bits16) {
+    unsigned int v = bits16 << 16;
+    float f;
+    std::memcpy(&f, &v, 4);
+    return f;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (d += a · b) in the fragment layout the
+// PTX ISA gives for it: lane = 4 · group + index; A register 0 holds row group, columns
+// 2·index and 2·index + 1 (low half first), register 1 row group + 8 at the same columns,
+// registers 2 and 3 the same rows 8 columns further; B register 0 holds column group, rows
+// 2·index and 2·index + 1, register 1 rows 8 further; D holds rows group (d[0], d[1]) and
+// group + 8 (d[2], d[3]) at columns 2·index and 2·index + 1. Products of bf16 values are
+// exact in f32; the sums here run in k order.
+inline void emu_mma_bf16_16816(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    unsigned int mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+    const unsigned int* all = emu_warp_gather(mine, 6);
+    int lane = (int)(emu_thread_idx.x % 32), g = lane >> 2, q = lane & 3;
+    // This lane's rows of A (g, g + 8) and columns of B (2q, 2q + 1), from the four lanes of
+    // the group that holds each.
+    float A[2][16], B[2][16];
+    for (int src = 0; src < 4; src++) {
+        const unsigned int* r = all + (g * 4 + src) * EMU_GATHER_MAX;
+        for (int e = 0; e < 2; e++) {
+            int shift = 16 * e;
+            A[0][2 * src + e] = emu_bf16_value((r[0] >> shift) & 0xffffu);
+            A[1][2 * src + e] = emu_bf16_value((r[1] >> shift) & 0xffffu);
+            A[0][2 * src + 8 + e] = emu_bf16_value((r[2] >> shift) & 0xffffu);
+            A[1][2 * src + 8 + e] = emu_bf16_value((r[3] >> shift) & 0xffffu);
+        }
+        for (int c = 0; c < 2; c++) {
+            const unsigned int* rb = all + ((2 * q + c) * 4 + src) * EMU_GATHER_MAX;
+            for (int e = 0; e < 2; e++) {
+                int shift = 16 * e;
+                B[c][2 * src + e] = emu_bf16_value((rb[4] >> shift) & 0xffffu);
+                B[c][2 * src + 8 + e] = emu_bf16_value((rb[5] >> shift) & 0xffffu);
+            }
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        const float* row = A[i >> 1];
+        const float* col = B[i & 1];
+        float s = d[i];
+        for (int k = 0; k < 16; k++) s += row[k] * col[k];
+        d[i] = s;
+    }
 }
 
 inline int min(int a, int b) { return a < b ? a : b; }

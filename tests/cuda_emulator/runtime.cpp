@@ -113,6 +113,7 @@ struct Fiber {
 struct Warp {
     Barrier barrier;
     unsigned int values[2][32];
+    unsigned int gathered[2][32][EMU_GATHER_MAX];
 };
 
 // The block being run.
@@ -226,6 +227,21 @@ unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask) {
     arrive_and_wait(w.barrier);
     int src = lane ^ lane_mask;
     return src < 32 ? w.values[k & 1][src] : bits;
+}
+
+const unsigned int* emu_warp_gather(const unsigned int* mine, int n) {
+    if (n < 0 || n > EMU_GATHER_MAX) fail_here("a warp gather of too many words");
+    Fiber* f = blk.current;
+    Warp& w = blk.warps[f->index / 32];
+    if (w.barrier.expected != 32) fail_here("a warp-wide operation in a warp with exited lanes");
+    // Double-buffered as the shuffles are, on the same count of warp-wide operations: buffer
+    // k & 1 is written again at operation k + 2, which no lane enters before every lane has
+    // left operation k + 1.
+    unsigned long k = f->shuffles++;
+    int lane = f->index % 32;
+    std::memcpy(w.gathered[k & 1][lane], mine, n * sizeof(unsigned int));
+    arrive_and_wait(w.barrier);
+    return &w.gathered[k & 1][0][0];
 }
 
 static bool reverse_order() {

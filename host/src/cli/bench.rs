@@ -158,6 +158,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let numerics = if device.kind == "cpu" {
         effective_numerics(args.numerics, &weights)
+    } else if device.tensor_cores && weights.dtype() == DType::Bf16 {
+        "f32 accumulation; products of 2+ tokens on the tensor cores, their input split into \
+         two bf16 parts"
     } else {
         "exact (f32 accumulation, weights in their stored type)"
     };

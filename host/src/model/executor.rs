@@ -235,6 +235,9 @@ pub struct DeviceInfo {
     pub kv_cache_dtype: KvDtype,
     /// Why this device was chosen (`--device auto` falling back says why).
     pub reason: String,
+    /// Whether products of two or more tokens with bf16 weights run on the GPU's tensor
+    /// cores (their f32 input split into two bf16 parts); false on the CPU.
+    pub tensor_cores: bool,
 }
 
 /// How to open an executor.
@@ -314,6 +317,7 @@ impl CpuBackend {
             kv_cache_bytes: cache_bytes(layout, kv_blocks),
             kv_cache_dtype: dtype,
             reason,
+            tensor_cores: false,
         };
         CpuBackend { exec, kv, info }
     }

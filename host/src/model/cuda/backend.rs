@@ -245,6 +245,8 @@ pub(super) struct OpenDevice {
     pub name: String,
     /// Streaming multiprocessors.
     pub sms: usize,
+    /// Why products do not run on the tensor cores (None: they do).
+    pub tensor_cores_off: Option<String>,
 }
 
 /// Opens CUDA device `ordinal`: checks the driver library first (cudarc panics without it),
@@ -275,7 +277,12 @@ pub(super) fn open_device(ordinal: usize) -> anyhow::Result<OpenDevice> {
         )
         .unwrap_or(1)
         .max(1) as usize;
-    let kernels = Kernels::load(&ctx, &cubins, sms).map_err(|e| anyhow::anyhow!(e))?;
+    let mut kernels = Kernels::load(&ctx, &cubins, sms).map_err(|e| anyhow::anyhow!(e))?;
+    let tensor_cores_off = super::tensor_cores::enable(&stream, &mut kernels, major);
+    match &tensor_cores_off {
+        None => tracing::info!("products of several tokens with bf16 weights use the tensor cores"),
+        Some(why) => tracing::info!("tensor cores not used: {why}"),
+    }
     Ok(OpenDevice {
         ctx,
         stream,
@@ -283,6 +290,7 @@ pub(super) fn open_device(ordinal: usize) -> anyhow::Result<OpenDevice> {
         arch,
         name,
         sms,
+        tensor_cores_off,
     })
 }
 
@@ -350,6 +358,7 @@ impl CudaBackend {
                 }
                 other => format!("--device {other}"),
             },
+            tensor_cores: kernels.tensor_cores,
         };
         tracing::info!(
             device = %info.name,

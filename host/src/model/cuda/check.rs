@@ -61,6 +61,18 @@ impl KernelCheck {
         &self.device.arch
     }
 
+    /// Why products of several tokens with bf16 weights do not run on the tensor cores, or
+    /// None when they do (after the start-up check, as in the forward pass).
+    pub fn tensor_cores_off(&self) -> Option<&str> {
+        self.device.tensor_cores_off.as_deref()
+    }
+
+    /// Runs the products that follow on the CUDA cores (`false`), or on the tensor cores
+    /// where the pass would (`true`, the default).
+    pub fn use_tensor_cores(&mut self, on: bool) {
+        self.device.kernels.tensor_cores = on && self.device.tensor_cores_off.is_none();
+    }
+
     fn up<T: Copy>(&self, data: &[T]) -> anyhow::Result<DeviceBuffer> {
         self.device.ctx.bind_to_thread().map_err(dev)?;
         DeviceBuffer::upload(data, self.device.stream.cu_stream()).map_err(dev)

@@ -14,6 +14,8 @@ pub struct Kernels {
     /// GEMVs that apply the RMSNorm to their input as they read it.
     pub gemv_norm: [CudaFunction; 3],
     pub gemm: [CudaFunction; 3],
+    /// Tensor-core products for bf16 weights (sm_80 and later).
+    pub mma_bf16: CudaFunction,
     pub rms_norm: CudaFunction,
     pub gather_rms_norm: CudaFunction,
     pub add_bias: CudaFunction,
@@ -24,6 +26,9 @@ pub struct Kernels {
     pub argmax_rows: CudaFunction,
     /// Streaming multiprocessors of the device (how wide a launch must be to fill it).
     pub sms: usize,
+    /// Whether products of several tokens with bf16 weights run on the tensor cores
+    /// (`mma_bf16`): set by [`super::tensor_cores::enable`] once they have been checked.
+    pub tensor_cores: bool,
 }
 
 impl Kernels {
@@ -54,6 +59,7 @@ impl Kernels {
             gemv: typed("matmul.cu", "gemv")?,
             gemv_norm: typed("matmul.cu", "gemv_norm")?,
             gemm: typed("matmul.cu", "gemm")?,
+            mma_bf16: f("matmul.cu", "mma_bf16")?,
             rms_norm: f("norm.cu", "rms_norm")?,
             gather_rms_norm: f("norm.cu", "gather_rms_norm")?,
             add_bias: f("elementwise.cu", "add_bias")?,
@@ -63,6 +69,7 @@ impl Kernels {
             attention_merge: f("attention.cu", "attention_merge")?,
             argmax_rows: f("sampling.cu", "argmax_rows")?,
             sms,
+            tensor_cores: false,
         })
     }
 }
@@ -220,6 +227,25 @@ pub fn silu_mul(
     )
 }
 
+/// Products of at least this many tokens with bf16 weights run on the tensor cores (when
+/// enabled): one token is bound by reading the weights, and the GEMV does that best.
+pub const MMA_MIN_TOKENS: usize = 2;
+/// Rows of W one warp of `mma_bf16` computes, and tokens one block does (`MMA_ROWS`,
+/// `16 * MMA_TILES_M` in matmul.cu).
+const MMA_ROWS: usize = 16;
+const MMA_TOKENS: usize = 64;
+
+/// Warps sharing a row group of `mma_bf16`: as [`warps_per_row`], counting the launch's token
+/// tiles, with each warp keeping at least two 32-column chunks.
+fn mma_warps_per_row(rows: usize, cols: usize, sms: usize, tiles: usize) -> usize {
+    let target = sms * GEMV_WARPS_PER_SM;
+    let mut wpr = 1;
+    while wpr < 8 && rows.div_ceil(MMA_ROWS) * tiles * wpr < target && cols >= wpr * 2 * 2 * 32 {
+        wpr *= 2;
+    }
+    wpr
+}
+
 /// What a product reads as its `tokens × cols` input.
 #[derive(Clone, Copy)]
 pub enum Input {
@@ -235,9 +261,48 @@ pub enum Input {
     },
 }
 
+/// The rows a product that cannot fold the norm reads: `input`'s rows, or their RMSNorm
+/// written to its scratch first.
+fn input_rows(
+    stream: &CudaStream,
+    k: &Kernels,
+    input: Input,
+    tokens: usize,
+    cols: usize,
+) -> Result<u64, DriverError> {
+    match input {
+        Input::Rows(x) => Ok(x),
+        Input::Normed {
+            x,
+            weight,
+            eps,
+            scratch,
+        } => {
+            rms_norm(stream, k, x, weight, scratch, tokens, cols, eps)?;
+            Ok(scratch)
+        }
+    }
+}
+
+/// A product kernel's arguments: W, x, y, then `counts` as ints.
+fn product_args<const N: usize>(m: &MatrixView, x: u64, y: u64, counts: [usize; N]) -> Vec<Arg> {
+    let pointers = [m.ptr, x, y].map(Arg::Ptr);
+    let ints = counts.map(|v| Arg::I32(v as i32));
+    pointers.into_iter().chain(ints).collect()
+}
+
+/// Whether a product runs on the tensor cores (`mma_bf16`).
+pub fn uses_tensor_cores(k: &Kernels, m: &MatrixView, tokens: usize) -> bool {
+    k.tensor_cores
+        && m.dtype == super::weights::DevDType::Bf16 as usize
+        && tokens >= MMA_MIN_TOKENS
+        && m.cols.is_multiple_of(8)
+}
+
 /// `y[t * rows + r] (+)= in[t] · W[r] (+ bias[r])` for `tokens` input rows; with `accumulate`,
-/// added to what y holds (the residual add fused in). GEMVs up to [`GEMV_MAX_TOKENS`] tokens,
-/// tiled GEMMs beyond.
+/// added to what y holds (the residual add fused in). bf16 weights with tensor cores enabled:
+/// `mma_bf16` from [`MMA_MIN_TOKENS`] tokens on. Otherwise GEMVs up to [`GEMV_MAX_TOKENS`]
+/// tokens, tiled GEMMs beyond.
 pub fn matmul(
     stream: &CudaStream,
     k: &Kernels,
@@ -249,7 +314,14 @@ pub fn matmul(
 ) -> Result<(), DriverError> {
     let (rows, cols) = (m.rows, m.cols);
     let row_bytes = 4 * cols;
-    if tokens <= GEMV_MAX_TOKENS {
+    if uses_tensor_cores(k, m, tokens) {
+        let x = input_rows(stream, k, input, tokens, cols)?;
+        let tiles = tokens.div_ceil(MMA_TOKENS);
+        let wpr = mma_warps_per_row(rows, cols, k.sms, tiles);
+        let grid = (rows.div_ceil(8 / wpr * MMA_ROWS) as u32, tiles as u32, 1);
+        let args = product_args(m, x, y, [rows, cols, tokens, wpr, accumulate as usize]);
+        launch(stream, &k.mma_bf16, grid, 256, &args)?;
+    } else if tokens <= GEMV_MAX_TOKENS {
         let wpr = warps_per_row(rows, cols, k.sms);
         let grid = (rows.div_ceil(8 * GEMV_ROWS / wpr) as u32, 1, 1);
         for start in (0..tokens).step_by(GEMV_TOKENS_PER_PASS) {
@@ -271,27 +343,8 @@ pub fn matmul(
             }
         }
     } else {
-        let x = match input {
-            Input::Rows(x) => x,
-            Input::Normed {
-                x,
-                weight,
-                eps,
-                scratch,
-            } => {
-                rms_norm(stream, k, x, weight, scratch, tokens, cols, eps)?;
-                scratch
-            }
-        };
-        let args = [
-            Arg::Ptr(m.ptr),
-            Arg::Ptr(x),
-            Arg::Ptr(y),
-            Arg::I32(rows as i32),
-            Arg::I32(cols as i32),
-            Arg::I32(tokens as i32),
-            Arg::I32(accumulate as i32),
-        ];
+        let x = input_rows(stream, k, input, tokens, cols)?;
+        let args = product_args(m, x, y, [rows, cols, tokens, accumulate as usize]);
         let grid = (rows.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1);
         launch(stream, &k.gemm[m.dtype], grid, 256, &args)?;
     }

@@ -9,6 +9,7 @@ pub mod compile;
 mod kernels;
 mod memory;
 mod profile;
+mod tensor_cores;
 mod weights;
 
 pub use backend::{driver_present, CudaBackend};

@@ -1,0 +1,110 @@
+//! Whether products of several tokens with bf16 weights run on the tensor cores (`mma_bf16` in
+//! kernels/matmul.cu): on GPUs of compute capability 8.0 or later, unless
+//! `CLLM_CUDA_TENSOR_CORES=0`, and only once a product on the device agrees with the same
+//! product computed on the host. The kernel's fragment layout is written from the PTX ISA and
+//! cannot be run without such a GPU, so a device whose tensor cores compute something else
+//! falls back to the CUDA-core kernels, said in the log, instead of producing wrong tokens.
+
+use super::kernels::{matmul, Input, Kernels, MatrixView};
+use super::memory::DeviceBuffer;
+use super::weights::DevDType;
+use cudarc::driver::{CudaStream, DriverError};
+
+/// The environment variable that turns the tensor cores off (`0`) for a comparison.
+pub const ENV: &str = "CLLM_CUDA_TENSOR_CORES";
+
+/// The largest relative error (‖got − want‖ / ‖want‖) the start-up product may have. The
+/// kernel's own error is about 1e-6; a wrong fragment layout gives errors near 1.
+const MAX_ERROR: f64 = 1e-4;
+
+/// Turns the tensor cores on for `kernels` when the device has them (compute capability
+/// `major`.x), they are not turned off, and the start-up product agrees. Returns why they are
+/// off, or None when they are on.
+pub fn enable(stream: &CudaStream, kernels: &mut Kernels, major: i32) -> Option<String> {
+    if major < 8 {
+        return Some(format!(
+            "compute capability {major}.x has no bf16 tensor cores"
+        ));
+    }
+    if std::env::var(ENV).is_ok_and(|v| v.trim() == "0") {
+        return Some(format!("turned off by {ENV}=0"));
+    }
+    kernels.tensor_cores = true;
+    let verdict = match product_error(stream, kernels) {
+        Ok(err) if err <= MAX_ERROR => None,
+        Ok(err) => Some(format!(
+            "the start-up product on the tensor cores was off by {err:.2e} (relative), more \
+             than {MAX_ERROR:.0e}: the products run on the CUDA cores"
+        )),
+        Err(e) => Some(format!("the start-up product failed: {e:?}")),
+    };
+    kernels.tensor_cores = verdict.is_none();
+    verdict
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, mut state: u64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// The relative error of one `mma_bf16` product against the host's f64 product: 40 rows (a
+/// partial row group), 264 columns (a partial 32-column chunk) and 70 tokens (two token
+/// tiles, the second partial), so every edge of the kernel is on the way.
+fn product_error(stream: &CudaStream, kernels: &Kernels) -> Result<f64, DriverError> {
+    let (rows, cols, tokens) = (40usize, 264usize, 70usize);
+    let bits: Vec<u16> = values(rows * cols, 1)
+        .iter()
+        .map(|v| (v.to_bits() >> 16) as u16)
+        .collect();
+    let x = values(tokens * cols, 2);
+    let cu = stream.cu_stream();
+    let (wb, xb) = (
+        DeviceBuffer::upload(&bits, cu)?,
+        DeviceBuffer::upload(&x, cu)?,
+    );
+    let yb = DeviceBuffer::alloc(tokens * rows * 4)?;
+    let view = MatrixView {
+        ptr: wb.ptr(),
+        dtype: DevDType::Bf16 as usize,
+        rows,
+        cols,
+        bias: None,
+    };
+    matmul(
+        stream,
+        kernels,
+        &view,
+        Input::Rows(xb.ptr()),
+        yb.ptr(),
+        tokens,
+        false,
+    )?;
+    let mut y = vec![0f32; tokens * rows];
+    yb.read(&mut y, cu)?;
+    let (mut num, mut den) = (0f64, 0f64);
+    for t in 0..tokens {
+        for r in 0..rows {
+            let want: f64 = (0..cols)
+                .map(|k| {
+                    let w = f32::from_bits((bits[r * cols + k] as u32) << 16);
+                    w as f64 * x[t * cols + k] as f64
+                })
+                .sum();
+            let got = y[t * rows + r] as f64;
+            // A NaN (an element not written, or garbage) fails the check.
+            if !got.is_finite() {
+                return Ok(f64::INFINITY);
+            }
+            num += (got - want) * (got - want);
+            den += want * want;
+        }
+    }
+    Ok((num / den.max(1e-30)).sqrt())
+}
