@@ -2,8 +2,10 @@
 // the keys (flash-decoding) so that long contexts use the whole GPU:
 //
 // attention_split: one block of 4 warps per (token, query head, split of `split_keys` keys).
-//   Each warp walks every 4th key of the split with its own online softmax (running max m,
-//   sum l, weighted values acc); the warps merge, and the block writes (m, l, acc) for its split.
+//   Each warp walks every 4th group of 4 keys of the split with its own online softmax (running
+//   max m, sum l, weighted values acc): a group's keys and values are loaded before any is
+//   used, so that their load latencies overlap instead of adding up key after key. The warps
+//   merge, and the block writes (m, l, acc) for its split.
 // attention_merge: one block per (token, head) merges the splits into the output row.
 //
 // q rows: q_stride floats per token, head h at h * d. Cache: [slot][kv_head][d] in f32, slot =
@@ -13,6 +15,7 @@
 #define KV_BLOCK 16
 #define MAX_D_PER_LANE 8
 #define WARPS 4
+#define KEYS_AT_ONCE 4
 
 extern "C" __global__ void __launch_bounds__(128) attention_split(
     const float* q, int q_stride, const float* kc, const float* vc, const int* tables,
@@ -38,25 +41,50 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(
         acc[c] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (int j = start + warp; j < end; j += WARPS) {
-        u64 slot = (u64)table[j / KV_BLOCK] * KV_BLOCK + j % KV_BLOCK;
-        const float* kp = kc + slot * kv_dim + kvh * d;
-        const float* vp = vc + slot * kv_dim + kvh * d;
-        float dot = 0.0f;
+    for (int j0 = start + warp * KEYS_AT_ONCE; j0 < end; j0 += WARPS * KEYS_AT_ONCE) {
+        float kv[KEYS_AT_ONCE][MAX_D_PER_LANE], vv[KEYS_AT_ONCE][MAX_D_PER_LANE];
 #pragma unroll
-        for (int c = 0; c < MAX_D_PER_LANE; c++) {
-            int i = lane + 32 * c;
-            if (i < d) dot += qv[c] * kp[i];
+        for (int u = 0; u < KEYS_AT_ONCE; u++) {
+            int j = j0 + u;
+            bool valid = j < end;
+            u64 slot = valid ? (u64)table[j / KV_BLOCK] * KV_BLOCK + j % KV_BLOCK : 0;
+            const float* kp = kc + slot * kv_dim + kvh * d;
+            const float* vp = vc + slot * kv_dim + kvh * d;
+#pragma unroll
+            for (int c = 0; c < MAX_D_PER_LANE; c++) {
+                int i = lane + 32 * c;
+                kv[u][c] = valid && i < d ? kp[i] : 0.0f;
+                vv[u][c] = valid && i < d ? vp[i] : 0.0f;
+            }
         }
-        dot = warp_sum(dot);
-        float m_new = fmaxf(m, dot);
+        // Scores; keys past the end score -inf (weight 0). j0 < end: the first is a key.
+        float dot[KEYS_AT_ONCE], m_new = m;
+#pragma unroll
+        for (int u = 0; u < KEYS_AT_ONCE; u++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int c = 0; c < MAX_D_PER_LANE; c++)
+                if (lane + 32 * c < d) s += qv[c] * kv[u][c];
+            dot[u] = warp_sum(s);
+            if (j0 + u >= end) dot[u] = NEG_INF;
+            m_new = fmaxf(m_new, dot[u]);
+        }
         float corr = expf(m - m_new);  // 0 while m is -inf
-        float p = expf(dot - m_new);
-        l = l * corr + p;
+        float p[KEYS_AT_ONCE], psum = 0.0f;
+#pragma unroll
+        for (int u = 0; u < KEYS_AT_ONCE; u++) {
+            p[u] = expf(dot[u] - m_new);
+            psum += p[u];
+        }
+        l = l * corr + psum;
 #pragma unroll
         for (int c = 0; c < MAX_D_PER_LANE; c++) {
-            int i = lane + 32 * c;
-            if (i < d) acc[c] = acc[c] * corr + p * vp[i];
+            if (lane + 32 * c < d) {
+                float a = acc[c] * corr;
+#pragma unroll
+                for (int u = 0; u < KEYS_AT_ONCE; u++) a += p[u] * vv[u][c];
+                acc[c] = a;
+            }
         }
         m = m_new;
     }

@@ -226,7 +226,8 @@ __device__ void gemm(const typename W::T* __restrict__ w, const float* __restric
 //
 // A warp computes 16 rows of W (two n8 tiles) for up to 64 tokens (four m16 tiles) over its
 // share of the columns; `wpr` warps share a row group (columns dealt in chunks of 32) and sum
-// in shared memory. blockIdx.y picks the 64-token tile. In a chunk, lane (group g, index q)
+// in shared memory. blockIdx.x picks the 64-token tile and blockIdx.y the rows, so that the
+// blocks that read the same rows of W run one after another (the second read comes from L2). In a chunk, lane (group g, index q)
 // loads 8 consecutive columns 8q..8q+7 of W rows g and 8 + g (one 16-byte load each) and of
 // the input rows; the mma's k order is a permutation of the chunk's columns, the same for
 // A and B: step s takes columns 8q + 4s + {0, 1} as k = 2q + {0, 1} and 8q + 4s + {2, 3} as
@@ -245,9 +246,9 @@ extern "C" __global__ void __launch_bounds__(256) mma_bf16(const u16* __restrict
     const int ACC = MMA_TILES_M * 2 * 4;
     __shared__ float partial[8][ACC][32];  // [warp][accumulator][lane]
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    int n0 = (blockIdx.x * (8 / wpr) + warp / wpr) * MMA_ROWS;
+    int n0 = (blockIdx.y * (8 / wpr) + warp / wpr) * MMA_ROWS;
     int part = warp % wpr;
-    int t0 = blockIdx.y * (16 * MMA_TILES_M);
+    int t0 = blockIdx.x * (16 * MMA_TILES_M);
     int mtiles = min(MMA_TILES_M, (tokens - t0 + 15) / 16);
     float acc[ACC];
 #pragma unroll

@@ -318,7 +318,7 @@ pub fn matmul(
         let x = input_rows(stream, k, input, tokens, cols)?;
         let tiles = tokens.div_ceil(MMA_TOKENS);
         let wpr = mma_warps_per_row(rows, cols, k.sms, tiles);
-        let grid = (rows.div_ceil(8 / wpr * MMA_ROWS) as u32, tiles as u32, 1);
+        let grid = (tiles as u32, rows.div_ceil(8 / wpr * MMA_ROWS) as u32, 1);
         let args = product_args(m, x, y, [rows, cols, tokens, wpr, accumulate as usize]);
         launch(stream, &k.mma_bf16, grid, 256, &args)?;
     } else if tokens <= GEMV_MAX_TOKENS {
