@@ -5,8 +5,9 @@
 //   Each warp walks every 4th group of 4 keys of the split with its own online softmax (running
 //   max m, sum l, weighted values acc): a group's keys and values are loaded before any is
 //   used, so that their load latencies overlap instead of adding up key after key. The warps
-//   merge, and the block writes (m, l, acc) for its split.
-// attention_merge: one block per (token, head) merges the splits into the output row.
+//   merge, and the block writes (m, l, acc) for its split. The last block of a (token, head)
+//   to finish (counted in `counters`, which start and end at zero) merges the splits into the
+//   output row, in split order whichever block it is: no second launch.
 //
 // q rows: q_stride floats per token, head h at h * d. Cache: [slot][kv_head][d] in f32, slot =
 // block_table[pos / 16] * 16 + pos % 16. Token t attends to positions first..=pos[t], first =
@@ -17,10 +18,34 @@
 #define WARPS 4
 #define KEYS_AT_ONCE 4
 
+// Merges the splits' (m, l, acc) of (token t, head h) into out: [token][heads * d]. The
+// partials were written by other blocks: read through volatile pointers, not from L1.
+__device__ void merge_splits(const volatile float* part_ml, const volatile float* part_acc,
+                             int t, int h, int heads, int d, int splits, float* out) {
+    u64 base = ((u64)t * heads + h) * splits;
+    float m = NEG_INF;
+    for (int s = 0; s < splits; s++)
+        if (part_ml[(base + s) * 2 + 1] > 0.0f) m = fmaxf(m, part_ml[(base + s) * 2]);
+    float l = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        float ls = part_ml[(base + s) * 2 + 1];
+        if (ls > 0.0f) l += ls * expf(part_ml[(base + s) * 2] - m);
+    }
+    float inv = 1.0f / l;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            float ls = part_ml[(base + s) * 2 + 1];
+            if (ls > 0.0f) a += part_acc[(base + s) * d + i] * expf(part_ml[(base + s) * 2] - m);
+        }
+        out[((u64)t * heads + h) * d + i] = a * inv;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128) attention_split(
     const float* q, int q_stride, const float* kc, const float* vc, const int* tables,
     const int* tok_table, const int* tok_pos, int heads, int kv_heads, int d, int window,
-    float scale, int split_keys, float* part_ml, float* part_acc) {
+    float scale, int split_keys, float* part_ml, float* part_acc, int* counters, float* out) {
     __shared__ float sm_m[WARPS], sm_l[WARPS];
     __shared__ float sm_acc[WARPS][MAX_D_PER_LANE * 32];
     int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
@@ -111,28 +136,19 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(
             if (sm_l[w] > 0.0f) a += sm_acc[w][i] * expf(sm_m[w] - mb);
         part_acc[part * d + i] = a;
     }
+    // Each thread's partials are visible device-wide before the block is counted; the block
+    // that counts last sees every split's.
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* counter = counters + (u64)t * heads + h;
+        last = atomicAdd(counter, 1) == splits - 1;
+        if (last) *counter = 0;  // zero again for the next pass (and graph replay)
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    merge_splits(part_ml, part_acc, t, h, heads, d, splits, out);
 }
 
-// out: [token][heads * d].
-extern "C" __global__ void attention_merge(const float* part_ml, const float* part_acc, int heads,
-                                           int d, int splits, float* out) {
-    int t = blockIdx.x, h = blockIdx.y;
-    u64 base = ((u64)t * heads + h) * splits;
-    float m = NEG_INF;
-    for (int s = 0; s < splits; s++)
-        if (part_ml[(base + s) * 2 + 1] > 0.0f) m = fmaxf(m, part_ml[(base + s) * 2]);
-    float l = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        float ls = part_ml[(base + s) * 2 + 1];
-        if (ls > 0.0f) l += ls * expf(part_ml[(base + s) * 2] - m);
-    }
-    float inv = 1.0f / l;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float a = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            float ls = part_ml[(base + s) * 2 + 1];
-            if (ls > 0.0f) a += part_acc[(base + s) * d + i] * expf(part_ml[(base + s) * 2] - m);
-        }
-        out[((u64)t * heads + h) * d + i] = a * inv;
-    }
-}

@@ -36,6 +36,15 @@ unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask);
 
 inline void __syncthreads() { emu_syncthreads(); }
 
+// One block runs at a time and its threads switch only at synchronisation points: a fence has
+// nothing to order, and an atomic add is a plain one.
+inline void __threadfence() {}
+inline int atomicAdd(int* p, int v) {
+    int old = *p;
+    *p = old + v;
+    return old;
+}
+
 // Every lane of the warp passes `n` words and gets all lanes' (at [lane * EMU_GATHER_MAX + i]),
 // readable until the lane's next warp-wide call: a synchronisation point, as an mma.sync is.
 #define EMU_GATHER_MAX 8

@@ -3,7 +3,9 @@
 //! come back to the host, where sampling runs as on the CPU.
 
 use super::compile::compile_all;
-use super::kernels::{gather_rms_norm, launch, matmul, silu_mul, Arg, Input, Kernels};
+use super::kernels::{
+    attention, gather_rms_norm, launch, matmul, silu_mul, Arg, Attention, Input, Kernels,
+};
 use super::memory::{DeviceBuffer, Growable};
 use super::profile::{events_per_pass, EventProfile};
 use super::weights::{unsupported_dtype, upload, DevWeights};
@@ -101,6 +103,9 @@ struct Buffers {
     angles: Growable,
     part_ml: Growable,
     part_acc: Growable,
+    /// The attention's per-(token, head) split counters: zeroed when (re)allocated, left zero
+    /// by every launch.
+    counters: Growable,
     last: Growable,
     logits: Growable,
 }
@@ -120,6 +125,7 @@ struct Pass {
     act: u64,
     part_ml: u64,
     part_acc: u64,
+    counters: u64,
     last: u64,
     logits: u64,
     ids: u64,
@@ -163,6 +169,7 @@ impl Buffers {
             act: take(&mut self.act, n * dims.inter * f)?,
             part_ml: take(&mut self.part_ml, n * dims.heads * splits * 2 * f)?,
             part_acc: take(&mut self.part_acc, n * dims.heads * splits * dims.d * f)?,
+            counters: take(&mut self.counters, n * dims.heads * 4)?,
             last: take(&mut self.last, m.max(1) * dims.h * f)?,
             logits: take(&mut self.logits, m.max(1) * dims.vocab * f)?,
             ids: int_at(0),
@@ -454,40 +461,28 @@ impl CudaBackend {
             ];
             launch(st, &k.rope_kv_append, (ni, 1, 1), 128, &rope_args)?;
             mark(Phase::RopeKv)?;
-            let split_args = [
-                Arg::Ptr(p.qkv),
-                stride,
-                Arg::Ptr(kc),
-                Arg::Ptr(vc),
-                Arg::Ptr(p.tables),
-                Arg::Ptr(p.offsets),
-                Arg::Ptr(p.positions),
-                Arg::I32(dims.heads as i32),
-                Arg::I32(dims.kv_heads as i32),
-                Arg::I32(dims.d as i32),
-                Arg::I32(dims.window as i32),
-                Arg::F32(scale),
-                Arg::I32(p.split_keys as i32),
-                Arg::Ptr(p.part_ml),
-                Arg::Ptr(p.part_acc),
-            ];
-            let grid = (ni, dims.heads as u32, p.splits as u32);
-            launch(st, &k.attention_split, grid, 128, &split_args)?;
-            let merge_args = [
-                Arg::Ptr(p.part_ml),
-                Arg::Ptr(p.part_acc),
-                Arg::I32(dims.heads as i32),
-                Arg::I32(dims.d as i32),
-                Arg::I32(p.splits as i32),
-                Arg::Ptr(p.attn),
-            ];
-            launch(
-                st,
-                &k.attention_merge,
-                (ni, dims.heads as u32, 1),
-                128,
-                &merge_args,
-            )?;
+            let heads = Attention {
+                q: p.qkv,
+                q_stride: dims.qkv_rows,
+                keys: kc,
+                values: vc,
+                tables: p.tables,
+                offsets: p.offsets,
+                positions: p.positions,
+                tokens: p.n,
+                heads: dims.heads,
+                kv_heads: dims.kv_heads,
+                d: dims.d,
+                window: dims.window,
+                scale,
+                splits: p.splits,
+                split_keys: p.split_keys,
+                part_ml: p.part_ml,
+                part_acc: p.part_acc,
+                counters: p.counters,
+                out: p.attn,
+            };
+            attention(st, k, &heads)?;
             // x += attn · Wo, x += SwiGLU(...) · Wdown: the residual adds are the products'.
             mark(Phase::Attention)?;
             matmul(st, k, &layer.o.view(), Input::Rows(p.attn), p.x, p.n, true)?;
@@ -696,8 +691,11 @@ impl Executor for CudaBackend {
         let s = self.stream.cu_stream();
         let (pass, grew) = self.bufs.size(&dims, n, m, splits, self.host.ints.len())?;
         if grew {
-            // Captured graphs hold the old buffers' addresses.
+            // Captured graphs hold the old buffers' addresses; a new counter buffer starts at
+            // zero, as the attention kernel expects (and leaves) it.
             self.graphs.clear();
+            let counters = self.bufs.counters.at_least(0).map_err(dev)?;
+            counters.zero(self.stream.cu_stream()).map_err(dev)?;
         }
         let pass = Pass {
             n,

@@ -3,7 +3,9 @@
 //! forward pass uses, exactly as the pass does, and reads the result back.
 
 use super::backend::{open_device, OpenDevice};
-use super::kernels::{launch, matmul, rms_norm, silu_mul, Arg, Input, MatrixView};
+use super::kernels::{
+    attention, launch, matmul, rms_norm, silu_mul, Arg, Attention, Input, MatrixView,
+};
 use super::memory::DeviceBuffer;
 use super::weights::DevDType;
 use crate::model::weights::DType;
@@ -276,47 +278,35 @@ impl KernelCheck {
         let part_ml = self.out(n * case.heads * case.splits * 2)?;
         let part_acc = self.out(n * case.heads * case.splits * case.d)?;
         let out = self.out(n * case.heads * case.d)?;
-        let d = &self.device;
-        let q_stride = (case.heads * case.d) as i32;
-        launch(
-            &d.stream,
-            &d.kernels.attention_split,
-            (n as u32, case.heads as u32, case.splits as u32),
-            128,
-            &[
-                Arg::Ptr(qb.ptr()),
-                Arg::I32(q_stride),
-                Arg::Ptr(kb.ptr()),
-                Arg::Ptr(vb.ptr()),
-                Arg::Ptr(tb.ptr()),
-                Arg::Ptr(ob.ptr()),
-                Arg::Ptr(pb.ptr()),
-                Arg::I32(case.heads as i32),
-                Arg::I32(case.kv_heads as i32),
-                Arg::I32(case.d as i32),
-                Arg::I32(case.window as i32),
-                Arg::F32(1.0 / (case.d as f32).sqrt()),
-                Arg::I32(split_keys as i32),
-                Arg::Ptr(part_ml.ptr()),
-                Arg::Ptr(part_acc.ptr()),
-            ],
-        )
-        .map_err(dev)?;
-        launch(
-            &d.stream,
-            &d.kernels.attention_merge,
-            (n as u32, case.heads as u32, 1),
-            128,
-            &[
-                Arg::Ptr(part_ml.ptr()),
-                Arg::Ptr(part_acc.ptr()),
-                Arg::I32(case.heads as i32),
-                Arg::I32(case.d as i32),
-                Arg::I32(case.splits as i32),
-                Arg::Ptr(out.ptr()),
-            ],
-        )
-        .map_err(dev)?;
+        let counters = self.up(&vec![0i32; n * case.heads])?;
+        let heads = Attention {
+            q: qb.ptr(),
+            q_stride: case.heads * case.d,
+            keys: kb.ptr(),
+            values: vb.ptr(),
+            tables: tb.ptr(),
+            offsets: ob.ptr(),
+            positions: pb.ptr(),
+            tokens: n,
+            heads: case.heads,
+            kv_heads: case.kv_heads,
+            d: case.d,
+            window: case.window,
+            scale: 1.0 / (case.d as f32).sqrt(),
+            splits: case.splits,
+            split_keys,
+            part_ml: part_ml.ptr(),
+            part_acc: part_acc.ptr(),
+            counters: counters.ptr(),
+            out: out.ptr(),
+        };
+        attention(&self.device.stream, &self.device.kernels, &heads).map_err(dev)?;
+        // Every launch leaves the counters at zero, ready for the next.
+        let left: Vec<i32> = self.down(&counters, n * case.heads)?;
+        anyhow::ensure!(
+            left.iter().all(|&c| c == 0),
+            "attention left split counters set"
+        );
         self.down(&out, n * case.heads * case.d)
     }
 

@@ -22,7 +22,6 @@ pub struct Kernels {
     pub silu_mul: CudaFunction,
     pub rope_kv_append: CudaFunction,
     pub attention_split: CudaFunction,
-    pub attention_merge: CudaFunction,
     pub argmax_rows: CudaFunction,
     /// Streaming multiprocessors of the device (how wide a launch must be to fill it).
     pub sms: usize,
@@ -66,7 +65,6 @@ impl Kernels {
             silu_mul: f("elementwise.cu", "silu_mul")?,
             rope_kv_append: f("elementwise.cu", "rope_kv_append")?,
             attention_split: f("attention.cu", "attention_split")?,
-            attention_merge: f("attention.cu", "attention_merge")?,
             argmax_rows: f("sampling.cu", "argmax_rows")?,
             sms,
             tensor_cores: false,
@@ -372,4 +370,59 @@ fn add_bias(
             Arg::U64(n as u64),
         ],
     )
+}
+
+/// One attention launch over the paged KV cache (attention.cu), as device addresses and shape.
+pub struct Attention {
+    /// Query rows, `q_stride` floats apart, head h at `h * d`.
+    pub q: u64,
+    pub q_stride: usize,
+    pub keys: u64,
+    pub values: u64,
+    /// Block tables, each token's table offset in them, and each token's position.
+    pub tables: u64,
+    pub offsets: u64,
+    pub positions: u64,
+    pub tokens: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    /// Sliding window (0: none).
+    pub window: usize,
+    pub scale: f32,
+    pub splits: usize,
+    pub split_keys: usize,
+    /// Per (token, head, split): (m, l) and the `d` weighted values.
+    pub part_ml: u64,
+    pub part_acc: u64,
+    /// `tokens × heads` ints, zero before the launch; the launch leaves them zero.
+    pub counters: u64,
+    /// `[token][heads * d]`.
+    pub out: u64,
+}
+
+/// Attention of every token and head, split along the keys, the splits merged by the last
+/// block of each (token, head) to finish.
+pub fn attention(stream: &CudaStream, k: &Kernels, a: &Attention) -> Result<(), DriverError> {
+    let args = [
+        Arg::Ptr(a.q),
+        Arg::I32(a.q_stride as i32),
+        Arg::Ptr(a.keys),
+        Arg::Ptr(a.values),
+        Arg::Ptr(a.tables),
+        Arg::Ptr(a.offsets),
+        Arg::Ptr(a.positions),
+        Arg::I32(a.heads as i32),
+        Arg::I32(a.kv_heads as i32),
+        Arg::I32(a.d as i32),
+        Arg::I32(a.window as i32),
+        Arg::F32(a.scale),
+        Arg::I32(a.split_keys as i32),
+        Arg::Ptr(a.part_ml),
+        Arg::Ptr(a.part_acc),
+        Arg::Ptr(a.counters),
+        Arg::Ptr(a.out),
+    ];
+    let grid = (a.tokens as u32, a.heads as u32, a.splits as u32);
+    launch(stream, &k.attention_split, grid, 128, &args)
 }
