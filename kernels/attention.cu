@@ -1,13 +1,16 @@
 // Attention over the paged KV cache, for decode tokens and prefill chunks alike, split along
-// the keys (flash-decoding) so that long contexts use the whole GPU:
+// the keys (flash-decoding) so that long contexts use the whole GPU.
 //
-// attention_split: one block of 4 warps per (token, query head, split of `split_keys` keys).
-//   Each warp walks every 4th group of 4 keys of the split with its own online softmax (running
-//   max m, sum l, weighted values acc): a group's keys and values are loaded before any is
-//   used, so that their load latencies overlap instead of adding up key after key. The warps
-//   merge, and the block writes (m, l, acc) for its split. The last block of a (token, head)
-//   to finish (counted in `counters`, which start and end at zero) merges the splits into the
-//   output row, in split order whichever block it is: no second launch.
+// attention_split: one block per (token, group of up to 8 query heads that share a KV head,
+// split of `split_keys` keys), so that each key and value the block loads serves every head of
+// the group (from L1) instead of being read from L2 once per head. The block's warps are
+// `group_heads` heads × `blockDim.x / 32 / group_heads` streams of keys; each warp walks every
+// so-many-th run of 4 keys of the split with its own online softmax (running max m, sum l,
+// weighted values acc), loading a run's keys and values before scoring any, so that their
+// load latencies overlap. The warps of a head merge, and the block writes (m, l, acc) per head
+// for its split. The last block of a (token, head group) to finish (counted in `counters`,
+// which start and end at zero) merges the splits of each of its heads into the output row, in
+// split order whichever block it is: no second launch.
 //
 // q rows: q_stride floats per token, head h at h * d. Cache: [slot][kv_head][d] in f32, slot =
 // block_table[pos / 16] * 16 + pos % 16. Token t attends to positions first..=pos[t], first =
@@ -15,7 +18,7 @@
 
 #define KV_BLOCK 16
 #define MAX_D_PER_LANE 8
-#define WARPS 4
+#define MAX_WARPS 8
 #define KEYS_AT_ONCE 4
 
 // Merges the splits' (m, l, acc) of (token t, head h) into out: [token][heads * d]. The
@@ -42,21 +45,28 @@ __device__ void merge_splits(const volatile float* part_ml, const volatile float
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_split(
+extern "C" __global__ void __launch_bounds__(256) attention_split(
     const float* q, int q_stride, const float* kc, const float* vc, const int* tables,
     const int* tok_table, const int* tok_pos, int heads, int kv_heads, int d, int window,
-    float scale, int split_keys, float* part_ml, float* part_acc, int* counters, float* out) {
-    __shared__ float sm_m[WARPS], sm_l[WARPS];
-    __shared__ float sm_acc[WARPS][MAX_D_PER_LANE * 32];
-    int t = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    float scale, int split_keys, int group_heads, float* part_ml, float* part_acc,
+    int* counters, float* out) {
+    __shared__ float sm_m[MAX_WARPS], sm_l[MAX_WARPS];
+    __shared__ float sm_acc[MAX_WARPS][MAX_D_PER_LANE * 32];
+    int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int streams = (blockDim.x >> 5) / group_heads;  // warps per head
+    int per_kv = heads / kv_heads, groups = (per_kv + group_heads - 1) / group_heads;
+    int kvh = blockIdx.y / groups, h0 = kvh * per_kv + (blockIdx.y % groups) * group_heads;
+    int in_block = min(group_heads, kvh * per_kv + per_kv - h0);  // heads of this block
+    int hl = warp / streams, stream = warp % streams;
     int pos = tok_pos[t];
     int first = window > 0 ? max(0, pos + 1 - window) : 0;
     int start = first + split * split_keys;
-    int end = min(pos + 1, start + split_keys);
-    int kvh = h / (heads / kv_heads), kv_dim = kv_heads * d;
+    // A warp past the group's last head walks no keys (it still meets the barriers).
+    int end = hl < in_block ? min(pos + 1, start + split_keys) : start;
+    int kv_dim = kv_heads * d;
     const int* table = tables + tok_table[t];
-    const float* qh = q + (u64)t * q_stride + h * d;
+    const float* qh = q + (u64)t * q_stride + (h0 + min(hl, in_block - 1)) * d;
 
     float qv[MAX_D_PER_LANE], acc[MAX_D_PER_LANE];
 #pragma unroll
@@ -66,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(
         acc[c] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (int j0 = start + warp * KEYS_AT_ONCE; j0 < end; j0 += WARPS * KEYS_AT_ONCE) {
+    for (int j0 = start + stream * KEYS_AT_ONCE; j0 < end; j0 += streams * KEYS_AT_ONCE) {
         float kv[KEYS_AT_ONCE][MAX_D_PER_LANE], vv[KEYS_AT_ONCE][MAX_D_PER_LANE];
 #pragma unroll
         for (int u = 0; u < KEYS_AT_ONCE; u++) {
@@ -120,21 +130,25 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(
 #pragma unroll
     for (int c = 0; c < MAX_D_PER_LANE; c++) sm_acc[warp][lane + 32 * c] = acc[c];
     __syncthreads();
-    float mb = NEG_INF;
-    for (int w = 0; w < WARPS; w++) mb = fmaxf(mb, sm_m[w]);
-    u64 part = ((u64)t * heads + h) * splits + split;
-    if (threadIdx.x == 0) {
-        float lb = 0.0f;
-        for (int w = 0; w < WARPS; w++)
-            if (sm_l[w] > 0.0f) lb += sm_l[w] * expf(sm_m[w] - mb);
-        part_ml[part * 2] = mb;
-        part_ml[part * 2 + 1] = lb;
-    }
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float a = 0.0f;
-        for (int w = 0; w < WARPS; w++)
-            if (sm_l[w] > 0.0f) a += sm_acc[w][i] * expf(sm_m[w] - mb);
+    // The partials of each head: its warps' (m, l, acc) merged, in warp order.
+    for (int e = threadIdx.x; e < in_block * d; e += blockDim.x) {
+        int hh = e / d, i = e % d, w0 = hh * streams;
+        float mb = NEG_INF;
+        for (int w = w0; w < w0 + streams; w++) mb = fmaxf(mb, sm_m[w]);
+        u64 part = ((u64)t * heads + h0 + hh) * splits + split;
+        float a = 0.0f, lb = 0.0f;
+        for (int w = w0; w < w0 + streams; w++) {
+            if (sm_l[w] > 0.0f) {
+                float f = expf(sm_m[w] - mb);
+                a += sm_acc[w][i] * f;
+                lb += sm_l[w] * f;
+            }
+        }
         part_acc[part * d + i] = a;
+        if (i == 0) {
+            part_ml[part * 2] = mb;
+            part_ml[part * 2 + 1] = lb;
+        }
     }
     // Each thread's partials are visible device-wide before the block is counted; the block
     // that counts last sees every split's.
@@ -142,13 +156,13 @@ extern "C" __global__ void __launch_bounds__(128) attention_split(
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
-        int* counter = counters + (u64)t * heads + h;
+        int* counter = counters + (u64)t * gridDim.y + blockIdx.y;
         last = atomicAdd(counter, 1) == splits - 1;
         if (last) *counter = 0;  // zero again for the next pass (and graph replay)
     }
     __syncthreads();
     if (!last) return;
     __threadfence();
-    merge_splits(part_ml, part_acc, t, h, heads, d, splits, out);
+    for (int hh = 0; hh < in_block; hh++)
+        merge_splits(part_ml, part_acc, t, h0 + hh, heads, d, splits, out);
 }
-

@@ -474,94 +474,106 @@ fn synthetic_config() -> cllm::model::config::ModelConfig {
 fn gpu_attention_matches_f64_reference() {
     let Some(gpu) = gpu() else { return };
     let mut rng = Rng::new(3);
-    let (heads, kv_heads, d) = (32, 4, 64);
-    let kv_dim = kv_heads * d;
     // Sequences of these lengths; each query token attends to its own sequence's cache.
-    for (lengths, window, queries_per_seq) in [
+    let cases = [
         (vec![4096], 0, 1),                // one long decode
         (vec![17, 300, 1024, 2500], 0, 1), // a decode batch of mixed depths
         (vec![130], 0, 130),               // a whole prompt (causal prefill)
         (vec![700], 256, 40),              // sliding window, last 40 tokens
         (vec![33; 64], 0, 1),              // batch of 64 short decodes
-    ] {
-        let blocks: usize = lengths.iter().map(|l: &usize| l.div_ceil(16)).sum();
-        let slots = (blocks + 3) * 16;
-        let keys = random(&mut rng, slots * kv_dim, 1.0);
-        let values = random(&mut rng, slots * kv_dim, 1.0);
-        // Blocks handed out in a scrambled order, as a real cache does after churn.
-        let mut order: Vec<i32> = (0..(blocks + 3) as i32).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-        }
-        let (mut tables, mut offsets, mut positions) = (Vec::new(), Vec::new(), Vec::new());
-        let mut next = 0;
-        for &len in &lengths {
-            let start = tables.len() as i32;
-            tables.extend_from_slice(&order[next..next + len.div_ceil(16)]);
-            next += len.div_ceil(16);
-            for pos in len - queries_per_seq..len {
-                offsets.push(start);
-                positions.push(pos as i32);
+    ];
+    // The 1.1B model's heads (GQA 32/4: a block per 8 heads), then every case of a block's
+    // head group on a smaller set: 7 heads per KV head (7 warps), 3 (two warps a head),
+    // multi-head (8 warps a head), 16 (two blocks per KV head); head dims 64, 96, 128, 32.
+    let shapes = [
+        (32, 4, 64, &cases[..]),
+        (14, 2, 64, &cases[1..3]),
+        (12, 4, 96, &cases[1..3]),
+        (8, 8, 32, &cases[1..3]),
+        (16, 1, 128, &cases[2..4]),
+    ];
+    for (heads, kv_heads, d, cases) in shapes {
+        let kv_dim = kv_heads * d;
+        for (lengths, window, queries_per_seq) in cases.iter().cloned() {
+            let blocks: usize = lengths.iter().map(|l: &usize| l.div_ceil(16)).sum();
+            let slots = (blocks + 3) * 16;
+            let keys = random(&mut rng, slots * kv_dim, 1.0);
+            let values = random(&mut rng, slots * kv_dim, 1.0);
+            // Blocks handed out in a scrambled order, as a real cache does after churn.
+            let mut order: Vec<i32> = (0..(blocks + 3) as i32).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
             }
-        }
-        let n = positions.len();
-        let q = random(&mut rng, n * heads * d, 1.0);
-        let mut want = vec![0.0f64; n * heads * d];
-        for t in 0..n {
-            let pos = positions[t] as usize;
-            let table = &tables[offsets[t] as usize..];
-            let first = if window > 0 {
-                (pos + 1).saturating_sub(window)
-            } else {
-                0
-            };
-            for h in 0..heads {
-                let kvh = h / (heads / kv_heads);
-                let qh = &q[(t * heads + h) * d..][..d];
-                let slot = |j: usize| table[j / 16] as usize * 16 + j % 16;
-                let scores: Vec<f64> = (first..=pos)
-                    .map(|j| {
-                        let k = &keys[slot(j) * kv_dim + kvh * d..][..d];
-                        qh.iter()
-                            .zip(k)
-                            .map(|(&a, &b)| a as f64 * b as f64)
-                            .sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                for (j, s) in (first..=pos).zip(&scores) {
-                    let p = (s - max).exp() / total;
-                    let v = &values[slot(j) * kv_dim + kvh * d..][..d];
-                    for i in 0..d {
-                        want[(t * heads + h) * d + i] += p * v[i] as f64;
+            let (mut tables, mut offsets, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+            let mut next = 0;
+            for &len in &lengths {
+                let start = tables.len() as i32;
+                tables.extend_from_slice(&order[next..next + len.div_ceil(16)]);
+                next += len.div_ceil(16);
+                for pos in len - queries_per_seq..len {
+                    offsets.push(start);
+                    positions.push(pos as i32);
+                }
+            }
+            let n = positions.len();
+            let q = random(&mut rng, n * heads * d, 1.0);
+            let mut want = vec![0.0f64; n * heads * d];
+            for t in 0..n {
+                let pos = positions[t] as usize;
+                let table = &tables[offsets[t] as usize..];
+                let first = if window > 0 {
+                    (pos + 1).saturating_sub(window)
+                } else {
+                    0
+                };
+                for h in 0..heads {
+                    let kvh = h / (heads / kv_heads);
+                    let qh = &q[(t * heads + h) * d..][..d];
+                    let slot = |j: usize| table[j / 16] as usize * 16 + j % 16;
+                    let scores: Vec<f64> = (first..=pos)
+                        .map(|j| {
+                            let k = &keys[slot(j) * kv_dim + kvh * d..][..d];
+                            qh.iter()
+                                .zip(k)
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                    for (j, s) in (first..=pos).zip(&scores) {
+                        let p = (s - max).exp() / total;
+                        let v = &values[slot(j) * kv_dim + kvh * d..][..d];
+                        for i in 0..d {
+                            want[(t * heads + h) * d + i] += p * v[i] as f64;
+                        }
                     }
                 }
             }
-        }
-        for splits in [1, 7, 32] {
-            let got = gpu
-                .attention(&AttentionCase {
-                    q: &q,
-                    keys: &keys,
-                    values: &values,
-                    tables: &tables,
-                    offsets: &offsets,
-                    positions: &positions,
-                    heads,
-                    kv_heads,
-                    d,
-                    window,
-                    splits,
-                })
-                .expect("attention runs");
-            let err = rel_err(&got, &want);
-            assert!(
+            for splits in [1, 7, 32] {
+                let got = gpu
+                    .attention(&AttentionCase {
+                        q: &q,
+                        keys: &keys,
+                        values: &values,
+                        tables: &tables,
+                        offsets: &offsets,
+                        positions: &positions,
+                        heads,
+                        kv_heads,
+                        d,
+                        window,
+                        splits,
+                    })
+                    .expect("attention runs");
+                let err = rel_err(&got, &want);
+                assert!(
                 err < 1e-5,
-                "lengths {:?} (window {window}, {queries_per_seq} queries each), {splits} splits: relative error {err}",
+                "heads {heads}/{kv_heads}, d {d}, lengths {:?} (window {window}, {queries_per_seq} queries each), {splits} splits: relative error {err}",
                 &lengths[..lengths.len().min(4)]
             );
+            }
         }
     }
 }

@@ -4,7 +4,8 @@
 
 use super::compile::compile_all;
 use super::kernels::{
-    attention, gather_rms_norm, launch, matmul, silu_mul, Arg, Attention, Input, Kernels,
+    attention, attention_groups, gather_rms_norm, launch, matmul, silu_mul, Arg, Attention, Input,
+    Kernels,
 };
 use super::memory::{DeviceBuffer, Growable};
 use super::profile::{events_per_pass, EventProfile};
@@ -23,11 +24,12 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use std::sync::Arc;
 
-/// Attention splits aim for this many blocks per streaming multiprocessor.
-const ATTENTION_BLOCKS_PER_SM: usize = 4;
+/// Attention splits aim for this many blocks (of up to 8 warps) per streaming multiprocessor.
+const ATTENTION_BLOCKS_PER_SM: usize = 2;
 const MAX_ATTENTION_SPLITS: usize = 64;
-/// Keys per split at least (fewer would spend more on merging than on attending).
-const MIN_SPLIT_KEYS: usize = 64;
+/// Keys per split at least: 16 keys a warp, four runs of 4 (fewer would spend more on
+/// merging than on attending).
+const MIN_SPLIT_KEYS: usize = 16;
 const MAX_HEAD_DIM: usize = 256;
 /// Decode steps of up to this many sequences run as captured CUDA graphs.
 const MAX_GRAPH_BATCH: usize = 256;
@@ -541,15 +543,18 @@ impl CudaBackend {
     }
 }
 
-/// How many splits the attention of a pass over `tokens` queries of `heads` heads uses (the
-/// longest attending to `longest` keys) on `sms` multiprocessors, and keys per split.
-fn attention_splits(sms: usize, heads: usize, tokens: usize, longest: usize) -> (usize, usize) {
+/// How many splits the attention of a pass over `tokens` queries in `groups` blocks a token
+/// (groups of heads sharing a KV head, [`super::kernels::attention_groups`]) uses, the
+/// longest attending to `longest` keys, on `sms` multiprocessors; and keys per split.
+fn attention_splits(sms: usize, groups: usize, tokens: usize, longest: usize) -> (usize, usize) {
     let target = ATTENTION_BLOCKS_PER_SM * sms;
-    let by_occupancy = target.div_ceil(tokens * heads);
+    let by_occupancy = target.div_ceil(tokens * groups);
     let by_length = longest.div_ceil(MIN_SPLIT_KEYS);
-    let splits = by_occupancy.min(by_length).clamp(1, MAX_ATTENTION_SPLITS);
-    // Rounded up so that the shape (and a captured graph) changes only every
+    let fit = by_occupancy.min(by_length).clamp(1, MAX_ATTENTION_SPLITS);
+    // A power of two, and keys rounded up to MIN_SPLIT_KEYS, so that the shape (and a captured
+    // graph) changes twice per doubling of the context while the splits grow, and then every
     // MIN_SPLIT_KEYS * splits tokens; splits past the context are empty and merge as nothing.
+    let splits = 1 << fit.ilog2();
     let keys = longest.div_ceil(splits).next_multiple_of(MIN_SPLIT_KEYS);
     (splits, keys)
 }
@@ -687,7 +692,8 @@ impl Executor for CudaBackend {
         host.angles.extend_from_slice(&host.cos);
         host.angles.extend_from_slice(&host.sin);
 
-        let (splits, split_keys) = attention_splits(self.sms, dims.heads, n, longest);
+        let groups = attention_groups(dims.heads, dims.kv_heads).blocks;
+        let (splits, split_keys) = attention_splits(self.sms, groups, n, longest);
         let s = self.stream.cu_stream();
         let (pass, grew) = self.bufs.size(&dims, n, m, splits, self.host.ints.len())?;
         if grew {

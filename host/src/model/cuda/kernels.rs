@@ -395,15 +395,37 @@ pub struct Attention {
     /// Per (token, head, split): (m, l) and the `d` weighted values.
     pub part_ml: u64,
     pub part_acc: u64,
-    /// `tokens × heads` ints, zero before the launch; the launch leaves them zero.
+    /// `tokens × heads` ints (at least one per block of a split), zero before the launch; the
+    /// launch leaves them zero.
     pub counters: u64,
     /// `[token][heads * d]`.
     pub out: u64,
 }
 
+/// How attention blocks take the query heads: `heads` heads a block (of one KV head), `warps`
+/// warps a block, `blocks` blocks a token and split.
+pub struct AttentionGroups {
+    pub heads: usize,
+    pub warps: usize,
+    pub blocks: usize,
+}
+
+/// At most 8 heads of a KV head a block (warps past 8 would not fit a block's registers), and
+/// up to 8 warps: a group of 1 or 2 heads gets several warps per head.
+pub fn attention_groups(heads: usize, kv_heads: usize) -> AttentionGroups {
+    let per_kv = (heads / kv_heads.max(1)).max(1);
+    let group = per_kv.min(8);
+    AttentionGroups {
+        heads: group,
+        warps: group * (8 / group),
+        blocks: kv_heads * per_kv.div_ceil(group),
+    }
+}
+
 /// Attention of every token and head, split along the keys, the splits merged by the last
-/// block of each (token, head) to finish.
+/// block of each (token, head group) to finish.
 pub fn attention(stream: &CudaStream, k: &Kernels, a: &Attention) -> Result<(), DriverError> {
+    let groups = attention_groups(a.heads, a.kv_heads);
     let args = [
         Arg::Ptr(a.q),
         Arg::I32(a.q_stride as i32),
@@ -418,11 +440,18 @@ pub fn attention(stream: &CudaStream, k: &Kernels, a: &Attention) -> Result<(), 
         Arg::I32(a.window as i32),
         Arg::F32(a.scale),
         Arg::I32(a.split_keys as i32),
+        Arg::I32(groups.heads as i32),
         Arg::Ptr(a.part_ml),
         Arg::Ptr(a.part_acc),
         Arg::Ptr(a.counters),
         Arg::Ptr(a.out),
     ];
-    let grid = (a.tokens as u32, a.heads as u32, a.splits as u32);
-    launch(stream, &k.attention_split, grid, 128, &args)
+    let grid = (a.tokens as u32, groups.blocks as u32, a.splits as u32);
+    launch(
+        stream,
+        &k.attention_split,
+        grid,
+        32 * groups.warps as u32,
+        &args,
+    )
 }
