@@ -91,6 +91,14 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const u32* a, u32 b0, u
 #endif
 }
 
+// SwiGLU of one gate/up pair: silu(g) * u, silu(g) = g / (1 + exp(-g)).
+__device__ __forceinline__ float swiglu(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// The fused gate/up matrices (and products) interleave gate and up in runs of 8 rows: rows
+// 16j..16j+7 are gate rows 8j..8j+7 and rows 16j+8..16j+15 the up rows, the intermediate size
+// padded to a multiple of 8 with zero rows. The row of gate row i (its up row is 8 further):
+__device__ __forceinline__ int gate_row(int i) { return 16 * (i >> 3) + (i & 7); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

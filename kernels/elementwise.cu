@@ -6,13 +6,14 @@ extern "C" __global__ void add_bias(float* y, const float* bias, int cols, u64 n
         y[i] += bias[i % cols];
 }
 
-// SwiGLU on the fused gate/up product: gu[t] = [gate (inter) | up (inter)];
-// out[t][i] = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
+// SwiGLU on the fused gate/up product, rows of 2 × inter8 (inter rounded up to a multiple of 8)
+// interleaved in runs of 8 (gate_row in common.cuh): out[t][i] = swiglu(gate i, up i).
 extern "C" __global__ void silu_mul(const float* gu, float* out, int inter, u64 n) {
+    u64 stride = 2 * (u64)((inter + 7) & ~7);
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 t = i / inter, c = i % inter;
-        float g = gu[t * 2 * inter + c], u = gu[t * 2 * inter + inter + c];
-        out[i] = g / (1.0f + expf(-g)) * u;
+        const float* row = gu + t * stride + gate_row((int)c);
+        out[i] = swiglu(row[0], row[8]);
     }
 }
 

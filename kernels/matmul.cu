@@ -8,6 +8,12 @@
 //   once per row pair, about as many instructions as its loads leave room for.)
 // gemm_*: many tokens (prefill, large batches): 64×64 output tiles staged in shared memory.
 // With `accumulate`, y += the product (the residual add fused in).
+//
+// SwiGLU (`inter` > 0, the *_swiglu entry points and mma_bf16): W is the fused gate/up matrix,
+// interleaved in runs of 8 rows (gate_row in common.cuh), and the kernel writes
+// y[t * inter + i] = swiglu(gate i + bias, up i + bias) instead of the two products: a GEMV
+// warp takes gate row i and up row i, an mma warp's two n8 tiles are 8 gate and the 8 matching
+// up rows. `bias` (or null) is the interleaved rows' bias.
 
 #define GEMV_TOKENS 8
 #define GEMV_ROWS 2
@@ -87,11 +93,16 @@ struct InNorm {
 
 template <class W, class In>
 __device__ void gemv(const typename W::T* __restrict__ w, In in, float* __restrict__ y, int rows,
-                     int cols, int tokens, int wpr, int accumulate) {
+                     int cols, int tokens, int wpr, int accumulate, int inter,
+                     const float* __restrict__ bias) {
     __shared__ float partial[8][GEMV_ROWS][GEMV_TOKENS];
     in.prologue(tokens);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int r0 = (blockIdx.x * (8 / wpr) + warp / wpr) * GEMV_ROWS;
+    // The warp's unit: a pair of rows r0, r0 + 1, or with SwiGLU output i = unit, from gate
+    // row gate_row(i) and the up row 8 further.
+    int unit = blockIdx.x * (8 / wpr) + warp / wpr;
+    int r0 = inter > 0 ? (unit < inter ? gate_row(unit) : rows) : unit * GEMV_ROWS;
+    int row_step = inter > 0 ? 8 : 1;
     int part = warp % wpr;
     float acc[GEMV_ROWS][GEMV_TOKENS];
 #pragma unroll
@@ -101,7 +112,7 @@ __device__ void gemv(const typename W::T* __restrict__ w, In in, float* __restri
     // Rows past the end read the last row again (and are not written).
     const typename W::T* row[GEMV_ROWS];
 #pragma unroll
-    for (int j = 0; j < GEMV_ROWS; j++) row[j] = w + (u64)min(r0 + j, rows - 1) * cols;
+    for (int j = 0; j < GEMV_ROWS; j++) row[j] = w + (u64)min(r0 + j * row_step, rows - 1) * cols;
     if (r0 < rows) {
         if ((cols & 7) == 0) {
             int step = wpr * 256;
@@ -154,7 +165,20 @@ __device__ void gemv(const typename W::T* __restrict__ w, In in, float* __restri
     __syncthreads();
     // The first warp of each group writes: lane = row * GEMV_TOKENS + token.
     int j = lane / GEMV_TOKENS, t = lane % GEMV_TOKENS;
-    if (part == 0 && j < GEMV_ROWS && t < tokens && r0 + j < rows) {
+    if (part != 0 || j >= GEMV_ROWS || t >= tokens) return;
+    if (inter > 0) {
+        if (j != 0 || unit >= inter) return;
+        float g = 0.0f, u = 0.0f;
+        for (int p = 0; p < wpr; p++) {
+            g += partial[warp + p][0][t];
+            u += partial[warp + p][1][t];
+        }
+        if (bias) {
+            g += bias[r0];
+            u += bias[r0 + 8];
+        }
+        y[(u64)t * inter + unit] = swiglu(g, u);
+    } else if (r0 + j < rows) {
         float s = 0.0f;
         for (int p = 0; p < wpr; p++) s += partial[warp + p][j][t];
         u64 at = (u64)t * rows + r0 + j;
@@ -241,7 +265,8 @@ extern "C" __global__ void __launch_bounds__(256) mma_bf16(const u16* __restrict
                                                            const float* __restrict__ x,
                                                            float* __restrict__ y, int rows,
                                                            int cols, int tokens, int wpr,
-                                                           int accumulate) {
+                                                           int accumulate, int inter,
+                                                           const float* __restrict__ bias) {
     // The accumulators, acc[(m * 2 + n) * 4 + r]: m16 tile m, n8 tile n, register r.
     const int ACC = MMA_TILES_M * 2 * 4;
     __shared__ float partial[8][ACC][32];  // [warp][accumulator][lane]
@@ -322,7 +347,19 @@ extern "C" __global__ void __launch_bounds__(256) mma_bf16(const u16* __restrict
     for (int i = 0; i < ACC; i++) {
         int m = i / 8, n = (i / 4) % 2, r = i % 4;
         int t = t0 + 16 * m + g + (r >= 2 ? 8 : 0), row = n0 + 8 * n + 2 * q + (r & 1);
-        if (m < mtiles && t < tokens && row < rows) {
+        if (m >= mtiles || t >= tokens) continue;
+        if (inter > 0) {
+            // Tile 0 holds gate rows, tile 1 the matching up rows: output n0 / 2 + column.
+            int out = n0 / 2 + 2 * q + (r & 1);
+            if (n == 0 && out < inter) {
+                float gv = acc[i], uv = acc[i + 4];
+                if (bias) {
+                    gv += bias[row];
+                    uv += bias[row + 8];
+                }
+                y[(u64)t * inter + out] = swiglu(gv, uv);
+            }
+        } else if (row < rows) {
             u64 at = (u64)t * rows + row;
             y[at] = accumulate ? y[at] + acc[i] : acc[i];
         }
@@ -333,13 +370,19 @@ extern "C" __global__ void __launch_bounds__(256) mma_bf16(const u16* __restrict
     extern "C" __global__ void __launch_bounds__(256) gemv_##name(                                \
         const W::T* w, const float* x, float* y, int rows, int cols, int tokens, int wpr,         \
         int accumulate) {                                                                         \
-        gemv<W>(w, InPlain{x, cols}, y, rows, cols, tokens, wpr, accumulate);                     \
+        gemv<W>(w, InPlain{x, cols}, y, rows, cols, tokens, wpr, accumulate, 0, nullptr);         \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemv_norm_##name(                           \
         const W::T* w, const float* x, const float* norm_w, float eps, float* y, int rows,        \
         int cols, int tokens, int wpr, int accumulate) {                                          \
         InNorm in{x, norm_w, eps, cols};                                                          \
-        gemv<W>(w, in, y, rows, cols, tokens, wpr, accumulate);                                   \
+        gemv<W>(w, in, y, rows, cols, tokens, wpr, accumulate, 0, nullptr);                      \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) gemv_norm_swiglu_##name(                    \
+        const W::T* w, const float* x, const float* norm_w, float eps, const float* bias,         \
+        float* y, int rows, int cols, int tokens, int wpr, int inter) {                           \
+        InNorm in{x, norm_w, eps, cols};                                                          \
+        gemv<W>(w, in, y, rows, cols, tokens, wpr, 0, inter, bias);                               \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256) gemm_##name(                                \
         const W::T* w, const float* x, float* y, int rows, int cols, int tokens, int accumulate) { \

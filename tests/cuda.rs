@@ -138,12 +138,17 @@ fn gpu_bench_profile_times_every_phase() {
         return;
     };
     // Every phase but the first holds at least one kernel of a microsecond or more between
-    // its events; the embedding's one small kernel may round to 0.000 ms.
-    let timed = &common::PROFILE_PHASES[1..];
+    // its events; the embedding's one small kernel may round to 0.000 ms, and the SwiGLU is
+    // the gate/up product's (the element-wise phase holds nothing).
+    let timed: Vec<&str> = common::PROFILE_PHASES[1..]
+        .iter()
+        .copied()
+        .filter(|p| *p != "silu*up + residuals")
+        .collect();
     common::check_bench_profile(
         &format!("cuda:{ordinal}"),
         "GPU time between CUDA events",
-        timed,
+        &timed,
     );
 }
 
@@ -308,6 +313,20 @@ fn gpu_matmul_matches_f64_reference() {
     gpu.use_tensor_cores(true);
 }
 
+/// The RMSNorm of the rows of `x` with `weight` (one value a column), in f64.
+fn normed_reference(x: &[f32], weight: &[f32], eps: f32) -> Vec<f64> {
+    let cols = weight.len();
+    x.chunks(cols)
+        .flat_map(|row| {
+            let ss: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+            let inv = 1.0 / (ss / cols as f64 + eps as f64).sqrt();
+            row.iter()
+                .zip(weight)
+                .map(move |(&v, &w)| w as f64 * (v as f64 * inv))
+        })
+        .collect()
+}
+
 /// The products whose input is the RMSNorm of the rows (q/k/v, gate/up): the GEMVs apply it
 /// as they read the rows, the tiled GEMMs take it from the norm kernel first. Against an f64
 /// reference of the same computation.
@@ -331,17 +350,7 @@ fn gpu_normed_products_match_f64_reference() {
         let norm_w = random(&mut rng, cols, 1.0);
         for tokens in [1, 3, 8, 13, 100] {
             let x = random(&mut rng, tokens * cols, 2.0);
-            // The normed input, in f64.
-            let inv: Vec<f64> = x
-                .chunks(cols)
-                .map(|row| {
-                    let ss: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
-                    1.0 / (ss / cols as f64 + eps as f64).sqrt()
-                })
-                .collect();
-            let normed: Vec<f64> = (0..tokens * cols)
-                .map(|i| norm_w[i % cols] as f64 * (x[i] as f64 * inv[i / cols]))
-                .collect();
+            let normed = normed_reference(&x, &norm_w, eps);
             let input = ProductInput::Normed {
                 x: &x,
                 weight: &norm_w,
@@ -361,6 +370,71 @@ fn gpu_normed_products_match_f64_reference() {
             );
         }
     }
+}
+
+/// The gate/up product with its SwiGLU, as the pass runs it (gate and up interleaved in runs of
+/// 8 rows; the GEMV and tensor-core kernels write the SwiGLU, a tiled GEMM is followed by
+/// `silu_mul`), against f64: the 1.1B model's MLP (bf16, on the tensor cores and on the CUDA
+/// cores), and intermediate sizes that are not a multiple of 8 (padded) with biases.
+#[test]
+fn gpu_swiglu_products_match_f64_reference() {
+    let Some(mut gpu) = gpu_with_tensor_cores() else {
+        return;
+    };
+    let tensor_cores = gpu.tensor_cores_off().is_none();
+    let mut rng = Rng::new(13);
+    let eps = 1e-5f32;
+    let shapes: [(usize, usize, DType, bool, &[usize]); 4] = [
+        (5632, 2048, DType::Bf16, false, &[1, 8, 100]),
+        (44, 256, DType::Bf16, true, &[2, 70]),
+        (172, 64, DType::F32, true, &[1, 5, 70]),
+        (300, 136, DType::F16, true, &[3, 70]),
+    ];
+    for (inter, cols, dtype, biased, token_counts) in shapes {
+        let (gate, gate_f) = weights_of(dtype, &random(&mut rng, inter * cols, 0.05));
+        let (up, up_f) = weights_of(dtype, &random(&mut rng, inter * cols, 0.05));
+        let biases = biased.then(|| (random(&mut rng, inter, 0.5), random(&mut rng, inter, 0.5)));
+        let norm_w = random(&mut rng, cols, 1.0);
+        for &tokens in token_counts {
+            let x = random(&mut rng, tokens * cols, 2.0);
+            let normed = normed_reference(&x, &norm_w, eps);
+            let g = reference_product(&gate_f, inter, cols, &normed, None);
+            let u = reference_product(&up_f, inter, cols, &normed, None);
+            let want: Vec<f64> = (0..tokens * inter)
+                .map(|i| {
+                    let (bg, bu) = biases.as_ref().map_or((0.0, 0.0), |(bg, bu)| {
+                        (bg[i % inter] as f64, bu[i % inter] as f64)
+                    });
+                    let (gv, uv) = (g[i] + bg, u[i] + bu);
+                    gv / (1.0 + (-gv).exp()) * uv
+                })
+                .collect();
+            let paths: &[bool] = if dtype == DType::Bf16 && tensor_cores {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            for &on in paths {
+                gpu.use_tensor_cores(on);
+                let input = ProductInput::Normed {
+                    x: &x,
+                    weight: &norm_w,
+                    eps,
+                };
+                let bias = biases.as_ref().map(|(g, u)| (&g[..], &u[..]));
+                let got = gpu
+                    .swiglu_product(dtype, &gate, &up, (inter, cols), bias, input, tokens)
+                    .expect("gate/up product runs");
+                let err = rel_err(&got, &want);
+                assert!(
+                    err < product_tolerance(dtype, tokens, on),
+                    "SwiGLU, {} {inter}x{cols}, {tokens} tokens, tensor cores {on}: relative error {err}",
+                    dtype.name()
+                );
+            }
+        }
+    }
+    gpu.use_tensor_cores(true);
 }
 
 #[test]
@@ -587,6 +661,7 @@ fn kernel_checks_pass_on_the_cuda_emulator() {
     let checks = [
         "gpu_matmul_matches_f64_reference",
         "gpu_normed_products_match_f64_reference",
+        "gpu_swiglu_products_match_f64_reference",
         "gpu_norm_silu_rope_embed_and_argmax_match_the_cpu",
         "gpu_attention_matches_f64_reference",
         "gpu_bench_profile_times_every_phase",

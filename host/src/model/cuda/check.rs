@@ -4,10 +4,11 @@
 
 use super::backend::{open_device, OpenDevice};
 use super::kernels::{
-    attention, launch, matmul, rms_norm, silu_mul, Arg, Attention, Input, MatrixView,
+    attention, launch, matmul, rms_norm, silu_mul, swiglu_product, Arg, Attention, Input,
+    MatrixView,
 };
 use super::memory::DeviceBuffer;
-use super::weights::DevDType;
+use super::weights::{interleave_gate_up, DevDType};
 use crate::model::weights::DType;
 
 /// What [`KernelCheck::product`] feeds a product, `tokens` rows of `cols` values.
@@ -19,6 +20,15 @@ pub enum ProductInput<'a> {
         weight: &'a [f32],
         eps: f32,
     },
+}
+
+fn dev_dtype(dtype: DType) -> anyhow::Result<DevDType> {
+    Ok(match dtype {
+        DType::F32 => DevDType::F32,
+        DType::F16 => DevDType::F16,
+        DType::Bf16 => DevDType::Bf16,
+        other => anyhow::bail!("no CUDA product for {}", other.name()),
+    })
 }
 
 fn dev(e: cudarc::driver::DriverError) -> anyhow::Error {
@@ -133,34 +143,9 @@ impl KernelCheck {
         tokens: usize,
         y0: Option<&[f32]>,
     ) -> anyhow::Result<Vec<f32>> {
-        let dtype = match dtype {
-            DType::F32 => DevDType::F32,
-            DType::F16 => DevDType::F16,
-            DType::Bf16 => DevDType::Bf16,
-            other => anyhow::bail!("no CUDA product for {}", other.name()),
-        };
+        let dtype = dev_dtype(dtype)?;
         let wb = self.up(w)?;
-        // Device copies of the input, kept alive until the product has run.
-        let mut held = Vec::new();
-        let input = match input {
-            ProductInput::Rows(x) => {
-                let xb = self.up(x)?;
-                let ptr = xb.ptr();
-                held.push(xb);
-                Input::Rows(ptr)
-            }
-            ProductInput::Normed { x, weight, eps } => {
-                let (xb, nb, sb) = (self.up(x)?, self.up(weight)?, self.out(tokens * cols)?);
-                let input = Input::Normed {
-                    x: xb.ptr(),
-                    weight: nb.ptr(),
-                    eps,
-                    scratch: sb.ptr(),
-                };
-                held.extend([xb, nb, sb]);
-                input
-            }
-        };
+        let (input, _held) = self.input(input, tokens, cols)?;
         let yb = match y0 {
             Some(y) => self.up(y)?,
             None => self.out(rows * tokens)?,
@@ -187,6 +172,70 @@ impl KernelCheck {
         self.down(&yb, rows * tokens)
     }
 
+    /// The device copy of a product's input, with the buffers behind it (kept alive until the
+    /// product has run).
+    fn input(
+        &self,
+        input: ProductInput,
+        tokens: usize,
+        cols: usize,
+    ) -> anyhow::Result<(Input, Vec<DeviceBuffer>)> {
+        Ok(match input {
+            ProductInput::Rows(x) => {
+                let xb = self.up(x)?;
+                (Input::Rows(xb.ptr()), vec![xb])
+            }
+            ProductInput::Normed { x, weight, eps } => {
+                let (xb, nb, sb) = (self.up(x)?, self.up(weight)?, self.out(tokens * cols)?);
+                let input = Input::Normed {
+                    x: xb.ptr(),
+                    weight: nb.ptr(),
+                    eps,
+                    scratch: sb.ptr(),
+                };
+                (input, vec![xb, nb, sb])
+            }
+        })
+    }
+
+    /// The SwiGLU of the gate/up product as the pass computes it, `inter` values a token:
+    /// `gate` and `up` (`inter × cols` elements of `dtype` each, as bytes) interleaved as the
+    /// pass uploads them, with their biases, and fed `input` (the GEMV and tensor-core kernels
+    /// write the SwiGLU themselves; after a tiled GEMM, `silu_mul` does).
+    #[allow(clippy::too_many_arguments)]
+    pub fn swiglu_product(
+        &self,
+        dtype: DType,
+        gate: &[u8],
+        up: &[u8],
+        (inter, cols): (usize, usize),
+        bias: Option<(&[f32], &[f32])>,
+        input: ProductInput,
+        tokens: usize,
+    ) -> anyhow::Result<Vec<f32>> {
+        let dev_type = dev_dtype(dtype)?;
+        let row_bytes = gate.len() / inter.max(1);
+        let wb = self.up(&interleave_gate_up(gate, up, row_bytes))?;
+        let bb = match bias {
+            Some((g, u)) => Some(self.up(&interleave_gate_up(g, u, 1))?),
+            None => None,
+        };
+        let rows = 2 * inter.next_multiple_of(8);
+        let (input, _held) = self.input(input, tokens, cols)?;
+        let (out, scratch) = (self.out(tokens * inter)?, self.out(tokens * rows)?);
+        let view = MatrixView {
+            ptr: wb.ptr(),
+            dtype: dev_type as usize,
+            rows,
+            cols,
+            bias: bb.as_ref().map(|b| b.ptr()),
+        };
+        let d = &self.device;
+        let (o, sc) = (out.ptr(), scratch.ptr());
+        swiglu_product(&d.stream, &d.kernels, &view, input, o, sc, tokens, inter).map_err(dev)?;
+        self.down(&out, tokens * inter)
+    }
+
     /// `out = rmsnorm(x) * w` row by row, as the norm kernel computes it.
     pub fn rms_norm(&self, x: &[f32], w: &[f32], eps: f32) -> anyhow::Result<Vec<f32>> {
         let h = w.len();
@@ -201,7 +250,12 @@ impl KernelCheck {
     /// SwiGLU over fused `[gate | up]` rows of `2 * inter`.
     pub fn silu_mul(&self, gate_up: &[f32], inter: usize) -> anyhow::Result<Vec<f32>> {
         let n = gate_up.len() / 2;
-        let (gb, ob) = (self.up(gate_up)?, self.out(n)?);
+        // The kernel reads each token's gate and up interleaved, as the product writes them.
+        let interleaved: Vec<f32> = gate_up
+            .chunks(2 * inter)
+            .flat_map(|row| interleave_gate_up(&row[..inter], &row[inter..], 1))
+            .collect();
+        let (gb, ob) = (self.up(&interleaved)?, self.out(n)?);
         let d = &self.device;
         let tokens = n / inter;
         silu_mul(&d.stream, &d.kernels, gb.ptr(), ob.ptr(), tokens, inter).map_err(dev)?;

@@ -13,6 +13,9 @@ pub struct Kernels {
     pub gemv: [CudaFunction; 3],
     /// GEMVs that apply the RMSNorm to their input as they read it.
     pub gemv_norm: [CudaFunction; 3],
+    /// GEMVs of the interleaved gate/up matrix that apply the RMSNorm to their input and write
+    /// the SwiGLU of each gate/up pair.
+    pub gemv_norm_swiglu: [CudaFunction; 3],
     pub gemm: [CudaFunction; 3],
     /// Tensor-core products for bf16 weights (sm_80 and later).
     pub mma_bf16: CudaFunction,
@@ -57,6 +60,7 @@ impl Kernels {
             embed: typed("embed.cu", "embed")?,
             gemv: typed("matmul.cu", "gemv")?,
             gemv_norm: typed("matmul.cu", "gemv_norm")?,
+            gemv_norm_swiglu: typed("matmul.cu", "gemv_norm_swiglu")?,
             gemm: typed("matmul.cu", "gemm")?,
             mma_bf16: f("matmul.cu", "mma_bf16")?,
             rms_norm: f("norm.cu", "rms_norm")?,
@@ -200,7 +204,8 @@ pub fn gather_rms_norm(
     launch(stream, &k.gather_rms_norm, grid, NORM_THREADS, &args)
 }
 
-/// `out[t] = silu(gate) * up` for `tokens` fused `[gate | up]` rows of `2 × inter` floats.
+/// `out[t] = silu(gate) * up` for `tokens` rows of the interleaved gate/up product
+/// ([`super::weights::interleave_gate_up`], `2 × inter` rounded up to 16 floats a row).
 pub fn silu_mul(
     stream: &CudaStream,
     k: &Kernels,
@@ -289,6 +294,32 @@ fn product_args<const N: usize>(m: &MatrixView, x: u64, y: u64, counts: [usize; 
     pointers.into_iter().chain(ints).collect()
 }
 
+/// `mma_bf16` of the rows at `x`: into y, or with `swiglu_inter`, the SwiGLU of the
+/// interleaved gate/up rows (their bias added).
+#[allow(clippy::too_many_arguments)]
+fn mma(
+    stream: &CudaStream,
+    k: &Kernels,
+    m: &MatrixView,
+    x: u64,
+    y: u64,
+    tokens: usize,
+    accumulate: bool,
+    swiglu_inter: Option<usize>,
+) -> Result<(), DriverError> {
+    let tiles = tokens.div_ceil(MMA_TOKENS);
+    let wpr = mma_warps_per_row(m.rows, m.cols, k.sms, tiles);
+    let grid = (tiles as u32, m.rows.div_ceil(8 / wpr * MMA_ROWS) as u32, 1);
+    let (inter, bias) = match swiglu_inter {
+        Some(inter) => (inter, m.bias.unwrap_or(0)),
+        None => (0, 0),
+    };
+    let counts = [m.rows, m.cols, tokens, wpr, accumulate as usize, inter];
+    let mut args = product_args(m, x, y, counts);
+    args.push(Arg::Ptr(bias));
+    launch(stream, &k.mma_bf16, grid, 256, &args)
+}
+
 /// Whether a product runs on the tensor cores (`mma_bf16`).
 pub fn uses_tensor_cores(k: &Kernels, m: &MatrixView, tokens: usize) -> bool {
     k.tensor_cores
@@ -314,11 +345,7 @@ pub fn matmul(
     let row_bytes = 4 * cols;
     if uses_tensor_cores(k, m, tokens) {
         let x = input_rows(stream, k, input, tokens, cols)?;
-        let tiles = tokens.div_ceil(MMA_TOKENS);
-        let wpr = mma_warps_per_row(rows, cols, k.sms, tiles);
-        let grid = (tiles as u32, rows.div_ceil(8 / wpr * MMA_ROWS) as u32, 1);
-        let args = product_args(m, x, y, [rows, cols, tokens, wpr, accumulate as usize]);
-        launch(stream, &k.mma_bf16, grid, 256, &args)?;
+        mma(stream, k, m, x, y, tokens, accumulate, None)?;
     } else if tokens <= GEMV_MAX_TOKENS {
         let wpr = warps_per_row(rows, cols, k.sms);
         let grid = (rows.div_ceil(8 * GEMV_ROWS / wpr) as u32, 1, 1);
@@ -454,4 +481,52 @@ pub fn attention(stream: &CudaStream, k: &Kernels, a: &Attention) -> Result<(), 
         32 * groups.warps as u32,
         &args,
     )
+}
+
+/// `out[t][i] = silu(gate_i) · up_i` (`inter` values a token) of the product of `input` with
+/// the interleaved gate/up matrix `m` ([`super::weights::interleave_gate_up`]), its bias
+/// added. The GEMV and the tensor cores write the SwiGLU from the product's registers; the
+/// tiled GEMM writes the product to `scratch` (`tokens` rows of `m.rows`) for `silu_mul`.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_product(
+    stream: &CudaStream,
+    k: &Kernels,
+    m: &MatrixView,
+    input: Input,
+    out: u64,
+    scratch: u64,
+    tokens: usize,
+    inter: usize,
+) -> Result<(), DriverError> {
+    let (rows, cols) = (m.rows, m.cols);
+    let bias = Arg::Ptr(m.bias.unwrap_or(0));
+    if uses_tensor_cores(k, m, tokens) {
+        let x = input_rows(stream, k, input, tokens, cols)?;
+        mma(stream, k, m, x, out, tokens, false, Some(inter))
+    } else if let (true, Input::Normed { x, weight, eps, .. }) = (tokens <= GEMV_MAX_TOKENS, input)
+    {
+        let wpr = warps_per_row(rows, cols, k.sms);
+        let grid = (inter.div_ceil(8 / wpr) as u32, 1, 1);
+        for start in (0..tokens).step_by(GEMV_TOKENS_PER_PASS) {
+            let t = GEMV_TOKENS_PER_PASS.min(tokens - start);
+            let args = [
+                Arg::Ptr(m.ptr),
+                Arg::Ptr(x + (start * cols * 4) as u64),
+                Arg::Ptr(weight),
+                Arg::F32(eps),
+                bias,
+                Arg::Ptr(out + (start * inter * 4) as u64),
+                Arg::I32(rows as i32),
+                Arg::I32(cols as i32),
+                Arg::I32(t as i32),
+                Arg::I32(wpr as i32),
+                Arg::I32(inter as i32),
+            ];
+            launch(stream, &k.gemv_norm_swiglu[m.dtype], grid, 256, &args)?;
+        }
+        Ok(())
+    } else {
+        matmul(stream, k, m, input, scratch, tokens, false)?;
+        silu_mul(stream, k, scratch, out, tokens, inter)
+    }
 }

@@ -1,6 +1,7 @@
 //! The model's weights on the device, uploaded once in their stored dtype (f32, f16, bf16).
 //! q/k/v are stacked into one matrix and gate/up into another, so each runs as one product
-//! over the same input.
+//! over the same input; gate/up interleaved in runs of 8 rows, so that the product's kernel
+//! has each gate row's up row at hand and writes the SwiGLU itself.
 
 use super::memory::DeviceBuffer;
 use crate::model::cpu::matmul::WeightData;
@@ -42,6 +43,7 @@ pub struct DevLayer {
     pub qkv: DevMatrix,
     pub o: DevMatrix,
     pub post_norm: DeviceBuffer,
+    /// `2 × inter` rounded up to 16 rows, interleaved ([`interleave_gate_up`]).
     pub gate_up: DevMatrix,
     pub down: DevMatrix,
 }
@@ -128,6 +130,54 @@ fn upload_parts(
     })
 }
 
+/// Gate and up rows (`row_len` elements each, as many of both) interleaved as the SwiGLU
+/// kernels read them (`gate_row` in kernels/common.cuh): runs of 8 gate rows, each followed by
+/// the 8 matching up rows, the row count padded to a multiple of 8 with zero rows.
+pub fn interleave_gate_up<T: Copy + Default>(gate: &[T], up: &[T], row_len: usize) -> Vec<T> {
+    let rows = gate.len() / row_len.max(1);
+    let padded = rows.next_multiple_of(8);
+    let mut out = vec![T::default(); 2 * padded * row_len];
+    for i in 0..rows {
+        let at = (16 * (i / 8) + i % 8) * row_len;
+        let from = i * row_len..(i + 1) * row_len;
+        out[at..at + row_len].copy_from_slice(&gate[from.clone()]);
+        out[at + 8 * row_len..at + 9 * row_len].copy_from_slice(&up[from]);
+    }
+    out
+}
+
+/// Uploads the gate and up projections as one matrix interleaved for the SwiGLU kernels
+/// ([`interleave_gate_up`]), bias too.
+fn upload_gate_up(
+    gate: &Linear,
+    up: &Linear,
+    stream: sys::CUstream,
+) -> Result<DevMatrix, DriverError> {
+    let (dtype, bytes) = stacked_bytes(&[&gate.weight, &up.weight]);
+    let (inter, cols) = (
+        gate.weight.shape[0],
+        gate.weight.shape.get(1).copied().unwrap_or(1),
+    );
+    let (gate_bytes, up_bytes) = bytes.split_at(bytes.len() / 2);
+    let row_bytes = gate_bytes.len() / inter.max(1);
+    let bias = if gate.bias.is_some() || up.bias.is_some() {
+        let zeros = vec![0.0f32; inter];
+        let (g, u) = (gate.bias.as_deref(), up.bias.as_deref());
+        let all = interleave_gate_up(g.unwrap_or(&zeros), u.unwrap_or(&zeros), 1);
+        Some(DeviceBuffer::upload(&all, stream)?)
+    } else {
+        None
+    };
+    let interleaved = interleave_gate_up(gate_bytes, up_bytes, row_bytes);
+    Ok(DevMatrix {
+        buf: DeviceBuffer::upload(&interleaved, stream)?,
+        dtype,
+        rows: 2 * inter.next_multiple_of(8),
+        cols,
+        bias,
+    })
+}
+
 fn upload_linears(parts: &[&Linear], stream: sys::CUstream) -> Result<DevMatrix, DriverError> {
     let parts: Vec<(&Tensor, Option<&[f32]>)> = parts
         .iter()
@@ -148,7 +198,7 @@ pub fn upload(weights: &ModelWeights, stream: sys::CUstream) -> Result<DevWeight
             qkv: upload_linears(&[&l.q_proj, &l.k_proj, &l.v_proj], stream)?,
             o: upload_linears(&[&l.o_proj], stream)?,
             post_norm: DeviceBuffer::upload(&l.post_attention_layernorm, stream)?,
-            gate_up: upload_linears(&[&l.gate_proj, &l.up_proj], stream)?,
+            gate_up: upload_gate_up(&l.gate_proj, &l.up_proj, stream)?,
             down: upload_linears(&[&l.down_proj], stream)?,
         };
         for m in [&layer.qkv, &layer.o, &layer.gate_up, &layer.down] {
