@@ -96,6 +96,24 @@ else:
     print("| profile 1b bf16 | FAILED: " + (text.strip().splitlines() or ["no output"])[-1] + " |")
 PY
 
+# The same for a decode step of 64 sequences (products on the tensor cores, attention of 64
+# contexts).
+timeout 150 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --batch 0 \
+  --decode-tokens 16 --profile --profile-batch 64 > "$LOG/profile-1b-batch64.txt" 2>&1
+python3 - "$LOG/profile-1b-batch64.txt" <<'PY' | tee -a "$RESULTS"
+import sys
+text = open(sys.argv[1]).read()
+for section in text.split("\n\n"):
+    if section.startswith("decode step, 64"):
+        title = section.splitlines()[0]
+        for line in section.splitlines()[3:]:
+            if line.startswith("| ") and "CUDA events" not in line:
+                print(f"| profile, {title}: {line[2:]}")
+        break
+else:
+    print("| profile 1b bf16 batch 64 | FAILED: " + (text.strip().splitlines() or ["no output"])[-1] + " |")
+PY
+
 # Serve a 1.1B-shaped bf16 model (random weights, tiny-llama's 32000-token tokenizer) and
 # stream to it from 1, 16 and 64 clients.
 python3 scripts/make_random_model.py gpu/run/model-1b "$CLLM_SHARED_DIR/models/tiny-llama-f32" > "$LOG/make-model.txt" 2>&1 \

@@ -185,6 +185,40 @@ fn bench_profile_breaks_a_step_into_phases_that_add_up() {
     common::check_bench_profile("cpu", "| thread pool", &timed);
 }
 
+/// `--profile-batch 3` profiles one decode step of three sequences, in a section titled so
+/// with every phase's row; `--profile-batch 0` is refused.
+#[test]
+fn bench_profile_batch_profiles_a_step_of_several_sequences() {
+    let fx = fixture("stories260K").expect("in the repository");
+    let out = cllm()
+        .args(["bench", "--profile", "--profile-batch", "3", "--batch", "0"])
+        .args([
+            "--prompt-tokens",
+            "16",
+            "--decode-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ])
+        .arg("--model")
+        .arg(&fx.model_dir)
+        .output()
+        .expect("runs cllm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let section = text
+        .split("\n\n")
+        .find(|s| s.starts_with("decode step, 3 sequences (mean of 4, after 16)"))
+        .unwrap_or_else(|| panic!("no batched decode section in\n{text}"));
+    assert!(section.contains("| attention |"), "{section}");
+    let zero = cllm()
+        .args(["bench", "--profile", "--profile-batch", "0", "--model"])
+        .arg(&fx.model_dir)
+        .output()
+        .expect("runs cllm");
+    assert!(!zero.status.success(), "--profile-batch 0 is refused");
+}
+
 #[test]
 fn bench_json_reports_an_empty_context_decode() {
     let Some(fx) = fixture("stories260K") else {

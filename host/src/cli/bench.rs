@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// phase (measured in an extra run, since reading the clock costs a little).
     #[arg(long)]
     profile: bool,
+    /// Sequences decoded together in the `--profile` run (its decode step is one step of all
+    /// of them; each is prefilled alone first).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    profile_batch: u32,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -150,7 +154,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let decode_gbs = single.decode_tps * weight_bytes as f64 / 1e9;
     let profiled = if args.profile {
         executor.set_profiling(true);
-        let run = bench.run(executor, 1, prompt_len, decode_tokens)?;
+        let batch = args.profile_batch as usize;
+        let run = bench.run(executor, batch, prompt_len, decode_tokens)?;
         executor.set_profiling(false);
         Some(run)
     } else {
@@ -219,7 +224,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         decode_gbs / baseline_gbs
     );
     if let Some(run) = profiled {
-        print_profile(&run, prompt_len, decode_tokens, device.kind != "cpu");
+        let batch = args.profile_batch as usize;
+        print_profile(&run, batch, prompt_len, decode_tokens, device.kind != "cpu");
     }
     Ok(())
 }
@@ -244,9 +250,19 @@ fn effective_numerics(asked: Numerics, weights: &ModelWeights) -> &'static str {
     }
 }
 
-/// The phase tables of a profiled run: one prefill pass, and the mean decode step.
-/// `gpu`: the times are a GPU's, between CUDA events, and there is no thread pool.
-fn print_profile(run: &RunResult, prompt_len: usize, decode_tokens: usize, gpu: bool) {
+/// The phase tables of a profiled run of `batch` sequences: one prefill pass, and the mean
+/// decode step. `gpu`: the times are a GPU's, between CUDA events, and there is no thread pool.
+fn print_profile(
+    run: &RunResult,
+    batch: usize,
+    prompt_len: usize,
+    decode_tokens: usize,
+    gpu: bool,
+) {
+    let step = match batch {
+        1 => "decode step".to_string(),
+        n => format!("decode step, {n} sequences"),
+    };
     let sections = [
         (
             format!("prefill pass ({prompt_len} tokens)"),
@@ -254,7 +270,7 @@ fn print_profile(run: &RunResult, prompt_len: usize, decode_tokens: usize, gpu: 
             0,
         ),
         (
-            format!("decode step (mean of {decode_tokens}, after {prompt_len})"),
+            format!("{step} (mean of {decode_tokens}, after {prompt_len})"),
             &run.decode_profile,
             run.sampling_ns,
         ),
