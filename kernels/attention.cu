@@ -14,12 +14,13 @@
 //
 // q rows: q_stride floats per token, head h at h * d. Cache: [slot][kv_head][d] in f32, slot =
 // block_table[pos / 16] * 16 + pos % 16. Token t attends to positions first..=pos[t], first =
-// pos - window + 1 with a sliding window (window > 0), else 0. head_dim d <= 256.
+// pos - window + 1 with a sliding window (window > 0), else 0. head_dim d <= 256; one kernel
+// per bound on d (attention_split_d32, _d64, _d128, _d256: DPL = d / 32 values a lane), so
+// that a warp's registers hold only what d needs and 8 keys' keys and values fit at once.
 
 #define KV_BLOCK 16
 #define MAX_D_PER_LANE 8
 #define MAX_WARPS 8
-#define KEYS_AT_ONCE 4
 
 // Merges the splits' (m, l, acc) of (token t, head h) into out: [token][heads * d]. The
 // partials were written by other blocks: read through volatile pointers, not from L1.
@@ -45,11 +46,12 @@ __device__ void merge_splits(const volatile float* part_ml, const volatile float
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) attention_split(
-    const float* q, int q_stride, const float* kc, const float* vc, const int* tables,
-    const int* tok_table, const int* tok_pos, int heads, int kv_heads, int d, int window,
-    float scale, int split_keys, int group_heads, float* part_ml, float* part_acc,
-    int* counters, float* out) {
+template <int DPL, int KEYS_AT_ONCE>
+__device__ void attention_split(const float* q, int q_stride, const float* kc, const float* vc,
+                                const int* tables, const int* tok_table, const int* tok_pos,
+                                int heads, int kv_heads, int d, int window, float scale,
+                                int split_keys, int group_heads, float* part_ml,
+                                float* part_acc, int* counters, float* out) {
     __shared__ float sm_m[MAX_WARPS], sm_l[MAX_WARPS];
     __shared__ float sm_acc[MAX_WARPS][MAX_D_PER_LANE * 32];
     int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;
@@ -68,16 +70,16 @@ extern "C" __global__ void __launch_bounds__(256) attention_split(
     const int* table = tables + tok_table[t];
     const float* qh = q + (u64)t * q_stride + (h0 + min(hl, in_block - 1)) * d;
 
-    float qv[MAX_D_PER_LANE], acc[MAX_D_PER_LANE];
+    float qv[DPL], acc[DPL];
 #pragma unroll
-    for (int c = 0; c < MAX_D_PER_LANE; c++) {
+    for (int c = 0; c < DPL; c++) {
         int i = lane + 32 * c;
         qv[c] = i < d ? qh[i] * scale : 0.0f;
         acc[c] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
     for (int j0 = start + stream * KEYS_AT_ONCE; j0 < end; j0 += streams * KEYS_AT_ONCE) {
-        float kv[KEYS_AT_ONCE][MAX_D_PER_LANE], vv[KEYS_AT_ONCE][MAX_D_PER_LANE];
+        float kv[KEYS_AT_ONCE][DPL], vv[KEYS_AT_ONCE][DPL];
 #pragma unroll
         for (int u = 0; u < KEYS_AT_ONCE; u++) {
             int j = j0 + u;
@@ -86,7 +88,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_split(
             const float* kp = kc + slot * kv_dim + kvh * d;
             const float* vp = vc + slot * kv_dim + kvh * d;
 #pragma unroll
-            for (int c = 0; c < MAX_D_PER_LANE; c++) {
+            for (int c = 0; c < DPL; c++) {
                 int i = lane + 32 * c;
                 kv[u][c] = valid && i < d ? kp[i] : 0.0f;
                 vv[u][c] = valid && i < d ? vp[i] : 0.0f;
@@ -98,7 +100,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_split(
         for (int u = 0; u < KEYS_AT_ONCE; u++) {
             float s = 0.0f;
 #pragma unroll
-            for (int c = 0; c < MAX_D_PER_LANE; c++)
+            for (int c = 0; c < DPL; c++)
                 if (lane + 32 * c < d) s += qv[c] * kv[u][c];
             dot[u] = warp_sum(s);
             if (j0 + u >= end) dot[u] = NEG_INF;
@@ -113,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_split(
         }
         l = l * corr + psum;
 #pragma unroll
-        for (int c = 0; c < MAX_D_PER_LANE; c++) {
+        for (int c = 0; c < DPL; c++) {
             if (lane + 32 * c < d) {
                 float a = acc[c] * corr;
 #pragma unroll
@@ -128,7 +130,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_split(
         sm_l[warp] = l;
     }
 #pragma unroll
-    for (int c = 0; c < MAX_D_PER_LANE; c++) sm_acc[warp][lane + 32 * c] = acc[c];
+    for (int c = 0; c < DPL; c++) sm_acc[warp][lane + 32 * c] = acc[c];
     __syncthreads();
     // The partials of each head: its warps' (m, l, acc) merged, in warp order.
     for (int e = threadIdx.x; e < in_block * d; e += blockDim.x) {
@@ -166,3 +168,20 @@ extern "C" __global__ void __launch_bounds__(256) attention_split(
     for (int hh = 0; hh < in_block; hh++)
         merge_splits(part_ml, part_acc, t, h0 + hh, heads, d, splits, out);
 }
+
+#define ATTENTION_ENTRY(name, DPL, KEYS)                                                          \
+    extern "C" __global__ void __launch_bounds__(256) attention_split_##name(                    \
+        const float* q, int q_stride, const float* kc, const float* vc, const int* tables,      \
+        const int* tok_table, const int* tok_pos, int heads, int kv_heads, int d, int window,   \
+        float scale, int split_keys, int group_heads, float* part_ml, float* part_acc,          \
+        int* counters, float* out) {                                                            \
+        attention_split<DPL, KEYS>(q, q_stride, kc, vc, tables, tok_table, tok_pos, heads,      \
+                                   kv_heads, d, window, scale, split_keys, group_heads,         \
+                                   part_ml, part_acc, counters, out);                           \
+    }
+
+// Keys at once: 8 while a lane's 8 keys and values take at most 32 registers, else fewer.
+ATTENTION_ENTRY(d32, 1, 8)
+ATTENTION_ENTRY(d64, 2, 8)
+ATTENTION_ENTRY(d128, 4, 4)
+ATTENTION_ENTRY(d256, 8, 2)

@@ -558,13 +558,15 @@ fn gpu_attention_matches_f64_reference() {
     ];
     // The 1.1B model's heads (GQA 32/4: a block per 8 heads), then every case of a block's
     // head group on a smaller set: 7 heads per KV head (7 warps), 3 (two warps a head),
-    // multi-head (8 warps a head), 16 (two blocks per KV head); head dims 64, 96, 128, 32.
+    // multi-head (8 warps a head), 16 (two blocks per KV head); head dims 64, 96, 128, 32, 256
+    // (each kernel variant: d up to 32, 64, 128, 256).
     let shapes = [
         (32, 4, 64, &cases[..]),
         (14, 2, 64, &cases[1..3]),
         (12, 4, 96, &cases[1..3]),
         (8, 8, 32, &cases[1..3]),
         (16, 1, 128, &cases[2..4]),
+        (8, 2, 256, &cases[1..3]),
     ];
     for (heads, kv_heads, d, cases) in shapes {
         let kv_dim = kv_heads * d;

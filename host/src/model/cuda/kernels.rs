@@ -24,7 +24,8 @@ pub struct Kernels {
     pub add_bias: CudaFunction,
     pub silu_mul: CudaFunction,
     pub rope_kv_append: CudaFunction,
-    pub attention_split: CudaFunction,
+    /// Per bound on the head dim: 32, 64, 128, 256 ([`attention`] picks).
+    pub attention_split: [CudaFunction; 4],
     pub argmax_rows: CudaFunction,
     /// Streaming multiprocessors of the device (how wide a launch must be to fill it).
     pub sms: usize,
@@ -68,7 +69,12 @@ impl Kernels {
             add_bias: f("elementwise.cu", "add_bias")?,
             silu_mul: f("elementwise.cu", "silu_mul")?,
             rope_kv_append: f("elementwise.cu", "rope_kv_append")?,
-            attention_split: f("attention.cu", "attention_split")?,
+            attention_split: [
+                f("attention.cu", "attention_split_d32")?,
+                f("attention.cu", "attention_split_d64")?,
+                f("attention.cu", "attention_split_d128")?,
+                f("attention.cu", "attention_split_d256")?,
+            ],
             argmax_rows: f("sampling.cu", "argmax_rows")?,
             sms,
             tensor_cores: false,
@@ -474,13 +480,15 @@ pub fn attention(stream: &CudaStream, k: &Kernels, a: &Attention) -> Result<(), 
         Arg::Ptr(a.out),
     ];
     let grid = (a.tokens as u32, groups.blocks as u32, a.splits as u32);
-    launch(
-        stream,
-        &k.attention_split,
-        grid,
-        32 * groups.warps as u32,
-        &args,
-    )
+    // The kernel for the smallest bound that holds d (the backend refuses d > 256).
+    let variant = match a.d {
+        0..=32 => 0,
+        33..=64 => 1,
+        65..=128 => 2,
+        _ => 3,
+    };
+    let func = &k.attention_split[variant];
+    launch(stream, func, grid, 32 * groups.warps as u32, &args)
 }
 
 /// `out[t][i] = silu(gate_i) · up_i` (`inter` values a token) of the product of `input` with
