@@ -24,8 +24,9 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use std::sync::Arc;
 
-/// Attention splits aim for this many blocks (of up to 8 warps) per streaming multiprocessor.
-const ATTENTION_BLOCKS_PER_SM: usize = 2;
+/// Attention splits aim for this many blocks (of up to 8 warps) per streaming multiprocessor
+/// (head dims to 64 take 64 registers a thread: 4 blocks fit).
+const ATTENTION_BLOCKS_PER_SM: usize = 4;
 const MAX_ATTENTION_SPLITS: usize = 64;
 /// Keys per split at least: 16 keys a warp, four runs of 4 (fewer would spend more on
 /// merging than on attending).
