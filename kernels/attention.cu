@@ -22,28 +22,41 @@
 #define MAX_D_PER_LANE 8
 #define MAX_WARPS 8
 
-// Merges the splits' (m, l, acc) of (token t, head h) into out: [token][heads * d]. The
-// partials were written by other blocks: read through volatile pointers, not from L1.
+// Merges the splits' (m, l, acc) of (token t, head h) into out: [token][heads * d]; called by
+// every thread of the block. The partials were written by other blocks: read through volatile
+// pointers, not from L1, each (m, l) once: the split weights exp(m_s - m) go to shared memory
+// before the d outputs sum their splits.
+#define MAX_SPLITS 64
 __device__ void merge_splits(const volatile float* part_ml, const volatile float* part_acc,
                              int t, int h, int heads, int d, int splits, float* out) {
+    __shared__ float sm_ms[MAX_SPLITS], sm_ls[MAX_SPLITS], sm_w[MAX_SPLITS];
+    __shared__ float sm_inv;
     u64 base = ((u64)t * heads + h) * splits;
-    float m = NEG_INF;
-    for (int s = 0; s < splits; s++)
-        if (part_ml[(base + s) * 2 + 1] > 0.0f) m = fmaxf(m, part_ml[(base + s) * 2]);
-    float l = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        float ls = part_ml[(base + s) * 2 + 1];
-        if (ls > 0.0f) l += ls * expf(part_ml[(base + s) * 2] - m);
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+        sm_ms[s] = part_ml[(base + s) * 2];
+        sm_ls[s] = part_ml[(base + s) * 2 + 1];
     }
-    float inv = 1.0f / l;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = NEG_INF;
+        for (int s = 0; s < splits; s++)
+            if (sm_ls[s] > 0.0f) m = fmaxf(m, sm_ms[s]);
+        float l = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            float w = sm_ls[s] > 0.0f ? expf(sm_ms[s] - m) : 0.0f;
+            sm_w[s] = w;
+            if (sm_ls[s] > 0.0f) l += sm_ls[s] * w;
+        }
+        sm_inv = 1.0f / l;
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float a = 0.0f;
-        for (int s = 0; s < splits; s++) {
-            float ls = part_ml[(base + s) * 2 + 1];
-            if (ls > 0.0f) a += part_acc[(base + s) * d + i] * expf(part_ml[(base + s) * 2] - m);
-        }
-        out[((u64)t * heads + h) * d + i] = a * inv;
+        for (int s = 0; s < splits; s++)
+            if (sm_ls[s] > 0.0f) a += part_acc[(base + s) * d + i] * sm_w[s];
+        out[((u64)t * heads + h) * d + i] = a * sm_inv;
     }
+    __syncthreads();  // the shared arrays are reused for the block's next head
 }
 
 template <int DPL, int KEYS_AT_ONCE>

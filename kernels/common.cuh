@@ -65,9 +65,11 @@ struct WF16 {
     }
 };
 
-// f32 → bf16 bits, rounded to nearest even (NaN inputs are not expected).
+// f32 → bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN, where the rounding
+// would carry it into the sign bit.
 __device__ __forceinline__ u32 bf16_bits(float f) {
     u32 b = __float_as_uint(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (b >> 16) | 0x40u;
     return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
 }
 

@@ -313,6 +313,34 @@ fn gpu_matmul_matches_f64_reference() {
     gpu.use_tensor_cores(true);
 }
 
+/// A NaN in a token's input makes that token's outputs NaN on every path (the tensor cores'
+/// bf16 split must not round it into a zero), and leaves the other tokens alone.
+#[test]
+fn gpu_products_propagate_nan() {
+    let Some(mut gpu) = gpu_with_tensor_cores() else {
+        return;
+    };
+    let mut rng = Rng::new(17);
+    let (rows, cols, tokens) = (64, 256, 3);
+    let (w, _) = weights_of(DType::Bf16, &random(&mut rng, rows * cols, 0.05));
+    let mut x = random(&mut rng, tokens * cols, 1.0);
+    // The NaN GPU arithmetic produces (all mantissa bits set), which rounding to bf16 by
+    // adding half an ulp would carry into the sign bit.
+    x[cols + 5] = f32::from_bits(0x7fff_ffff);
+    for on in [true, false] {
+        gpu.use_tensor_cores(on);
+        let got = gpu
+            .matmul(DType::Bf16, &w, rows, cols, &x, tokens, None)
+            .expect("matmul runs");
+        for (t, row) in got.chunks(rows).enumerate() {
+            let nan = row.iter().filter(|v| v.is_nan()).count();
+            let want = if t == 1 { rows } else { 0 };
+            assert_eq!(nan, want, "token {t}, tensor cores {on}: {nan} NaN outputs");
+        }
+    }
+    gpu.use_tensor_cores(true);
+}
+
 /// The RMSNorm of the rows of `x` with `weight` (one value a column), in f64.
 fn normed_reference(x: &[f32], weight: &[f32], eps: f32) -> Vec<f64> {
     let cols = weight.len();
@@ -664,6 +692,7 @@ fn kernel_checks_pass_on_the_cuda_emulator() {
         "gpu_matmul_matches_f64_reference",
         "gpu_normed_products_match_f64_reference",
         "gpu_swiglu_products_match_f64_reference",
+        "gpu_products_propagate_nan",
         "gpu_norm_silu_rope_embed_and_argmax_match_the_cpu",
         "gpu_attention_matches_f64_reference",
         "gpu_bench_profile_times_every_phase",

@@ -5,7 +5,7 @@
 use super::compile::compile_all;
 use super::kernels::{
     attention, attention_groups, gather_rms_norm, launch, matmul, swiglu_product, Arg, Attention,
-    Input, Kernels,
+    Input, Kernels, MAX_ATTENTION_SPLITS,
 };
 use super::memory::{DeviceBuffer, Growable};
 use super::profile::{events_per_pass, EventProfile};
@@ -27,7 +27,6 @@ use std::sync::Arc;
 /// Attention splits aim for this many blocks (of up to 8 warps) per streaming multiprocessor
 /// (head dims to 64 take 64 registers a thread: 4 blocks fit).
 const ATTENTION_BLOCKS_PER_SM: usize = 4;
-const MAX_ATTENTION_SPLITS: usize = 64;
 /// Keys per split at least: 16 keys a warp, four runs of 4 (fewer would spend more on
 /// merging than on attending).
 const MIN_SPLIT_KEYS: usize = 16;
@@ -291,7 +290,8 @@ pub(super) fn open_device(ordinal: usize) -> anyhow::Result<OpenDevice> {
         .unwrap_or(1)
         .max(1) as usize;
     let mut kernels = Kernels::load(&ctx, &cubins, sms).map_err(|e| anyhow::anyhow!(e))?;
-    let tensor_cores_off = super::tensor_cores::enable(&stream, &mut kernels, major);
+    let tensor_cores_off = super::tensor_cores::enable(&stream, &mut kernels, major)
+        .map_err(|e| anyhow::anyhow!("the tensor cores' start-up check failed: {e:?}"))?;
     match &tensor_cores_off {
         None => tracing::info!("products of several tokens with bf16 weights use the tensor cores"),
         Some(why) => tracing::info!("tensor cores not used: {why}"),

@@ -5,7 +5,7 @@
 use super::backend::{open_device, OpenDevice};
 use super::kernels::{
     attention, launch, matmul, rms_norm, silu_mul, swiglu_product, Arg, Attention, Input,
-    MatrixView,
+    MatrixView, MAX_ATTENTION_SPLITS,
 };
 use super::memory::DeviceBuffer;
 use super::weights::{interleave_gate_up, DevDType};
@@ -322,7 +322,11 @@ impl KernelCheck {
             .map(|&p| (p + 1 - first(p)) as usize)
             .max()
             .unwrap_or(1);
-        let split_keys = longest.div_ceil(case.splits.max(1)).max(1);
+        anyhow::ensure!(
+            (1..=MAX_ATTENTION_SPLITS).contains(&case.splits),
+            "attention takes 1 to {MAX_ATTENTION_SPLITS} splits"
+        );
+        let split_keys = longest.div_ceil(case.splits).max(1);
         let (qb, kb, vb) = (self.up(case.q)?, self.up(case.keys)?, self.up(case.values)?);
         let (tb, ob, pb) = (
             self.up(case.tables)?,

@@ -405,6 +405,9 @@ fn add_bias(
     )
 }
 
+/// Splits an attention launch may have (`MAX_SPLITS` in attention.cu).
+pub const MAX_ATTENTION_SPLITS: usize = 64;
+
 /// One attention launch over the paged KV cache (attention.cu), as device addresses and shape.
 pub struct Attention {
     /// Query rows, `q_stride` floats apart, head h at `h * d`.
@@ -423,6 +426,7 @@ pub struct Attention {
     /// Sliding window (0: none).
     pub window: usize,
     pub scale: f32,
+    /// At most [`MAX_ATTENTION_SPLITS`].
     pub splits: usize,
     pub split_keys: usize,
     /// Per (token, head, split): (m, l) and the `d` weighted values.
@@ -458,6 +462,7 @@ pub fn attention_groups(heads: usize, kv_heads: usize) -> AttentionGroups {
 /// Attention of every token and head, split along the keys, the splits merged by the last
 /// block of each (token, head group) to finish.
 pub fn attention(stream: &CudaStream, k: &Kernels, a: &Attention) -> Result<(), DriverError> {
+    debug_assert!(a.splits <= MAX_ATTENTION_SPLITS);
     let groups = attention_groups(a.heads, a.kv_heads);
     let args = [
         Arg::Ptr(a.q),

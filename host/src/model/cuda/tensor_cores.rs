@@ -19,27 +19,31 @@ const MAX_ERROR: f64 = 1e-4;
 
 /// Turns the tensor cores on for `kernels` when the device has them (compute capability
 /// `major`.x), they are not turned off, and the start-up product agrees. Returns why they are
-/// off, or None when they are on.
-pub fn enable(stream: &CudaStream, kernels: &mut Kernels, major: i32) -> Option<String> {
+/// off, or None when they are on; an error when the product could not run (a fault leaves the
+/// CUDA context unusable, so there is nothing to fall back on).
+pub fn enable(
+    stream: &CudaStream,
+    kernels: &mut Kernels,
+    major: i32,
+) -> Result<Option<String>, DriverError> {
     if major < 8 {
-        return Some(format!(
+        return Ok(Some(format!(
             "compute capability {major}.x has no bf16 tensor cores"
-        ));
+        )));
     }
     if std::env::var(ENV).is_ok_and(|v| v.trim() == "0") {
-        return Some(format!("turned off by {ENV}=0"));
+        return Ok(Some(format!("turned off by {ENV}=0")));
     }
     kernels.tensor_cores = true;
-    let verdict = match product_error(stream, kernels) {
-        Ok(err) if err <= MAX_ERROR => None,
-        Ok(err) => Some(format!(
+    let result = product_error(stream, kernels);
+    kernels.tensor_cores = matches!(result, Ok(err) if err <= MAX_ERROR);
+    let err = result?;
+    Ok((!kernels.tensor_cores).then(|| {
+        format!(
             "the start-up product on the tensor cores was off by {err:.2e} (relative), more \
              than {MAX_ERROR:.0e}: the products run on the CUDA cores"
-        )),
-        Err(e) => Some(format!("the start-up product failed: {e:?}")),
-    };
-    kernels.tensor_cores = verdict.is_none();
-    verdict
+        )
+    }))
 }
 
 /// Deterministic values in [-1, 1).
