@@ -765,3 +765,30 @@ impl Executor for CudaBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits are powers of two up to the maximum, their keys multiples of the minimum that
+    /// cover the longest context; short contexts and wide batches take one split.
+    #[test]
+    fn attention_splits_are_powers_of_two_that_cover_the_context() {
+        for (groups, tokens, longest) in [
+            (4, 1, 512),
+            (4, 1, 4096),
+            (4, 64, 512),
+            (8, 1, 17),
+            (4, 1, 1),
+        ] {
+            let (splits, keys) = attention_splits(132, groups, tokens, longest);
+            assert!(splits.is_power_of_two() && splits <= MAX_ATTENTION_SPLITS);
+            assert!(keys.is_multiple_of(MIN_SPLIT_KEYS) && splits * keys >= longest);
+        }
+        // One sequence of 512 tokens on 132 multiprocessors: 32 splits of 16 keys.
+        assert_eq!(attention_splits(132, 4, 1, 512), (32, 16));
+        // 64 sequences fill the device with 2 splits.
+        assert_eq!(attention_splits(132, 4, 64, 512).0, 2);
+        assert_eq!(attention_splits(132, 4, 1, 1), (1, 16));
+    }
+}

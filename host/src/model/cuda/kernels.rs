@@ -543,3 +543,44 @@ pub fn swiglu_product(
         silu_mul(stream, k, scratch, out, tokens, inter)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Heads per block, warps and blocks per token for the head layouts models have.
+    #[test]
+    fn attention_groups_cover_every_head_once() {
+        for (heads, kv_heads, want) in [
+            (32, 4, (8, 8, 4)), // GQA 8: one block per KV head
+            (14, 2, (7, 7, 2)), // 7 heads a KV head: 7 warps
+            (12, 4, (3, 6, 4)), // 3: two warps a head
+            (8, 8, (1, 8, 8)),  // multi-head: 8 warps on one head
+            (16, 1, (8, 8, 2)), // 16: two blocks a KV head
+            (9, 3, (3, 6, 3)),  // odd
+        ] {
+            let g = attention_groups(heads, kv_heads);
+            assert_eq!((g.heads, g.warps, g.blocks), want, "{heads}/{kv_heads}");
+            assert!(g.warps <= 8 && g.warps.is_multiple_of(g.heads));
+            // The blocks' groups hold every head: blocks per KV head × heads a block.
+            assert!(g.blocks / kv_heads * g.heads >= heads / kv_heads);
+        }
+    }
+
+    /// The tensor cores' warps-per-row keeps every warp at least two 32-column chunks and
+    /// never exceeds a block's 8 warps.
+    #[test]
+    fn mma_warps_per_row_fill_the_device_within_bounds() {
+        // The 1.1B model's o projection, one token tile: short, so 8 warps a row group.
+        assert_eq!(mma_warps_per_row(2048, 2048, 132, 1), 8);
+        // Its vocabulary projection has more rows: 4 warps a row group reach the target.
+        assert_eq!(mma_warps_per_row(32000, 2048, 132, 1), 4);
+        // Narrow rows cannot be shared further than two chunks a warp.
+        assert_eq!(mma_warps_per_row(64, 128, 132, 1), 2);
+        for (rows, cols, tiles) in [(16, 64, 1), (2560, 2048, 8), (11264, 2048, 2)] {
+            let wpr = mma_warps_per_row(rows, cols, 132, tiles);
+            assert!([1, 2, 4, 8].contains(&wpr));
+            assert!(cols >= wpr * 64 || wpr == 1, "{rows}x{cols}: {wpr}");
+        }
+    }
+}
