@@ -2,12 +2,11 @@
 //! forward pass that launches the kernels of `kernels/` layer by layer on one stream. Logits
 //! come back to the host, where sampling runs as on the CPU.
 
+use super::attention::{attention, attention_groups, Attention, MAX_ATTENTION_SPLITS};
 use super::compile::compile_all;
-use super::kernels::{
-    attention, attention_groups, gather_rms_norm, launch, matmul, swiglu_product, Arg, Attention,
-    Input, Kernels, MAX_ATTENTION_SPLITS,
-};
+use super::kernels::{gather_rms_norm, launch, Arg, Kernels};
 use super::memory::{DeviceBuffer, Growable};
+use super::products::{matmul, swiglu_product, Input};
 use super::profile::{events_per_pass, EventProfile};
 use super::weights::{unsupported_dtype, upload, DevWeights};
 use crate::model::config::ModelConfig;
@@ -550,7 +549,7 @@ impl CudaBackend {
 }
 
 /// How many splits the attention of a pass over `tokens` queries in `groups` blocks a token
-/// (groups of heads sharing a KV head, [`super::kernels::attention_groups`]) uses, the
+/// (groups of heads sharing a KV head, [`super::attention::attention_groups`]) uses, the
 /// longest attending to `longest` keys, on `sms` multiprocessors; and keys per split.
 fn attention_splits(sms: usize, groups: usize, tokens: usize, longest: usize) -> (usize, usize) {
     let target = ATTENTION_BLOCKS_PER_SM * sms;

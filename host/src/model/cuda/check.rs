@@ -2,12 +2,11 @@
 //! random inputs (`tests/cuda.rs`). Each call uploads its inputs, launches the kernel the
 //! forward pass uses, exactly as the pass does, and reads the result back.
 
+use super::attention::{attention, Attention, MAX_ATTENTION_SPLITS};
 use super::backend::{open_device, OpenDevice};
-use super::kernels::{
-    attention, launch, matmul, rms_norm, silu_mul, swiglu_product, Arg, Attention, Input,
-    MatrixView, MAX_ATTENTION_SPLITS,
-};
+use super::kernels::{launch, rms_norm, silu_mul, Arg};
 use super::memory::DeviceBuffer;
+use super::products::{matmul, swiglu_product, Input, MatrixView};
 use super::weights::{interleave_gate_up, DevDType};
 use crate::model::weights::DType;
 

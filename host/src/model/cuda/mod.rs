@@ -3,11 +3,13 @@
 //! libraries are loaded at run time); without them, opening it fails cleanly and `--device
 //! auto` runs on the CPU.
 
+mod attention;
 mod backend;
 mod check;
 pub mod compile;
 mod kernels;
 mod memory;
+mod products;
 mod profile;
 mod tensor_cores;
 mod weights;

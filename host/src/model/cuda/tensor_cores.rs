@@ -5,8 +5,9 @@
 //! cannot be run without such a GPU, so a device whose tensor cores compute something else
 //! falls back to the CUDA-core kernels, said in the log, instead of producing wrong tokens.
 
-use super::kernels::{matmul, Input, Kernels, MatrixView};
+use super::kernels::Kernels;
 use super::memory::DeviceBuffer;
+use super::products::{matmul, Input, MatrixView};
 use super::weights::DevDType;
 use cudarc::driver::{CudaStream, DriverError};
 

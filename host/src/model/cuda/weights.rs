@@ -27,8 +27,8 @@ pub struct DevMatrix {
 }
 
 impl DevMatrix {
-    pub fn view(&self) -> super::kernels::MatrixView {
-        super::kernels::MatrixView {
+    pub fn view(&self) -> super::products::MatrixView {
+        super::products::MatrixView {
             ptr: self.buf.ptr(),
             dtype: self.dtype as usize,
             rows: self.rows,
