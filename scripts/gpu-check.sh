@@ -14,6 +14,31 @@ mkdir -p "$LOG" gpu/run
 RESULTS=$LOG/results.txt
 : > "$RESULTS"
 result() { printf '| %s | %s |\n' "$1" "$2" | tee -a "$RESULTS"; }
+# The rows of a `cllm bench` table in FILE, each as a result labelled LABEL.
+bench_rows() {
+  python3 - "$1" "$2" <<'PY' | tee -a "$RESULTS"
+import sys
+for line in open(sys.argv[1]).read().splitlines():
+    if line.startswith("| ") and "measurement" not in line and "---" not in line:
+        print(f"| {sys.argv[2]}: " + line[2:])
+PY
+}
+# The rows of the first profile section of FILE whose title starts with TITLE, as results.
+profile_rows() {
+  python3 - "$1" "$2" <<'PY' | tee -a "$RESULTS"
+import sys
+text = open(sys.argv[1]).read()
+for section in text.split("\n\n"):
+    if section.startswith(sys.argv[2]):
+        title = section.splitlines()[0]
+        for line in section.splitlines()[3:]:
+            if line.startswith("| ") and "CUDA events" not in line:
+                print(f"| profile, {title}: {line[2:]}")
+        break
+else:
+    print(f"| profile ({sys.argv[2]}) | FAILED: " + (text.strip().splitlines() or ["no output"])[-1] + " |")
+PY
+}
 
 tar -C gpu/run -xJf gpu/bin.tar.xz
 tar -C gpu/run -xJf gpu/shared.tar.xz
@@ -59,60 +84,25 @@ done
 timeout 180 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --batch 1,8,32,64 \
   --decode-tokens 128 > "$LOG/bench-1b.txt" 2>&1
 cat "$LOG/bench-1b.txt"
-python3 - "$LOG/bench-1b.txt" <<'PY' | tee -a "$RESULTS"
-import re, sys
-text = open(sys.argv[1]).read()
-for line in text.splitlines():
-    if line.startswith("| ") and "measurement" not in line and "---" not in line:
-        print("| bench 1b bf16: " + line[2:])
-PY
+bench_rows "$LOG/bench-1b.txt" "bench 1b bf16"
 
 result "bench numerics" "$(grep -m1 -o 'numerics: .*  kv cache' "$LOG/bench-1b.txt" | sed 's/  kv cache$//')"
 
 # The same bench with the products on the CUDA cores only, for the comparison.
 CLLM_CUDA_TENSOR_CORES=0 timeout 150 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda \
   --batch 8,64 --decode-tokens 64 > "$LOG/bench-1b-cuda-cores.txt" 2>&1
-python3 - "$LOG/bench-1b-cuda-cores.txt" <<'PY' | tee -a "$RESULTS"
-import sys
-for line in open(sys.argv[1]).read().splitlines():
-    if line.startswith("| ") and "measurement" not in line and "---" not in line:
-        print("| bench 1b bf16, CLLM_CUDA_TENSOR_CORES=0: " + line[2:])
-PY
+bench_rows "$LOG/bench-1b-cuda-cores.txt" "bench 1b bf16, CLLM_CUDA_TENSOR_CORES=0"
 
 # Where a batch-1 decode step's GPU time goes (CUDA events between phases, no graph).
 timeout 120 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --batch 0 \
   --decode-tokens 32 --profile > "$LOG/profile-1b.txt" 2>&1
-python3 - "$LOG/profile-1b.txt" <<'PY' | tee -a "$RESULTS"
-import sys
-text = open(sys.argv[1]).read()
-for section in text.split("\n\n"):
-    if section.startswith("decode step"):
-        title = section.splitlines()[0]
-        for line in section.splitlines()[3:]:
-            if line.startswith("| ") and "CUDA events" not in line:
-                print(f"| profile, {title}: {line[2:]}")
-        break
-else:
-    print("| profile 1b bf16 | FAILED: " + (text.strip().splitlines() or ["no output"])[-1] + " |")
-PY
+profile_rows "$LOG/profile-1b.txt" "decode step ("
 
 # The same for a decode step of 64 sequences (products on the tensor cores, attention of 64
 # contexts).
 timeout 150 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --batch 0 \
   --decode-tokens 16 --profile --profile-batch 64 > "$LOG/profile-1b-batch64.txt" 2>&1
-python3 - "$LOG/profile-1b-batch64.txt" <<'PY' | tee -a "$RESULTS"
-import sys
-text = open(sys.argv[1]).read()
-for section in text.split("\n\n"):
-    if section.startswith("decode step, 64"):
-        title = section.splitlines()[0]
-        for line in section.splitlines()[3:]:
-            if line.startswith("| ") and "CUDA events" not in line:
-                print(f"| profile, {title}: {line[2:]}")
-        break
-else:
-    print("| profile 1b bf16 batch 64 | FAILED: " + (text.strip().splitlines() or ["no output"])[-1] + " |")
-PY
+profile_rows "$LOG/profile-1b-batch64.txt" "decode step, 64"
 
 # Serve a 1.1B-shaped bf16 model (random weights, tiny-llama's 32000-token tokenizer) and
 # stream to it from 1, 16 and 64 clients.
