@@ -7,13 +7,16 @@ use cudarc::driver::{CudaStream, DriverError};
 
 /// Products of up to this many tokens run as GEMVs (`GEMV_TOKENS_PER_PASS` tokens per pass
 /// over the weights); more run as tiled GEMMs.
-pub const GEMV_MAX_TOKENS: usize = 64;
+const GEMV_MAX_TOKENS: usize = 64;
 const GEMV_TOKENS_PER_PASS: usize = 8;
 /// Rows one warp of the GEMV computes (`GEMV_ROWS` in matmul.cu).
 const GEMV_ROWS: usize = 2;
-/// A GEMV aims for this many warps per multiprocessor (enough loads in flight to keep memory
-/// busy); short matrices share each row among up to 8 warps to get there.
-const GEMV_WARPS_PER_SM: usize = 48;
+/// A product aims for this many warps per multiprocessor (enough loads in flight to keep
+/// memory busy); short matrices share each row among up to 8 warps to get there.
+const WARPS_PER_SM: usize = 48;
+/// Columns a GEMV warp reads per step (32 lanes × 8), and an `mma_bf16` warp.
+const GEMV_CHUNK: usize = 256;
+const MMA_CHUNK: usize = 32;
 
 /// A matrix on the device as the product kernels take it.
 pub struct MatrixView {
@@ -25,35 +28,32 @@ pub struct MatrixView {
     pub bias: Option<u64>,
 }
 
-/// Warps sharing a warp's rows: the fewest (1, 2, 4, 8) that give the launch enough warps,
-/// while each still gets at least two 256-element chunks of the rows.
-fn warps_per_row(rows: usize, cols: usize, sms: usize) -> usize {
-    let target = sms * GEMV_WARPS_PER_SM;
+/// Warps sharing each of a launch's `units` (a warp's rows, per token tile): the fewest (1,
+/// 2, 4, 8) that give the launch enough warps, while each still gets at least two `chunk`s
+/// of the `cols` columns.
+fn warps_per_row(units: usize, cols: usize, sms: usize, chunk: usize) -> usize {
+    let target = sms * WARPS_PER_SM;
     let mut wpr = 1;
-    while wpr < 8 && rows.div_ceil(GEMV_ROWS) * wpr < target && cols >= wpr * 2 * 2 * 256 {
+    while wpr < 8 && units * wpr < target && cols >= wpr * 2 * 2 * chunk {
         wpr *= 2;
     }
     wpr
+}
+
+/// The GEMV's passes over the weights for `tokens` tokens: (first token, tokens).
+fn gemv_passes(tokens: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..tokens)
+        .step_by(GEMV_TOKENS_PER_PASS)
+        .map(move |start| (start, GEMV_TOKENS_PER_PASS.min(tokens - start)))
 }
 
 /// Products of at least this many tokens with bf16 weights run on the tensor cores (when
 /// enabled): one token is bound by reading the weights, and the GEMV does that best.
-pub const MMA_MIN_TOKENS: usize = 2;
+const MMA_MIN_TOKENS: usize = 2;
 /// Rows of W one warp of `mma_bf16` computes, and tokens one block does (`MMA_ROWS`,
 /// `16 * MMA_TILES_M` in matmul.cu).
 const MMA_ROWS: usize = 16;
 const MMA_TOKENS: usize = 64;
-
-/// Warps sharing a row group of `mma_bf16`: as [`warps_per_row`], counting the launch's token
-/// tiles, with each warp keeping at least two 32-column chunks.
-fn mma_warps_per_row(rows: usize, cols: usize, sms: usize, tiles: usize) -> usize {
-    let target = sms * GEMV_WARPS_PER_SM;
-    let mut wpr = 1;
-    while wpr < 8 && rows.div_ceil(MMA_ROWS) * tiles * wpr < target && cols >= wpr * 2 * 2 * 32 {
-        wpr *= 2;
-    }
-    wpr
-}
 
 /// What a product reads as its `tokens × cols` input.
 #[derive(Clone, Copy)]
@@ -114,7 +114,8 @@ fn mma(
     swiglu_inter: Option<usize>,
 ) -> Result<(), DriverError> {
     let tiles = tokens.div_ceil(MMA_TOKENS);
-    let wpr = mma_warps_per_row(m.rows, m.cols, k.sms, tiles);
+    let units = m.rows.div_ceil(MMA_ROWS) * tiles;
+    let wpr = warps_per_row(units, m.cols, k.sms, MMA_CHUNK);
     let grid = (tiles as u32, m.rows.div_ceil(8 / wpr * MMA_ROWS) as u32, 1);
     let (inter, bias) = match swiglu_inter {
         Some(inter) => (inter, m.bias.unwrap_or(0)),
@@ -127,7 +128,7 @@ fn mma(
 }
 
 /// Whether a product runs on the tensor cores (`mma_bf16`).
-pub fn uses_tensor_cores(k: &Kernels, m: &MatrixView, tokens: usize) -> bool {
+fn uses_tensor_cores(k: &Kernels, m: &MatrixView, tokens: usize) -> bool {
     k.tensor_cores
         && m.dtype == super::weights::DevDType::Bf16 as usize
         && tokens >= MMA_MIN_TOKENS
@@ -153,10 +154,9 @@ pub fn matmul(
         let x = input_rows(stream, k, input, tokens, cols)?;
         mma(stream, k, m, x, y, tokens, accumulate, None)?;
     } else if tokens <= GEMV_MAX_TOKENS {
-        let wpr = warps_per_row(rows, cols, k.sms);
+        let wpr = warps_per_row(rows.div_ceil(GEMV_ROWS), cols, k.sms, GEMV_CHUNK);
         let grid = (rows.div_ceil(8 * GEMV_ROWS / wpr) as u32, 1, 1);
-        for start in (0..tokens).step_by(GEMV_TOKENS_PER_PASS) {
-            let t = GEMV_TOKENS_PER_PASS.min(tokens - start);
+        for (start, t) in gemv_passes(tokens) {
             let x_at = |x: u64| Arg::Ptr(x + (start * row_bytes) as u64);
             let y_at = Arg::Ptr(y + (start * rows * 4) as u64);
             let shape = [rows, cols, t, wpr, accumulate as usize].map(|v| Arg::I32(v as i32));
@@ -227,10 +227,9 @@ pub fn swiglu_product(
         mma(stream, k, m, x, out, tokens, false, Some(inter))
     } else if let (true, Input::Normed { x, weight, eps, .. }) = (tokens <= GEMV_MAX_TOKENS, input)
     {
-        let wpr = warps_per_row(rows, cols, k.sms);
+        let wpr = warps_per_row(rows.div_ceil(GEMV_ROWS), cols, k.sms, GEMV_CHUNK);
         let grid = (inter.div_ceil(8 / wpr) as u32, 1, 1);
-        for start in (0..tokens).step_by(GEMV_TOKENS_PER_PASS) {
-            let t = GEMV_TOKENS_PER_PASS.min(tokens - start);
+        for (start, t) in gemv_passes(tokens) {
             let args = [
                 Arg::Ptr(m.ptr),
                 Arg::Ptr(x + (start * cols * 4) as u64),
@@ -257,20 +256,31 @@ pub fn swiglu_product(
 mod tests {
     use super::*;
 
-    /// The tensor cores' warps-per-row keeps every warp at least two 32-column chunks and
-    /// never exceeds a block's 8 warps.
+    /// The tensor cores' warps per row group: at most a block's 8 warps, each keeping at least
+    /// two 32-column chunks.
     #[test]
     fn mma_warps_per_row_fill_the_device_within_bounds() {
+        let mma = |rows: usize, cols, tiles| {
+            warps_per_row(rows.div_ceil(MMA_ROWS) * tiles, cols, 132, MMA_CHUNK)
+        };
         // The 1.1B model's o projection, one token tile: short, so 8 warps a row group.
-        assert_eq!(mma_warps_per_row(2048, 2048, 132, 1), 8);
+        assert_eq!(mma(2048, 2048, 1), 8);
         // Its vocabulary projection has more rows: 4 warps a row group reach the target.
-        assert_eq!(mma_warps_per_row(32000, 2048, 132, 1), 4);
+        assert_eq!(mma(32000, 2048, 1), 4);
         // Narrow rows cannot be shared further than two chunks a warp.
-        assert_eq!(mma_warps_per_row(64, 128, 132, 1), 2);
+        assert_eq!(mma(64, 128, 1), 2);
         for (rows, cols, tiles) in [(16, 64, 1), (2560, 2048, 8), (11264, 2048, 2)] {
-            let wpr = mma_warps_per_row(rows, cols, 132, tiles);
+            let wpr = mma(rows, cols, tiles);
             assert!([1, 2, 4, 8].contains(&wpr));
             assert!(cols >= wpr * 64 || wpr == 1, "{rows}x{cols}: {wpr}");
         }
+    }
+
+    /// The GEMV's passes cover every token once, 8 at a time.
+    #[test]
+    fn gemv_passes_cover_the_tokens() {
+        assert_eq!(gemv_passes(1).collect::<Vec<_>>(), [(0, 1)]);
+        assert_eq!(gemv_passes(13).collect::<Vec<_>>(), [(0, 8), (8, 5)]);
+        assert_eq!(gemv_passes(16).collect::<Vec<_>>(), [(0, 8), (8, 8)]);
     }
 }
