@@ -28,10 +28,7 @@ struct InPlain {
     int cols;
     __device__ __forceinline__ void prologue(int) {}
     __device__ __forceinline__ void load8(int t, int k, float* out) const {
-        const float4* p = (const float4*)(x + (u64)t * cols + k);
-        float4 a = p[0], b = p[1];
-        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+        WF32::load8(x + (u64)t * cols + k, out);
     }
     __device__ __forceinline__ float at(int t, int k) const { return x[(u64)t * cols + k]; }
 };
@@ -300,10 +297,7 @@ extern "C" __global__ void __launch_bounds__(256) mma_bf16(const u16* __restrict
                     int t = min(t0 + 16 * m + 8 * h + g, tokens - 1);
                     float v[8];
                     if (in) {
-                        const float4* p = (const float4*)(x + (u64)t * cols + k);
-                        float4 a = p[0], b = p[1];
-                        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-                        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+                        WF32::load8(x + (u64)t * cols + k, v);
                     } else {
 #pragma unroll
                         for (int e = 0; e < 8; e++) v[e] = 0.0f;
