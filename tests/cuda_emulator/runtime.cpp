@@ -112,7 +112,6 @@ struct Fiber {
 
 struct Warp {
     Barrier barrier;
-    unsigned int values[2][32];
     unsigned int gathered[2][32][EMU_GATHER_MAX];
 };
 
@@ -214,34 +213,27 @@ static void arrive_and_wait(Barrier& b) {
 
 void emu_syncthreads() { arrive_and_wait(blk.block); }
 
-unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask) {
-    if (mask != 0xffffffffu) fail_here("only full-warp shuffles are emulated");
-    Fiber* f = blk.current;
-    Warp& w = blk.warps[f->index / 32];
-    if (w.barrier.expected != 32) fail_here("a full-warp shuffle in a warp with exited lanes");
-    // Two buffers: shuffle k + 1 cannot overwrite what shuffle k's slowest lane still reads,
-    // and shuffle k + 2 cannot start before every lane has left shuffle k + 1.
-    unsigned long k = f->shuffles++;
-    int lane = f->index % 32;
-    w.values[k & 1][lane] = bits;
-    arrive_and_wait(w.barrier);
-    int src = lane ^ lane_mask;
-    return src < 32 ? w.values[k & 1][src] : bits;
-}
-
+// A warp-wide operation: every lane passes `n` words, waits for the whole warp, and reads all
+// lanes' words. Double-buffered on the count of the warp's operations (shuffles and gathers):
+// buffer k & 1 is written again at operation k + 2, which no lane enters before every lane
+// has left operation k + 1, by when every lane has read what operation k gave it.
 const unsigned int* emu_warp_gather(const unsigned int* mine, int n) {
     if (n < 0 || n > EMU_GATHER_MAX) fail_here("a warp gather of too many words");
     Fiber* f = blk.current;
     Warp& w = blk.warps[f->index / 32];
     if (w.barrier.expected != 32) fail_here("a warp-wide operation in a warp with exited lanes");
-    // Double-buffered as the shuffles are, on the same count of warp-wide operations: buffer
-    // k & 1 is written again at operation k + 2, which no lane enters before every lane has
-    // left operation k + 1.
     unsigned long k = f->shuffles++;
     int lane = f->index % 32;
     std::memcpy(w.gathered[k & 1][lane], mine, n * sizeof(unsigned int));
     arrive_and_wait(w.barrier);
     return &w.gathered[k & 1][0][0];
+}
+
+unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask) {
+    if (mask != 0xffffffffu) fail_here("only full-warp shuffles are emulated");
+    const unsigned int* all = emu_warp_gather(&bits, 1);
+    int src = (blk.current->index % 32) ^ lane_mask;
+    return src < 32 ? all[src * EMU_GATHER_MAX] : bits;
 }
 
 static bool reverse_order() {
