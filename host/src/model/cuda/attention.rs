@@ -46,8 +46,9 @@ pub struct AttentionGroups {
     pub blocks: usize,
 }
 
-/// At most 8 heads of a KV head a block (warps past 8 would not fit a block's registers), and
-/// up to 8 warps: a group of 1 or 2 heads gets several warps per head.
+/// At most 8 heads of a KV head a block and up to 8 warps (the kernel's shared memory holds 8
+/// warps' partials, `MAX_WARPS` in attention.cu): a group of fewer heads gets several warps
+/// per head.
 pub fn attention_groups(heads: usize, kv_heads: usize) -> AttentionGroups {
     let per_kv = (heads / kv_heads.max(1)).max(1);
     let group = per_kv.min(8);

@@ -26,8 +26,7 @@ use std::sync::Arc;
 /// Attention splits aim for this many blocks (of up to 8 warps) per streaming multiprocessor
 /// (head dims to 64 take 64 registers a thread: 4 blocks fit).
 const ATTENTION_BLOCKS_PER_SM: usize = 4;
-/// Keys per split at least: 16 keys a warp, four runs of 4 (fewer would spend more on
-/// merging than on attending).
+/// Keys per split at least (fewer would spend more on merging than on attending).
 const MIN_SPLIT_KEYS: usize = 16;
 const MAX_HEAD_DIM: usize = 256;
 /// Decode steps of up to this many sequences run as captured CUDA graphs.
@@ -398,12 +397,13 @@ impl CudaBackend {
     }
 
     /// Every kernel of one forward pass, on the stream (or into a graph being captured):
-    /// eight launches a layer for up to 64 tokens, where the q/k/v and gate/up GEMVs apply
-    /// the RMSNorm to their input; ten beyond, where the norms run before the tiled products.
-    /// The residual adds are the o and down products' (they add into the residual stream x),
-    /// and RoPE and the KV append are one kernel. `mark` is called as each phase's last
-    /// kernel has been launched (to record a profiling event); a norm folded into a product
-    /// counts in the product's phase.
+    /// six launches a layer when the products are GEMVs (the q/k/v and gate/up GEMVs apply
+    /// the RMSNorm to their input), eight on the tensor cores and nine with tiled GEMMs (the
+    /// norms run first, and a tiled gate/up product is followed by the SwiGLU kernel). The
+    /// residual adds are the o and down products' (they add into the residual stream x), RoPE
+    /// and the KV append are one kernel, and the gate/up product writes the SwiGLU. `mark` is
+    /// called as each phase's last kernel has been launched (to record a profiling event); a
+    /// layer's norms count in the phases of the products they feed.
     fn launch_pass(
         &self,
         p: &Pass,
@@ -706,7 +706,7 @@ impl Executor for CudaBackend {
             // zero, as the attention kernel expects (and leaves) it.
             self.graphs.clear();
             let counters = self.bufs.counters.at_least(0).map_err(dev)?;
-            counters.zero(self.stream.cu_stream()).map_err(dev)?;
+            counters.zero(s).map_err(dev)?;
         }
         let pass = Pass {
             n,

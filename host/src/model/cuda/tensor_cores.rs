@@ -9,6 +9,7 @@ use super::kernels::Kernels;
 use super::memory::DeviceBuffer;
 use super::products::{matmul, Input, MatrixView};
 use super::weights::DevDType;
+use crate::model::rng::Rng;
 use cudarc::driver::{CudaStream, DriverError};
 
 /// The environment variable that turns the tensor cores off (`0`) for a comparison.
@@ -47,28 +48,16 @@ pub fn enable(
     }))
 }
 
-/// Deterministic values in [-1, 1).
-fn values(n: usize, mut state: u64) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 /// The relative error of one `mma_bf16` product against the host's f64 product: 40 rows (a
 /// partial row group), 264 columns (a partial 32-column chunk) and 70 tokens (two token
 /// tiles, the second partial), so every edge of the kernel is on the way.
 fn product_error(stream: &CudaStream, kernels: &Kernels) -> Result<f64, DriverError> {
     let (rows, cols, tokens) = (40usize, 264usize, 70usize);
-    let bits: Vec<u16> = values(rows * cols, 1)
-        .iter()
-        .map(|v| (v.to_bits() >> 16) as u16)
+    let mut rng = Rng::new(1);
+    let bits: Vec<u16> = (0..rows * cols)
+        .map(|_| (rng.next_signed_f32().to_bits() >> 16) as u16)
         .collect();
-    let x = values(tokens * cols, 2);
+    let x: Vec<f32> = (0..tokens * cols).map(|_| rng.next_signed_f32()).collect();
     let cu = stream.cu_stream();
     let (wb, xb) = (
         DeviceBuffer::upload(&bits, cu)?,
