@@ -232,6 +232,17 @@ fn reference_product(
         .collect()
 }
 
+/// The paths a product of `dtype` weights is checked on (`use_tensor_cores`): bf16 on the
+/// tensor cores, when the device has them, and then on the CUDA cores; other types on the
+/// CUDA cores.
+fn product_paths(dtype: DType, tensor_cores: bool) -> &'static [bool] {
+    if dtype == DType::Bf16 && tensor_cores {
+        &[true, false]
+    } else {
+        &[false]
+    }
+}
+
 /// The largest relative error a product may have: the CUDA cores' f32 sums, or the tensor
 /// cores' (bf16 weights, several tokens), whose input is split into two bf16 parts (2^-18 of
 /// each value lost) and whose f32 sums may truncate.
@@ -285,11 +296,7 @@ fn gpu_matmul_matches_f64_reference() {
     ];
     for (rows, cols, dtype) in shapes {
         let (w, wf) = weights_of(dtype, &random(&mut rng, rows * cols, 0.05));
-        let paths: &[bool] = if dtype == DType::Bf16 && tensor_cores {
-            &[true, false]
-        } else {
-            &[false]
-        };
+        let paths = product_paths(dtype, tensor_cores);
         for tokens in [1, 3, 8, 13, 64, 100] {
             let x = random(&mut rng, tokens * cols, 1.0);
             // Odd token counts add the product onto y0 (the residual add).
@@ -437,11 +444,7 @@ fn gpu_swiglu_products_match_f64_reference() {
                     gv / (1.0 + (-gv).exp()) * uv
                 })
                 .collect();
-            let paths: &[bool] = if dtype == DType::Bf16 && tensor_cores {
-                &[true, false]
-            } else {
-                &[false]
-            };
+            let paths = product_paths(dtype, tensor_cores);
             for &on in paths {
                 gpu.use_tensor_cores(on);
                 let input = ProductInput::Normed {

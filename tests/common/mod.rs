@@ -227,6 +227,12 @@ pub fn stdout_of(cmd: &mut std::process::Command) -> Vec<u8> {
 /// phase in `timed` took measurable time (a phase whose boundaries are missed or swapped
 /// reads 0), and the shares sum to 100 %.
 pub fn check_bench_profile(device: &str, last_row: &str, timed: &[&str]) {
+    check_bench_profile_of(device, 1, last_row, timed);
+}
+
+/// [`check_bench_profile`] of a decode step of `batch` sequences (`--profile-batch`), whose
+/// section says how many.
+pub fn check_bench_profile_of(device: &str, batch: usize, last_row: &str, timed: &[&str]) {
     let fx = fixture("stories260K").expect("in the repository");
     let stdout = stdout_of(
         cllm()
@@ -238,11 +244,17 @@ pub fn check_bench_profile(device: &str, last_row: &str, timed: &[&str]) {
                 "--prompt-tokens",
                 "32",
             ])
+            .args(["--profile-batch", &batch.to_string()])
             .args(["--decode-tokens", "8", "--threads", "2", "--device", device])
             .arg("--model")
             .arg(&fx.model_dir),
     );
-    assert_profile_sections(&String::from_utf8_lossy(&stdout), 32, 8, last_row, timed);
+    let step = match batch {
+        1 => "decode step".to_string(),
+        n => format!("decode step, {n} sequences"),
+    };
+    let text = String::from_utf8_lossy(&stdout);
+    assert_profile_sections(&text, 32, &step, 8, last_row, timed);
 }
 
 /// Every phase of a profile, as `cllm bench --profile` names them.
@@ -262,6 +274,7 @@ pub const PROFILE_PHASES: [&str; 10] = [
 fn assert_profile_sections(
     text: &str,
     prompt: usize,
+    step: &str,
     decode: usize,
     last_row: &str,
     timed: &[&str],
@@ -269,7 +282,7 @@ fn assert_profile_sections(
     let sections: Vec<&str> = text.split("\n\n").collect();
     for title in [
         format!("prefill pass ({prompt} tokens)"),
-        format!("decode step (mean of {decode}, after {prompt})"),
+        format!("{step} (mean of {decode}, after {prompt})"),
     ] {
         let section = sections
             .iter()
