@@ -65,6 +65,7 @@ __device__ void attention_split(const float* q, int q_stride, const float* kc, c
                                 int heads, int kv_heads, int d, int window, float scale,
                                 int split_keys, int group_heads, float* part_ml,
                                 float* part_acc, int* counters, float* out) {
+    grid_dependency_sync();
     __shared__ float sm_m[MAX_WARPS], sm_l[MAX_WARPS];
     __shared__ float sm_acc[MAX_WARPS][MAX_D_PER_LANE * 32];
     int t = blockIdx.x, split = blockIdx.z, splits = gridDim.z;

@@ -25,23 +25,53 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 #endif
 }
 
+// Programmatic dependent launch (compute capability 9.0 and later, when the backend launches
+// with it): the next kernel in the stream may be scheduled while this one still runs, and its
+// blocks start early, so that launch latency and their first weight loads overlap this
+// kernel's tail. Every kernel calls grid_dependency_sync() before it touches any memory an
+// earlier kernel writes or reads (activations, the KV cache, outputs): it lets the next
+// kernel be scheduled once every block of this one has started (`launch_dependents`), then
+// waits until the kernels before this one have finished and their writes are visible
+// (`wait`). Only loads of weights, which no kernel writes, may come before it. For a kernel
+// launched without the attribute both are no-ops.
+__device__ __forceinline__ void grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#elif !defined(__CUDA_ARCH__)
+    // Host compilers (tests/cuda_emulator): counted, so a kernel that never calls it fails.
+    emu_grid_dependency_sync();
+#endif
+}
+
 // Weight element types: `at` widens one element, `load8` eight consecutive ones from a
-// 16-byte-aligned address (one or two vector loads).
+// 16-byte-aligned address (one or two vector loads); `fetch8` only loads them (`Raw`, as
+// stored) and `widen8` converts, so that loads can be issued well before their values are used.
+struct F32x8 {
+    float4 a, b;
+};
+
 struct WF32 {
     typedef float T;
+    typedef F32x8 Raw;
     static __device__ __forceinline__ float at(const float* p, u64 i) { return p[i]; }
-    static __device__ __forceinline__ void load8(const float* p, float* out) {
-        float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
-        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    static __device__ __forceinline__ Raw fetch8(const float* p) {
+        return Raw{((const float4*)p)[0], ((const float4*)p)[1]};
     }
+    static __device__ __forceinline__ void widen8(const Raw& r, float* out) {
+        out[0] = r.a.x; out[1] = r.a.y; out[2] = r.a.z; out[3] = r.a.w;
+        out[4] = r.b.x; out[5] = r.b.y; out[6] = r.b.z; out[7] = r.b.w;
+    }
+    static __device__ __forceinline__ void load8(const float* p, float* out) { widen8(fetch8(p), out); }
 };
 
 struct WBF16 {
     typedef u16 T;
+    typedef uint4 Raw;
     static __device__ __forceinline__ float at(const u16* p, u64 i) { return bf16_to_f32(p[i]); }
-    static __device__ __forceinline__ void load8(const u16* p, float* out) {
-        uint4 v = *(const uint4*)p;
+    static __device__ __forceinline__ Raw fetch8(const u16* p) { return *(const uint4*)p; }
+    static __device__ __forceinline__ void load8(const u16* p, float* out) { widen8(fetch8(p), out); }
+    static __device__ __forceinline__ void widen8(const uint4& v, float* out) {
         u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -53,9 +83,11 @@ struct WBF16 {
 
 struct WF16 {
     typedef u16 T;
+    typedef uint4 Raw;
     static __device__ __forceinline__ float at(const u16* p, u64 i) { return f16_to_f32(p[i]); }
-    static __device__ __forceinline__ void load8(const u16* p, float* out) {
-        uint4 v = *(const uint4*)p;
+    static __device__ __forceinline__ Raw fetch8(const u16* p) { return *(const uint4*)p; }
+    static __device__ __forceinline__ void load8(const u16* p, float* out) { widen8(fetch8(p), out); }
+    static __device__ __forceinline__ void widen8(const uint4& v, float* out) {
         u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {

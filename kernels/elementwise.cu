@@ -2,6 +2,7 @@
 
 // y[t][c] += bias[c] for rows of `cols`.
 extern "C" __global__ void add_bias(float* y, const float* bias, int cols, u64 n) {
+    grid_dependency_sync();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         y[i] += bias[i % cols];
 }
@@ -9,6 +10,7 @@ extern "C" __global__ void add_bias(float* y, const float* bias, int cols, u64 n
 // SwiGLU on the fused gate/up product, rows of 2 × inter8 (inter rounded up to a multiple of 8)
 // interleaved in runs of 8 (gate_row in common.cuh): out[t][i] = swiglu(gate i, up i).
 extern "C" __global__ void silu_mul(const float* gu, float* out, int inter, u64 n) {
+    grid_dependency_sync();
     u64 stride = 2 * (u64)((inter + 7) & ~7);
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         u64 t = i / inter, c = i % inter;
@@ -24,6 +26,7 @@ extern "C" __global__ void silu_mul(const float* gu, float* out, int inter, u64 
 extern "C" __global__ void rope_kv_append(float* qkv, int stride, int heads, int kv_heads, int d,
                                           const float* cos, const float* sin, const int* slots,
                                           float* kc, float* vc) {
+    grid_dependency_sync();
     int half = d / 2, kv_dim = kv_heads * d;
     float* row = qkv + (u64)blockIdx.x * stride;
     const float* c = cos + (u64)blockIdx.x * half;

@@ -2,6 +2,7 @@
 
 template <class W>
 __device__ void embed(const typename W::T* table, const u32* ids, float* out, int hidden) {
+    grid_dependency_sync();
     u64 src = (u64)ids[blockIdx.x] * hidden;
     float* dst = out + (u64)blockIdx.x * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = W::at(table, src + i);

@@ -2,7 +2,8 @@
 // f32, accumulated in f32. y[t * rows + r] for token t < tokens.
 //
 // gemv_*: few tokens (decode), bound by reading W once: 16-byte loads, two rows a warp, up to
-//   GEMV_TOKENS tokens per pass over the weights. gemv_norm_* take the residual stream and
+//   GEMV_TOKENS tokens per pass over the weights, each step's loads issued before the step
+//   before it is computed. gemv_norm_* take the residual stream and
 //   apply the RMSNorm as they read it: one launch (and one activation round trip) fewer. (Not
 //   SwiGLU: every warp reads all of its input, so a GEMV would compute each exp and division
 //   once per row pair, about as many instructions as its loads leave room for.)
@@ -88,12 +89,23 @@ struct InNorm {
     }
 };
 
+// Loads the raw weights of one GEMV step: GEMV_UNROLL column runs `step` apart from k, of each
+// of the warp's rows (those past the end of the row are not loaded, and not used).
+template <class W>
+__device__ __forceinline__ void gemv_fetch(const typename W::T* const* row, int k, int step,
+                                           int cols, typename W::Raw (&raw)[GEMV_UNROLL][GEMV_ROWS]) {
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++)
+        if (k + u * step < cols)
+#pragma unroll
+            for (int j = 0; j < GEMV_ROWS; j++) raw[u][j] = W::fetch8(row[j] + k + u * step);
+}
+
 template <class W, class In>
 __device__ void gemv(const typename W::T* __restrict__ w, In in, float* __restrict__ y, int rows,
                      int cols, int tokens, int wpr, int accumulate, int inter,
                      const float* __restrict__ bias) {
     __shared__ float partial[8][GEMV_ROWS][GEMV_TOKENS];
-    in.prologue(tokens);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // The warp's unit: a pair of rows r0, r0 + 1, or with SwiGLU output i = unit, from gate
     // row gate_row(i) and the up row 8 further.
@@ -110,45 +122,56 @@ __device__ void gemv(const typename W::T* __restrict__ w, In in, float* __restri
     const typename W::T* row[GEMV_ROWS];
 #pragma unroll
     for (int j = 0; j < GEMV_ROWS; j++) row[j] = w + (u64)min(r0 + j * row_step, rows - 1) * cols;
-    if (r0 < rows) {
-        if ((cols & 7) == 0) {
-            int step = wpr * 256;
-            for (int k0 = (part * 32 + lane) * 8; k0 < cols; k0 += GEMV_UNROLL * step) {
-                float wv[GEMV_UNROLL][GEMV_ROWS][8];
+    // The weight loads are software-pipelined: a step's loads go out before the previous
+    // step's products are computed. The first step's go out before the wait for the previous
+    // kernel (the weights are no kernel's output), and before the norm's prologue.
+    bool vectors = r0 < rows && (cols & 7) == 0;
+    int step = wpr * 256;
+    int k0 = (part * 32 + lane) * 8;
+    typename W::Raw raw[GEMV_UNROLL][GEMV_ROWS];
+    if (vectors) gemv_fetch<W>(row, k0, step, cols, raw);
+    grid_dependency_sync();
+    in.prologue(tokens);
+    if (vectors) {
+        for (; k0 < cols; k0 += GEMV_UNROLL * step) {
+            typename W::Raw cur[GEMV_UNROLL][GEMV_ROWS];
 #pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; u++)
-                    if (k0 + u * step < cols)
+            for (int u = 0; u < GEMV_UNROLL; u++)
 #pragma unroll
-                        for (int j = 0; j < GEMV_ROWS; j++) W::load8(row[j] + k0 + u * step, wv[u][j]);
+                for (int j = 0; j < GEMV_ROWS; j++) cur[u][j] = raw[u][j];
+            gemv_fetch<W>(row, k0 + GEMV_UNROLL * step, step, cols, raw);
 #pragma unroll
-                for (int u = 0; u < GEMV_UNROLL; u++) {
-                    int k = k0 + u * step;
-                    if (k < cols) {
+            for (int u = 0; u < GEMV_UNROLL; u++) {
+                int k = k0 + u * step;
+                if (k < cols) {
+                    // Widened one step at a time: fewer registers than the whole batch.
+                    float wv[GEMV_ROWS][8];
 #pragma unroll
-                        for (int t = 0; t < GEMV_TOKENS; t++) {
-                            if (t < tokens) {
-                                float xv[8];
-                                in.load8(t, k, xv);
+                    for (int j = 0; j < GEMV_ROWS; j++) W::widen8(cur[u][j], wv[j]);
 #pragma unroll
-                                for (int j = 0; j < GEMV_ROWS; j++)
-                                    acc[j][t] += wv[u][j][0] * xv[0] + wv[u][j][1] * xv[1] +
-                                                 wv[u][j][2] * xv[2] + wv[u][j][3] * xv[3] +
-                                                 wv[u][j][4] * xv[4] + wv[u][j][5] * xv[5] +
-                                                 wv[u][j][6] * xv[6] + wv[u][j][7] * xv[7];
-                            }
+                    for (int t = 0; t < GEMV_TOKENS; t++) {
+                        if (t < tokens) {
+                            float xv[8];
+                            in.load8(t, k, xv);
+#pragma unroll
+                            for (int j = 0; j < GEMV_ROWS; j++)
+                                acc[j][t] += wv[j][0] * xv[0] + wv[j][1] * xv[1] +
+                                             wv[j][2] * xv[2] + wv[j][3] * xv[3] +
+                                             wv[j][4] * xv[4] + wv[j][5] * xv[5] +
+                                             wv[j][6] * xv[6] + wv[j][7] * xv[7];
                         }
                     }
                 }
             }
-        } else {
-            for (int k = part * 32 + lane; k < cols; k += wpr * 32) {
+        }
+    } else if (r0 < rows) {
+        for (int k = part * 32 + lane; k < cols; k += wpr * 32) {
 #pragma unroll
-                for (int j = 0; j < GEMV_ROWS; j++) {
-                    float wk = W::at(row[j], k);
+            for (int j = 0; j < GEMV_ROWS; j++) {
+                float wk = W::at(row[j], k);
 #pragma unroll
-                    for (int t = 0; t < GEMV_TOKENS; t++)
-                        if (t < tokens) acc[j][t] += wk * in.at(t, k);
-                }
+                for (int t = 0; t < GEMV_TOKENS; t++)
+                    if (t < tokens) acc[j][t] += wk * in.at(t, k);
             }
         }
     }
@@ -192,6 +215,7 @@ __device__ void gemm(const typename W::T* __restrict__ w, const float* __restric
                      float* __restrict__ y, int rows, int cols, int tokens, int accumulate) {
     __shared__ float xs[TK][TILE + 4];
     __shared__ float ws[TK][TILE + 4];
+    grid_dependency_sync();
     int r0 = blockIdx.x * TILE, t0 = blockIdx.y * TILE;
     int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     float acc[4][4];
@@ -258,7 +282,16 @@ __device__ void gemm(const typename W::T* __restrict__ w, const float* __restric
 
 __device__ __forceinline__ u32 pack_bf16(u32 lo_col, u32 hi_col) { return lo_col | (hi_col << 16); }
 
-extern "C" __global__ void __launch_bounds__(256) mma_bf16(const u16* __restrict__ w,
+// The 8 columns from k of a lane's two W rows, zeros past the end (cols % 8 == 0).
+__device__ __forceinline__ void mma_fetch(const u16* const* wrow, int k, int cols, uint4* out) {
+#pragma unroll
+    for (int n = 0; n < 2; n++)
+        out[n] = k < cols ? *(const uint4*)(wrow[n] + k) : uint4{0u, 0u, 0u, 0u};
+}
+
+// Three blocks a multiprocessor (at most 85 registers a thread; sm_90 needs 80 with no spills):
+// the weight prefetch would otherwise take it to 93 registers and two blocks.
+extern "C" __global__ void __launch_bounds__(256, 3) mma_bf16(const u16* __restrict__ w,
                                                            const float* __restrict__ x,
                                                            float* __restrict__ y, int rows,
                                                            int cols, int tokens, int wpr,
@@ -279,14 +312,17 @@ extern "C" __global__ void __launch_bounds__(256) mma_bf16(const u16* __restrict
     const u16* wrow[2];
 #pragma unroll
     for (int n = 0; n < 2; n++) wrow[n] = w + (u64)min(n0 + 8 * n + g, rows - 1) * cols;
+    // The weights of a chunk are loaded while the previous chunk's mmas run, the first
+    // chunk's before the wait for the previous kernel (the weights are no kernel's output).
+    uint4 next[2];
+    mma_fetch(wrow, part * 32 + 8 * q, cols, next);
+    grid_dependency_sync();
     if (n0 < rows) {
         for (int c = part; c * 32 < cols; c += wpr) {
             int k = c * 32 + 8 * q;
             bool in = k < cols;  // cols % 8 == 0: a lane's 8 columns are all in or all out
-            uint4 wv[2];
-#pragma unroll
-            for (int n = 0; n < 2; n++)
-                wv[n] = in ? *(const uint4*)(wrow[n] + k) : uint4{0u, 0u, 0u, 0u};
+            uint4 wv[2] = {next[0], next[1]};
+            mma_fetch(wrow, k + wpr * 32, cols, next);
 #pragma unroll
             for (int m = 0; m < MMA_TILES_M; m++) {
                 if (m >= mtiles) continue;  // the same in every lane: the mmas stay converged

@@ -10,6 +10,7 @@ __device__ __forceinline__ void norm_row(const float* x, const float* w, float* 
 }
 
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, int h, float eps) {
+    grid_dependency_sync();
     u64 row = (u64)blockIdx.x * h;
     norm_row(x + row, w, out + row, h, eps);
 }
@@ -17,5 +18,6 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 // out[i] = rmsnorm(x[rows[i]]): the final norm of the rows that want logits, packed together.
 // One block per wanted row.
 extern "C" __global__ void gather_rms_norm(const float* x, const int* rows, const float* w, float* out, int h, float eps) {
+    grid_dependency_sync();
     norm_row(x + (u64)rows[blockIdx.x] * h, w, out + (u64)blockIdx.x * h, h, eps);
 }

@@ -2,6 +2,7 @@
 // the CPU's argmax picks). One block per row; blockDim.x a power of two, at most 1024.
 
 extern "C" __global__ void argmax_rows(const float* logits, int vocab, u32* out) {
+    grid_dependency_sync();
     __shared__ float best_v[1024];
     __shared__ u32 best_i[1024];
     const float* row = logits + (u64)blockIdx.x * vocab;

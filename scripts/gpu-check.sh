@@ -93,6 +93,12 @@ CLLM_CUDA_TENSOR_CORES=0 timeout 150 "$BIN/cllm" bench --synthetic 1b --dtype bf
   --batch 8,64 --decode-tokens 64 > "$LOG/bench-1b-cuda-cores.txt" 2>&1
 bench_rows "$LOG/bench-1b-cuda-cores.txt" "bench 1b bf16, CLLM_CUDA_TENSOR_CORES=0"
 
+# The same bench with every kernel waiting for the one before it to finish (no programmatic
+# dependent launch), for the comparison.
+CLLM_CUDA_PDL=0 timeout 150 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda \
+  --batch 1,8 --decode-tokens 64 > "$LOG/bench-1b-no-pdl.txt" 2>&1
+bench_rows "$LOG/bench-1b-no-pdl.txt" "bench 1b bf16, CLLM_CUDA_PDL=0"
+
 # Where a batch-1 decode step's GPU time goes (CUDA events between phases, no graph).
 timeout 120 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --batch 0 \
   --decode-tokens 32 --profile > "$LOG/profile-1b.txt" 2>&1
@@ -113,7 +119,7 @@ python3 scripts/make_random_model.py gpu/run/model-1b "$CLLM_SHARED_DIR/models/t
 SERVER=$!
 for _ in $(seq 1 120); do curl -sf localhost:18080/health/ready >/dev/null && break; sleep 0.5; done
 curl -s localhost:18080/info > "$LOG/info.json"
-result "serve: /info device" "$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))["device"]; print(d["kind"], d["name"], d["kv_cache_blocks"], "KV blocks,", d["kv_cache_bytes"] >> 20, "MiB")' "$LOG/info.json" 2>&1)"
+result "serve: /info device" "$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))["device"]; print(d["kind"], d["name"], d["kv_cache_blocks"], "KV blocks,", d["kv_cache_bytes"] >> 20, "MiB, tensor cores", d["tensor_cores"], "dependent launch", d["dependent_launch"])' "$LOG/info.json" 2>&1)"
 for c in 1 16 64; do
   python3 scripts/stream_load.py --url http://127.0.0.1:18080 --concurrency "$c" --requests $((c * 2)) \
     --max-new-tokens 128 2>>"$LOG/load-err.txt" | tee -a "$RESULTS"

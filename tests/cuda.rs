@@ -255,7 +255,9 @@ fn product_tolerance(dtype: DType, tokens: usize, tensor_cores: bool) -> f64 {
 }
 
 /// The kernel check on the GPU or its emulator, with the tensor cores on: a device that
-/// has them (sm_80 and later, the emulator's sm_90) must have passed their start-up check.
+/// has them (sm_80 and later, the emulator's sm_90) must have passed their start-up check,
+/// and one of sm_90 or later that of programmatic dependent launch (unless turned off), so
+/// that every kernel check runs launched as the forward pass launches.
 fn gpu_with_tensor_cores() -> Option<KernelCheck> {
     let gpu = gpu()?;
     let major: u32 = gpu.arch()[3..].parse::<u32>().expect("sm_XY") / 10;
@@ -264,6 +266,14 @@ fn gpu_with_tensor_cores() -> Option<KernelCheck> {
             gpu.tensor_cores_off(),
             None,
             "tensor cores on {}",
+            gpu.arch()
+        );
+    }
+    if major >= 9 && std::env::var("CLLM_CUDA_PDL").as_deref() != Ok("0") {
+        assert_eq!(
+            gpu.dependent_launch_off(),
+            None,
+            "dependent launch on {}",
             gpu.arch()
         );
     }

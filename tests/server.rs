@@ -835,10 +835,22 @@ async fn info_health_and_metrics_report_the_device() {
             "{device}"
         );
         assert!(metrics.contains("cllm_device_memory_total_bytes"));
+        // Compute capability 9.0 and later (the emulator's sm_90): kernels launched as
+        // programmatic dependent launches, unless turned off.
+        let name = device["name"].as_str().unwrap_or("");
+        let major = name
+            .rsplit_once("(sm_")
+            .and_then(|(_, arch)| arch.trim_end_matches(')').parse::<u32>().ok())
+            .map(|arch| arch / 10);
+        if major.is_some_and(|m| m >= 9) && std::env::var("CLLM_CUDA_PDL").as_deref() != Ok("0") {
+            assert_eq!(device["dependent_launch"], true, "{device}");
+        }
     } else {
         assert_eq!(device["tensor_cores"], false, "{device}");
+        assert_eq!(device["dependent_launch"], false, "{device}");
     }
     assert!(device["tensor_cores"].is_boolean(), "{device}");
+    assert!(device["dependent_launch"].is_boolean(), "{device}");
     server.shutdown().await;
 }
 

@@ -32,6 +32,7 @@ extern EmuDim3 emu_thread_idx, emu_block_idx, emu_block_dim, emu_grid_dim;
 #define __shared__ static
 
 void emu_syncthreads();
+void emu_grid_dependency_sync();
 unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask);
 
 inline void __syncthreads() { emu_syncthreads(); }

@@ -127,7 +127,11 @@ static struct {
     void* scheduler_sp = nullptr;
     EmuCall* call = nullptr;
     const char* kernel = "";
+    // Calls of grid_dependency_sync() (kernels/common.cuh) in the launch being run.
+    unsigned long dependency_syncs = 0;
 } blk;
+
+void emu_grid_dependency_sync() { blk.dependency_syncs++; }
 
 static void describe_thread(char* out, size_t len) {
     std::snprintf(out, len, "kernel %s, block (%u,%u,%u), thread (%u,%u,%u)", blk.kernel,
@@ -330,10 +334,22 @@ static void run_kernel(const EmuKernel* k, EmuCall* call, unsigned gx, unsigned 
     emu_grid_dim = EmuDim3{gx, gy, gz};
     emu_block_dim = EmuDim3{bx, by, bz};
     unsigned long blocks = (unsigned long)gx * gy * gz;
+    blk.dependency_syncs = 0;
     for (unsigned long n = 0; n < blocks; n++) {
         unsigned long b = blk.reverse ? blocks - 1 - n : n;
         emu_block_idx = EmuDim3{(unsigned)(b % gx), (unsigned)(b / gx % gy), (unsigned)(b / gx / gy)};
         run_block((int)(bx * by * bz));
+    }
+    // Under programmatic dependent launch a kernel runs beside the one before it until it
+    // waits: every thread of every kernel must call grid_dependency_sync().
+    unsigned long threads = blocks * bx * by * bz;
+    if (blk.dependency_syncs != threads) {
+        char what[256];
+        std::snprintf(what, sizeof what,
+                      "kernel %s: %lu of its %lu threads called grid_dependency_sync() (each "
+                      "must, once, before it touches memory another kernel writes)",
+                      k->name, blk.dependency_syncs, threads);
+        fail(what);
     }
 }
 
@@ -623,6 +639,33 @@ API cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
     std::lock_guard<std::recursive_mutex> lock(device_lock());
     run_launch(l);
     return OK;
+}
+
+// The launch of CUDA 12 with attributes: the one the backend passes, programmatic stream
+// serialization (programmatic dependent launch), changes nothing here, where kernels run one
+// after another; any other is refused.
+struct LaunchAttribute {
+    int id;
+    char pad[4];
+    union {
+        char bytes[64];
+        int value;
+    };
+};
+struct LaunchConfig {
+    unsigned grid[3], block[3], shared_bytes;
+    void* stream;
+    LaunchAttribute* attrs;
+    unsigned attr_count;
+};
+static const int ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6;
+
+API cuLaunchKernelEx(const LaunchConfig* c, void* f, void** params, void** extra) {
+    if (!c) return ERR_INVALID_VALUE;
+    for (unsigned i = 0; i < c->attr_count; i++)
+        if (c->attrs[i].id != ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION) return ERR_NOT_SUPPORTED;
+    return cuLaunchKernel(f, c->grid[0], c->grid[1], c->grid[2], c->block[0], c->block[1],
+                          c->block[2], c->shared_bytes, c->stream, params, extra);
 }
 
 API cuMemAlloc_v2(uint64_t* ptr, size_t bytes) {

@@ -238,6 +238,9 @@ pub struct DeviceInfo {
     /// Whether products of two or more tokens with bf16 weights run on the GPU's tensor
     /// cores (their f32 input split into two bf16 parts); false on the CPU.
     pub tensor_cores: bool,
+    /// Whether the GPU's kernels are launched as programmatic dependent launches (each may
+    /// start while the one before it finishes); false on the CPU.
+    pub dependent_launch: bool,
 }
 
 /// How to open an executor.
@@ -318,6 +321,7 @@ impl CpuBackend {
             kv_cache_dtype: dtype,
             reason,
             tensor_cores: false,
+            dependent_launch: false,
         };
         CpuBackend { exec, kv, info }
     }

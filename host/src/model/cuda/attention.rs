@@ -1,7 +1,7 @@
 //! The attention launch over the paged KV cache (kernels/attention.cu): head groups, block
 //! shape and the kernel variant for the head dim.
 
-use super::kernels::{launch, Arg, Kernels};
+use super::kernels::{Arg, Kernels};
 use cudarc::driver::{CudaStream, DriverError};
 
 /// Splits an attention launch may have (`MAX_SPLITS` in attention.cu).
@@ -93,7 +93,7 @@ pub fn attention(stream: &CudaStream, k: &Kernels, a: &Attention) -> Result<(), 
         _ => 3,
     };
     let func = &k.attention_split[variant];
-    launch(stream, func, grid, 32 * groups.warps as u32, &args)
+    k.launch(stream, func, grid, 32 * groups.warps as u32, &args)
 }
 
 #[cfg(test)]

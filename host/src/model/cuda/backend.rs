@@ -4,7 +4,7 @@
 
 use super::attention::{attention, attention_groups, Attention, MAX_ATTENTION_SPLITS};
 use super::compile::compile_all;
-use super::kernels::{gather_rms_norm, launch, Arg, Kernels};
+use super::kernels::{gather_rms_norm, Arg, Kernels};
 use super::memory::{DeviceBuffer, Growable};
 use super::products::{matmul, swiglu_product, Input};
 use super::profile::{events_per_pass, EventProfile};
@@ -257,6 +257,8 @@ pub(super) struct OpenDevice {
     pub sms: usize,
     /// Why products do not run on the tensor cores (None: they do).
     pub tensor_cores_off: Option<String>,
+    /// Why kernels are not launched as programmatic dependent launches (None: they are).
+    pub dependent_launch_off: Option<String>,
 }
 
 /// Opens CUDA device `ordinal`: checks the driver library first (cudarc panics without it),
@@ -288,6 +290,11 @@ pub(super) fn open_device(ordinal: usize) -> anyhow::Result<OpenDevice> {
         .unwrap_or(1)
         .max(1) as usize;
     let mut kernels = Kernels::load(&ctx, &cubins, sms).map_err(|e| anyhow::anyhow!(e))?;
+    let dependent_launch_off = super::dependent_launch::enable(&stream, &mut kernels, major);
+    match &dependent_launch_off {
+        None => tracing::info!("kernels are launched as programmatic dependent launches"),
+        Some(why) => tracing::info!("programmatic dependent launch not used: {why}"),
+    }
     let tensor_cores_off = super::tensor_cores::enable(&stream, &mut kernels, major)
         .map_err(|e| anyhow::anyhow!("the tensor cores' start-up check failed: {e:?}"))?;
     match &tensor_cores_off {
@@ -302,6 +309,7 @@ pub(super) fn open_device(ordinal: usize) -> anyhow::Result<OpenDevice> {
         name,
         sms,
         tensor_cores_off,
+        dependent_launch_off,
     })
 }
 
@@ -370,6 +378,7 @@ impl CudaBackend {
                 other => format!("--device {other}"),
             },
             tensor_cores: kernels.tensor_cores,
+            dependent_launch: kernels.dependent_launch,
         };
         tracing::info!(
             device = %info.name,
@@ -413,7 +422,7 @@ impl CudaBackend {
         let (ni, hi) = (p.n as u32, dims.h as i32);
         let eps = dims.eps;
         let scale = 1.0 / (dims.d as f32).sqrt();
-        launch(
+        k.launch(
             st,
             &k.embed[w.embed.dtype as usize],
             (ni, 1, 1),
@@ -464,7 +473,7 @@ impl CudaBackend {
                 Arg::Ptr(kc),
                 Arg::Ptr(vc),
             ];
-            launch(st, &k.rope_kv_append, (ni, 1, 1), 128, &rope_args)?;
+            k.launch(st, &k.rope_kv_append, (ni, 1, 1), 128, &rope_args)?;
             mark(Phase::RopeKv)?;
             let heads = Attention {
                 q: p.qkv,

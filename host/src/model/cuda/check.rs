@@ -4,11 +4,12 @@
 
 use super::attention::{attention, Attention, MAX_ATTENTION_SPLITS};
 use super::backend::{open_device, OpenDevice};
-use super::kernels::{launch, rms_norm, silu_mul, Arg};
+use super::kernels::{rms_norm, silu_mul, Arg};
 use super::memory::DeviceBuffer;
 use super::products::{matmul, swiglu_product, Input, MatrixView};
 use super::weights::{interleave_gate_up, DevDType};
 use crate::model::weights::DType;
+use cudarc::driver::CudaFunction;
 
 /// What [`KernelCheck::product`] feeds a product, `tokens` rows of `cols` values.
 pub enum ProductInput<'a> {
@@ -82,6 +83,24 @@ impl KernelCheck {
     /// where the pass would (`true`, the default).
     pub fn use_tensor_cores(&mut self, on: bool) {
         self.device.kernels.tensor_cores = on && self.device.tensor_cores_off.is_none();
+    }
+
+    /// Why kernels are not launched as programmatic dependent launches, or None when they
+    /// are (after the start-up check, as in the forward pass).
+    pub fn dependent_launch_off(&self) -> Option<&str> {
+        self.device.dependent_launch_off.as_deref()
+    }
+
+    /// Launches `func`, one of the device's kernels, on its stream.
+    fn launch(
+        &self,
+        func: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> anyhow::Result<()> {
+        let (k, stream) = (&self.device.kernels, &self.device.stream);
+        k.launch(stream, func, grid, block, args).map_err(dev)
     }
 
     fn up<T: Copy>(&self, data: &[T]) -> anyhow::Result<DeviceBuffer> {
@@ -278,10 +297,8 @@ impl KernelCheck {
         let cache = slots_total * kv_heads * d;
         let (rb, cb, sb, slb) = (self.up(qkv)?, self.up(cos)?, self.up(sin)?, self.up(slots)?);
         let (kb, vb) = (self.out(cache)?, self.out(cache)?);
-        let dv = &self.device;
-        launch(
-            &dv.stream,
-            &dv.kernels.rope_kv_append,
+        self.launch(
+            &self.device.kernels.rope_kv_append,
             (tokens as u32, 1, 1),
             128,
             &[
@@ -296,8 +313,7 @@ impl KernelCheck {
                 Arg::Ptr(kb.ptr()),
                 Arg::Ptr(vb.ptr()),
             ],
-        )
-        .map_err(dev)?;
+        )?;
         Ok((
             self.down(&rb, qkv.len())?,
             self.down(&kb, cache)?,
@@ -371,10 +387,8 @@ impl KernelCheck {
     pub fn argmax(&self, logits: &[f32], vocab: usize) -> anyhow::Result<Vec<u32>> {
         let rows = logits.len() / vocab.max(1);
         let (lb, ob) = (self.up(logits)?, self.out(rows)?);
-        let d = &self.device;
-        launch(
-            &d.stream,
-            &d.kernels.argmax_rows,
+        self.launch(
+            &self.device.kernels.argmax_rows,
             (rows as u32, 1, 1),
             1024,
             &[
@@ -382,8 +396,7 @@ impl KernelCheck {
                 Arg::I32(vocab as i32),
                 Arg::Ptr(ob.ptr()),
             ],
-        )
-        .map_err(dev)?;
+        )?;
         self.down(&ob, rows)
     }
 
@@ -402,10 +415,8 @@ impl KernelCheck {
             other => anyhow::bail!("no CUDA embedding for {}", other.name()),
         } as usize;
         let (tb, ib, ob) = (self.up(table)?, self.up(ids)?, self.out(ids.len() * h)?);
-        let d = &self.device;
-        launch(
-            &d.stream,
-            &d.kernels.embed[variant],
+        self.launch(
+            &self.device.kernels.embed[variant],
             (ids.len() as u32, 1, 1),
             256,
             &[
@@ -414,8 +425,7 @@ impl KernelCheck {
                 Arg::Ptr(ob.ptr()),
                 Arg::I32(h as i32),
             ],
-        )
-        .map_err(dev)?;
+        )?;
         self.down(&ob, ids.len() * h)
     }
 }

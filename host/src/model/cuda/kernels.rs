@@ -2,9 +2,8 @@
 //! the launches of the norm and SwiGLU kernels.
 
 use super::compile::Cubins;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DriverError, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, DriverError};
+use std::ffi::c_void;
 use std::sync::Arc;
 
 /// Every kernel the forward pass launches. Per-dtype variants are indexed by
@@ -33,6 +32,9 @@ pub struct Kernels {
     /// Whether products of several tokens with bf16 weights run on the tensor cores
     /// (`mma_bf16`): set by [`super::tensor_cores::enable`] once they have been checked.
     pub tensor_cores: bool,
+    /// Whether kernels are launched as programmatic dependent launches (compute capability
+    /// 9.0 and later): set by [`super::dependent_launch::enable`] once checked.
+    pub dependent_launch: bool,
 }
 
 impl Kernels {
@@ -79,6 +81,7 @@ impl Kernels {
             argmax_rows: f("sampling.cu", "argmax_rows")?,
             sms,
             tensor_cores: false,
+            dependent_launch: false,
         })
     }
 }
@@ -92,30 +95,75 @@ pub enum Arg {
     F32(f32),
 }
 
-/// Launches `func` on `stream` with `grid` blocks of `block` threads.
-pub fn launch(
+impl Kernels {
+    /// Launches `func` on `stream` with `grid` blocks of `block` threads, as a programmatic
+    /// dependent launch when [`Kernels::dependent_launch`] is on.
+    pub fn launch(
+        &self,
+        stream: &CudaStream,
+        func: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[Arg],
+    ) -> Result<(), DriverError> {
+        launch_with(stream, func, grid, block, args, self.dependent_launch)
+    }
+}
+
+/// Launches `func` on `stream` with `grid` blocks of `block` threads (`cuLaunchKernelEx`).
+/// With `dependent`, the launch carries programmatic stream serialization: the kernel may be
+/// scheduled before the one ahead of it in the stream has finished, and waits for it in
+/// `grid_dependency_sync()` (kernels/common.cuh), which every kernel calls.
+pub fn launch_with(
     stream: &CudaStream,
     func: &CudaFunction,
     grid: (u32, u32, u32),
     block: u32,
     args: &[Arg],
+    dependent: bool,
 ) -> Result<(), DriverError> {
-    let mut builder = stream.launch_builder(func);
-    for arg in args {
-        match arg {
-            Arg::Ptr(p) | Arg::U64(p) => builder.arg(p),
-            Arg::I32(v) => builder.arg(v),
-            Arg::F32(v) => builder.arg(v),
-        };
-    }
-    let config = LaunchConfig {
-        grid_dim: grid,
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
+    stream.context().bind_to_thread()?;
+    // cuLaunchKernelEx takes a pointer to each argument's value; `args` outlives the call.
+    let mut params: Vec<*mut c_void> = args
+        .iter()
+        .map(|arg| match arg {
+            Arg::Ptr(p) | Arg::U64(p) => p as *const u64 as *mut c_void,
+            Arg::I32(v) => v as *const i32 as *mut c_void,
+            Arg::F32(v) => v as *const f32 as *mut c_void,
+        })
+        .collect();
+    // SAFETY: an all-zero attribute is a valid value of this plain C struct and union.
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: if dependent {
+            &mut attribute
+        } else {
+            std::ptr::null_mut()
+        },
+        numAttrs: dependent as u32,
     };
     // SAFETY: each kernel's arguments are built by the backend to match its signature in
-    // kernels/*.cu, with pointers into live device buffers sized for the launch.
-    unsafe { builder.launch(config) }.map(|_| ())
+    // kernels/*.cu, with pointers into live device buffers sized for the launch; `params`
+    // points into `args`, and `config` and `attribute` live through the call.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
 }
 
 /// Blocks of 256 threads for a grid-stride loop over `n` elements.
@@ -145,7 +193,7 @@ pub fn rms_norm(
         Arg::I32(cols as i32),
         Arg::F32(eps),
     ];
-    launch(
+    k.launch(
         stream,
         &k.rms_norm,
         (tokens as u32, 1, 1),
@@ -177,7 +225,7 @@ pub fn gather_rms_norm(
         Arg::F32(eps),
     ];
     let grid = (count as u32, 1, 1);
-    launch(stream, &k.gather_rms_norm, grid, NORM_THREADS, &args)
+    k.launch(stream, &k.gather_rms_norm, grid, NORM_THREADS, &args)
 }
 
 /// `out[t] = silu(gate) * up` for `tokens` rows of the interleaved gate/up product
@@ -197,7 +245,7 @@ pub fn silu_mul(
         Arg::I32(inter as i32),
         Arg::U64(n as u64),
     ];
-    launch(
+    k.launch(
         stream,
         &k.silu_mul,
         (elementwise_blocks(n), 1, 1),

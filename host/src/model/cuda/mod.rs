@@ -7,6 +7,7 @@ mod attention;
 mod backend;
 mod check;
 pub mod compile;
+mod dependent_launch;
 mod kernels;
 mod memory;
 mod products;

@@ -2,7 +2,7 @@
 //! and the tiled GEMM, chosen by the weights' type and the token count, plain or with the
 //! SwiGLU of the interleaved gate/up rows.
 
-use super::kernels::{elementwise_blocks, launch, rms_norm, silu_mul, Arg, Kernels};
+use super::kernels::{elementwise_blocks, rms_norm, silu_mul, Arg, Kernels};
 use cudarc::driver::{CudaStream, DriverError};
 
 /// Products of up to this many tokens run as GEMVs (`GEMV_TOKENS_PER_PASS` tokens per pass
@@ -124,7 +124,7 @@ fn mma(
     let counts = [m.rows, m.cols, tokens, wpr, accumulate as usize, inter];
     let mut args = product_args(m, x, y, counts);
     args.push(Arg::Ptr(bias));
-    launch(stream, &k.mma_bf16, grid, 256, &args)
+    k.launch(stream, &k.mma_bf16, grid, 256, &args)
 }
 
 /// Whether a product runs on the tensor cores (`mma_bf16`).
@@ -164,12 +164,12 @@ pub fn matmul(
             match input {
                 Input::Rows(x) => {
                     let args = [Arg::Ptr(m.ptr), x_at(x), y_at, r, c, tk, wp, acc];
-                    launch(stream, &k.gemv[m.dtype], grid, 256, &args)?;
+                    k.launch(stream, &k.gemv[m.dtype], grid, 256, &args)?;
                 }
                 Input::Normed { x, weight, eps, .. } => {
                     let (w, e) = (Arg::Ptr(weight), Arg::F32(eps));
                     let args = [Arg::Ptr(m.ptr), x_at(x), w, e, y_at, r, c, tk, wp, acc];
-                    launch(stream, &k.gemv_norm[m.dtype], grid, 256, &args)?;
+                    k.launch(stream, &k.gemv_norm[m.dtype], grid, 256, &args)?;
                 }
             }
         }
@@ -177,7 +177,7 @@ pub fn matmul(
         let x = input_rows(stream, k, input, tokens, cols)?;
         let args = product_args(m, x, y, [rows, cols, tokens, accumulate as usize]);
         let grid = (rows.div_ceil(64) as u32, tokens.div_ceil(64) as u32, 1);
-        launch(stream, &k.gemm[m.dtype], grid, 256, &args)?;
+        k.launch(stream, &k.gemm[m.dtype], grid, 256, &args)?;
     }
     add_bias(stream, k, m, y, tokens)
 }
@@ -191,7 +191,7 @@ fn add_bias(
 ) -> Result<(), DriverError> {
     let Some(bias) = m.bias else { return Ok(()) };
     let n = tokens * m.rows;
-    launch(
+    k.launch(
         stream,
         &k.add_bias,
         (elementwise_blocks(n), 1, 1),
@@ -243,7 +243,7 @@ pub fn swiglu_product(
                 Arg::I32(wpr as i32),
                 Arg::I32(inter as i32),
             ];
-            launch(stream, &k.gemv_norm_swiglu[m.dtype], grid, 256, &args)?;
+            k.launch(stream, &k.gemv_norm_swiglu[m.dtype], grid, 256, &args)?;
         }
         Ok(())
     } else {

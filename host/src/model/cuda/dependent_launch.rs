@@ -1,0 +1,161 @@
+//! Whether kernels are launched as programmatic dependent launches: on GPUs of compute
+//! capability 9.0 and later (H100, H200), unless `CLLM_CUDA_PDL=0`, and only once a chain of
+//! dependent kernels launched so, on the stream and captured in a CUDA graph, computes what
+//! the host computes.
+//!
+//! A decode step of one sequence is ~6 short kernels a layer, each waiting for the one before
+//! it: between two of them the GPU drains, then launches and fills again. Launched with
+//! programmatic stream serialization, a kernel's blocks are scheduled while the kernel before
+//! it finishes and issue their first weight loads (which depend on no kernel) before they wait
+//! for it in `grid_dependency_sync()` (kernels/common.cuh), so that the launch and the loads'
+//! latency overlap the previous kernel's tail. Results are unchanged: every kernel waits before
+//! it touches any activation.
+
+use super::kernels::{rms_norm, Kernels};
+use super::memory::DeviceBuffer;
+use super::products::{matmul, Input, MatrixView};
+use super::weights::DevDType;
+use crate::model::rng::Rng;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaStream, DriverError};
+use std::sync::Arc;
+
+/// The environment variable that turns dependent launches off (`0`) for a comparison.
+pub const ENV: &str = "CLLM_CUDA_PDL";
+
+/// The largest relative error the check's chain may have (its f32 sums against f64: ~1e-7).
+const MAX_ERROR: f64 = 1e-5;
+
+/// Turns dependent launches on for `kernels` when the device has them (compute capability
+/// `major`.x), they are not turned off, and the check's chain agrees with the host, on the
+/// stream and in a graph. Returns why they are off, or None when they are on.
+pub fn enable(stream: &Arc<CudaStream>, kernels: &mut Kernels, major: i32) -> Option<String> {
+    if major < 9 {
+        return Some(format!(
+            "compute capability {major}.x has no programmatic dependent launch (9.0 and later)"
+        ));
+    }
+    if std::env::var(ENV).is_ok_and(|v| v.trim() == "0") {
+        return Some(format!("turned off by {ENV}=0"));
+    }
+    kernels.dependent_launch = true;
+    let why = match chain_errors(stream, kernels) {
+        Ok((eager, graph)) if eager <= MAX_ERROR && graph <= MAX_ERROR => None,
+        Ok((eager, graph)) => Some(format!(
+            "the start-up chain of dependent kernels was off by {eager:.2e} on the stream and \
+             {graph:.2e} in a graph (relative), more than {MAX_ERROR:.0e}"
+        )),
+        Err(e) => Some(format!(
+            "the start-up chain of dependent kernels failed: {e:?}"
+        )),
+    };
+    kernels.dependent_launch = why.is_none();
+    why
+}
+
+/// The relative errors of a chain of three dependent kernels (an RMSNorm of 3 rows, a GEMV
+/// of its output, a GEMV of that adding into its input) against the host's f64 result: run
+/// on the stream, then captured in a graph and replayed.
+fn chain_errors(stream: &Arc<CudaStream>, kernels: &Kernels) -> Result<(f64, f64), DriverError> {
+    let (n, tokens, eps) = (256usize, 3usize, 1e-5f32);
+    let mut rng = Rng::new(7);
+    let w: Vec<f32> = (0..n * n).map(|_| rng.next_signed_f32() * 0.1).collect();
+    let norm: Vec<f32> = (0..n).map(|_| 1.0 + rng.next_signed_f32() * 0.5).collect();
+    let x: Vec<f32> = (0..tokens * n).map(|_| rng.next_signed_f32()).collect();
+    let want = host_chain(&w, &norm, &x, n, eps as f64);
+    let cu = stream.cu_stream();
+    let (wb, nb) = (
+        DeviceBuffer::upload(&w, cu)?,
+        DeviceBuffer::upload(&norm, cu)?,
+    );
+    let (a, b) = (
+        DeviceBuffer::alloc(tokens * n * 4)?,
+        DeviceBuffer::alloc(tokens * n * 4)?,
+    );
+    let view = MatrixView {
+        ptr: wb.ptr(),
+        dtype: DevDType::F32 as usize,
+        rows: n,
+        cols: n,
+        bias: None,
+    };
+    let xb = DeviceBuffer::upload(&x, cu)?;
+    // x is only read: the chain gives the same result each time it runs.
+    let chain = || -> Result<(), DriverError> {
+        rms_norm(stream, kernels, xb.ptr(), nb.ptr(), a.ptr(), tokens, n, eps)?;
+        matmul(
+            stream,
+            kernels,
+            &view,
+            Input::Rows(a.ptr()),
+            b.ptr(),
+            tokens,
+            false,
+        )?;
+        matmul(
+            stream,
+            kernels,
+            &view,
+            Input::Rows(b.ptr()),
+            a.ptr(),
+            tokens,
+            true,
+        )
+    };
+    chain()?;
+    let eager = relative_error(&read(&a, tokens * n, stream)?, &want);
+    // Captured and replayed, with the outputs zeroed first so that the graph must write them.
+    a.zero(cu)?;
+    b.zero(cu)?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let captured = chain();
+    // The capture ends whatever happened, so that the stream is usable again.
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
+    captured?;
+    let graph = graph.ok_or(DriverError(
+        cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+    ))?;
+    graph.launch()?;
+    let in_graph = relative_error(&read(&a, tokens * n, stream)?, &want);
+    Ok((eager, in_graph))
+}
+
+fn read(buf: &DeviceBuffer, len: usize, stream: &CudaStream) -> Result<Vec<f32>, DriverError> {
+    let mut out = vec![0f32; len];
+    buf.read(&mut out, stream.cu_stream())?;
+    Ok(out)
+}
+
+/// What the chain computes, in f64: a = rmsnorm(x) · norm, b = a · Wᵀ, out = a + b · Wᵀ.
+fn host_chain(w: &[f32], norm: &[f32], x: &[f32], n: usize, eps: f64) -> Vec<f64> {
+    let product = |v: &[f64]| -> Vec<f64> {
+        (0..n)
+            .map(|r| (0..n).map(|k| w[r * n + k] as f64 * v[k]).sum())
+            .collect()
+    };
+    x.chunks(n)
+        .flat_map(|row| {
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+            let inv = 1.0 / (ms + eps).sqrt();
+            let a: Vec<f64> = (0..n)
+                .map(|i| norm[i] as f64 * (row[i] as f64 * inv))
+                .collect();
+            let b = product(&a);
+            let c = product(&b);
+            a.iter().zip(c).map(|(a, c)| a + c).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// ‖got − want‖ / ‖want‖; infinite when a value is not finite (not written, or garbage).
+fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (g as f64 - w) * (g as f64 - w);
+        den += w * w;
+    }
+    (num / den.max(1e-30)).sqrt()
+}
