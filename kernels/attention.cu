@@ -12,10 +12,11 @@
 // which start and end at zero) merges the splits of each of its heads into the output row, in
 // split order whichever block it is: no second launch.
 //
-// q rows: q_stride floats per token, head h at h * d. Cache: [slot][kv_head][d] in f32, slot =
+// q rows: q_stride floats per token, head h at h * d. Cache: [slot][kv_head][d] in f32 or f16
+// (the kernels named attention_split_f32_* or _f16_*), slot =
 // block_table[pos / 16] * 16 + pos % 16. Token t attends to positions first..=pos[t], first =
 // pos - window + 1 with a sliding window (window > 0), else 0. head_dim d <= 256; one kernel
-// per bound on d (attention_split_d32, _d64, _d128, _d256: DPL = d / 32 values a lane), so
+// per bound on d (_d32, _d64, _d128, _d256: DPL = d / 32 values a lane), so
 // that a warp's registers hold only what d needs and 8 keys' keys and values fit at once.
 
 #define KV_BLOCK 16
@@ -59,8 +60,9 @@ __device__ void merge_splits(const volatile float* part_ml, const volatile float
     __syncthreads();  // the shared arrays are reused for the block's next head
 }
 
-template <int DPL, int KEYS_AT_ONCE>
-__device__ void attention_split(const float* q, int q_stride, const float* kc, const float* vc,
+template <class KV, int DPL, int KEYS_AT_ONCE>
+__device__ void attention_split(const float* q, int q_stride, const typename KV::T* kc,
+                                const typename KV::T* vc,
                                 const int* tables, const int* tok_table, const int* tok_pos,
                                 int heads, int kv_heads, int d, int window, float scale,
                                 int split_keys, int group_heads, float* part_ml,
@@ -99,13 +101,13 @@ __device__ void attention_split(const float* q, int q_stride, const float* kc, c
             int j = j0 + u;
             bool valid = j < end;
             u64 slot = valid ? (u64)table[j / KV_BLOCK] * KV_BLOCK + j % KV_BLOCK : 0;
-            const float* kp = kc + slot * kv_dim + kvh * d;
-            const float* vp = vc + slot * kv_dim + kvh * d;
+            const typename KV::T* kp = kc + slot * kv_dim + kvh * d;
+            const typename KV::T* vp = vc + slot * kv_dim + kvh * d;
 #pragma unroll
             for (int c = 0; c < DPL; c++) {
                 int i = lane + 32 * c;
-                kv[u][c] = valid && i < d ? kp[i] : 0.0f;
-                vv[u][c] = valid && i < d ? vp[i] : 0.0f;
+                kv[u][c] = valid && i < d ? KV::at(kp, i) : 0.0f;
+                vv[u][c] = valid && i < d ? KV::at(vp, i) : 0.0f;
             }
         }
         // Scores; keys past the end score -inf (weight 0). j0 < end: the first is a key.
@@ -183,19 +185,24 @@ __device__ void attention_split(const float* q, int q_stride, const float* kc, c
         merge_splits(part_ml, part_acc, t, h0 + hh, heads, d, splits, out);
 }
 
-#define ATTENTION_ENTRY(name, DPL, KEYS)                                                          \
+#define ATTENTION_ENTRY(name, KV, DPL, KEYS)                                                      \
     extern "C" __global__ void __launch_bounds__(256) attention_split_##name(                    \
-        const float* q, int q_stride, const float* kc, const float* vc, const int* tables,      \
+        const float* q, int q_stride, const KV::T* kc, const KV::T* vc, const int* tables,      \
         const int* tok_table, const int* tok_pos, int heads, int kv_heads, int d, int window,   \
         float scale, int split_keys, int group_heads, float* part_ml, float* part_acc,          \
         int* counters, float* out) {                                                            \
-        attention_split<DPL, KEYS>(q, q_stride, kc, vc, tables, tok_table, tok_pos, heads,      \
-                                   kv_heads, d, window, scale, split_keys, group_heads,         \
-                                   part_ml, part_acc, counters, out);                           \
+        attention_split<KV, DPL, KEYS>(q, q_stride, kc, vc, tables, tok_table, tok_pos, heads,  \
+                                       kv_heads, d, window, scale, split_keys, group_heads,     \
+                                       part_ml, part_acc, counters, out);                       \
     }
 
 // Keys at once: 8 while a lane's 8 keys and values take at most 32 registers, else fewer.
-ATTENTION_ENTRY(d32, 1, 8)
-ATTENTION_ENTRY(d64, 2, 8)
-ATTENTION_ENTRY(d128, 4, 4)
-ATTENTION_ENTRY(d256, 8, 2)
+// Per cache type: f32, and f16 (widened as it is read).
+ATTENTION_ENTRY(f32_d32, WF32, 1, 8)
+ATTENTION_ENTRY(f32_d64, WF32, 2, 8)
+ATTENTION_ENTRY(f32_d128, WF32, 4, 4)
+ATTENTION_ENTRY(f32_d256, WF32, 8, 2)
+ATTENTION_ENTRY(f16_d32, WF16, 1, 8)
+ATTENTION_ENTRY(f16_d64, WF16, 2, 8)
+ATTENTION_ENTRY(f16_d128, WF16, 4, 4)
+ATTENTION_ENTRY(f16_d256, WF16, 8, 2)

@@ -25,6 +25,28 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 #endif
 }
 
+// f32 → f16 bits, rounded to nearest even, after clamping to f16's largest finite value (as
+// the CPU's f16 KV cache stores); a NaN stays a NaN.
+__device__ __forceinline__ u16 f16_bits(float f) {
+    f = f > 65504.0f ? 65504.0f : (f < -65504.0f ? -65504.0f : f);  // NaN compares false
+#ifdef __CUDA_ARCH__
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    // Host compilers (tests/cuda_emulator): the same rounding by bits.
+    u32 x = __float_as_uint(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (u16)(sign | 0x7e00u);
+    if (ax >= 0x38800000u) {  // normal in f16 (at least 2^-14): rebias, round 13 bits off
+        u32 r = ax - 0x38000000u, h = r >> 13, rest = r & 0x1fffu;
+        if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+        return (u16)(sign | h);
+    }
+    // Subnormal or zero in f16: a multiple of 2^-24, rounded to nearest even.
+    return (u16)(sign | (u32)rintf(__uint_as_float(ax) * 16777216.0f));
+#endif
+}
+
 // Programmatic dependent launch (compute capability 9.0 and later, when the backend launches
 // with it): the next kernel in the stream may be scheduled while this one still runs, and its
 // blocks start early, so that launch latency and their first weight loads overlap this
@@ -63,6 +85,8 @@ struct WF32 {
         out[4] = r.b.x; out[5] = r.b.y; out[6] = r.b.z; out[7] = r.b.w;
     }
     static __device__ __forceinline__ void load8(const float* p, float* out) { widen8(fetch8(p), out); }
+    // The KV cache stores through it.
+    static __device__ __forceinline__ void store(float* p, u64 i, float v) { p[i] = v; }
 };
 
 struct WBF16 {
@@ -87,6 +111,7 @@ struct WF16 {
     static __device__ __forceinline__ float at(const u16* p, u64 i) { return f16_to_f32(p[i]); }
     static __device__ __forceinline__ Raw fetch8(const u16* p) { return *(const uint4*)p; }
     static __device__ __forceinline__ void load8(const u16* p, float* out) { widen8(fetch8(p), out); }
+    static __device__ __forceinline__ void store(u16* p, u64 i, float v) { p[i] = f16_bits(v); }
     static __device__ __forceinline__ void widen8(const uint4& v, float* out) {
         u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll

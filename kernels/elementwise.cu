@@ -21,11 +21,13 @@ extern "C" __global__ void silu_mul(const float* gu, float* out, int inter, u64 
 
 // HF rotate_half RoPE on the q and k heads of each token's fused q/k/v row (stride floats:
 // q heads, then kv heads of k, then of v), fused with the paged KV append: q is rotated in
-// place, the rotated k and the v go to the token's cache slot. cos/sin: [token][head_dim / 2],
-// from the host. One block per token.
-extern "C" __global__ void rope_kv_append(float* qkv, int stride, int heads, int kv_heads, int d,
-                                          const float* cos, const float* sin, const int* slots,
-                                          float* kc, float* vc) {
+// place, the rotated k and the v go to the token's cache slot, in the cache's type (KV: WF32,
+// or WF16 rounding as the CPU's f16 cache does). cos/sin: [token][head_dim / 2], from the
+// host. One block per token.
+template <class KV>
+__device__ void rope_kv_append(float* qkv, int stride, int heads, int kv_heads, int d,
+                               const float* cos, const float* sin, const int* slots,
+                               typename KV::T* kc, typename KV::T* vc) {
     grid_dependency_sync();
     int half = d / 2, kv_dim = kv_heads * d;
     float* row = qkv + (u64)blockIdx.x * stride;
@@ -41,11 +43,21 @@ extern "C" __global__ void rope_kv_append(float* qkv, int stride, int heads, int
             p[i] = lo;
             p[i + half] = hi;
         } else {
-            int off = (h - heads) * d;
-            kc[dst + off + i] = lo;
-            kc[dst + off + i + half] = hi;
+            u64 off = dst + (h - heads) * d;
+            KV::store(kc, off + i, lo);
+            KV::store(kc, off + i + half, hi);
         }
     }
     const float* v = row + (heads + kv_heads) * d;
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) vc[dst + i] = v[i];
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) KV::store(vc, dst + i, v[i]);
 }
+
+#define ROPE_ENTRY(name, KV)                                                                     \
+    extern "C" __global__ void rope_kv_append_##name(                                            \
+        float* qkv, int stride, int heads, int kv_heads, int d, const float* cos,                \
+        const float* sin, const int* slots, KV::T* kc, KV::T* vc) {                              \
+        rope_kv_append<KV>(qkv, stride, heads, kv_heads, d, cos, sin, slots, kc, vc);            \
+    }
+
+ROPE_ENTRY(f32, WF32)
+ROPE_ENTRY(f16, WF16)

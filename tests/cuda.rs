@@ -521,38 +521,78 @@ fn gpu_norm_silu_rope_embed_and_argmax_match_the_cpu() {
         );
     }
     let slots: Vec<i32> = (0..tokens as i32).map(|t| (t * 7 + 5) % 40).collect();
-    let (rows_after, keys, values) = gpu
-        .rope_kv_append(&qkv, stride, (heads, kv_heads, d), &cos, &sin, &slots, 40)
-        .expect("rope runs");
-    for t in 0..tokens {
-        let mut want = qkv[t * stride..(t + 1) * stride].to_vec();
-        for head in want[..(heads + kv_heads) * d].chunks_exact_mut(d) {
-            ops::apply_rope(head, &cos[t * d / 2..][..d / 2], &sin[t * d / 2..][..d / 2]);
-        }
-        let slot = slots[t] as usize * kv_dim;
-        let close = |got: &[f32], want: &[f32], what: &str| {
-            for (g, w) in got.iter().zip(want) {
-                assert!(
-                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
-                    "{what} of token {t}: {g} vs {w}"
-                );
+    // Values that test the f16 cache's rounding: clamped beyond f16's range, ties to even
+    // (1 + 2^-11 down to 1, 1 + 3 * 2^-11 up to 1 + 2^-9), subnormals.
+    let mut qkv = qkv;
+    let special = [
+        70000.0f32,
+        -1e9,
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        3.0e-5,
+        -6.0e-8,
+        2f32.powi(-25),
+        65519.0,
+    ];
+    qkv[(heads + kv_heads) * d..][..special.len()].copy_from_slice(&special);
+    for f16_cache in [false, true] {
+        let (rows_after, keys, values) = gpu
+            .rope_kv_append(
+                &qkv,
+                stride,
+                (heads, kv_heads, d),
+                &cos,
+                &sin,
+                &slots,
+                40,
+                f16_cache,
+            )
+            .expect("rope runs");
+        for t in 0..tokens {
+            let mut want = qkv[t * stride..(t + 1) * stride].to_vec();
+            for head in want[..(heads + kv_heads) * d].chunks_exact_mut(d) {
+                ops::apply_rope(head, &cos[t * d / 2..][..d / 2], &sin[t * d / 2..][..d / 2]);
             }
-        };
-        close(
-            &rows_after[t * stride..t * stride + heads * d],
-            &want[..heads * d],
-            "rotated q",
-        );
-        close(
-            &keys[slot..slot + kv_dim],
-            &want[heads * d..(heads + kv_heads) * d],
-            "cached k",
-        );
-        assert_eq!(
-            &values[slot..slot + kv_dim],
-            &want[(heads + kv_heads) * d..],
-            "cached v"
-        );
+            let slot = slots[t] as usize * kv_dim;
+            // A rotated key stored as f16 may round the other way from the CPU's rotation:
+            // one f16 step (2^-10 of its value) apart.
+            let step = if f16_cache { 2f32.powi(-10) } else { 0.0 };
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                for (g, w) in got.iter().zip(want) {
+                    assert!(
+                        (g - w).abs() <= (1e-5 + step) * w.abs().max(1.0),
+                        "{what} of token {t} (f16 cache {f16_cache}): {g} vs {w}"
+                    );
+                }
+            };
+            close(
+                &rows_after[t * stride..t * stride + heads * d],
+                &want[..heads * d],
+                "rotated q",
+            );
+            close(
+                &keys[slot..slot + kv_dim],
+                &want[heads * d..(heads + kv_heads) * d],
+                "cached k",
+            );
+            // Values are stored as they are: bit for bit what the CPU's cache stores.
+            let want_v = &want[(heads + kv_heads) * d..];
+            let want_v = if f16_cache {
+                through_f16(want_v)
+            } else {
+                want_v.to_vec()
+            };
+            let got_v = &values[slot..slot + kv_dim];
+            assert!(
+                got_v
+                    .iter()
+                    .zip(&want_v)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "cached v of token {t} (f16 cache {f16_cache}): {:?} vs {:?}",
+                &got_v[..8],
+                &want_v[..8]
+            );
+        }
     }
 
     // Embedding rows in each stored type.
@@ -634,41 +674,58 @@ fn gpu_attention_matches_f64_reference() {
             }
             let n = positions.len();
             let q = random(&mut rng, n * heads * d, 1.0);
-            let mut want = vec![0.0f64; n * heads * d];
-            for t in 0..n {
-                let pos = positions[t] as usize;
-                let table = &tables[offsets[t] as usize..];
-                let first = if window > 0 {
-                    (pos + 1).saturating_sub(window)
-                } else {
-                    0
-                };
-                for h in 0..heads {
-                    let kvh = h / (heads / kv_heads);
-                    let qh = &q[(t * heads + h) * d..][..d];
-                    let slot = |j: usize| table[j / 16] as usize * 16 + j % 16;
-                    let scores: Vec<f64> = (first..=pos)
-                        .map(|j| {
-                            let k = &keys[slot(j) * kv_dim + kvh * d..][..d];
-                            qh.iter()
-                                .zip(k)
-                                .map(|(&a, &b)| a as f64 * b as f64)
-                                .sum::<f64>()
-                                / (d as f64).sqrt()
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                    let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                    for (j, s) in (first..=pos).zip(&scores) {
-                        let p = (s - max).exp() / total;
-                        let v = &values[slot(j) * kv_dim + kvh * d..][..d];
-                        for i in 0..d {
-                            want[(t * heads + h) * d + i] += p * v[i] as f64;
+            // The f64 attention over the cache's keys and values as stored.
+            let reference = |keys: &[f32], values: &[f32]| {
+                let mut want = vec![0.0f64; n * heads * d];
+                for t in 0..n {
+                    let pos = positions[t] as usize;
+                    let table = &tables[offsets[t] as usize..];
+                    let first = if window > 0 {
+                        (pos + 1).saturating_sub(window)
+                    } else {
+                        0
+                    };
+                    for h in 0..heads {
+                        let kvh = h / (heads / kv_heads);
+                        let qh = &q[(t * heads + h) * d..][..d];
+                        let slot = |j: usize| table[j / 16] as usize * 16 + j % 16;
+                        let scores: Vec<f64> = (first..=pos)
+                            .map(|j| {
+                                let k = &keys[slot(j) * kv_dim + kvh * d..][..d];
+                                qh.iter()
+                                    .zip(k)
+                                    .map(|(&a, &b)| a as f64 * b as f64)
+                                    .sum::<f64>()
+                                    / (d as f64).sqrt()
+                            })
+                            .collect();
+                        let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                        let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                        for (j, s) in (first..=pos).zip(&scores) {
+                            let p = (s - max).exp() / total;
+                            let v = &values[slot(j) * kv_dim + kvh * d..][..d];
+                            for i in 0..d {
+                                want[(t * heads + h) * d + i] += p * v[i] as f64;
+                            }
                         }
                     }
                 }
-            }
-            for splits in [1, 7, 32] {
+                want
+            };
+            let want = reference(&keys, &values);
+            // An f16 cache (the 1.1B model's heads and head dim 128): against the attention
+            // of the keys and values rounded to f16.
+            let f16_want = [64, 128].contains(&d).then(|| {
+                let (k16, v16) = (through_f16(&keys), through_f16(&values));
+                reference(&k16, &v16)
+            });
+            let runs = [(false, 1), (false, 7), (false, 32), (true, 7)];
+            for (f16_cache, splits) in runs {
+                let want = match (f16_cache, &f16_want) {
+                    (false, _) => &want,
+                    (true, Some(want)) => want,
+                    (true, None) => continue,
+                };
                 let got = gpu
                     .attention(&AttentionCase {
                         q: &q,
@@ -682,17 +739,26 @@ fn gpu_attention_matches_f64_reference() {
                         d,
                         window,
                         splits,
+                        f16_cache,
                     })
                     .expect("attention runs");
-                let err = rel_err(&got, &want);
+                let err = rel_err(&got, want);
                 assert!(
                 err < 1e-5,
-                "heads {heads}/{kv_heads}, d {d}, lengths {:?} (window {window}, {queries_per_seq} queries each), {splits} splits: relative error {err}",
+                "heads {heads}/{kv_heads}, d {d}, lengths {:?} (window {window}, {queries_per_seq} queries each), {splits} splits, f16 cache {f16_cache}: relative error {err}",
                 &lengths[..lengths.len().min(4)]
             );
             }
         }
     }
+}
+
+/// The values as an f16 KV cache stores them (rounded to nearest, clamped to f16's range).
+fn through_f16(values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|&v| half::f16::from_f32(v.clamp(-65504.0, 65504.0)).to_f32())
+        .collect()
 }
 
 // ---- Without a GPU: the CUDA backend on the CPU emulator (tests/cuda_emulator) ----
@@ -722,7 +788,7 @@ const LONG_PROMPT: &str = "Once upon a time, there was a little dog named Max. M
 /// With a driver library that has a device, `--device auto` takes it and says why, and its
 /// greedy tokens are the CPU's: a prompt of more than 64 tokens (the prefill's products are
 /// tiled GEMMs, not GEMVs), then 90 decode steps replayed from captured graphs over several KV
-/// blocks, with the attention split in two.
+/// blocks, with the attention split in two; and with an f16 KV cache, the CPU's f16-cache tokens.
 #[test]
 fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
     use common::emulated_gpu::{emulator_dir, on_emulator};
@@ -734,7 +800,7 @@ fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
         return;
     };
     let fx = fixture("stories260K").expect("in the repository");
-    let run = |device: &str, emulated: bool| {
+    let run_with = |device: &str, emulated: bool, kv_cache: &str| {
         let mut cmd = cllm();
         cmd.args([
             "generate",
@@ -742,6 +808,8 @@ fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
             "--ignore-eos",
             "--max-new-tokens",
             "90",
+            "--kv-cache-dtype",
+            kv_cache,
         ])
         .args(["--device", device, "--model"])
         .arg(&fx.model_dir)
@@ -755,6 +823,7 @@ fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
         (json["output_ids"].clone(), stderr)
     };
+    let run = |device: &str, emulated: bool| run_with(device, emulated, "f32");
     let (cpu, cpu_log) = run("cpu", false);
     let prompt_tokens: usize = cpu_log
         .lines()
@@ -771,5 +840,17 @@ fn device_auto_takes_an_emulated_device_and_keeps_the_cpu_tokens() {
             "generated on cllm CUDA emulator (CPU) (sm_90) [device auto: CUDA device 0 found]"
         ),
         "auto says it runs on CUDA and why: {stderr}"
+    );
+    // An f16 cache: stored and read back as the CPU's f16 cache does.
+    let (cpu16, _) = run_with("cpu", false, "f16");
+    let (gpu16, _) = run_with("cuda", true, "f16");
+    assert_eq!(
+        cpu16.as_array().map(Vec::len),
+        Some(90),
+        "90 tokens: {cpu16}"
+    );
+    assert_eq!(
+        gpu16, cpu16,
+        "the emulated device's f16-cache tokens are the CPU's"
     );
 }

@@ -547,9 +547,10 @@ fn more_quant_types_generate_as_their_f32_dequantization() {
     }
 }
 
-/// CI has no GPU: the bf16 GGUF file's golden runs again on the CUDA emulator
-/// (tests/cuda_emulator).
+/// CI has no GPU: the bf16 GGUF file's golden runs, and the f16 KV cache's, again on the CUDA
+/// emulator (tests/cuda_emulator).
 #[test]
-fn bf16_gguf_runs_pass_on_the_cuda_emulator() {
-    common::emulated_gpu::rerun_on_emulated_gpu(&["tiny256_bf16_matches_hf"], 1, "forward");
+fn gguf_runs_pass_on_the_cuda_emulator() {
+    let tests = ["tiny256_bf16_matches_hf", "f16_kv_cache_within_tolerance"];
+    common::emulated_gpu::rerun_on_emulated_gpu(&tests, tests.len(), "forward");
 }

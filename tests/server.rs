@@ -619,14 +619,15 @@ async fn greedy_text_ids(
     (ids, rid)
 }
 
-/// `scheduler.kv_cache_dtype: f16` (CPU only) stores blocks of half the bytes: the same
-/// `kv_cache_mb` holds twice the blocks, `/info` and `/metrics` say so, and greedy generation on
-/// it gives the tokens the f32 cache gives (a broken conversion would not).
+/// `scheduler.kv_cache_dtype: f16` stores blocks of half the bytes: the same `kv_cache_mb`
+/// holds twice the blocks (on the CPU: a GPU's cache is sized from its free memory), `/info`
+/// and `/metrics` say so, and greedy generation on it gives the tokens the f32 cache gives (a
+/// broken conversion would not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_f16_kv_cache_holds_twice_the_blocks_and_generates_the_same_tokens() {
     use cllm::model::kv_cache::KvDtype;
     if common::test_device() != cllm::model::executor::DeviceChoice::Cpu {
-        eprintln!("CPU ONLY: an f16 KV cache is not supported on CUDA");
+        eprintln!("CPU ONLY: a GPU's KV cache is sized from device memory, not kv_cache_mb");
         return;
     }
     let prompt = "Once upon a time, there was a little girl named Lily. She loved to";

@@ -73,13 +73,8 @@ fn executor_for(
     numerics: Numerics,
     kv_dtype: KvDtype,
 ) -> Box<dyn cllm::model::executor::Executor> {
-    let mut device = test_device(model);
-    if kv_dtype == KvDtype::F16 && device != DeviceChoice::Cpu {
-        eprintln!("CPU ONLY: an f16 KV cache is a CPU option");
-        device = DeviceChoice::Cpu;
-    }
     let settings = ExecutorSettings {
-        device,
+        device: test_device(model),
         threads: 0,
         numerics,
         kv_dtype,

@@ -250,7 +250,7 @@ pub struct ExecutorSettings {
     /// CPU worker threads (0: one per core).
     pub threads: usize,
     pub numerics: Numerics,
-    /// What the KV cache stores (a GPU refuses f16).
+    /// What the KV cache stores.
     pub kv_dtype: KvDtype,
     /// KV cache blocks on the CPU, and on the GPU when set explicitly.
     pub kv_blocks: usize,

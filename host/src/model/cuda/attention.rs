@@ -12,8 +12,10 @@ pub struct Attention {
     /// Query rows, `q_stride` floats apart, head h at `h * d`.
     pub q: u64,
     pub q_stride: usize,
+    /// The cache's keys and values, f32 or f16 (`f16_cache`).
     pub keys: u64,
     pub values: u64,
+    pub f16_cache: bool,
     /// Block tables, each token's table offset in them, and each token's position.
     pub tables: u64,
     pub offsets: u64,
@@ -92,7 +94,7 @@ pub fn attention(stream: &CudaStream, k: &Kernels, a: &Attention) -> Result<(), 
         65..=128 => 2,
         _ => 3,
     };
-    let func = &k.attention_split[variant];
+    let func = &k.attention_split[a.f16_cache as usize][variant];
     k.launch(stream, func, grid, 32 * groups.warps as u32, &args)
 }
 

@@ -196,16 +196,22 @@ struct Graph(cudarc::driver::CudaGraph);
 // SAFETY: see [`Graph`].
 unsafe impl Send for Graph {}
 
-/// The KV cache in device memory: all layers' keys, then all layers' values.
+/// The KV cache in device memory: all layers' keys, then all layers' values, in `dtype`.
 struct DeviceKv {
     keys: DeviceBuffer,
     values: DeviceBuffer,
     layer_bytes: usize,
+    dtype: KvDtype,
 }
 
 impl DeviceKv {
-    fn alloc(dims: &Dims, blocks: usize, stream: &CudaStream) -> Result<DeviceKv, DriverError> {
-        let layer_bytes = blocks * BLOCK_SIZE * dims.kv_dim * 4;
+    fn alloc(
+        dims: &Dims,
+        blocks: usize,
+        dtype: KvDtype,
+        stream: &CudaStream,
+    ) -> Result<DeviceKv, DriverError> {
+        let layer_bytes = blocks * BLOCK_SIZE * dims.kv_dim * dtype.bytes();
         let keys = DeviceBuffer::alloc(layer_bytes * dims.layers)?;
         let values = DeviceBuffer::alloc(layer_bytes * dims.layers)?;
         // Unwritten slots are never read, but zeros keep a stray read finite.
@@ -215,6 +221,7 @@ impl DeviceKv {
             keys,
             values,
             layer_bytes,
+            dtype,
         })
     }
 }
@@ -329,9 +336,6 @@ impl CudaBackend {
                  (run it with --device cpu)"
             );
         }
-        if settings.kv_dtype == KvDtype::F16 {
-            anyhow::bail!("an f16 KV cache (scheduler.kv_cache_dtype) is not supported on CUDA");
-        }
         let dims = Dims::new(config);
         if dims.d > MAX_HEAD_DIM || !dims.d.is_multiple_of(2) {
             anyhow::bail!(
@@ -344,7 +348,8 @@ impl CudaBackend {
         let (arch, name, sms) = (device.arch, device.name, device.sms);
         let weights = upload(weights, stream.cu_stream())
             .map_err(|e| anyhow::anyhow!("uploading the weights: {e:?}"))?;
-        let per_block = block_bytes(crate::model::kv_layout(config, KvDtype::F32));
+        let kv_dtype = settings.kv_dtype;
+        let per_block = block_bytes(crate::model::kv_layout(config, kv_dtype));
         let (free, total) = ctx.mem_get_info().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let blocks = if settings.kv_blocks_explicit {
             settings.kv_blocks
@@ -357,7 +362,7 @@ impl CudaBackend {
         // its prompts through `ensure_blocks`).
         let min_blocks = BlockPool::blocks_for(config.max_position_embeddings + 1);
         let blocks = blocks.max(settings.kv_blocks.min(min_blocks)).max(1);
-        let kv = DeviceKv::alloc(&dims, blocks, &stream)
+        let kv = DeviceKv::alloc(&dims, blocks, kv_dtype, &stream)
             .with_context(|| format!("allocating a KV cache of {blocks} blocks"))
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         stream.synchronize().map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -369,8 +374,8 @@ impl CudaBackend {
             memory_total_bytes: Some(total as u64),
             memory_free_bytes: Some(free_after as u64),
             kv_cache_blocks: blocks,
-            kv_cache_bytes: cache_bytes(crate::model::kv_layout(config, KvDtype::F32), blocks),
-            kv_cache_dtype: KvDtype::F32,
+            kv_cache_bytes: cache_bytes(crate::model::kv_layout(config, kv_dtype), blocks),
+            kv_cache_dtype: kv_dtype,
             reason: match settings.device {
                 crate::model::executor::DeviceChoice::Auto => {
                     format!("device auto: CUDA device {ordinal} found")
@@ -473,13 +478,16 @@ impl CudaBackend {
                 Arg::Ptr(kc),
                 Arg::Ptr(vc),
             ];
-            k.launch(st, &k.rope_kv_append, (ni, 1, 1), 128, &rope_args)?;
+            let f16_cache = self.kv.dtype == KvDtype::F16;
+            let rope = &k.rope_kv_append[f16_cache as usize];
+            k.launch(st, rope, (ni, 1, 1), 128, &rope_args)?;
             mark(Phase::RopeKv)?;
             let heads = Attention {
                 q: p.qkv,
                 q_stride: dims.qkv_rows,
                 keys: kc,
                 values: vc,
+                f16_cache,
                 tables: p.tables,
                 offsets: p.offsets,
                 positions: p.positions,
@@ -596,14 +604,15 @@ impl Executor for CudaBackend {
         self.ctx.bind_to_thread().map_err(dev)?;
         // Free the old cache before taking the new one; graphs hold its address.
         self.graphs.clear();
-        self.kv = DeviceKv::alloc(&self.dims, 0, &self.stream).map_err(dev)?;
-        self.kv = DeviceKv::alloc(&self.dims, blocks, &self.stream).map_err(dev)?;
+        let dtype = self.kv.dtype;
+        self.kv = DeviceKv::alloc(&self.dims, 0, dtype, &self.stream).map_err(dev)?;
+        self.kv = DeviceKv::alloc(&self.dims, blocks, dtype, &self.stream).map_err(dev)?;
         self.pool = BlockPool::new(blocks);
         self.info.kv_cache_blocks = blocks;
         let layout = KvLayout {
             num_layers: self.dims.layers,
             kv_dim: self.dims.kv_dim,
-            dtype: KvDtype::F32,
+            dtype,
         };
         self.info.kv_cache_bytes = cache_bytes(layout, blocks);
         Ok(())

@@ -59,6 +59,8 @@ pub struct AttentionCase<'a> {
     pub window: usize,
     /// Splits along the keys.
     pub splits: usize,
+    /// Whether the cache stores f16 (the keys and values are rounded to it) instead of f32.
+    pub f16_cache: bool,
 }
 
 impl KernelCheck {
@@ -281,7 +283,8 @@ impl KernelCheck {
     }
 
     /// RoPE with the KV append on fused q/k/v rows (`stride` floats a token): the rows with
-    /// q rotated, and the cache's keys and values (`slots_total` slots of `kv_heads * d`).
+    /// q rotated, and the cache's keys and values (`slots_total` slots of `kv_heads * d`), in
+    /// f32 or, with `f16_cache`, stored as f16 (widened back here).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_kv_append(
         &self,
@@ -292,13 +295,17 @@ impl KernelCheck {
         sin: &[f32],
         slots: &[i32],
         slots_total: usize,
+        f16_cache: bool,
     ) -> anyhow::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let tokens = qkv.len() / stride;
         let cache = slots_total * kv_heads * d;
         let (rb, cb, sb, slb) = (self.up(qkv)?, self.up(cos)?, self.up(sin)?, self.up(slots)?);
-        let (kb, vb) = (self.out(cache)?, self.out(cache)?);
+        // Poisoned as `out` does, in either type (0xffff is an f16 NaN).
+        let element = if f16_cache { 2 } else { 4 };
+        let floats = (cache * element).div_ceil(4);
+        let (kb, vb) = (self.out(floats)?, self.out(floats)?);
         self.launch(
-            &self.device.kernels.rope_kv_append,
+            &self.device.kernels.rope_kv_append[f16_cache as usize],
             (tokens as u32, 1, 1),
             128,
             &[
@@ -314,11 +321,17 @@ impl KernelCheck {
                 Arg::Ptr(vb.ptr()),
             ],
         )?;
-        Ok((
-            self.down(&rb, qkv.len())?,
-            self.down(&kb, cache)?,
-            self.down(&vb, cache)?,
-        ))
+        let widened = |buf: &DeviceBuffer| -> anyhow::Result<Vec<f32>> {
+            if !f16_cache {
+                return self.down(buf, cache);
+            }
+            let bits: Vec<u16> = self.down(buf, cache)?;
+            Ok(bits
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect())
+        };
+        Ok((self.down(&rb, qkv.len())?, widened(&kb)?, widened(&vb)?))
     }
 
     /// Attention of every token of `case` over the cache: `[token][heads * d]`.
@@ -342,7 +355,16 @@ impl KernelCheck {
             "attention takes 1 to {MAX_ATTENTION_SPLITS} splits"
         );
         let split_keys = longest.div_ceil(case.splits).max(1);
-        let (qb, kb, vb) = (self.up(case.q)?, self.up(case.keys)?, self.up(case.values)?);
+        // An f16 cache holds the keys and values rounded as the CPU's f16 cache rounds them.
+        let cache = |values: &[f32]| -> anyhow::Result<DeviceBuffer> {
+            if !case.f16_cache {
+                return self.up(values);
+            }
+            let mut bits = vec![0u16; values.len()];
+            crate::model::cpu::matmul::round_to_f16(values, &mut bits);
+            self.up(&bits)
+        };
+        let (qb, kb, vb) = (self.up(case.q)?, cache(case.keys)?, cache(case.values)?);
         let (tb, ob, pb) = (
             self.up(case.tables)?,
             self.up(case.offsets)?,
@@ -357,6 +379,7 @@ impl KernelCheck {
             q_stride: case.heads * case.d,
             keys: kb.ptr(),
             values: vb.ptr(),
+            f16_cache: case.f16_cache,
             tables: tb.ptr(),
             offsets: ob.ptr(),
             positions: pb.ptr(),

@@ -23,9 +23,11 @@ pub struct Kernels {
     pub gather_rms_norm: CudaFunction,
     pub add_bias: CudaFunction,
     pub silu_mul: CudaFunction,
-    pub rope_kv_append: CudaFunction,
-    /// Per bound on the head dim: 32, 64, 128, 256 ([`super::attention::attention`] picks).
-    pub attention_split: [CudaFunction; 4],
+    /// Per KV cache type: f32, f16.
+    pub rope_kv_append: [CudaFunction; 2],
+    /// Per KV cache type (f32, f16) and bound on the head dim: 32, 64, 128, 256
+    /// ([`super::attention::attention`] picks).
+    pub attention_split: [[CudaFunction; 4]; 2],
     pub argmax_rows: CudaFunction,
     /// Streaming multiprocessors of the device (how wide a launch must be to fill it).
     pub sms: usize,
@@ -60,6 +62,10 @@ impl Kernels {
                 f(file, &format!("{prefix}_bf16"))?,
             ])
         };
+        let attention = |cache: &str| -> Result<[CudaFunction; 4], String> {
+            let bound = |d: usize| f("attention.cu", &format!("attention_split_{cache}_d{d}"));
+            Ok([bound(32)?, bound(64)?, bound(128)?, bound(256)?])
+        };
         Ok(Kernels {
             embed: typed("embed.cu", "embed")?,
             gemv: typed("matmul.cu", "gemv")?,
@@ -71,13 +77,11 @@ impl Kernels {
             gather_rms_norm: f("norm.cu", "gather_rms_norm")?,
             add_bias: f("elementwise.cu", "add_bias")?,
             silu_mul: f("elementwise.cu", "silu_mul")?,
-            rope_kv_append: f("elementwise.cu", "rope_kv_append")?,
-            attention_split: [
-                f("attention.cu", "attention_split_d32")?,
-                f("attention.cu", "attention_split_d64")?,
-                f("attention.cu", "attention_split_d128")?,
-                f("attention.cu", "attention_split_d256")?,
+            rope_kv_append: [
+                f("elementwise.cu", "rope_kv_append_f32")?,
+                f("elementwise.cu", "rope_kv_append_f16")?,
             ],
+            attention_split: [attention("f32")?, attention("f16")?],
             argmax_rows: f("sampling.cu", "argmax_rows")?,
             sms,
             tensor_cores: false,
