@@ -3,7 +3,8 @@
 # minutes. Needs gpu/ from scripts/gpu-pack.sh (built on a machine with Rust) beside the
 # working tree. Runs the GPU tests (each kernel against the CPU; every golden model on the
 # GPU, batched and chunked), compares `cllm generate` on CPU and GPU for every model, runs the
-# GPU bench and its per-phase profile of a decode step, and serves a 1.1B-shaped model under
+# GPU bench (also without tensor cores, without dependent launches, with an f16 KV cache) and
+# its per-phase profile of a decode step, and serves a 1.1B-shaped model under
 # 1, 16 and 64 concurrent streams. Prints one table at the end; logs go to $OUT (or
 # /tmp/gpu-check).
 set -uo pipefail
@@ -98,6 +99,11 @@ bench_rows "$LOG/bench-1b-cuda-cores.txt" "bench 1b bf16, CLLM_CUDA_TENSOR_CORES
 CLLM_CUDA_PDL=0 timeout 150 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda \
   --batch 1,8 --decode-tokens 64 > "$LOG/bench-1b-no-pdl.txt" 2>&1
 bench_rows "$LOG/bench-1b-no-pdl.txt" "bench 1b bf16, CLLM_CUDA_PDL=0"
+
+# With an f16 KV cache (half of what attention reads), for the comparison.
+timeout 150 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --kv-cache-dtype f16 \
+  --batch 1,64 --decode-tokens 64 > "$LOG/bench-1b-f16-kv.txt" 2>&1
+bench_rows "$LOG/bench-1b-f16-kv.txt" "bench 1b bf16, --kv-cache-dtype f16"
 
 # Where a batch-1 decode step's GPU time goes (CUDA events between phases, no graph).
 timeout 120 "$BIN/cllm" bench --synthetic 1b --dtype bf16 --device cuda --batch 0 \
