@@ -55,7 +55,9 @@ __device__ __forceinline__ u16 f16_bits(float f) {
 // kernel be scheduled once every block of this one has started (`launch_dependents`), then
 // waits until the kernels before this one have finished and their writes are visible
 // (`wait`). Only loads of weights, which no kernel writes, may come before it. For a kernel
-// launched without the attribute both are no-ops.
+// launched without the attribute both are no-ops. Activations are never `const __restrict__`
+// parameters: the compiler may read such a pointer through the non-coherent read-only path
+// (`ld.global.nc`), which the wait's visibility guarantee does not cover; weights may be.
 __device__ __forceinline__ void grid_dependency_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

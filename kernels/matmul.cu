@@ -211,7 +211,7 @@ __device__ void gemv(const typename W::T* __restrict__ w, In in, float* __restri
 
 // 256 threads; thread (ty, tx) computes tokens ty*4..+4 × rows tx*4..+4 of the block's tile.
 template <class W>
-__device__ void gemm(const typename W::T* __restrict__ w, const float* __restrict__ x,
+__device__ void gemm(const typename W::T* __restrict__ w, const float* x,
                      float* __restrict__ y, int rows, int cols, int tokens, int accumulate) {
     __shared__ float xs[TK][TILE + 4];
     __shared__ float ws[TK][TILE + 4];
@@ -292,7 +292,7 @@ __device__ __forceinline__ void mma_fetch(const u16* const* wrow, int k, int col
 // Three blocks a multiprocessor (at most 85 registers a thread; sm_90 needs 80 with no spills):
 // the weight prefetch would otherwise take it to 93 registers and two blocks.
 extern "C" __global__ void __launch_bounds__(256, 3) mma_bf16(const u16* __restrict__ w,
-                                                           const float* __restrict__ x,
+                                                           const float* x,
                                                            float* __restrict__ y, int rows,
                                                            int cols, int tokens, int wpr,
                                                            int accumulate, int inter,

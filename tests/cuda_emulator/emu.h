@@ -36,6 +36,8 @@ void emu_grid_dependency_sync();
 unsigned int emu_shfl_xor(unsigned int mask, unsigned int bits, int lane_mask);
 
 inline void __syncthreads() { emu_syncthreads(); }
+// Kernels run one after another here: there is nothing to wait for.
+inline void __nanosleep(unsigned int) {}
 
 // One block runs at a time and its threads switch only at synchronisation points: a fence has
 // nothing to order, and an atomic add is a plain one.

@@ -298,6 +298,15 @@ pub(super) fn open_device(ordinal: usize) -> anyhow::Result<OpenDevice> {
         .max(1) as usize;
     let mut kernels = Kernels::load(&ctx, &cubins, sms).map_err(|e| anyhow::anyhow!(e))?;
     let dependent_launch_off = super::dependent_launch::enable(&stream, &mut kernels, major);
+    // A fault in its check (not a refused launch) leaves the context unusable: say so here,
+    // not as the next check's failure.
+    if let (Some(why), Err(e)) = (&dependent_launch_off, stream.synchronize()) {
+        anyhow::bail!(
+            "the programmatic dependent launch start-up check left the CUDA context unusable \
+             ({why}; then {e:?}); set {}=0 to skip it",
+            super::dependent_launch::ENV
+        );
+    }
     match &dependent_launch_off {
         None => tracing::info!("kernels are launched as programmatic dependent launches"),
         Some(why) => tracing::info!("programmatic dependent launch not used: {why}"),

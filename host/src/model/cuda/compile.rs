@@ -26,6 +26,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
         "sampling.cu",
         include_str!("../../../../kernels/sampling.cu"),
     ),
+    ("probe.cu", include_str!("../../../../kernels/probe.cu")),
 ];
 
 /// Whether the NVRTC library can be loaded (`libnvrtc.so.13` on the library path).

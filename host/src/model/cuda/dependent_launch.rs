@@ -1,7 +1,8 @@
 //! Whether kernels are launched as programmatic dependent launches: on GPUs of compute
-//! capability 9.0 and later (H100, H200), unless `CLLM_CUDA_PDL=0`, and only once a chain of
-//! dependent kernels launched so, on the stream and captured in a CUDA graph, computes what
-//! the host computes.
+//! capability 9.0 and later (H100, H200), unless `CLLM_CUDA_PDL=0`, and only once, on the
+//! stream and captured in a CUDA graph, a kernel launched right after a slow writer reads what
+//! the writer wrote (the wait waits), and a chain of dependent products computes what the host
+//! computes.
 //!
 //! A decode step of one sequence is ~6 short kernels a layer, each waiting for the one before
 //! it: between two of them the GPU drains, then launches and fills again. Launched with
@@ -11,12 +12,12 @@
 //! latency overlap the previous kernel's tail. Results are unchanged: every kernel waits before
 //! it touches any activation.
 
-use super::kernels::{rms_norm, Kernels};
+use super::kernels::{rms_norm, Arg, Kernels};
 use super::memory::DeviceBuffer;
 use super::products::{matmul, Input, MatrixView};
 use super::weights::DevDType;
 use crate::model::rng::Rng;
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
 use cudarc::driver::{CudaStream, DriverError};
 use std::sync::Arc;
 
@@ -39,18 +40,58 @@ pub fn enable(stream: &Arc<CudaStream>, kernels: &mut Kernels, major: i32) -> Op
         return Some(format!("turned off by {ENV}=0"));
     }
     kernels.dependent_launch = true;
-    let why = match chain_errors(stream, kernels) {
-        Ok((eager, graph)) if eager <= MAX_ERROR && graph <= MAX_ERROR => None,
-        Ok((eager, graph)) => Some(format!(
+    let why = match (probe(stream, kernels), chain_errors(stream, kernels)) {
+        (Err(e), _) | (_, Err(e)) => Some(format!("a dependent launch failed: {e:?}")),
+        (Ok(read), _) if read != [PROBE_VALUE; 2] => Some(format!(
+            "a dependent kernel read {read:?} (on the stream, in a graph) before its writer \
+             ({PROBE_VALUE}) finished"
+        )),
+        (_, Ok((eager, graph))) if eager > MAX_ERROR || graph > MAX_ERROR => Some(format!(
             "the start-up chain of dependent kernels was off by {eager:.2e} on the stream and \
              {graph:.2e} in a graph (relative), more than {MAX_ERROR:.0e}"
         )),
-        Err(e) => Some(format!(
-            "the start-up chain of dependent kernels failed: {e:?}"
-        )),
+        _ => None,
     };
     kernels.dependent_launch = why.is_none();
     why
+}
+
+/// What the probe's writer writes, after sleeping [`PROBE_SLEEP_US`] microseconds.
+const PROBE_VALUE: i32 = 0x5eed;
+const PROBE_SLEEP_US: i32 = 100;
+
+/// What a reader launched right after a slow writer (probe.cu) reads, on the stream and in a
+/// captured graph: the writer's value when the reader waited for it, 0 (the cell's value
+/// before) when it did not.
+fn probe(stream: &Arc<CudaStream>, kernels: &Kernels) -> Result<[i32; 2], DriverError> {
+    let cu = stream.cu_stream();
+    let (cell, out) = (DeviceBuffer::alloc(4)?, DeviceBuffer::alloc(4)?);
+    let pair = || -> Result<(), DriverError> {
+        let write = [
+            Arg::Ptr(cell.ptr()),
+            Arg::I32(PROBE_VALUE),
+            Arg::I32(PROBE_SLEEP_US),
+        ];
+        kernels.launch(stream, &kernels.probe_write, (1, 1, 1), 32, &write)?;
+        let read = [Arg::Ptr(cell.ptr()), Arg::Ptr(out.ptr())];
+        kernels.launch(stream, &kernels.probe_read, (1, 1, 1), 32, &read)
+    };
+    let mut read = [0i32; 2];
+    cell.zero(cu)?;
+    pair()?;
+    out.read(&mut read[..1], cu)?;
+    cell.zero(cu)?;
+    out.zero(cu)?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let captured = pair();
+    // The capture ends whatever happened, so that the stream is usable again.
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
+    captured?;
+    graph
+        .ok_or(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED))?
+        .launch()?;
+    out.read(&mut read[1..], cu)?;
+    Ok(read)
 }
 
 /// The relative errors of a chain of three dependent kernels (an RMSNorm of 3 rows, a GEMV
@@ -112,10 +153,9 @@ fn chain_errors(stream: &Arc<CudaStream>, kernels: &Kernels) -> Result<(f64, f64
     // The capture ends whatever happened, so that the stream is usable again.
     let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
     captured?;
-    let graph = graph.ok_or(DriverError(
-        cudarc::driver::sys::CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
-    ))?;
-    graph.launch()?;
+    graph
+        .ok_or(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED))?
+        .launch()?;
     let in_graph = relative_error(&read(&a, tokens * n, stream)?, &want);
     Ok((eager, in_graph))
 }

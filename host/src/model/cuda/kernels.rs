@@ -29,6 +29,9 @@ pub struct Kernels {
     /// ([`super::attention::attention`] picks).
     pub attention_split: [[CudaFunction; 4]; 2],
     pub argmax_rows: CudaFunction,
+    /// The dependent-launch check's writer and reader (probe.cu).
+    pub probe_write: CudaFunction,
+    pub probe_read: CudaFunction,
     /// Streaming multiprocessors of the device (how wide a launch must be to fill it).
     pub sms: usize,
     /// Whether products of several tokens with bf16 weights run on the tensor cores
@@ -83,6 +86,8 @@ impl Kernels {
             ],
             attention_split: [attention("f32")?, attention("f16")?],
             argmax_rows: f("sampling.cu", "argmax_rows")?,
+            probe_write: f("probe.cu", "dependency_probe_write")?,
+            probe_read: f("probe.cu", "dependency_probe_read")?,
             sms,
             tensor_cores: false,
             dependent_launch: false,
