@@ -82,14 +82,7 @@ fn probe(stream: &Arc<CudaStream>, kernels: &Kernels) -> Result<[i32; 2], Driver
     out.read(&mut read[..1], cu)?;
     cell.zero(cu)?;
     out.zero(cu)?;
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-    let captured = pair();
-    // The capture ends whatever happened, so that the stream is usable again.
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
-    captured?;
-    graph
-        .ok_or(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED))?
-        .launch()?;
+    replay_captured(stream, pair)?;
     out.read(&mut read[1..], cu)?;
     Ok(read)
 }
@@ -148,16 +141,24 @@ fn chain_errors(stream: &Arc<CudaStream>, kernels: &Kernels) -> Result<(f64, f64
     // Captured and replayed, with the outputs zeroed first so that the graph must write them.
     a.zero(cu)?;
     b.zero(cu)?;
+    replay_captured(stream, chain)?;
+    let in_graph = relative_error(&read(&a, tokens * n, stream)?, &want);
+    Ok((eager, in_graph))
+}
+
+/// Captures the launches `launch` makes on `stream` into a graph and launches the graph once.
+fn replay_captured(
+    stream: &Arc<CudaStream>,
+    launch: impl FnOnce() -> Result<(), DriverError>,
+) -> Result<(), DriverError> {
     stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-    let captured = chain();
+    let captured = launch();
     // The capture ends whatever happened, so that the stream is usable again.
     let graph = stream.end_capture(CUgraphInstantiate_flags(0))?;
     captured?;
     graph
         .ok_or(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED))?
-        .launch()?;
-    let in_graph = relative_error(&read(&a, tokens * n, stream)?, &want);
-    Ok((eager, in_graph))
+        .launch()
 }
 
 fn read(buf: &DeviceBuffer, len: usize, stream: &CudaStream) -> Result<Vec<f32>, DriverError> {
