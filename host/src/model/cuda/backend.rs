@@ -457,6 +457,7 @@ impl CudaBackend {
             eps,
             scratch: p.normed,
         };
+        let f16_cache = self.kv.dtype == KvDtype::F16;
         for (li, layer) in w.layers.iter().enumerate() {
             let qkv = &layer.qkv.view();
             matmul(
@@ -487,7 +488,6 @@ impl CudaBackend {
                 Arg::Ptr(kc),
                 Arg::Ptr(vc),
             ];
-            let f16_cache = self.kv.dtype == KvDtype::F16;
             let rope = &k.rope_kv_append[f16_cache as usize];
             k.launch(st, rope, (ni, 1, 1), 128, &rope_args)?;
             mark(Phase::RopeKv)?;

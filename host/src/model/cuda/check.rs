@@ -111,10 +111,8 @@ impl KernelCheck {
     }
 
     fn down<T: Copy + Default>(&self, buf: &DeviceBuffer, len: usize) -> anyhow::Result<Vec<T>> {
-        let mut out = vec![T::default(); len];
-        buf.read(&mut out, self.device.stream.cu_stream())
-            .map_err(dev)?;
-        Ok(out)
+        buf.read_vec(len, self.device.stream.cu_stream())
+            .map_err(dev)
     }
 
     fn out(&self, floats: usize) -> anyhow::Result<DeviceBuffer> {

@@ -15,6 +15,7 @@
 use super::kernels::{rms_norm, Arg, Kernels};
 use super::memory::DeviceBuffer;
 use super::products::{matmul, Input, MatrixView};
+use super::tensor_cores::relative_error;
 use super::weights::DevDType;
 use crate::model::rng::Rng;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUresult, CUstreamCaptureMode};
@@ -137,12 +138,12 @@ fn chain_errors(stream: &Arc<CudaStream>, kernels: &Kernels) -> Result<(f64, f64
         )
     };
     chain()?;
-    let eager = relative_error(&read(&a, tokens * n, stream)?, &want);
+    let eager = relative_error(&a.read_vec(tokens * n, cu)?, &want);
     // Captured and replayed, with the outputs zeroed first so that the graph must write them.
     a.zero(cu)?;
     b.zero(cu)?;
     replay_captured(stream, chain)?;
-    let in_graph = relative_error(&read(&a, tokens * n, stream)?, &want);
+    let in_graph = relative_error(&a.read_vec(tokens * n, cu)?, &want);
     Ok((eager, in_graph))
 }
 
@@ -159,12 +160,6 @@ fn replay_captured(
     graph
         .ok_or(DriverError(CUresult::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED))?
         .launch()
-}
-
-fn read(buf: &DeviceBuffer, len: usize, stream: &CudaStream) -> Result<Vec<f32>, DriverError> {
-    let mut out = vec![0f32; len];
-    buf.read(&mut out, stream.cu_stream())?;
-    Ok(out)
 }
 
 /// What the chain computes, in f64: a = rmsnorm(x) · norm, b = a · Wᵀ, out = a + b · Wᵀ.
@@ -186,17 +181,4 @@ fn host_chain(w: &[f32], norm: &[f32], x: &[f32], n: usize, eps: f64) -> Vec<f64
             a.iter().zip(c).map(|(a, c)| a + c).collect::<Vec<_>>()
         })
         .collect()
-}
-
-/// ‖got − want‖ / ‖want‖; infinite when a value is not finite (not written, or garbage).
-fn relative_error(got: &[f32], want: &[f64]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        if !g.is_finite() {
-            return f64::INFINITY;
-        }
-        num += (g as f64 - w) * (g as f64 - w);
-        den += w * w;
-    }
-    (num / den.max(1e-30)).sqrt()
 }

@@ -65,6 +65,17 @@ impl DeviceBuffer {
         }
     }
 
+    /// The first `len` elements, read as [`DeviceBuffer::read`] does.
+    pub fn read_vec<T: Copy + Default>(
+        &self,
+        len: usize,
+        stream: sys::CUstream,
+    ) -> Result<Vec<T>, DriverError> {
+        let mut out = vec![T::default(); len];
+        self.read(&mut out, stream)?;
+        Ok(out)
+    }
+
     /// Sets every byte to zero.
     pub fn zero(&self, stream: sys::CUstream) -> Result<(), DriverError> {
         // SAFETY: within the allocation.

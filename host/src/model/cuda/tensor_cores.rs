@@ -80,25 +80,31 @@ fn product_error(stream: &CudaStream, kernels: &Kernels) -> Result<f64, DriverEr
         tokens,
         false,
     )?;
-    let mut y = vec![0f32; tokens * rows];
-    yb.read(&mut y, cu)?;
-    let (mut num, mut den) = (0f64, 0f64);
-    for t in 0..tokens {
-        for r in 0..rows {
-            let want: f64 = (0..cols)
+    let y: Vec<f32> = yb.read_vec(tokens * rows, cu)?;
+    let want: Vec<f64> = (0..tokens)
+        .flat_map(|t| (0..rows).map(move |r| (t, r)))
+        .map(|(t, r)| {
+            (0..cols)
                 .map(|k| {
                     let w = f32::from_bits((bits[r * cols + k] as u32) << 16);
                     w as f64 * x[t * cols + k] as f64
                 })
-                .sum();
-            let got = y[t * rows + r] as f64;
-            // A NaN (an element not written, or garbage) fails the check.
-            if !got.is_finite() {
-                return Ok(f64::INFINITY);
-            }
-            num += (got - want) * (got - want);
-            den += want * want;
+                .sum()
+        })
+        .collect();
+    Ok(relative_error(&y, &want))
+}
+
+/// ‖got − want‖ / ‖want‖; infinite when a value is not finite (an element not written, or
+/// garbage).
+pub(super) fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
         }
+        num += (g as f64 - w) * (g as f64 - w);
+        den += w * w;
     }
-    Ok((num / den.max(1e-30)).sqrt())
+    (num / den.max(1e-30)).sqrt()
 }
