@@ -5,6 +5,7 @@ pub mod chat_template;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+mod draw;
 pub mod driver;
 pub mod error;
 pub mod executor;

@@ -2,6 +2,7 @@
 //! after the optional penalties (HF order: repetition penalty, temperature, top-k, top-p; then
 //! OpenAI's presence and frequency penalties, applied with the repetition penalty).
 
+use super::draw::Draw;
 use super::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -54,7 +55,7 @@ pub struct Sampler {
     generated_counts: Vec<u32>,
     /// The distinct generated tokens, so penalties touch only those.
     generated: Vec<u32>,
-    candidates: Vec<(f32, u32)>,
+    draw: Draw,
 }
 
 impl Sampler {
@@ -73,7 +74,7 @@ impl Sampler {
             },
             generated: Vec::new(),
             params,
-            candidates: Vec::new(),
+            draw: Draw::default(),
         }
     }
 
@@ -106,49 +107,9 @@ impl Sampler {
         if self.params.is_greedy() {
             return argmax(logits);
         }
-        let inv_t = 1.0 / self.params.temperature;
-        let c = &mut self.candidates;
-        c.clear();
-        c.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (l * inv_t, i as u32)),
-        );
-        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
-        if self.params.top_k > 0 && self.params.top_k < c.len() {
-            c.select_nth_unstable_by(self.params.top_k - 1, by_logit_desc);
-            c.truncate(self.params.top_k);
-        }
-        c.sort_unstable_by(by_logit_desc);
-        // Softmax over the survivors (the max is first).
-        let max = c[0].0;
-        let mut total = 0.0f64;
-        for cand in c.iter_mut() {
-            cand.0 = (cand.0 - max).exp();
-            total += cand.0 as f64;
-        }
-        if self.params.top_p < 1.0 {
-            let mut cumulative = 0.0f64;
-            let mut keep = c.len();
-            for (i, cand) in c.iter().enumerate() {
-                cumulative += cand.0 as f64 / total;
-                if cumulative >= self.params.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            c.truncate(keep);
-            total = c.iter().map(|cand| cand.0 as f64).sum();
-        }
-        let mut target = self.rng.next_f64() * total;
-        for cand in c.iter() {
-            target -= cand.0 as f64;
-            if target < 0.0 {
-                return cand.1;
-            }
-        }
-        c.last().map_or(0, |cand| cand.1)
+        let p = &self.params;
+        self.draw
+            .draw(logits, p.temperature, p.top_k, p.top_p, &mut self.rng)
     }
 
     fn apply_presence_frequency(&self, logits: &mut [f32]) {
@@ -176,15 +137,49 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit (the first one on ties, like `torch.argmax`).
+/// Index of the largest logit, the lowest one on ties (as `torch.argmax`); NaN never wins, and
+/// a row with nothing above -inf gives 0. The GPU's `argmax_rows` picks the same.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    let max = max_logit(logits);
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    // Runs of 64 tested whole (vectorised) before the one that holds the maximum is searched:
+    // a plain search is a serial chain of compares and branches, 5x slower.
+    for (r, run) in logits.chunks(64).enumerate() {
+        if run.iter().fold(false, |found, &l| found | (l == max)) {
+            let at = run.iter().position(|&l| l == max).unwrap_or(0);
+            return (r * 64 + at) as u32;
         }
     }
-    best as u32
+    0
+}
+
+/// The largest logit, ignoring NaN; -inf for a row without any other.
+pub(super) fn max_logit(logits: &[f32]) -> f32 {
+    // Sixteen running maxima, one per lane, so the compiler vectorises the loop: one running
+    // maximum is a serial chain (49,152 logits: 26 us against 2).
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let whole = logits.chunks_exact(16);
+    let mut max = f32::NEG_INFINITY;
+    for &l in whole.remainder() {
+        if l > max {
+            max = l;
+        }
+    }
+    for chunk in whole {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            if l > *m {
+                *m = l;
+            }
+        }
+    }
+    for &m in &lanes {
+        if m > max {
+            max = m;
+        }
+    }
+    max
 }
 
 #[cfg(test)]
@@ -223,6 +218,23 @@ mod tests {
     fn greedy_takes_argmax() {
         let mut s = Sampler::new(SamplingParams::default(), 4);
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_maximum_and_skips_nan() {
+        let mut row: Vec<f32> = (0..1000).map(|i| (i % 37) as f32).collect();
+        assert_eq!(argmax(&row), 36);
+        row[700] = 50.0;
+        row[999] = 50.0;
+        assert_eq!(argmax(&row), 700);
+        row[3] = f32::NAN;
+        row[998] = f32::NAN;
+        assert_eq!(argmax(&row), 700);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[f32::NAN; 5]), 0);
+        assert_eq!(argmax(&[1.0, f32::INFINITY, f32::INFINITY]), 1);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]

@@ -32,6 +32,21 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `out[i] = e^(x[i]·scale − shift)` over the common length; 0 where that exponent is below
+/// -104 (e^-104 is below f32's smallest normal) or NaN. The sampler's token weights: `scale`
+/// is the inverse temperature, `shift` the largest scaled logit.
+pub fn exp_affine(x: &[f32], scale: f32, shift: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul::Isa::detect() == super::matmul::Isa::Avx512 {
+        // SAFETY: `detect` saw the CPU support AVX-512 F/BW/VL.
+        return unsafe { super::vector_math::exp_affine(x, scale, shift, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        let a = v * scale - shift;
+        *o = if a >= -104.0 { a.exp() } else { 0.0 };
+    }
+}
+
 /// Adds `bias` to every row of `rows` (`rows.len()` a multiple of `bias.len()`).
 pub fn add_bias(rows: &mut [f32], bias: &[f32]) {
     for row in rows.chunks_exact_mut(bias.len()) {
@@ -76,6 +91,30 @@ pub fn softmax(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_affine_matches_f64_and_zeroes_what_underflows() {
+        let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 300.0).collect();
+        let (scale, shift) = (0.8f32, -20.0f32);
+        let mut out = vec![-1.0f32; 1003];
+        exp_affine(&x, scale, shift, &mut out);
+        for (&v, &o) in x.iter().zip(&out) {
+            let a = v * scale - shift;
+            if a < -104.0 {
+                assert_eq!(o, 0.0, "e^{a}");
+            } else if a > -80.0 {
+                let want = (a as f64).exp();
+                assert!(
+                    ((o as f64 - want) / want).abs() < 1e-6,
+                    "e^{a} = {o}, not {want}"
+                );
+            }
+        }
+        assert_eq!(out[1000..], [-1.0; 3], "nothing written past the input");
+        let mut out = [1.0f32; 3];
+        exp_affine(&[f32::NAN, 0.0, f32::NEG_INFINITY], 1.0, 0.0, &mut out);
+        assert_eq!(out, [0.0, 1.0, 0.0]);
+    }
 
     #[test]
     fn rope_rotates_pairs_across_halves() {

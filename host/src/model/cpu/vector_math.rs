@@ -66,6 +66,37 @@ pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `out[i] = e^(x[i]·scale − shift)` over the common length; 0 where that exponent is below
+/// -104 or NaN.
+///
+/// # Safety
+/// AVX-512 F/BW/VL available.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn exp_affine(x: &[f32], scale: f32, shift: f32, out: &mut [f32]) {
+    let n = x.len().min(out.len());
+    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    let (scale, shift, floor) = (
+        _mm512_set1_ps(scale),
+        _mm512_set1_ps(shift),
+        _mm512_set1_ps(-104.0),
+    );
+    let mut i = 0;
+    while i < n {
+        let mask = lanes((n - i).min(16));
+        // SAFETY: the masked load and store touch only elements i..n.
+        unsafe {
+            let a = _mm512_sub_ps(
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src.add(i)), scale),
+                shift,
+            );
+            // Ordered compare: NaN lanes fail it, and get 0 as the small ones do.
+            let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, floor);
+            _mm512_mask_storeu_ps(dst.add(i), mask, _mm512_maskz_mov_ps(keep, exp(a)));
+        }
+        i += 16;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
