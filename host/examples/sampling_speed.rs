@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use cllm::model::logprobs::{logprob_of, token_logprobs};
 use cllm::model::rng::Rng;
 use cllm::model::sampling::{Sampler, SamplingParams};
 
@@ -44,7 +45,33 @@ fn main() {
                 checksum += u64::from(sampler.sample(&mut row));
             }
             let us = start.elapsed().as_secs_f64() * 1e6 / rounds as f64;
-            println!("vocabulary {vocab:>7}, {name:<28} {us:>8.1} us a token (checksum {checksum})");
+            println!(
+                "vocabulary {vocab:>7}, {name:<28} {us:>8.1} us a token (checksum {checksum})"
+            );
         }
+        // What `logprobs: 5` adds to a token, and a prompt token's log-probability.
+        let rounds = 300;
+        let mut scratch = Vec::new();
+        let start = Instant::now();
+        let mut checksum = 0.0f64;
+        for i in 0..rounds {
+            let lp = token_logprobs(&logits, i, 5, &mut scratch);
+            checksum += f64::from(lp.logprob) + f64::from(lp.top[4].1);
+        }
+        let us = start.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+        println!(
+            "vocabulary {vocab:>7}, {:<28} {us:>8.1} us a token (checksum {checksum:.3})",
+            "logprobs 5"
+        );
+        let start = Instant::now();
+        let mut checksum = 0.0f64;
+        for i in 0..rounds {
+            checksum += f64::from(logprob_of(&logits, i));
+        }
+        let us = start.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+        println!(
+            "vocabulary {vocab:>7}, {:<28} {us:>8.1} us a token (checksum {checksum:.3})",
+            "a prompt token's logprob"
+        );
     }
 }

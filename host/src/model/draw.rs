@@ -16,7 +16,7 @@
 
 use super::cpu::ops::exp_affine;
 use super::rng::Rng;
-use super::sampling::{argmax, max_logit};
+use super::sampling::{argmax, lane_sum, max_logit};
 
 /// Tokens per partial sum of the weights.
 const RUN: usize = 256;
@@ -106,7 +106,7 @@ fn heavier(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
 /// `k`-th largest maximum of its runs of 64: the `k` largest values and usually few others
 /// (every non-NaN value when there are fewer than `k` runs). Only the runs whose maximum
 /// reaches that are read again.
-fn heaviest(values: &[f32], k: usize, maxima: &mut Vec<f32>, out: &mut Vec<(f32, u32)>) {
+pub(super) fn heaviest(values: &[f32], k: usize, maxima: &mut Vec<f32>, out: &mut Vec<(f32, u32)>) {
     const RUN_K: usize = 64;
     out.clear();
     maxima.clear();
@@ -180,18 +180,7 @@ pub fn nucleus(c: &mut [(f32, u32)], total: f64, top_p: f64) -> usize {
 /// `sums[r]`: the sum of `weights` over run `r` of [`RUN`] tokens.
 fn run_sums(weights: &[f32], sums: &mut Vec<f64>) {
     sums.clear();
-    sums.extend(weights.chunks(RUN).map(|run| {
-        // Sixteen running sums so that the compiler vectorises the loop.
-        let mut lanes = [0.0f32; 16];
-        let whole = run.chunks_exact(16);
-        let tail: f32 = whole.remainder().iter().sum();
-        for chunk in whole {
-            for (acc, w) in lanes.iter_mut().zip(chunk) {
-                *acc += w;
-            }
-        }
-        (lanes.iter().sum::<f32>() + tail) as f64
-    }));
+    sums.extend(weights.chunks(RUN).map(|run| lane_sum(run) as f64));
 }
 
 /// The token at which the running sum of `weights`, in id order, passes `target`.

@@ -155,6 +155,20 @@ pub fn argmax(logits: &[f32]) -> u32 {
     0
 }
 
+/// The sum of `values` in f32, sixteen running sums at a time (vectorised; one running sum
+/// is a serial chain).
+pub(super) fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let whole = values.chunks_exact(16);
+    let tail: f32 = whole.remainder().iter().sum();
+    for chunk in whole {
+        for (acc, v) in lanes.iter_mut().zip(chunk) {
+            *acc += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// The largest logit, ignoring NaN; -inf for a row without any other.
 pub(super) fn max_logit(logits: &[f32]) -> f32 {
     // Sixteen running maxima, one per lane, so the compiler vectorises the loop: one running
