@@ -6,7 +6,7 @@ use crate::model::cpu::matmul::Numerics;
 use crate::model::cpu::pool::{PoolTimes, ThreadPool};
 use crate::model::cpu::profile::{Phase, PhaseTimes};
 use crate::model::executor::{
-    open_executor, BatchEntry, DeviceChoice, Executor, ExecutorSettings, LogitRows,
+    open_executor, BatchEntry, DeviceChoice, Executor, ExecutorSettings, LogitRows, PassOutput,
 };
 use crate::model::gguf;
 use crate::model::kv_cache::{BlockPool, KvDtype, SequenceKv};
@@ -267,20 +267,18 @@ fn print_profile(
         (
             format!("prefill pass ({prompt_len} tokens)"),
             &run.prefill_profile,
-            0,
         ),
         (
             format!("{step} (mean of {decode_tokens}, after {prompt_len})"),
             &run.decode_profile,
-            run.sampling_ns,
         ),
     ];
-    for (title, profile, sampling_ns) in sections {
+    for (title, profile) in sections {
         let Some((phases, pool)) = profile else {
             continue;
         };
         let passes = phases.passes.max(1) as f64;
-        let total = (phases.total() + sampling_ns) as f64;
+        let total = phases.total() as f64;
         println!();
         println!("{title}: {:.3} ms", total / passes / 1e6);
         println!("| phase | ms | share |");
@@ -294,9 +292,6 @@ fn print_profile(
         };
         for phase in Phase::ALL {
             row(phase.name(), phases.get(phase));
-        }
-        if sampling_ns > 0 {
-            row("sampling (argmax)", sampling_ns);
         }
         let matmul: u64 = Phase::ALL
             .iter()
@@ -334,8 +329,6 @@ struct RunResult {
     /// Set when the executor was profiling: the prefill passes and the decode steps apart.
     prefill_profile: Profile,
     decode_profile: Profile,
-    /// Time spent picking the next tokens, over all decode steps.
-    sampling_ns: u64,
 }
 
 impl Bench<'_> {
@@ -360,7 +353,7 @@ impl Bench<'_> {
         let blocks = batch * BlockPool::blocks_for(prompt_len + decode_tokens);
         executor.ensure_blocks(blocks)?;
         let mut seqs: Vec<SequenceKv> = (0..batch).map(|_| SequenceKv::new()).collect();
-        let mut logits = Vec::new();
+        let mut out = PassOutput::default();
 
         executor.reset_profile();
         let start = Instant::now();
@@ -376,14 +369,13 @@ impl Bench<'_> {
                 kv: seq,
                 logits: LogitRows::Last,
             }];
-            executor.forward(self.config, self.weights, &mut entries, &mut logits)?;
+            executor.forward(self.config, self.weights, &mut entries, &mut out)?;
         }
         let prefill_s = start.elapsed().as_secs_f64();
         let prefill_profile = executor.profile();
         executor.reset_profile();
 
         let mut next: Vec<[u32; 1]> = vec![[1]; batch];
-        let mut sampling_ns = 0;
         let start = Instant::now();
         for _ in 0..decode_tokens {
             let mut entries: Vec<BatchEntry> = seqs
@@ -392,15 +384,16 @@ impl Bench<'_> {
                 .map(|(kv, token)| BatchEntry {
                     tokens: token,
                     kv,
-                    logits: LogitRows::Last,
+                    logits: LogitRows::Argmax,
                 })
                 .collect();
-            executor.forward(self.config, self.weights, &mut entries, &mut logits)?;
-            let sampled = Instant::now();
-            for (token, row) in next.iter_mut().zip(logits.chunks_exact(vocab as usize)) {
-                *token = [crate::model::sampling::argmax(row)];
+            // Greedy decoding: the executor picks each next token (on a GPU, on the device;
+            // in the profile, part of the lm_head phase), as it does for the server's greedy
+            // requests.
+            executor.forward(self.config, self.weights, &mut entries, &mut out)?;
+            for (token, &id) in next.iter_mut().zip(&out.argmax) {
+                *token = [id];
             }
-            sampling_ns += sampled.elapsed().as_nanos() as u64;
         }
         let decode_s = start.elapsed().as_secs_f64();
         for seq in &mut seqs {
@@ -412,7 +405,6 @@ impl Bench<'_> {
             decode_tps: (batch * decode_tokens) as f64 / decode_s,
             prefill_profile: profiled(prefill_profile),
             decode_profile: profiled(executor.profile()),
-            sampling_ns,
         })
     }
 }

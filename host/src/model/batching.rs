@@ -83,13 +83,23 @@ pub fn plan_within(seqs: &[SeqView], limits: &Limits, free_blocks: usize) -> (Ve
 }
 
 /// The logit rows an entry needs: every row when its prompt's log-probabilities are wanted,
-/// the last when this pass feeds its last known token (a sample follows), else none (a
-/// prompt chunk short of the end).
-pub fn logit_rows(fed: usize, n: usize, known: usize, all_rows: bool) -> LogitRows {
+/// the last when this pass feeds its last known token (a sample follows; only its argmax
+/// when `argmax_only`), else none (a prompt chunk short of the end).
+pub fn logit_rows(
+    fed: usize,
+    n: usize,
+    known: usize,
+    all_rows: bool,
+    argmax_only: bool,
+) -> LogitRows {
     if all_rows {
         LogitRows::All
     } else if fed + n == known {
-        LogitRows::Last
+        if argmax_only {
+            LogitRows::Argmax
+        } else {
+            LogitRows::Last
+        }
     } else {
         LogitRows::None
     }
@@ -110,7 +120,8 @@ pub enum RowUse {
 /// position `first`; its sequence knows `known` tokens, the first `prompt_len` of them its
 /// prompt. With [`LogitRows::All`], the row of position `pos` gives the log-probability of
 /// prompt token `pos + 1` while that is in the prompt, and the row of the last known token is
-/// sampled; with [`LogitRows::Last`] the one row is sampled; [`LogitRows::None`] has no rows.
+/// sampled; with [`LogitRows::Last`] the one row is sampled; [`LogitRows::None`] has no rows,
+/// nor has [`LogitRows::Argmax`] (its choice comes as a token id instead).
 pub fn row_uses(
     rows: LogitRows,
     first: usize,
@@ -119,7 +130,7 @@ pub fn row_uses(
     known: usize,
 ) -> impl Iterator<Item = RowUse> {
     let positions = match rows {
-        LogitRows::None => 0..0,
+        LogitRows::None | LogitRows::Argmax => 0..0,
         LogitRows::Last => first + n - 1..first + n,
         LogitRows::All => first..first + n,
     };
@@ -223,6 +234,7 @@ mod tests {
         assert_eq!(uses(LogitRows::Last, 7, 1, 5, 8), [RowUse::Sample]);
         assert_eq!(uses(LogitRows::Last, 256, 44, 300, 300), [RowUse::Sample]);
         assert_eq!(uses(LogitRows::None, 0, 64, 300, 300), []);
+        assert_eq!(uses(LogitRows::Argmax, 7, 1, 5, 8), []);
         // A recompute after preemption feeding generated tokens with every row: they are
         // skipped up to the last known one.
         assert_eq!(
@@ -233,9 +245,12 @@ mod tests {
 
     #[test]
     fn logit_rows_follow_the_prompt() {
-        assert_eq!(logit_rows(0, 64, 300, false), LogitRows::None);
-        assert_eq!(logit_rows(256, 44, 300, false), LogitRows::Last);
-        assert_eq!(logit_rows(300, 1, 301, false), LogitRows::Last);
-        assert_eq!(logit_rows(0, 64, 300, true), LogitRows::All);
+        assert_eq!(logit_rows(0, 64, 300, false, false), LogitRows::None);
+        assert_eq!(logit_rows(0, 64, 300, false, true), LogitRows::None);
+        assert_eq!(logit_rows(256, 44, 300, false, false), LogitRows::Last);
+        assert_eq!(logit_rows(300, 1, 301, false, false), LogitRows::Last);
+        assert_eq!(logit_rows(300, 1, 301, false, true), LogitRows::Argmax);
+        assert_eq!(logit_rows(0, 64, 300, true, false), LogitRows::All);
+        assert_eq!(logit_rows(0, 64, 300, true, true), LogitRows::All);
     }
 }

@@ -5,7 +5,7 @@
 
 use super::batching::{self, Limits, RowUse, SeqView};
 use super::error::ModelError;
-use super::executor::{BatchEntry, ExecError, Executor};
+use super::executor::{BatchEntry, ExecError, Executor, LogitRows, PassOutput};
 use super::generation::{Generation, GenerationParams, TokenEvent};
 use super::kv_cache::{BlockPool, KvCacheFull, SequenceKv};
 use super::Model;
@@ -93,7 +93,7 @@ pub fn generate_batch(
         max_batch_tokens: usize::MAX,
         prefill_chunk: prefill_chunk.max(1),
     };
-    let mut logits = Vec::new();
+    let mut out = PassOutput::default();
     loop {
         let views: Vec<SeqView> = slots
             .iter()
@@ -127,7 +127,11 @@ pub fn generate_batch(
                 full = Some(e);
                 break;
             }
-            let rows = batching::logit_rows(fed, n, known, false);
+            // The first sample keeps its row (`first_logits`); greedy steps after it need only
+            // the argmax.
+            let generation = &slot.generation;
+            let argmax_only = generation.needs_only_argmax() && !generation.output_ids().is_empty();
+            let rows = batching::logit_rows(fed, n, known, false, argmax_only);
             owners.push((i, rows, fed, n, known));
             batch.push(BatchEntry {
                 tokens,
@@ -143,13 +147,14 @@ pub fn generate_batch(
         if batch.is_empty() {
             break;
         }
-        let result = executor.forward(&model.config, &model.weights, &mut batch, &mut logits);
+        let result = executor.forward(&model.config, &model.weights, &mut batch, &mut out);
         drop(batch);
         if let Err(e) = result {
             release_all(executor, &mut slots);
             return Err(e.into());
         }
-        let mut rows = logits.chunks_exact_mut(vocab);
+        let mut rows = out.logits.chunks_exact_mut(vocab);
+        let mut chosen = out.argmax.iter().copied();
         for (i, got, fed, n, known) in owners {
             let prompt_len = slots[i].prompt.len();
             let mut sample = None;
@@ -159,12 +164,18 @@ pub fn generate_batch(
                     sample = row;
                 }
             }
-            let Some(row) = sample else { continue };
             let slot = &mut slots[i];
-            if slot.generation.output_ids().is_empty() {
-                slot.first_logits = row.to_vec();
-            }
-            let event = match slot.generation.step(row, &model.tokenizer) {
+            let stepped = if got == LogitRows::Argmax {
+                let Some(id) = chosen.next() else { continue };
+                slot.generation.push_token(id, &model.tokenizer)
+            } else {
+                let Some(row) = sample else { continue };
+                if slot.generation.output_ids().is_empty() {
+                    slot.first_logits = row.to_vec();
+                }
+                slot.generation.step(row, &model.tokenizer)
+            };
+            let event = match stepped {
                 Ok(event) => event,
                 Err(e) => {
                     release_all(executor, &mut slots);

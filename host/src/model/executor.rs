@@ -28,16 +28,57 @@ pub enum LogitRows {
     Last,
     /// Every token, in order (prompt log-probabilities need them).
     All,
+    /// The last token's greedy choice only (the argmax of its logits, as
+    /// [`crate::model::sampling::argmax`] picks it), in [`PassOutput::argmax`] instead of a
+    /// row: what greedy decoding without penalties or log-probabilities needs. A GPU computes
+    /// it on the device and copies back 4 bytes instead of the row.
+    Argmax,
 }
 
 impl LogitRows {
-    /// Logit rows an entry of `tokens` tokens produces.
+    /// Logit rows the pass computes for an entry of `tokens` tokens.
     pub fn count(self, tokens: usize) -> usize {
         match self {
             LogitRows::None => 0,
-            LogitRows::Last => 1,
+            LogitRows::Last | LogitRows::Argmax => 1,
             LogitRows::All => tokens,
         }
+    }
+}
+
+/// What a forward pass hands back.
+#[derive(Default)]
+pub struct PassOutput {
+    /// The logit rows of the entries that asked for [`LogitRows::Last`] or
+    /// [`LogitRows::All`], in batch order, `vocab_size` each.
+    pub logits: Vec<f32>,
+    /// The greedy choice of each entry that asked for [`LogitRows::Argmax`], in batch order.
+    pub argmax: Vec<u32>,
+}
+
+impl PassOutput {
+    /// For a backend that computed the rows of [`LogitRows::Argmax`] entries into `logits`
+    /// as it does [`LogitRows::Last`] rows: replaces each such row by its argmax in `argmax`,
+    /// closing the gaps.
+    pub fn reduce_argmax_rows(&mut self, batch: &[BatchEntry], vocab: usize) {
+        self.argmax.clear();
+        if batch.iter().all(|e| e.logits != LogitRows::Argmax) {
+            return;
+        }
+        let (mut read, mut write) = (0, 0);
+        for e in batch {
+            let rows = e.logits.count(e.tokens.len());
+            if e.logits == LogitRows::Argmax {
+                let row = &self.logits[read * vocab..(read + 1) * vocab];
+                self.argmax.push(super::sampling::argmax(row));
+            } else {
+                self.logits
+                    .copy_within(read * vocab..(read + rows) * vocab, write * vocab);
+                write += rows;
+            }
+            read += rows;
+        }
+        self.logits.truncate(write * vocab);
     }
 }
 
@@ -138,15 +179,15 @@ pub trait Executor: Send {
     fn ensure_blocks(&mut self, blocks: usize) -> Result<(), ExecError>;
 
     /// Runs `batch` through the model the executor was opened for (`config` and `weights`
-    /// are that model's; a GPU backend uses its own copy of the weights). The logit rows each
-    /// entry asks for, in batch order, are written to `logits` as rows of `vocab_size`; each
-    /// entry's cache advances by its tokens.
+    /// are that model's; a GPU backend uses its own copy of the weights). The logit rows and
+    /// greedy choices the entries ask for go to `out` (see [`PassOutput`]); each entry's
+    /// cache advances by its tokens.
     fn forward(
         &mut self,
         config: &ModelConfig,
         weights: &ModelWeights,
         batch: &mut [BatchEntry],
-        logits: &mut Vec<f32>,
+        out: &mut PassOutput,
     ) -> Result<(), ExecError>;
 
     /// Starts or stops timing each phase of the passes, where the backend can.
@@ -364,10 +405,9 @@ impl Executor for CpuBackend {
         config: &ModelConfig,
         weights: &ModelWeights,
         batch: &mut [BatchEntry],
-        logits: &mut Vec<f32>,
+        out: &mut PassOutput,
     ) -> Result<(), ExecError> {
-        self.exec
-            .forward(config, weights, &mut self.kv, batch, logits)
+        self.exec.forward(config, weights, &mut self.kv, batch, out)
     }
 
     fn set_profiling(&mut self, on: bool) {
@@ -380,5 +420,41 @@ impl Executor for CpuBackend {
 
     fn reset_profile(&mut self) {
         self.exec.reset_profile();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_rows_leave_the_logits_for_their_choices() {
+        let vocab = 3;
+        let tokens = [1u32, 2, 3];
+        let mut kvs: Vec<SequenceKv> = (0..4).map(|_| SequenceKv::new()).collect();
+        let [a, b, c, d] = &mut kvs[..] else {
+            unreachable!("four caches")
+        };
+        let batch = [
+            (&tokens[..2], a, LogitRows::Argmax),
+            (&tokens[..], b, LogitRows::All),
+            (&tokens[..1], c, LogitRows::None),
+            (&tokens[..1], d, LogitRows::Argmax),
+        ]
+        .map(|(tokens, kv, logits)| BatchEntry { tokens, kv, logits });
+        // Rows as a backend computes them: one per Argmax entry, three for All.
+        let mut out = PassOutput {
+            logits: vec![
+                0.0, 5.0, 1.0, // entry 0: 1
+                1.0, 2.0, 3.0, // entry 1
+                4.0, 5.0, 6.0, //
+                7.0, 8.0, 9.0, //
+                9.0, 9.0, -1.0, // entry 3: 0 (the first on ties)
+            ],
+            argmax: vec![42],
+        };
+        out.reduce_argmax_rows(&batch, vocab);
+        assert_eq!(out.argmax, [1, 0]);
+        assert_eq!(out.logits, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
     }
 }

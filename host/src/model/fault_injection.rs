@@ -6,7 +6,7 @@
 use super::config::ModelConfig;
 use super::cpu::pool::PoolTimes;
 use super::cpu::profile::PhaseTimes;
-use super::executor::{BatchEntry, DeviceInfo, ExecError, Executor};
+use super::executor::{BatchEntry, DeviceInfo, ExecError, Executor, PassOutput};
 use super::kv_cache::BlockPool;
 use super::llama::ModelWeights;
 
@@ -47,7 +47,7 @@ impl Executor for FailOnToken {
         config: &ModelConfig,
         weights: &ModelWeights,
         batch: &mut [BatchEntry],
-        logits: &mut Vec<f32>,
+        out: &mut PassOutput,
     ) -> Result<(), ExecError> {
         if let Some(entry) = batch.iter().position(|e| e.tokens.contains(&self.token)) {
             return Err(ExecError::Injected {
@@ -55,7 +55,7 @@ impl Executor for FailOnToken {
                 token: self.token,
             });
         }
-        self.inner.forward(config, weights, batch, logits)
+        self.inner.forward(config, weights, batch, out)
     }
 
     fn set_profiling(&mut self, on: bool) {

@@ -116,6 +116,15 @@ impl Generation {
         Ok(event)
     }
 
+    /// Whether the next token needs nothing but the argmax of its logits (greedy, no
+    /// penalties, no log-probabilities): [`LogitRows::Argmax`] then suffices, and the choice
+    /// goes to [`Generation::push_token`] instead of a row to [`Generation::step`].
+    ///
+    /// [`LogitRows::Argmax`]: super::executor::LogitRows::Argmax
+    pub fn needs_only_argmax(&self) -> bool {
+        self.params.logprobs.is_none() && self.sampler.takes_plain_argmax()
+    }
+
     /// Appends `id` as if it had been sampled.
     pub fn push_token(&mut self, id: u32, tokenizer: &ModelTokenizer) -> Result<TokenEvent> {
         debug_assert!(self.finished.is_none(), "step after finish");

@@ -82,6 +82,16 @@ impl Sampler {
         &self.params
     }
 
+    /// Whether [`Sampler::sample`] picks the argmax of the row as the model gives it: greedy,
+    /// and no penalty to change the row first.
+    pub fn takes_plain_argmax(&self) -> bool {
+        let p = &self.params;
+        p.is_greedy()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+    }
+
     /// Records a prompt or generated token for the repetition penalty.
     pub fn observe(&mut self, token: u32) {
         if let Some(seen) = self.seen.get_mut(token as usize) {

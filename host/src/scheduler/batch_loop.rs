@@ -8,7 +8,7 @@ use super::{Finish, Pending, SchedulerStats, SeqEvent};
 use crate::admission::queue::RequestQueue;
 use crate::metrics::Metrics;
 use crate::model::batching::{self, Limits, RowUse, SeqView};
-use crate::model::executor::{BatchEntry, Executor, LogitRows};
+use crate::model::executor::{BatchEntry, Executor, LogitRows, PassOutput};
 use crate::model::kv_cache::BlockPool;
 use crate::model::logprobs::logprob_of;
 use crate::model::Model;
@@ -98,7 +98,8 @@ struct Loop {
     running: Vec<Sequence>,
     /// Sequences pushed out of the cache; they run again before anything new is admitted.
     preempted: VecDeque<Sequence>,
-    logits: Vec<f32>,
+    /// The last pass's logit rows and greedy choices.
+    out: PassOutput,
 }
 
 /// The loop's body: owns everything it is handed until the server stops.
@@ -128,7 +129,7 @@ pub(super) fn run(
         metrics: LoopMetrics::new(&metrics),
         running: Vec::new(),
         preempted: VecDeque::new(),
-        logits: Vec::new(),
+        out: PassOutput::default(),
     };
     if let Some(name) = &state.settings.vllm_model_name {
         let blocks = state.executor.blocks().total_blocks();
@@ -301,8 +302,13 @@ impl Loop {
                 let Some(&(_, n)) = planned.next_if(|(j, _)| *j == i) else {
                     continue;
                 };
-                let rows =
-                    batching::logit_rows(seq.fed, n, seq.tokens.len(), seq.wants_prompt_logprobs());
+                let rows = batching::logit_rows(
+                    seq.fed,
+                    n,
+                    seq.tokens.len(),
+                    seq.wants_prompt_logprobs(),
+                    seq.generation.needs_only_argmax(),
+                );
                 rows_of[i] = (rows, seq.fed);
                 let tokens = &seq.tokens[seq.fed..seq.fed + n];
                 batch.push(BatchEntry {
@@ -314,7 +320,7 @@ impl Loop {
             self.metrics.batch_size.record(batch.len() as f64);
             let model = &self.model;
             self.executor
-                .forward(&model.config, &model.weights, &mut batch, &mut self.logits)
+                .forward(&model.config, &model.weights, &mut batch, &mut self.out)
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = result {
@@ -345,7 +351,8 @@ impl Loop {
     fn emit_tokens(&mut self, rows_of: &[(LogitRows, usize)]) {
         let vocab = self.model.config.vocab_size;
         let mut finished = Vec::new();
-        let mut rows = self.logits.chunks_exact_mut(vocab);
+        let mut rows = self.out.logits.chunks_exact_mut(vocab);
+        let mut chosen = self.out.argmax.iter().copied();
         let now = Instant::now();
         for (i, seq) in self.running.iter_mut().enumerate() {
             let (rows_got, fed) = rows_of[i];
@@ -367,14 +374,28 @@ impl Loop {
                     RowUse::Skip => {}
                 }
             }
-            let Some(row) = sample else { continue };
+            // A greedy choice made by the executor, or a row to sample from.
+            let picked = if rows_got == LogitRows::Argmax {
+                chosen.next()
+            } else {
+                None
+            };
+            if picked.is_none() && sample.is_none() {
+                continue;
+            }
             // Before the first token, whichever pass samples it (the prompt's last chunk may
             // have needed no rows of its own).
             if seq.pending.params.prompt_logprobs && seq.last_token_at.is_none() {
                 seq.send(SeqEvent::PromptLogprobs(seq.prompt_logprobs.clone()));
             }
             let id = &seq.pending.request_id;
-            let event = match seq.generation.step(row, &self.model.tokenizer) {
+            let tokenizer = &self.model.tokenizer;
+            let stepped = match (picked, sample) {
+                (Some(token), _) => seq.generation.push_token(token, tokenizer),
+                (None, Some(row)) => seq.generation.step(row, tokenizer),
+                (None, None) => continue,
+            };
+            let event = match stepped {
                 Ok(event) => event,
                 Err(e) => {
                     let message = format!("decoding failed: {e}");

@@ -8,7 +8,7 @@ use super::ops::{add_bias, add_in_place, apply_rope, rms_norm, silu_mul};
 use super::pool::{PoolTimes, ThreadPool};
 use super::profile::{Phase, PhaseTimes, Profiler};
 use crate::model::config::ModelConfig;
-use crate::model::executor::{check_batch, BatchEntry, ExecError, LogitRows};
+use crate::model::executor::{check_batch, BatchEntry, ExecError, LogitRows, PassOutput};
 use crate::model::kv_cache::{KvCache, LayerKv};
 use crate::model::llama::{Linear, ModelWeights};
 use crate::model::rope::Rope;
@@ -99,9 +99,10 @@ impl CpuExecutor {
         weights: &ModelWeights,
         kv: &mut KvCache,
         batch: &mut [BatchEntry],
-        logits: &mut Vec<f32>,
+        out: &mut PassOutput,
     ) -> Result<(), ExecError> {
         check_batch(config, batch)?;
+        let logits = &mut out.logits;
         self.profiler.begin();
         let (numerics, down_numerics) = self.numerics.precisions();
         let n: usize = batch.iter().map(|e| e.tokens.len()).sum();
@@ -244,7 +245,7 @@ impl CpuExecutor {
             end += e.tokens.len();
             match e.logits {
                 LogitRows::None => {}
-                LogitRows::Last => wanted.push(end - 1),
+                LogitRows::Last | LogitRows::Argmax => wanted.push(end - 1),
                 LogitRows::All => wanted.extend(start..end),
             }
         }
@@ -272,6 +273,8 @@ impl CpuExecutor {
             }],
             &mut self.matmul_scratch,
         );
+        // Greedy choices are part of the head's phase, as on the GPU.
+        out.reduce_argmax_rows(batch, vocab);
         prof.end(Phase::LmHead);
         for entry in batch.iter_mut() {
             entry.kv.advance(entry.tokens.len());

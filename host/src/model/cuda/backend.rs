@@ -14,6 +14,7 @@ use crate::model::cpu::pool::PoolTimes;
 use crate::model::cpu::profile::{Phase, PhaseTimes};
 use crate::model::executor::{
     check_batch, BatchEntry, DeviceInfo, ExecError, Executor, ExecutorSettings, LogitRows,
+    PassOutput,
 };
 use crate::model::kv_cache::{block_bytes, cache_bytes, BlockPool, KvDtype, KvLayout, BLOCK_SIZE};
 use crate::model::llama::ModelWeights;
@@ -80,8 +81,10 @@ struct HostScratch {
     /// Where each token's block table starts in `tables`.
     offsets: Vec<i32>,
     tables: Vec<i32>,
-    /// The tokens that get logits.
+    /// The tokens that get logits: those whose rows go back first, then those reduced to
+    /// their argmax on the device.
     rows: Vec<i32>,
+    argmax_rows: Vec<i32>,
     /// ids | slots | positions | offsets | rows | tables: one upload.
     ints: Vec<i32>,
     cos: Vec<f32>,
@@ -108,6 +111,8 @@ struct Buffers {
     counters: Growable,
     last: Growable,
     logits: Growable,
+    /// The argmax of each logit row.
+    chosen: Growable,
 }
 
 /// Device addresses and shape of one forward pass.
@@ -128,6 +133,9 @@ struct Pass {
     counters: u64,
     last: u64,
     logits: u64,
+    chosen: u64,
+    /// Whether any row is wanted only as its argmax (then every row's is computed).
+    argmax: bool,
     ids: u64,
     slots: u64,
     positions: u64,
@@ -175,6 +183,7 @@ impl Buffers {
             counters: take(&mut self.counters, n * dims.heads * 4)?,
             last: take(&mut self.last, m.max(1) * dims.h * f)?,
             logits: take(&mut self.logits, m.max(1) * dims.vocab * f)?,
+            chosen: take(&mut self.chosen, m.max(1) * 4)?,
             ids: int_at(0),
             slots: int_at(n),
             positions: int_at(2 * n),
@@ -236,8 +245,9 @@ pub struct CudaBackend {
     dims: Dims,
     rope: Rope,
     host: HostScratch,
-    /// Captured decode steps by (tokens, attention splits, keys per split).
-    graphs: std::collections::HashMap<(usize, usize, usize), Graph>,
+    /// Captured decode steps by (tokens, attention splits, keys per split, argmax on the
+    /// device).
+    graphs: std::collections::HashMap<(usize, usize, usize, bool), Graph>,
     /// Phase times, while `cllm bench --profile` asks for them.
     profile: Option<EventProfile>,
     sms: usize,
@@ -543,6 +553,16 @@ impl CudaBackend {
             mark(Phase::Norm)?;
             let input = Input::Rows(p.last);
             matmul(st, k, &w.lm_head().view(), input, p.logits, p.m, false)?;
+            if p.argmax {
+                // Greedy choices on the device: 4 bytes back a row instead of a vocabulary's
+                // floats, and no pass over the row on the host.
+                let args = [
+                    Arg::Ptr(p.logits),
+                    Arg::I32(dims.vocab as i32),
+                    Arg::Ptr(p.chosen),
+                ];
+                k.launch(st, &k.argmax_rows, (p.m as u32, 1, 1), 1024, &args)?;
+            }
             mark(Phase::LmHead)?;
         }
         Ok(())
@@ -656,7 +676,7 @@ impl Executor for CudaBackend {
         config: &ModelConfig,
         _weights: &ModelWeights,
         batch: &mut [BatchEntry],
-        logits: &mut Vec<f32>,
+        out: &mut PassOutput,
     ) -> Result<(), ExecError> {
         check_batch(config, batch)?;
         self.ctx.bind_to_thread().map_err(dev)?;
@@ -672,6 +692,7 @@ impl Executor for CudaBackend {
             &mut host.offsets,
             &mut host.tables,
             &mut host.rows,
+            &mut host.argmax_rows,
             &mut host.ints,
         ] {
             v.clear();
@@ -705,8 +726,12 @@ impl Executor for CudaBackend {
                 LogitRows::None => {}
                 LogitRows::Last => host.rows.push(end as i32 - 1),
                 LogitRows::All => host.rows.extend(start as i32..end as i32),
+                LogitRows::Argmax => host.argmax_rows.push(end as i32 - 1),
             }
         }
+        // Rows that go back whole first, so that they are one copy.
+        let whole_rows = host.rows.len();
+        host.rows.extend_from_slice(&host.argmax_rows);
         let m = host.rows.len();
         for entry in batch.iter() {
             host.ints.extend(entry.tokens.iter().map(|&id| id as i32));
@@ -740,6 +765,7 @@ impl Executor for CudaBackend {
             m,
             splits,
             split_keys,
+            argmax: whole_rows < m,
             ..pass
         };
         let ints = self.bufs.ints.at_least(0).map_err(dev)?;
@@ -760,7 +786,7 @@ impl Executor for CudaBackend {
             self.profile = Some(profile);
             collected.map_err(dev)?;
         } else if decode && n <= MAX_GRAPH_BATCH {
-            let key = (n, splits, split_keys);
+            let key = (n, splits, split_keys, pass.argmax);
             if !self.graphs.contains_key(&key) {
                 self.stream
                     .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -778,10 +804,16 @@ impl Executor for CudaBackend {
         } else {
             self.launch_pass(&pass, &mut |_| Ok(())).map_err(dev)?;
         }
-        logits.resize(m * dims.vocab, 0.0);
-        if m > 0 {
-            let out = self.bufs.logits.at_least(0).map_err(dev)?;
-            out.read(logits.as_mut_slice(), s).map_err(dev)?;
+        out.logits.resize(whole_rows * dims.vocab, 0.0);
+        out.argmax.clear();
+        if pass.argmax {
+            let chosen = self.bufs.chosen.at_least(0).map_err(dev)?;
+            let ids: Vec<u32> = chosen.read_vec(m, s).map_err(dev)?;
+            out.argmax.extend_from_slice(&ids[whole_rows..]);
+        }
+        if whole_rows > 0 {
+            let rows = self.bufs.logits.at_least(0).map_err(dev)?;
+            rows.read(out.logits.as_mut_slice(), s).map_err(dev)?;
         } else {
             self.stream.synchronize().map_err(dev)?;
         }
