@@ -2,6 +2,7 @@
 one table row: time to first token p50/p99, per-stream and aggregate tokens/s.
 
 usage: python3 stream_load.py --url http://127.0.0.1:8080 --concurrency 16 --requests 32
+       [--max-new-tokens 128] [--temperature 1.0]
 """
 import argparse
 import http.client
@@ -17,6 +18,8 @@ ap.add_argument("--url", required=True)
 ap.add_argument("--concurrency", type=int, default=1)
 ap.add_argument("--requests", type=int, default=8)
 ap.add_argument("--max-new-tokens", type=int, default=128)
+ap.add_argument("--temperature", type=float, default=0.0,
+                help="0: greedy (the default); above 0: sampling at that temperature")
 args = ap.parse_args()
 url = urllib.parse.urlparse(args.url)
 words = "the quick brown fox jumps over the lazy dog while a small cat watches".split()
@@ -27,7 +30,10 @@ next_request = [0]
 
 def one(i):
     prompt = " ".join(words[(i + k) % len(words)] for k in range(96))
-    body = json.dumps({"inputs": prompt, "parameters": {"max_new_tokens": args.max_new_tokens}})
+    params = {"max_new_tokens": args.max_new_tokens}
+    if args.temperature > 0:
+        params.update(do_sample=True, temperature=args.temperature, seed=i)
+    body = json.dumps({"inputs": prompt, "parameters": params})
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=300)
     start = time.perf_counter()
     conn.request("POST", "/generate_stream", body, {"Content-Type": "application/json"})
