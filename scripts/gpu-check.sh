@@ -4,9 +4,9 @@
 # working tree. Runs the GPU tests (each kernel against the CPU; every golden model on the
 # GPU, batched and chunked), compares `cllm generate` on CPU and GPU for every model, runs the
 # GPU bench (also without tensor cores, without dependent launches, with an f16 KV cache) and
-# its per-phase profile of a decode step, and serves a 1.1B-shaped model under
-# 1, 16 and 64 concurrent streams. Prints one table at the end; logs go to $OUT (or
-# /tmp/gpu-check).
+# its per-phase profile of a decode step, and serves a 1.1B-shaped model under 1, 16 and 64
+# concurrent greedy streams and 64 sampled ones. Prints one table at the end; logs go to $OUT
+# (or /tmp/gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -130,6 +130,10 @@ for c in 1 16 64; do
   python3 scripts/stream_load.py --url http://127.0.0.1:18080 --concurrency "$c" --requests $((c * 2)) \
     --max-new-tokens 128 2>>"$LOG/load-err.txt" | tee -a "$RESULTS"
 done
+# Sampled streams (the OpenAI clients' default temperature): their rows come back to the host,
+# where each sequence samples between steps.
+python3 scripts/stream_load.py --url http://127.0.0.1:18080 --concurrency 64 --requests 128 \
+  --max-new-tokens 128 --temperature 1 2>>"$LOG/load-err.txt" | sed 's/^| serve:/| serve, temperature 1:/' | tee -a "$RESULTS"
 kill $SERVER; wait $SERVER 2>/dev/null
 
 result "wall time of the check" "${SECONDS} s"
