@@ -10,6 +10,7 @@ use cllm::model::cpu::ops;
 use cllm::model::cuda::compile::{compile_cubin, nvrtc_present, KERNEL_FILES};
 use cllm::model::cuda::{driver_present, AttentionCase, KernelCheck, ProductInput};
 use cllm::model::executor::DeviceChoice;
+use cllm::model::logprobs::logprob_of;
 use cllm::model::rng::Rng;
 use cllm::model::sampling::argmax;
 use cllm::model::weights::DType;
@@ -614,10 +615,21 @@ fn gpu_norm_silu_rope_embed_and_argmax_match_the_cpu() {
     let mut logits = random(&mut rng, 5 * vocab, 10.0);
     logits[2 * vocab + 17] = 50.0;
     logits[2 * vocab + 31000] = 50.0;
-    let got = gpu.argmax(&logits, vocab).expect("argmax runs");
+    logits[3 * vocab + 5] = f32::NAN;
+    logits[3 * vocab + 6] = 60.0;
+    let (got, logprobs) = gpu.argmax(&logits, vocab).expect("argmax runs");
     let want: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
     assert_eq!(got, want);
     assert_eq!(got[2], 17);
+    assert_eq!(got[3], 6, "NaN never chosen");
+    // The choice's log-probability, as the host computes it for a streamed token.
+    for ((row, &id), &lp) in logits.chunks_exact(vocab).zip(&got).zip(&logprobs) {
+        let want = logprob_of(row, id);
+        assert!(
+            (lp - want).abs() < 1e-5,
+            "log-probability {lp}, host {want}"
+        );
+    }
 }
 
 fn synthetic_config() -> cllm::model::config::ModelConfig {

@@ -132,6 +132,33 @@ async fn stream_delivers_golden_tokens_as_they_come() {
         first + Duration::from_millis(150) < total,
         "first {first:?}, total {total:?}"
     );
+    // A streamed greedy token's log-probability comes with the executor's greedy choice (on a
+    // GPU, from the device); asking for an alternative brings the whole row back to the host,
+    // which computes it there: both must agree.
+    let response = server
+        .post(
+            "/generate",
+            json!({"inputs": case.prompt,
+                   "parameters": {"max_new_tokens": 30, "details": true, "top_n_tokens": 1}}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.expect("json");
+    let tokens = answer["details"]["tokens"].as_array().expect("tokens");
+    assert_eq!(tokens.len(), 30);
+    for (i, (streamed, from_row)) in events.iter().zip(tokens).enumerate() {
+        assert_eq!(streamed["token"]["id"], from_row["id"], "token {i}");
+        let (a, b) = (
+            streamed["token"]["logprob"]
+                .as_f64()
+                .expect("streamed logprob"),
+            from_row["logprob"].as_f64().expect("logprob"),
+        );
+        assert!(
+            (a - b).abs() < 1e-4,
+            "token {i}: logprob {a} streamed, {b} from the row"
+        );
+    }
     server.shutdown().await;
 }
 

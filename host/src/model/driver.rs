@@ -154,7 +154,11 @@ pub fn generate_batch(
             return Err(e.into());
         }
         let mut rows = out.logits.chunks_exact_mut(vocab);
-        let mut chosen = out.argmax.iter().copied();
+        let mut chosen = out
+            .argmax
+            .iter()
+            .copied()
+            .zip(out.argmax_logprobs.iter().copied());
         for (i, got, fed, n, known) in owners {
             let prompt_len = slots[i].prompt.len();
             let mut sample = None;
@@ -166,8 +170,10 @@ pub fn generate_batch(
             }
             let slot = &mut slots[i];
             let stepped = if got == LogitRows::Argmax {
-                let Some(id) = chosen.next() else { continue };
-                slot.generation.push_token(id, &model.tokenizer)
+                let Some((id, logprob)) = chosen.next() else {
+                    continue;
+                };
+                slot.generation.step_chosen(id, logprob, &model.tokenizer)
             } else {
                 let Some(row) = sample else { continue };
                 if slot.generation.output_ids().is_empty() {

@@ -29,9 +29,11 @@ pub enum LogitRows {
     /// Every token, in order (prompt log-probabilities need them).
     All,
     /// The last token's greedy choice only (the argmax of its logits, as
-    /// [`crate::model::sampling::argmax`] picks it), in [`PassOutput::argmax`] instead of a
-    /// row: what greedy decoding without penalties or log-probabilities needs. A GPU computes
-    /// it on the device and copies back 4 bytes instead of the row.
+    /// [`crate::model::sampling::argmax`] picks it) and that choice's log-probability, in
+    /// [`PassOutput::argmax`] and [`PassOutput::argmax_logprobs`] instead of a row: what
+    /// greedy decoding without penalties or alternatives' log-probabilities needs (a TGI
+    /// stream reports each token's own). A GPU computes both on the device and copies back 8
+    /// bytes instead of the row.
     Argmax,
 }
 
@@ -54,14 +56,18 @@ pub struct PassOutput {
     pub logits: Vec<f32>,
     /// The greedy choice of each entry that asked for [`LogitRows::Argmax`], in batch order.
     pub argmax: Vec<u32>,
+    /// Each such choice's log-probability under its row's softmax (as
+    /// [`crate::model::logprobs::logprob_of`] gives it).
+    pub argmax_logprobs: Vec<f32>,
 }
 
 impl PassOutput {
     /// For a backend that computed the rows of [`LogitRows::Argmax`] entries into `logits`
-    /// as it does [`LogitRows::Last`] rows: replaces each such row by its argmax in `argmax`,
-    /// closing the gaps.
+    /// as it does [`LogitRows::Last`] rows: replaces each such row by its argmax and that
+    /// choice's log-probability, closing the gaps.
     pub fn reduce_argmax_rows(&mut self, batch: &[BatchEntry], vocab: usize) {
         self.argmax.clear();
+        self.argmax_logprobs.clear();
         if batch.iter().all(|e| e.logits != LogitRows::Argmax) {
             return;
         }
@@ -70,7 +76,10 @@ impl PassOutput {
             let rows = e.logits.count(e.tokens.len());
             if e.logits == LogitRows::Argmax {
                 let row = &self.logits[read * vocab..(read + 1) * vocab];
-                self.argmax.push(super::sampling::argmax(row));
+                let id = super::sampling::argmax(row);
+                self.argmax.push(id);
+                self.argmax_logprobs
+                    .push(super::logprobs::logprob_of(row, id));
             } else {
                 self.logits
                     .copy_within(read * vocab..(read + rows) * vocab, write * vocab);
@@ -452,9 +461,21 @@ mod tests {
                 9.0, 9.0, -1.0, // entry 3: 0 (the first on ties)
             ],
             argmax: vec![42],
+            argmax_logprobs: vec![],
         };
         out.reduce_argmax_rows(&batch, vocab);
         assert_eq!(out.argmax, [1, 0]);
+        let softmax_of_first = |row: [f32; 3]| {
+            let total: f32 = row.iter().map(|l| (l - row[0]).exp()).sum();
+            -total.ln()
+        };
+        let want = [
+            softmax_of_first([5.0, 0.0, 1.0]),
+            softmax_of_first([9.0, 9.0, -1.0]),
+        ];
+        for (got, want) in out.argmax_logprobs.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{got} {want}");
+        }
         assert_eq!(out.logits, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
     }
 }

@@ -116,13 +116,32 @@ impl Generation {
         Ok(event)
     }
 
-    /// Whether the next token needs nothing but the argmax of its logits (greedy, no
-    /// penalties, no log-probabilities): [`LogitRows::Argmax`] then suffices, and the choice
-    /// goes to [`Generation::push_token`] instead of a row to [`Generation::step`].
+    /// Whether the next token needs nothing but the argmax of its logits and, if asked, its
+    /// own log-probability (greedy, no penalties, no alternatives' log-probabilities):
+    /// [`LogitRows::Argmax`] then suffices, and the choice goes to [`Generation::step_chosen`]
+    /// instead of a row to [`Generation::step`].
     ///
     /// [`LogitRows::Argmax`]: super::executor::LogitRows::Argmax
     pub fn needs_only_argmax(&self) -> bool {
-        self.params.logprobs.is_none() && self.sampler.takes_plain_argmax()
+        self.params.logprobs.unwrap_or(0) == 0 && self.sampler.takes_plain_argmax()
+    }
+
+    /// Appends `id`, the executor's greedy choice, with `logprob`, its log-probability (kept
+    /// when log-probabilities were asked for): what [`Generation::step`] does with the row.
+    pub fn step_chosen(
+        &mut self,
+        id: u32,
+        logprob: f32,
+        tokenizer: &ModelTokenizer,
+    ) -> Result<TokenEvent> {
+        let mut event = self.push_token(id, tokenizer)?;
+        if self.params.logprobs.is_some() {
+            event.logprobs = Some(TokenLogprobs {
+                logprob,
+                top: Vec::new(),
+            });
+        }
+        Ok(event)
     }
 
     /// Appends `id` as if it had been sampled.

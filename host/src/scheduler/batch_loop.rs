@@ -352,7 +352,13 @@ impl Loop {
         let vocab = self.model.config.vocab_size;
         let mut finished = Vec::new();
         let mut rows = self.out.logits.chunks_exact_mut(vocab);
-        let mut chosen = self.out.argmax.iter().copied();
+        // The executor's contract: one choice per entry that asked for one.
+        debug_assert_eq!(
+            self.out.argmax.len(),
+            rows_of.iter().filter(|r| r.0 == LogitRows::Argmax).count()
+        );
+        let logprobs = self.out.argmax_logprobs.iter().copied();
+        let mut chosen = self.out.argmax.iter().copied().zip(logprobs);
         let now = Instant::now();
         for (i, seq) in self.running.iter_mut().enumerate() {
             let (rows_got, fed) = rows_of[i];
@@ -391,7 +397,9 @@ impl Loop {
             let id = &seq.pending.request_id;
             let tokenizer = &self.model.tokenizer;
             let stepped = match (picked, sample) {
-                (Some(token), _) => seq.generation.push_token(token, tokenizer),
+                (Some((token, logprob)), _) => {
+                    seq.generation.step_chosen(token, logprob, tokenizer)
+                }
                 (None, Some(row)) => seq.generation.step(row, tokenizer),
                 (None, None) => continue,
             };

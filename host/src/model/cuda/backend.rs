@@ -111,8 +111,9 @@ struct Buffers {
     counters: Growable,
     last: Growable,
     logits: Growable,
-    /// The argmax of each logit row.
+    /// The argmax of each logit row, and its log-probability.
     chosen: Growable,
+    chosen_logprob: Growable,
 }
 
 /// Device addresses and shape of one forward pass.
@@ -134,6 +135,7 @@ struct Pass {
     last: u64,
     logits: u64,
     chosen: u64,
+    chosen_logprob: u64,
     /// Whether any row is wanted only as its argmax (then every row's is computed).
     argmax: bool,
     ids: u64,
@@ -184,6 +186,7 @@ impl Buffers {
             last: take(&mut self.last, m.max(1) * dims.h * f)?,
             logits: take(&mut self.logits, m.max(1) * dims.vocab * f)?,
             chosen: take(&mut self.chosen, m.max(1) * 4)?,
+            chosen_logprob: take(&mut self.chosen_logprob, m.max(1) * f)?,
             ids: int_at(0),
             slots: int_at(n),
             positions: int_at(2 * n),
@@ -560,6 +563,7 @@ impl CudaBackend {
                     Arg::Ptr(p.logits),
                     Arg::I32(dims.vocab as i32),
                     Arg::Ptr(p.chosen),
+                    Arg::Ptr(p.chosen_logprob),
                 ];
                 k.launch(st, &k.argmax_rows, (p.m as u32, 1, 1), 1024, &args)?;
             }
@@ -806,10 +810,15 @@ impl Executor for CudaBackend {
         }
         out.logits.resize(whole_rows * dims.vocab, 0.0);
         out.argmax.clear();
+        out.argmax_logprobs.clear();
         if pass.argmax {
             let chosen = self.bufs.chosen.at_least(0).map_err(dev)?;
             let ids: Vec<u32> = chosen.read_vec(m, s).map_err(dev)?;
             out.argmax.extend_from_slice(&ids[whole_rows..]);
+            let logprobs = self.bufs.chosen_logprob.at_least(0).map_err(dev)?;
+            let logprobs: Vec<f32> = logprobs.read_vec(m, s).map_err(dev)?;
+            out.argmax_logprobs
+                .extend_from_slice(&logprobs[whole_rows..]);
         }
         if whole_rows > 0 {
             let rows = self.bufs.logits.at_least(0).map_err(dev)?;

@@ -404,10 +404,11 @@ impl KernelCheck {
         self.down(&out, n * case.heads * case.d)
     }
 
-    /// The index of each row's largest value (lowest on ties).
-    pub fn argmax(&self, logits: &[f32], vocab: usize) -> anyhow::Result<Vec<u32>> {
+    /// The index of each row's largest value (lowest on ties), and its log-probability under
+    /// the row's softmax.
+    pub fn argmax(&self, logits: &[f32], vocab: usize) -> anyhow::Result<(Vec<u32>, Vec<f32>)> {
         let rows = logits.len() / vocab.max(1);
-        let (lb, ob) = (self.up(logits)?, self.out(rows)?);
+        let (lb, ob, pb) = (self.up(logits)?, self.out(rows)?, self.out(rows)?);
         self.launch(
             &self.device.kernels.argmax_rows,
             (rows as u32, 1, 1),
@@ -416,9 +417,10 @@ impl KernelCheck {
                 Arg::Ptr(lb.ptr()),
                 Arg::I32(vocab as i32),
                 Arg::Ptr(ob.ptr()),
+                Arg::Ptr(pb.ptr()),
             ],
         )?;
-        self.down(&ob, rows)
+        Ok((self.down(&ob, rows)?, self.down(&pb, rows)?))
     }
 
     /// Rows `ids` of an embedding table of `h` columns, widened to f32.
