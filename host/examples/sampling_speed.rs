@@ -14,6 +14,7 @@ fn main() {
         ("greedy", 0.0, 0, 1.0),
         ("temperature 1", 1.0, 0, 1.0),
         ("temperature 0.7, top_p 0.9", 0.7, 0, 0.9),
+        ("temperature 0.1, top_p 0.9", 0.1, 0, 0.9),
         ("top_k 40", 1.0, 40, 1.0),
         ("top_k 50, top_p 0.95", 0.8, 50, 0.95),
     ];

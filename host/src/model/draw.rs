@@ -78,8 +78,13 @@ impl Draw {
             return walk_runs(&self.weights, &self.run_sums, rng.next_f64() * total);
         }
         // The nucleus is usually among the few heaviest tokens; when they fall short (a flat
-        // distribution), it is looked for among all of them.
-        heaviest(&self.weights, FIRST_NUCLEUS, &mut self.maxima, c);
+        // distribution), it is looked for among all of them. Searched by logit, not weight:
+        // at a low temperature most weights underflow to 0, and a search among equal zeros
+        // would take them all.
+        heaviest(logits, FIRST_NUCLEUS, &mut self.maxima, c);
+        for cand in c.iter_mut() {
+            cand.0 = self.weights[cand.1 as usize];
+        }
         let mass: f64 = c.iter().map(|cand| cand.0 as f64).sum();
         if mass / total < top_p as f64 {
             c.clear();
