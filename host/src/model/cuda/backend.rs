@@ -85,6 +85,8 @@ struct HostScratch {
     /// their argmax on the device.
     rows: Vec<i32>,
     argmax_rows: Vec<i32>,
+    /// The device's greedy choices as read back: ids, then their log-probabilities' bits.
+    chosen: Vec<u32>,
     /// ids | slots | positions | offsets | rows | tables: one upload.
     ints: Vec<i32>,
     cos: Vec<f32>,
@@ -111,9 +113,8 @@ struct Buffers {
     counters: Growable,
     last: Growable,
     logits: Growable,
-    /// The argmax of each logit row, and its log-probability.
+    /// The argmax of each logit row, then each one's log-probability: one copy back.
     chosen: Growable,
-    chosen_logprob: Growable,
 }
 
 /// Device addresses and shape of one forward pass.
@@ -134,8 +135,8 @@ struct Pass {
     counters: u64,
     last: u64,
     logits: u64,
+    /// `m` ids, then `m` f32 log-probabilities.
     chosen: u64,
-    chosen_logprob: u64,
     /// Whether any row is wanted only as its argmax (then every row's is computed).
     argmax: bool,
     ids: u64,
@@ -185,8 +186,7 @@ impl Buffers {
             counters: take(&mut self.counters, n * dims.heads * 4)?,
             last: take(&mut self.last, m.max(1) * dims.h * f)?,
             logits: take(&mut self.logits, m.max(1) * dims.vocab * f)?,
-            chosen: take(&mut self.chosen, m.max(1) * 4)?,
-            chosen_logprob: take(&mut self.chosen_logprob, m.max(1) * f)?,
+            chosen: take(&mut self.chosen, m.max(1) * (4 + f))?,
             ids: int_at(0),
             slots: int_at(n),
             positions: int_at(2 * n),
@@ -557,13 +557,13 @@ impl CudaBackend {
             let input = Input::Rows(p.last);
             matmul(st, k, &w.lm_head().view(), input, p.logits, p.m, false)?;
             if p.argmax {
-                // Greedy choices on the device: 4 bytes back a row instead of a vocabulary's
-                // floats, and no pass over the row on the host.
+                // Greedy choices on the device: 8 bytes back a row (its id and log-probability)
+                // instead of a vocabulary's floats, and no pass over the row on the host.
                 let args = [
                     Arg::Ptr(p.logits),
                     Arg::I32(dims.vocab as i32),
                     Arg::Ptr(p.chosen),
-                    Arg::Ptr(p.chosen_logprob),
+                    Arg::Ptr(p.chosen + (p.m * 4) as u64),
                 ];
                 k.launch(st, &k.argmax_rows, (p.m as u32, 1, 1), 1024, &args)?;
             }
@@ -812,13 +812,13 @@ impl Executor for CudaBackend {
         out.argmax.clear();
         out.argmax_logprobs.clear();
         if pass.argmax {
-            let chosen = self.bufs.chosen.at_least(0).map_err(dev)?;
-            let ids: Vec<u32> = chosen.read_vec(m, s).map_err(dev)?;
-            out.argmax.extend_from_slice(&ids[whole_rows..]);
-            let logprobs = self.bufs.chosen_logprob.at_least(0).map_err(dev)?;
-            let logprobs: Vec<f32> = logprobs.read_vec(m, s).map_err(dev)?;
-            out.argmax_logprobs
-                .extend_from_slice(&logprobs[whole_rows..]);
+            let chosen = &mut self.host.chosen;
+            chosen.resize(2 * m, 0);
+            let device = self.bufs.chosen.at_least(0).map_err(dev)?;
+            device.read(chosen.as_mut_slice(), s).map_err(dev)?;
+            out.argmax.extend_from_slice(&chosen[whole_rows..m]);
+            let logprobs = chosen[m + whole_rows..].iter().map(|&b| f32::from_bits(b));
+            out.argmax_logprobs.extend(logprobs);
         }
         if whole_rows > 0 {
             let rows = self.bufs.logits.at_least(0).map_err(dev)?;
