@@ -4,7 +4,7 @@
 
 use super::config::ModelConfig;
 use super::cpu::matmul::Numerics;
-use super::cpu::pool::PoolTimes;
+use super::cpu::pool::{PoolTimes, ThreadPool};
 use super::cpu::profile::PhaseTimes;
 use super::cpu::CpuExecutor;
 use super::kv_cache::{cache_bytes, BlockPool, KvCache, KvDtype, SequenceKv};
@@ -198,6 +198,11 @@ pub trait Executor: Send {
         batch: &mut [BatchEntry],
         out: &mut PassOutput,
     ) -> Result<(), ExecError>;
+
+    /// Threads for the host's per-sequence work between passes (sampling many sequences'
+    /// rows at once): the CPU backend lends its compute pool, idle between passes; a GPU
+    /// backend keeps a pool of its own, whose threads sleep while the device computes.
+    fn host_pool(&self) -> &ThreadPool;
 
     /// Starts or stops timing each phase of the passes, where the backend can.
     fn set_profiling(&mut self, _on: bool) {}
@@ -417,6 +422,10 @@ impl Executor for CpuBackend {
         out: &mut PassOutput,
     ) -> Result<(), ExecError> {
         self.exec.forward(config, weights, &mut self.kv, batch, out)
+    }
+
+    fn host_pool(&self) -> &ThreadPool {
+        self.exec.pool()
     }
 
     fn set_profiling(&mut self, on: bool) {

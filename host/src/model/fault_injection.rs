@@ -4,7 +4,7 @@
 //! runs. Everything else goes to the real executor unchanged.
 
 use super::config::ModelConfig;
-use super::cpu::pool::PoolTimes;
+use super::cpu::pool::{PoolTimes, ThreadPool};
 use super::cpu::profile::PhaseTimes;
 use super::executor::{BatchEntry, DeviceInfo, ExecError, Executor, PassOutput};
 use super::kv_cache::BlockPool;
@@ -56,6 +56,10 @@ impl Executor for FailOnToken {
             });
         }
         self.inner.forward(config, weights, batch, out)
+    }
+
+    fn host_pool(&self) -> &ThreadPool {
+        self.inner.host_pool()
     }
 
     fn set_profiling(&mut self, on: bool) {

@@ -63,6 +63,14 @@ pub struct TokenEvent {
     pub logprobs: Option<TokenLogprobs>,
 }
 
+/// A token picked for a sequence, not yet appended.
+#[derive(Clone, Debug)]
+pub struct Choice {
+    pub id: u32,
+    /// When the parameters ask for them.
+    pub logprobs: Option<TokenLogprobs>,
+}
+
 pub struct Generation {
     params: GenerationParams,
     sampler: Sampler,
@@ -103,16 +111,33 @@ impl Generation {
 
     /// Samples from `logits` (one row of vocab size), appends the token, checks stop conditions.
     pub fn step(&mut self, logits: &mut [f32], tokenizer: &ModelTokenizer) -> Result<TokenEvent> {
+        let choice = self.choose(logits);
+        self.accept(choice, tokenizer)
+    }
+
+    /// Samples the next token from `logits` (one row of vocab size, which sampling may change)
+    /// with its log-probabilities when they are asked for, without appending it: the part of
+    /// [`Generation::step`] that needs no tokenizer, so that the scheduler can run it for many
+    /// sequences at once. [`Generation::accept`] appends the choice.
+    pub fn choose(&mut self, logits: &mut [f32]) -> Choice {
         let Some(n) = self.params.logprobs else {
             let id = self.sampler.sample(logits);
-            return self.push_token(id, tokenizer);
+            return Choice { id, logprobs: None };
         };
         self.raw_logits.clear();
         self.raw_logits.extend_from_slice(logits);
         let id = self.sampler.sample(logits);
         let logprobs = token_logprobs(&self.raw_logits, id, n, &mut self.top_scratch);
-        let mut event = self.push_token(id, tokenizer)?;
-        event.logprobs = Some(logprobs);
+        Choice {
+            id,
+            logprobs: Some(logprobs),
+        }
+    }
+
+    /// Appends a token [`Generation::choose`] picked and checks stop conditions.
+    pub fn accept(&mut self, choice: Choice, tokenizer: &ModelTokenizer) -> Result<TokenEvent> {
+        let mut event = self.push_token(choice.id, tokenizer)?;
+        event.logprobs = choice.logprobs;
         Ok(event)
     }
 
@@ -126,6 +151,18 @@ impl Generation {
         self.params.logprobs.unwrap_or(0) == 0 && self.sampler.takes_plain_argmax()
     }
 
+    /// The choice the executor made greedily: `id` with `logprob`, its log-probability (kept
+    /// when log-probabilities were asked for), as [`Generation::choose`] would return it.
+    pub fn chosen(&self, id: u32, logprob: f32) -> Choice {
+        Choice {
+            id,
+            logprobs: self.params.logprobs.map(|_| TokenLogprobs {
+                logprob,
+                top: Vec::new(),
+            }),
+        }
+    }
+
     /// Appends `id`, the executor's greedy choice, with `logprob`, its log-probability (kept
     /// when log-probabilities were asked for): what [`Generation::step`] does with the row.
     pub fn step_chosen(
@@ -134,14 +171,8 @@ impl Generation {
         logprob: f32,
         tokenizer: &ModelTokenizer,
     ) -> Result<TokenEvent> {
-        let mut event = self.push_token(id, tokenizer)?;
-        if self.params.logprobs.is_some() {
-            event.logprobs = Some(TokenLogprobs {
-                logprob,
-                top: Vec::new(),
-            });
-        }
-        Ok(event)
+        let choice = self.chosen(id, logprob);
+        self.accept(choice, tokenizer)
     }
 
     /// Appends `id` as if it had been sampled.

@@ -3,6 +3,7 @@
 //! decoding sequence gets its token first, prefill chunks share what is left), preempt the
 //! newest sequences if the cache cannot hold the plan, run the pass, and stream the tokens.
 
+use super::choices::{choose_all, Pick};
 use super::sequence::Sequence;
 use super::{Finish, Pending, SchedulerStats, SeqEvent};
 use crate::admission::queue::RequestQueue;
@@ -350,7 +351,6 @@ impl Loop {
     /// `rows_of[i]`: which logit rows sequence `i` got, and the position its tokens began at.
     fn emit_tokens(&mut self, rows_of: &[(LogitRows, usize)]) {
         let vocab = self.model.config.vocab_size;
-        let mut finished = Vec::new();
         let mut rows = self.out.logits.chunks_exact_mut(vocab);
         // The executor's contract: one choice per entry that asked for one.
         debug_assert_eq!(
@@ -359,13 +359,14 @@ impl Loop {
         );
         let logprobs = self.out.argmax_logprobs.iter().copied();
         let mut chosen = self.out.argmax.iter().copied().zip(logprobs);
-        let now = Instant::now();
+        // Each sequence's prompt log-probabilities, and what it gets toward its next token.
+        let mut picks = Vec::with_capacity(self.running.len());
         for (i, seq) in self.running.iter_mut().enumerate() {
             let (rows_got, fed) = rows_of[i];
             let prompt_len = seq.pending.prompt_ids.len();
             let uses =
                 batching::row_uses(rows_got, fed, seq.fed - fed, prompt_len, seq.tokens.len());
-            let mut sample = None;
+            let mut pick = Pick::None;
             for row_use in uses {
                 let Some(row) = rows.next() else { break };
                 match row_use {
@@ -376,34 +377,32 @@ impl Loop {
                             seq.prompt_logprobs.push(logprob_of(row, next));
                         }
                     }
-                    RowUse::Sample => sample = Some(row),
+                    RowUse::Sample => pick = Pick::Row(row),
                     RowUse::Skip => {}
                 }
             }
-            // A greedy choice made by the executor, or a row to sample from.
-            let picked = if rows_got == LogitRows::Argmax {
-                chosen.next()
-            } else {
-                None
-            };
-            if picked.is_none() && sample.is_none() {
-                continue;
+            // A greedy choice made by the executor rather than a row.
+            if rows_got == LogitRows::Argmax {
+                if let Some((token, logprob)) = chosen.next() {
+                    pick = Pick::Chosen(token, logprob);
+                }
             }
+            picks.push(pick);
+        }
+        let generations = self.running.iter_mut().map(|seq| &mut seq.generation);
+        let choices = choose_all(self.executor.host_pool(), generations, picks);
+
+        let mut finished = Vec::new();
+        let now = Instant::now();
+        for ((i, seq), choice) in self.running.iter_mut().enumerate().zip(choices) {
+            let Some(choice) = choice else { continue };
             // Before the first token, whichever pass samples it (the prompt's last chunk may
             // have needed no rows of its own).
             if seq.pending.params.prompt_logprobs && seq.last_token_at.is_none() {
                 seq.send(SeqEvent::PromptLogprobs(seq.prompt_logprobs.clone()));
             }
             let id = &seq.pending.request_id;
-            let tokenizer = &self.model.tokenizer;
-            let stepped = match (picked, sample) {
-                (Some((token, logprob)), _) => {
-                    seq.generation.step_chosen(token, logprob, tokenizer)
-                }
-                (None, Some(row)) => seq.generation.step(row, tokenizer),
-                (None, None) => continue,
-            };
-            let event = match stepped {
+            let event = match seq.generation.accept(choice, &self.model.tokenizer) {
                 Ok(event) => event,
                 Err(e) => {
                     let message = format!("decoding failed: {e}");

@@ -3,6 +3,7 @@
 //! request's handler over its own channel.
 
 mod batch_loop;
+pub mod choices;
 mod sequence;
 
 pub use batch_loop::SchedulerSettings;

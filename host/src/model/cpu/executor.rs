@@ -71,6 +71,11 @@ impl CpuExecutor {
         self.pool.threads()
     }
 
+    /// The compute threads, which sit idle between passes.
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+
     pub fn numerics(&self) -> Numerics {
         self.numerics
     }

@@ -10,7 +10,7 @@ use super::products::{matmul, swiglu_product, Input};
 use super::profile::{events_per_pass, EventProfile};
 use super::weights::{unsupported_dtype, upload, DevWeights};
 use crate::model::config::ModelConfig;
-use crate::model::cpu::pool::PoolTimes;
+use crate::model::cpu::pool::{PoolTimes, ThreadPool};
 use crate::model::cpu::profile::{Phase, PhaseTimes};
 use crate::model::executor::{
     check_batch, BatchEntry, DeviceInfo, ExecError, Executor, ExecutorSettings, LogitRows,
@@ -255,6 +255,8 @@ pub struct CudaBackend {
     profile: Option<EventProfile>,
     sms: usize,
     info: DeviceInfo,
+    /// Host threads for the scheduler's per-sequence work between passes (`model.threads`).
+    host_threads: ThreadPool,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
 }
@@ -427,6 +429,7 @@ impl CudaBackend {
             profile: None,
             sms,
             info,
+            host_threads: ThreadPool::new(settings.threads),
             stream,
             ctx,
         })
@@ -673,6 +676,10 @@ impl Executor for CudaBackend {
         if let Some(p) = self.profile.as_mut() {
             p.reset();
         }
+    }
+
+    fn host_pool(&self) -> &ThreadPool {
+        &self.host_threads
     }
 
     fn forward(
