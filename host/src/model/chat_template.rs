@@ -59,6 +59,10 @@ impl ChatTemplate {
         let ctx = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
+            // transformers passes these as None when a request has none, so a template's
+            // `tools is not none` (or `is defined`) sees what it sees there.
+            tools => Value::from(()),
+            documents => Value::from(()),
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
@@ -352,6 +356,14 @@ mod tests {
             out,
             "{\"role\": \"user\", \"content\": \"é \\\"q\\\"\\n\", \"x\": [1, 2.5, 3.0, true, null]}|[\n  1,\n  2.5,\n  3.0,\n  true,\n  null\n]"
         );
+    }
+
+    #[test]
+    fn tools_and_documents_are_none_as_in_transformers() {
+        // Mistral-style templates test `tools is not none`; an undefined value is not none.
+        let source = "{% if tools is not none %}[TOOLS]{% endif %}{% if documents is defined and documents is none %}no docs{% endif %}";
+        let out = render(source, json!([{"role": "user", "content": "a"}])).unwrap();
+        assert_eq!(out, "no docs");
     }
 
     #[test]

@@ -222,7 +222,10 @@ impl ModelConfig {
             Architecture::Qwen2 => (true, false),
             _ => (attention_bias, attention_bias),
         };
+        // transformers' Llama has no sliding window (a `sliding_window` key in a llama config
+        // does nothing there); Qwen2 uses one only with `use_sliding_window`.
         let sliding_window = match architecture {
+            Architecture::Llama => None,
             Architecture::Qwen2 if raw.use_sliding_window != Some(true) => None,
             _ => raw.sliding_window,
         };
@@ -288,7 +291,10 @@ fn parse_rope_scaling(
         }
     };
     match kind {
-        "default" => Ok(RopeScaling::None),
+        // Dynamic NTK scaling changes the frequencies only for sequences longer than
+        // `max_position_embeddings` (transformers' `dynamic_rope_update`), which is the
+        // longest context served: within it, it is the default.
+        "default" | "dynamic" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear {
             factor: factor("factor", rope.factor)?,
         }),
@@ -311,7 +317,7 @@ fn parse_rope_scaling(
             })
         }
         other => Err(invalid(format!(
-            "rope scaling type {other:?} is not supported (default, linear, llama3)"
+            "rope scaling type {other:?} is not supported (default, linear, dynamic, llama3)"
         ))),
     }
 }
@@ -357,6 +363,22 @@ mod tests {
         ))
         .unwrap();
         assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn dynamic_scaling_is_the_default_within_the_context_and_llama_has_no_window() {
+        let c = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "rope_scaling": {{"type": "dynamic", "factor": 2.0}},
+            "sliding_window": 16}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::None);
+        assert_eq!(c.sliding_window, None);
+        let c = parse(&format!(
+            r#"{{"model_type": "mistral", {BASE}, "sliding_window": 16}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.sliding_window, Some(16));
     }
 
     #[test]

@@ -86,11 +86,17 @@ impl ModelWeights {
             });
         }
         let norm = vector("model.norm.weight", h)?;
-        // As in HF: tied models reuse the embedding matrix, untied ones must ship lm_head.
+        // Tied models reuse the embedding matrix. A config that leaves `tie_word_embeddings`
+        // out means untied (HF's default), but checkpoints re-saved from tied models often
+        // omit the flag as well as the tensor: without an lm_head, use the embedding (as
+        // llama.cpp does without `output.weight`) rather than refuse the model.
         let lm_head = if config.tie_word_embeddings {
             None
-        } else {
+        } else if store.contains("lm_head.weight") {
             Some(store.tensor("lm_head.weight", &[config.vocab_size, h])?)
+        } else {
+            tracing::warn!("no lm_head.weight: the output projection reuses the embedding matrix");
+            None
         };
         Ok(ModelWeights {
             embed_tokens,

@@ -21,6 +21,20 @@ const TYPE_CONTROL: i64 = 3;
 const TYPE_USER_DEFINED: i64 = 4;
 const TYPE_BYTE: i64 = 6;
 
+/// Tokens that end generation wherever they are in a vocabulary (llama.cpp's list).
+const END_OF_GENERATION: &[&str] = &[
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<end_of_utterance>",
+    "<EOT>",
+    "_<EOT>",
+];
+
 /// GPT-2's split: contractions, letters, digits, other symbols, whitespace.
 const GPT2_SPLIT: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
@@ -34,7 +48,8 @@ pub struct Vocab {
     pub tokenizer: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
-    /// Ids that end generation besides eos: `eot` and `eom` tokens.
+    /// Ids that end generation besides eos: `eot` and `eom` tokens, and the tokens spelled as
+    /// one of [`END_OF_GENERATION`].
     pub stop_ids: Vec<u32>,
 }
 
@@ -74,13 +89,22 @@ pub fn build(meta: &Metadata) -> Result<Vocab, String> {
     let bos = id("tokenizer.ggml.bos_token_id")?;
     let eos = id("tokenizer.ggml.eos_token_id")?;
     let unk = id("tokenizer.ggml.unknown_token_id")?;
-    let stop_ids: Vec<u32> = [
+    let mut stop_ids: Vec<u32> = [
         id("tokenizer.ggml.eot_token_id")?,
         id("tokenizer.ggml.eom_token_id")?,
     ]
     .into_iter()
     .flatten()
     .collect();
+    // Converters seldom write the eot/eom keys, and an instruct model's eos is often only one
+    // of the tokens its turns end with (Qwen2.5 ends with <|im_end|> or <|endoftext|>, Llama 3
+    // with <|eot_id|>, <|eom_id|> or <|end_of_text|>): like llama.cpp, every token spelled as
+    // one of these ends generation too.
+    for (i, token) in tokens.iter().enumerate() {
+        if END_OF_GENERATION.contains(&token.as_str()) && !stop_ids.contains(&(i as u32)) {
+            stop_ids.push(i as u32);
+        }
+    }
 
     let (json_model, normalizer, pre_tokenizer, decoder, default_bos) = match model {
         "gpt2" => {
@@ -89,6 +113,10 @@ pub fn build(meta: &Metadata) -> Result<Vocab, String> {
                 .ok_or("metadata key tokenizer.ggml.merges is missing (needed by a gpt2 vocabulary)")?;
             let pre = meta.str("tokenizer.ggml.pre")?.unwrap_or("default");
             let (pre_tokenizer, ignore_merges) = gpt2_pre_tokenizer(pre)?;
+            // Llama 3's tokenizer adds <|begin_of_text|> through its post-processor, which
+            // older converters did not turn into `add_bos_token`: llama.cpp adds it for these
+            // pre-tokenizers unless the file says otherwise.
+            let default_bos = matches!(pre, "llama-bpe" | "llama3" | "llama-v3" | "falcon3");
             let model = json!({
                 "type": "BPE",
                 "dropout": null,
@@ -102,7 +130,7 @@ pub fn build(meta: &Metadata) -> Result<Vocab, String> {
                 "merges": merges,
             });
             let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
-            (model, Json::Null, pre_tokenizer, decoder, false)
+            (model, Json::Null, pre_tokenizer, decoder, default_bos)
         }
         "llama" => {
             let scores = meta
@@ -294,4 +322,70 @@ fn spm_merges(tokens: &[String], types: &[i64], scores: &[f64]) -> Vec<[String; 
         .into_iter()
         .map(|(_, _, _, l, r)| [l.to_string(), r.to_string()])
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// A byte-level BPE vocabulary as a Llama 3 GGUF file stores it, with `extra` keys.
+    fn llama3_meta(extra: &[(&str, Value)]) -> Metadata {
+        let strings = |items: &[&str]| {
+            Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())
+        };
+        let tokens = [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "a",
+            "b",
+            "ab",
+            "<|eot_id|>",
+        ];
+        let mut values = BTreeMap::from([
+            (
+                "tokenizer.ggml.model".to_string(),
+                Value::String("gpt2".into()),
+            ),
+            (
+                "tokenizer.ggml.pre".to_string(),
+                Value::String("llama-bpe".into()),
+            ),
+            ("tokenizer.ggml.tokens".to_string(), strings(&tokens)),
+            (
+                "tokenizer.ggml.token_type".to_string(),
+                Value::Array([3, 3, 1, 1, 1, 3].map(Value::I32).to_vec()),
+            ),
+            ("tokenizer.ggml.merges".to_string(), strings(&["a b"])),
+            ("tokenizer.ggml.bos_token_id".to_string(), Value::U32(0)),
+            ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(1)),
+        ]);
+        for (key, value) in extra {
+            values.insert(key.to_string(), value.clone());
+        }
+        Metadata { values }
+    }
+
+    fn ids(vocab: &Vocab, text: &str) -> Vec<u32> {
+        let encoding = vocab.tokenizer.encode(text, true).expect("encodes");
+        encoding.get_ids().to_vec()
+    }
+
+    #[test]
+    fn llama3_files_without_add_bos_get_bos_as_in_llama_cpp() {
+        let vocab = build(&llama3_meta(&[])).expect("builds");
+        assert_eq!(ids(&vocab, "ab"), [0, 4]);
+        let key = ("tokenizer.ggml.add_bos_token", Value::Bool(false));
+        let vocab = build(&llama3_meta(&[key])).expect("builds");
+        assert_eq!(ids(&vocab, "ab"), [4]);
+    }
+
+    #[test]
+    fn end_of_turn_tokens_stop_generation_without_eot_keys() {
+        let vocab = build(&llama3_meta(&[])).expect("builds");
+        assert_eq!(vocab.stop_ids, [1, 5]);
+        let key = ("tokenizer.ggml.eot_token_id", Value::U32(5));
+        let vocab = build(&llama3_meta(&[key])).expect("builds");
+        assert_eq!(vocab.stop_ids, [5, 1]);
+    }
 }
