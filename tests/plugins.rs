@@ -344,6 +344,10 @@ async fn looping_trapping_and_memory_eating_plugins_are_cut_off() {
         let started = Instant::now();
         assert_eq!(generate_as(&server, "victim", &[]).await.status(), 200);
         assert!(started.elapsed() < Duration::from_millis(500));
+        // Writing the same file again is how an operator re-enables it: a fresh instance.
+        put_plugin(&dir, "bad.wasm", plugin);
+        let listed = wait_for(&server, "bad.wasm", "active").await;
+        assert_eq!(listed["faults"], 0, "{plugin}: {listed}");
         server.shutdown().await;
     }
 }
@@ -1122,6 +1126,39 @@ async fn wasi_plugins_print_and_read_clocks_and_randomness_but_reach_nothing_els
     strict.shutdown().await;
 }
 
+/// A limiter that allowed a request which a later limiter refused still hears how it ended:
+/// failed, nothing generated (every allowing `check` has its `record-usage`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limiter_that_allowed_a_refused_request_records_it_as_failed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("plugins");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    // Limiters run in file-name order: the probe allows first, then deny-all refuses.
+    put_plugin(&dir, "a-usage.wasm", "usage-probe");
+    put_plugin(&dir, "z-deny.wasm", "deny-all");
+    let server = start_with_plugins(&dir, |_| {}).await;
+    wait_for(&server, "a-usage.wasm", "active").await;
+    wait_for(&server, "z-deny.wasm", "active").await;
+    let (status, body) = generate_with_id(&server, "grace", "refused-later").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deny-all"),
+        "{body}"
+    );
+    let (status, body) = generate_with_id(&server, "grace", "probe-usage").await;
+    assert_eq!(status, 429, "{body}");
+    // The load-time trial's record, then the refused request's.
+    let reason = body["error"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(" failed=2 ") && reason.contains(" tokens=0 "),
+        "{reason}"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_usage_reports_every_ending_with_its_outcome() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -1144,9 +1181,10 @@ async fn record_usage_reports_every_ending_with_its_outcome() {
         let reason = error.split_once(": ").map_or(error, |(_, r)| r);
         reason.trim_end_matches(" (usage.wasm)").to_string()
     };
+    // The load-time trial request was checked and recorded (failed, nothing generated).
     let first = report().await;
     assert!(
-        first.starts_with("finished=0 stopped=0 cancelled=0 failed=0 timed-out=0 tokens=0 api=tgi"),
+        first.starts_with("finished=0 stopped=0 cancelled=0 failed=1 timed-out=0 tokens=0 api=tgi"),
         "{first}"
     );
 
@@ -1199,7 +1237,7 @@ async fn record_usage_reports_every_ending_with_its_outcome() {
     .await;
     assert!(
         report_now.starts_with(&format!(
-            "finished={} stopped={expected_stopped} cancelled=1 failed=0 timed-out=1 tokens=",
+            "finished={} stopped={expected_stopped} cancelled=1 failed=1 timed-out=1 tokens=",
             2 - expected_stopped
         )),
         "{report_now} (stop sequence hit: {stopped})"

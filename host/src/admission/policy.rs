@@ -151,9 +151,43 @@ impl Policy {
         let Some(info) = info else {
             return Ok(own_priority);
         };
-        for plugin in &limiters {
-            match plugin.check(&info) {
-                Ok(Decision::Allow) => plugin.count_decision("allow"),
+        let mut allowed = Vec::with_capacity(limiters.len());
+        let verdict = self.enforce(ticket, &info, &limiters, prioritizer, &mut allowed);
+        // A limiter that allowed the request hears how it ended even when a later stage
+        // refused it: as failed, with nothing generated (so a plugin that counts requests in
+        // flight from `check` to `record-usage` stays balanced).
+        if verdict.is_err() && !allowed.is_empty() {
+            let usage = Usage {
+                request_id: ticket.request_id.clone(),
+                client_id: ticket.client_id.clone(),
+                prompt_tokens: info.prompt_tokens,
+                generated_tokens: 0,
+                outcome: Outcome::Refused.for_plugins(),
+            };
+            for plugin in allowed {
+                let _ = plugin.record_usage(&usage);
+            }
+        }
+        verdict
+    }
+
+    /// The enforcing limiters in turn, then the prioritizer: the request's queue priority, or
+    /// the refusal. `allowed` collects the limiters whose `check` allowed it.
+    fn enforce<'p>(
+        &self,
+        ticket: &Ticket,
+        info: &RequestInfo,
+        limiters: &[&'p Arc<Plugin>],
+        prioritizer: Option<Arc<Plugin>>,
+        allowed: &mut Vec<&'p Arc<Plugin>>,
+    ) -> Result<i32, ApiError> {
+        let own_priority = ticket.requested_priority.unwrap_or(0);
+        for &plugin in limiters {
+            match plugin.check(info) {
+                Ok(Decision::Allow) => {
+                    plugin.count_decision("allow");
+                    allowed.push(plugin);
+                }
                 Ok(Decision::Reject(r)) => {
                     plugin.count_decision("reject");
                     let reason = format!("{} ({})", r.reason, plugin.file);
@@ -164,7 +198,7 @@ impl Policy {
             }
         }
         match prioritizer {
-            Some(plugin) => match plugin.priority(&info) {
+            Some(plugin) => match plugin.priority(info) {
                 Ok(priority) => {
                     plugin.count_decision("priority");
                     Ok(priority)

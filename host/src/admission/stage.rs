@@ -6,12 +6,16 @@ use super::policy::Policy;
 use super::usage::{Admitted, Ledger, Outcome, SequenceEvents};
 use crate::error::ApiError;
 use crate::model::generation::GenerationParams;
+use crate::plugins::PluginSet;
 use crate::scheduler::{Pending, SeqEvent};
 use crate::tracker::Stage;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// The plugins a decision asked, and the decision: the queue priority or the refusal.
+type Decided = (Option<Arc<PluginSet>>, Result<i32, ApiError>);
 
 /// One sequence a request asks for: OpenAI's `n` and prompt lists make several.
 #[derive(Clone, Debug)]
@@ -105,24 +109,26 @@ impl Admission {
         })
     }
 
-    /// [`Policy::decide`], on the blocking pool when a plugin it calls needs that.
-    async fn decide(self: &Arc<Self>, ticket: Ticket) -> (Ticket, Result<i32, ApiError>) {
+    /// [`Policy::decide`], on the blocking pool when a plugin it calls needs that; with the
+    /// plugins it asked.
+    async fn decide(self: &Arc<Self>, ticket: Ticket) -> (Ticket, Decided) {
         let plugins = self.policy.plugins_now();
         if !Policy::needs_blocking_pool(plugins.as_deref()) {
             let decision = self.policy.decide(&ticket, plugins.as_deref());
-            return (ticket, decision);
+            return (ticket, (plugins, decision));
         }
         let admission = self.clone();
         let request_id = ticket.request_id.clone();
         let decided = tokio::task::spawn_blocking(move || {
             let decision = admission.policy.decide(&ticket, plugins.as_deref());
-            (ticket, decision)
+            (ticket, (plugins, decision))
         })
         .await;
         decided.unwrap_or_else(|panicked| {
             tracing::error!(request_id, "admission policy panicked: {panicked}");
             let message = "admission policy failed".to_string();
-            (Ticket::empty(request_id), Err(ApiError::Internal(message)))
+            let refused = (None, Err(ApiError::Internal(message)));
+            (Ticket::empty(request_id), refused)
         })
     }
 
@@ -136,9 +142,9 @@ impl Admission {
             let reason = format!("too many concurrent requests (at most {max} per client)");
             return Err(self.policy.refuse(&ticket, Duration::from_secs(1), reason));
         };
-        let (mut ticket, priority) = self.decide(ticket).await;
+        let (mut ticket, (plugins, priority)) = self.decide(ticket).await;
         let priority = priority?;
-        let ledger = Arc::new(Ledger::new(self.clone(), &ticket, slot));
+        let ledger = Arc::new(Ledger::new(self.clone(), &ticket, slot, plugins));
         let mut guard = QueueGuard {
             admission: self,
             request_id: &ticket.request_id,

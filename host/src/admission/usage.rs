@@ -6,6 +6,7 @@ use super::policy::Policy;
 use super::stage::{Admission, Ticket};
 use crate::model::generation::FinishReason;
 use crate::plugins::bindings::Usage;
+use crate::plugins::PluginSet;
 use crate::scheduler::SeqEvent;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,8 @@ pub enum Outcome {
     TimedOut,
     /// The scheduler or the model failed it.
     Failed,
-    /// Never queued (the queue was full): nothing to record.
+    /// Allowed by the rate limiters, then refused before it was queued (another limiter, a
+    /// failing prioritizer, a full queue): recorded as `failed`, with nothing generated.
     Refused,
 }
 
@@ -40,8 +42,8 @@ impl Outcome {
         }
     }
 
-    /// The `cllm:policy` outcome (never called for `Refused`, which is not recorded).
-    fn for_plugins(self) -> crate::plugins::bindings::Outcome {
+    /// The `cllm:policy` outcome (which has no refusal: that is a failure to run).
+    pub(super) fn for_plugins(self) -> crate::plugins::bindings::Outcome {
         use crate::plugins::bindings::Outcome as O;
         match self {
             Outcome::Finished => O::Finished,
@@ -72,6 +74,9 @@ pub(super) struct Ledger {
     outcome: Mutex<Option<Outcome>>,
     /// The client's open-request slot, given back when the request's last sequence is gone.
     _slot: Option<ClientSlot>,
+    /// The plugins that admitted the request: its usage goes to them, even after a hot swap
+    /// (a new version of a limiter never saw the request's `check`).
+    plugins: Option<Arc<PluginSet>>,
 }
 
 impl Ledger {
@@ -79,6 +84,7 @@ impl Ledger {
         admission: Arc<Admission>,
         ticket: &Ticket,
         slot: Option<ClientSlot>,
+        plugins: Option<Arc<PluginSet>>,
     ) -> Ledger {
         Ledger {
             admission,
@@ -88,6 +94,7 @@ impl Ledger {
             generated: AtomicUsize::new(0),
             outcome: Mutex::new(None),
             _slot: slot,
+            plugins,
         }
     }
 
@@ -105,9 +112,6 @@ impl Drop for Ledger {
             .get_mut()
             .map_or(Some(Outcome::Failed), |o| *o)
             .unwrap_or(Outcome::Cancelled);
-        if outcome == Outcome::Refused {
-            return;
-        }
         let clamp = |n: usize| n.min(u32::MAX as usize) as u32;
         let usage = Usage {
             request_id: std::mem::take(&mut self.request_id),
@@ -117,7 +121,7 @@ impl Drop for Ledger {
             outcome: outcome.for_plugins(),
         };
         let policy = &self.admission.policy;
-        let plugins = policy.plugins_now();
+        let plugins = self.plugins.take();
         match tokio::runtime::Handle::try_current() {
             // Plugin calls stay off the async workers (see `Policy::needs_blocking_pool`).
             Ok(runtime) if Policy::needs_blocking_pool(plugins.as_deref()) => {

@@ -131,7 +131,8 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         world_name(plugin.kind),
         plugin.version
     );
-    println!("first call: {}", one_call(&plugin, 0).map_err(fault_error)?);
+    let first = one_call(&plugin, 0).map_err(|fault| fault_error(&plugin, fault))?;
+    println!("first call: {first}");
 
     let mut times = Vec::with_capacity(args.calls);
     let mut faults: Vec<Fault> = Vec::new();
@@ -159,7 +160,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     // What a fault or a config change costs the next call: a fresh instance.
     plugin.drop_instance();
     let fresh = Instant::now();
-    one_call(&plugin, args.calls + 1).map_err(fault_error)?;
+    one_call(&plugin, args.calls + 1).map_err(|fault| fault_error(&plugin, fault))?;
     println!(
         "fresh instance and its first call: {:.2} ms",
         fresh.elapsed().as_secs_f64() * 1e3
@@ -199,8 +200,12 @@ fn world_name(kind: PluginKind) -> &'static str {
     }
 }
 
-fn fault_error(fault: Fault) -> anyhow::Error {
-    anyhow::anyhow!("the first call faulted: {}", fault.as_str())
+/// The fault with what it said (a trap's message, a Python traceback's last line, ...).
+fn fault_error(plugin: &Plugin, fault: Fault) -> anyhow::Error {
+    match plugin.last_fault() {
+        Some(detail) => anyhow::anyhow!("the first call faulted: {}: {detail}", fault.as_str()),
+        None => anyhow::anyhow!("the first call faulted: {}", fault.as_str()),
+    }
 }
 
 /// One call of the plugin's own function; its verdict in words.

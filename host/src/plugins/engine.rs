@@ -197,6 +197,9 @@ impl PluginEngine {
             .total_core_instances(1024)
             .total_memories(512)
             .total_tables(512)
+            // The pool's own cap (20,000 by default) is below what large components (Python,
+            // JavaScript) declare; tables are reserved, not committed, at this size.
+            .table_elements(MAX_TABLE_ELEMENTS)
             .max_memory_size(memory_limit_bytes.max(1 << 20));
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(to_anyhow)?;

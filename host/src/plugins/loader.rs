@@ -1,7 +1,7 @@
 //! Turning a `.wasm` file into a [`Plugin`]: compile, find which of cllm's worlds it
 //! implements (and at which version), pre-link it, and give it one trial call.
 
-use super::bindings::{v1, v2, Api, HealthSnapshot, RequestInfo};
+use super::bindings::{v1, v2, Api, Decision, HealthSnapshot, Outcome, RequestInfo, Usage};
 use super::compile_cache::CompileCache;
 use super::engine::PluginEngine;
 use super::plugin::{CallLimits, Plugin, PluginKind, Pre};
@@ -72,6 +72,18 @@ pub fn trial_request() -> RequestInfo {
         max_new_tokens: 1,
         requested_priority: None,
         headers: Vec::new(),
+    }
+}
+
+/// How the trial request ended: refused after the trial, nothing generated.
+fn trial_usage() -> Usage {
+    let request = trial_request();
+    Usage {
+        request_id: request.request_id,
+        client_id: request.client_id,
+        prompt_tokens: request.prompt_tokens,
+        generated_tokens: 0,
+        outcome: Outcome::Failed,
     }
 }
 
@@ -217,10 +229,21 @@ pub fn load(
     }
     let plugin = plugin.with_inline_calls(waits.is_none());
     let trial = match kind {
-        PluginKind::RateLimiter => plugin.check(&trial_request()).map(drop),
+        // An allowed trial is followed by its `record-usage`, as every allowed request is.
+        PluginKind::RateLimiter => {
+            plugin
+                .check(&trial_request())
+                .and_then(|decision| match decision {
+                    Decision::Allow => plugin.record_usage(&trial_usage()),
+                    Decision::Reject(_) => Ok(()),
+                })
+        }
         PluginKind::Prioritizer => plugin.priority(&trial_request()).map(drop),
         PluginKind::HealthChecker => plugin.health(&trial_snapshot()).map(drop),
     };
-    trial.map_err(|fault| format!("trial call failed: {}", fault.as_str()))?;
+    trial.map_err(|fault| match plugin.last_fault() {
+        Some(detail) => format!("trial call failed: {}: {detail}", fault.as_str()),
+        None => format!("trial call failed: {}", fault.as_str()),
+    })?;
     Ok(plugin)
 }

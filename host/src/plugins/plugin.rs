@@ -11,7 +11,10 @@ use super::wasi::PluginLog;
 use crate::metrics::Metrics;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Bytes of a fault's message kept for [`Plugin::last_fault`].
+const MAX_FAULT_DETAIL: usize = 2048;
 use std::time::{Duration, Instant};
 use wasmtime::{Store, Trap};
 
@@ -121,6 +124,9 @@ pub struct Plugin {
     pub faults: AtomicU64,
     consecutive_faults: AtomicU32,
     disabled: AtomicBool,
+    /// What the latest fault said (a trap's message and the plugin's backtrace), for the
+    /// load-time refusal and `cllm plugin check`, which have no log to point to.
+    last_fault: Mutex<Option<String>>,
     /// No call has run yet: the next one is the load-time trial (see [`Plugin::call_with`]).
     first_call: AtomicBool,
 }
@@ -165,6 +171,7 @@ impl Plugin {
             faults: AtomicU64::new(0),
             consecutive_faults: AtomicU32::new(0),
             disabled: AtomicBool::new(false),
+            last_fault: Mutex::new(None),
             first_call: AtomicBool::new(true),
         }
     }
@@ -341,6 +348,19 @@ impl Plugin {
         self.metrics
             .counter("cllm_plugin_faults_total", &labels)
             .increment(1);
+        let mut detail = format!("{error:#}");
+        if detail.len() > MAX_FAULT_DETAIL {
+            let mut end = MAX_FAULT_DETAIL;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+            detail.push_str(" [...]");
+        }
+        *self
+            .last_fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(detail);
         let in_a_row = self.consecutive_faults.fetch_add(1, Ordering::Relaxed) + 1;
         if in_a_row >= self.limits.max_faults && !self.disabled.swap(true, Ordering::Relaxed) {
             tracing::error!(plugin = %self.file, faults = in_a_row, "plugin disabled after repeated faults; replace its file to re-enable it");
@@ -348,6 +368,14 @@ impl Plugin {
             tracing::warn!(plugin = %self.file, fault = fault.as_str(), "plugin fault: {error:#}");
         }
         fault
+    }
+
+    /// What the latest fault said, if a call faulted.
+    pub fn last_fault(&self) -> Option<String> {
+        self.last_fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn check(&self, request: &RequestInfo) -> Result<Decision, Fault> {

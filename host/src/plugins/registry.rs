@@ -198,12 +198,13 @@ impl PluginRegistry {
             std::fs::read_to_string(self.dir.join(format!("{stem}.json"))).unwrap_or_default();
         let sha256 = sha256_hex(&bytes);
         let content_key = format!("{sha256}:{}", sha256_hex(config.as_bytes()));
-        if self
-            .lock_entries()
-            .get(stem)
-            .is_some_and(|e| e.content_key == content_key)
-        {
-            return; // the same bytes and config as already handled
+        // The same bytes and config as already handled: nothing to do, unless the plugin
+        // was disabled after repeated faults, when writing its file again (even unchanged,
+        // `touch` or `cp` over it) is how an operator turns it back on.
+        if self.lock_entries().get(stem).is_some_and(|e| {
+            e.content_key == content_key && !e.active.as_ref().is_some_and(|p| p.is_disabled())
+        }) {
+            return;
         }
         let started = std::time::Instant::now();
         let loaded = loader::compile(

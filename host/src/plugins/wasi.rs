@@ -51,9 +51,17 @@ pub const MAX_LINE_BYTES: usize = 2048;
 /// `wasi:filesystem` or `wasi:sockets`).
 pub fn refused_imports(imports: &[String], operator_refused: &[String]) -> Option<String> {
     let names = || imports.iter().map(String::as_str);
+    // A WASI 0.3 component (wasm32-wasip3) names the same packages at another version.
+    let other_wasi = |name: &str| name.starts_with("wasi:") && !is_wasi_0_2(name);
     let foreign: Vec<&str> = names()
-        .filter(|name| !ALLOWED_IMPORTS.iter().any(|p| name.starts_with(p)))
+        .filter(|name| !ALLOWED_IMPORTS.iter().any(|p| name.starts_with(p)) || other_wasi(name))
         .collect();
+    if foreign.iter().any(|name| other_wasi(name)) {
+        return Some(format!(
+            "imports {}: cllm offers plugins WASI 0.2 only (build for wasm32-wasip2)",
+            foreign.join(", ")
+        ));
+    }
     if !foreign.is_empty() {
         return Some(format!(
             "imports {}, which cllm does not offer plugins (they get cllm:policy and WASI 0.2: \
@@ -74,6 +82,12 @@ pub fn refused_imports(imports: &[String], operator_refused: &[String]) -> Optio
             refused.join(", ")
         )
     })
+}
+
+/// Whether a WASI import names version 0.2 (`wasi:io/streams@0.2.3`), or no version at all.
+fn is_wasi_0_2(name: &str) -> bool {
+    name.split_once('@')
+        .is_none_or(|(_, version)| version.starts_with("0.2."))
 }
 
 /// Adds WASI 0.2 to `linker`, with clock waits turned into traps.
@@ -575,5 +589,9 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("plugins.refused_imports"), "{message}");
+        let p3 = with("wasi:cli/environment@0.3.0-rc-2025-09-16");
+        let message = refused_imports(&p3, &[]).expect("refused");
+        assert!(message.contains("wasm32-wasip2"), "{message}");
+        assert!(message.contains("wasi:cli/environment@0.3.0"), "{message}");
     }
 }
