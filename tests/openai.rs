@@ -44,6 +44,13 @@ async fn v1_errors_take_openai_shape_and_tgi_routes_keep_theirs() {
         ),
         (json!({"prompt": [99999]}), 400, "prompt", "invalid_value"),
         (json!({"max_tokens": 3}), 400, "prompt", "invalid_value"),
+        // stories260K's context is 512 tokens.
+        (
+            json!({"prompt": "Hi", "max_tokens": 600}),
+            400,
+            "prompt",
+            "context_length_exceeded",
+        ),
         (
             json!({"prompt": "Hi", "logprobs": 21}),
             400,
@@ -133,6 +140,13 @@ async fn tgi_compat_route_streams_or_answers_and_reports_top_tokens_and_prefill(
         Some([only]) => only.clone(),
         _ => panic!("expected a one-element list, got {body}"),
     };
+    // As TGI for a text-generation model, the compat route returns the prompt too unless
+    // `return_full_text` says otherwise.
+    let text = body["generated_text"].as_str().expect("text");
+    assert!(
+        text.len() > case.prompt.len() && text.starts_with(&case.prompt),
+        "{text}"
+    );
     let details = &body["details"];
     let ids: Vec<u64> = details["tokens"]
         .as_array()
@@ -192,6 +206,58 @@ async fn tgi_compat_route_streams_or_answers_and_reports_top_tokens_and_prefill(
     let details = &events[3]["details"];
     assert_eq!(details["generated_tokens"], 4);
     assert_eq!(details["input_length"], case.input_ids.len());
+    let streamed = events[3]["generated_text"].as_str().expect("text");
+    assert!(streamed.starts_with(&case.prompt), "{streamed}");
+    let params = json!({"max_new_tokens": 4, "return_full_text": false});
+    let r = server
+        .post("/", json!({"inputs": case.prompt, "parameters": params}))
+        .await;
+    let body: Value = r.json().await.expect("json");
+    let text = body[0]["generated_text"].as_str().expect("text");
+    assert_eq!(text, &streamed[case.prompt.len()..]);
+    // A prompt-token report has no place in a stream: refused, as TGI does.
+    let params = json!({"max_new_tokens": 4, "decoder_input_details": true});
+    let r = server
+        .post(
+            "/generate_stream",
+            json!({"inputs": "Hi", "parameters": params}),
+        )
+        .await;
+    assert_eq!(r.status(), 422);
+    // `GET /` and `GET /ping` are health checks in TGI.
+    for path in ["/", "/ping"] {
+        let r = server
+            .http
+            .get(server.url(path))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(r.status(), 200, "{path}");
+        let body: Value = r.json().await.expect("json");
+        assert!(body["components"].is_object(), "{path}: {body}");
+    }
+    // The fields of TGI's /info that its OpenAPI schema requires.
+    let info = server.get_json("/info").await;
+    for field in [
+        "model_id",
+        "model_sha",
+        "model_dtype",
+        "model_device_type",
+        "model_pipeline_tag",
+        "max_concurrent_requests",
+        "max_best_of",
+        "max_stop_sequences",
+        "max_input_tokens",
+        "max_total_tokens",
+        "validation_workers",
+        "max_client_batch_size",
+        "router",
+        "version",
+        "sha",
+        "docker_label",
+    ] {
+        assert!(info.get(field).is_some(), "{field} in {info}");
+    }
     server.shutdown().await;
 }
 

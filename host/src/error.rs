@@ -19,6 +19,11 @@ pub enum ApiError {
     /// One named request field is missing, malformed, out of range or not supported.
     #[error("{message}")]
     InvalidParam { param: String, message: String },
+    /// The prompt, or the prompt with the tokens asked for, does not fit the context: an
+    /// invalid parameter that OpenAI's clients recognise by its own code
+    /// (`context_length_exceeded`), e.g. to shorten a conversation and retry.
+    #[error("{message}")]
+    ContextLength { param: String, message: String },
     /// The request names a model this server does not serve.
     #[error("the model `{0}` does not exist")]
     ModelNotFound(String),
@@ -48,9 +53,12 @@ pub enum ApiError {
     BodyTimeout { timeout_ms: u64 },
     #[error("internal error: {0}")]
     Internal(String),
-    /// Generation failed inside the model for this request (TGI's `generation` error).
-    #[error("generation failed: {0}")]
+    /// Generation failed inside the model for this request (TGI's `generation` error, 424).
+    #[error("Request failed during generation: {0}")]
     Generation(String),
+    /// The request's sequence ended without its last token (TGI's `incomplete_generation`).
+    #[error("Incomplete generation: {0}")]
+    IncompleteGeneration(String),
 }
 
 impl ApiError {
@@ -58,9 +66,9 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Validation(_) | ApiError::InvalidParam { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ApiError::Validation(_)
+            | ApiError::InvalidParam { .. }
+            | ApiError::ContextLength { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -70,7 +78,10 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Internal(_) | ApiError::Generation(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Generation(_) => StatusCode::FAILED_DEPENDENCY,
+            ApiError::Internal(_) | ApiError::IncompleteGeneration(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -79,7 +90,9 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::BodyTooLarge { .. } => "body_too_large",
-            ApiError::Validation(_) | ApiError::InvalidParam { .. } => "validation",
+            ApiError::Validation(_)
+            | ApiError::InvalidParam { .. }
+            | ApiError::ContextLength { .. } => "validation",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::RateLimited { .. } => "rate_limited",
@@ -91,6 +104,7 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::Internal(_) => "internal",
             ApiError::Generation(_) => "generation",
+            ApiError::IncompleteGeneration(_) => "incomplete_generation",
         }
     }
 
@@ -110,10 +124,12 @@ impl ApiError {
         serde_json::json!({ "error": self.to_string(), "error_type": self.error_type() })
     }
 
-    /// The status on OpenAI's routes: invalid parameters are 400 there, not 422.
+    /// The status on OpenAI's routes: invalid parameters are 400 there, not 422, and a failed
+    /// generation is a server error (TGI's 424 is its own).
     pub fn openai_status(&self) -> StatusCode {
         match self.status() {
             StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            StatusCode::FAILED_DEPENDENCY => StatusCode::INTERNAL_SERVER_ERROR,
             status => status,
         }
     }
@@ -131,10 +147,13 @@ impl ApiError {
             ApiError::Unauthorized(_) => "invalid_api_key",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::InvalidParam { .. } | ApiError::Validation(_) => "invalid_value",
+            ApiError::ContextLength { .. } => "context_length_exceeded",
             other => other.error_type(),
         };
         let param = match self {
-            ApiError::InvalidParam { param, .. } => Some(param.as_str()),
+            ApiError::InvalidParam { param, .. } | ApiError::ContextLength { param, .. } => {
+                Some(param.as_str())
+            }
             ApiError::ModelNotFound(_) => Some("model"),
             _ => None,
         };
@@ -213,7 +232,12 @@ mod tests {
                 "rate_limited",
             ),
             (ApiError::Internal("x".into()), 500, "internal"),
-            (ApiError::Generation("x".into()), 500, "generation"),
+            (ApiError::Generation("x".into()), 424, "generation"),
+            (
+                ApiError::IncompleteGeneration("x".into()),
+                500,
+                "incomplete_generation",
+            ),
             (
                 ApiError::BodyTimeout { timeout_ms: 5 },
                 408,
@@ -224,6 +248,19 @@ mod tests {
             assert_eq!(err.status().as_u16(), status);
             assert_eq!(err.error_type(), kind);
         }
+        // OpenAI's clients know no 424.
+        let failed = ApiError::Generation("x".into());
+        assert_eq!(failed.openai_status().as_u16(), 500);
+        let long = ApiError::ContextLength {
+            param: "messages".into(),
+            message: "x".into(),
+        };
+        assert_eq!(long.openai_status().as_u16(), 400);
+        assert_eq!(
+            long.openai_body()["error"]["code"],
+            "context_length_exceeded"
+        );
+        assert_eq!(long.openai_body()["error"]["param"], "messages");
     }
 
     #[test]

@@ -252,10 +252,19 @@ fn build_state(
         "backend": device.kind,
         "device": device,
         "version": env!("CARGO_PKG_VERSION"),
-        // Fields of TGI's `/info` that describe cllm too.
+        // The rest of TGI's `/info` fields (its OpenAPI marks them required).
+        "model_sha": null,
+        "model_device_type": device.kind,
         "model_pipeline_tag": "text-generation",
         "max_best_of": 1,
+        "max_stop_sequences": crate::http::params::MAX_STOP_SEQUENCES,
+        "max_input_length": max_input_tokens,
+        "max_client_batch_size": config.openai.max_n,
+        // Requests are validated on the HTTP runtime's workers, one per core.
+        "validation_workers": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "router": "cllm",
+        "sha": null,
+        "docker_label": null,
     });
     let scheduler = Scheduler::start(
         model.clone(),

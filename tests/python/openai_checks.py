@@ -143,6 +143,17 @@ def stop_sequence_is_never_emitted():
     stop = text[12:17]
     cut = c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0, stop=stop)
     assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # Log-probabilities line up with the text: the stop sequence's tokens are not reported
+    # (the last one reported may run into it), whole or streamed.
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0, stop=stop, logprobs=1)
+    expected = text[: text.index(stop)]
+    lp = c.completions.create(**kw).choices[0].logprobs
+    chunks = [ch.choices[0] for ch in c.completions.create(stream=True, **kw) if ch.choices]
+    streamed = [t for ch in chunks if ch.logprobs for t in ch.logprobs.tokens]
+    for tokens in [lp.tokens, streamed]:
+        joined = "".join(tokens)
+        assert joined.startswith(expected) and expected.startswith("".join(tokens[:-1])), (tokens, expected)
+        assert len(joined) < len(expected) + len(stop), (tokens, expected, stop)
 
 
 def errors_map_to_client_exceptions():
@@ -154,12 +165,17 @@ def errors_map_to_client_exceptions():
         assert e.body["code"] == "model_not_found", e.body
     for kwargs, param in [
         (dict(temperature=5), "temperature"),
-        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
         (dict(n=100), "n"),
         (dict(response_format={"type": "json_object"}), "response_format"),
         (dict(logit_bias={"5": 10}), "logit_bias"),
         (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
          "messages[0].content[0].type"),
+        (dict(messages=[{"role": "user", "content": "x"},
+                        {"role": "assistant", "content": None, "tool_calls": [
+                            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
+         "messages[1].tool_calls"),
+        (dict(messages=[{"role": "narrator", "content": "x"}]), "messages[0].role"),
     ]:
         args = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
         args.update(kwargs)

@@ -13,12 +13,17 @@ checks = 0
 
 for case in CFG["cases"]:
     n = len(case["output_ids"])
+    # The client leaves `return_full_text` to the server, and TGI's compat route (which the
+    # client posts to) returns the prompt too for a text-generation model.
+    full = case["prompt"] + case["text"]
     text = client.text_generation(case["prompt"], max_new_tokens=n)
+    assert text == full, (case["prompt"], text, full)
+    text = client.text_generation(case["prompt"], max_new_tokens=n, return_full_text=False)
     assert text == case["text"], (case["prompt"], text, case["text"])
 
     out = client.text_generation(case["prompt"], max_new_tokens=n, details=True)
     assert [t.id for t in out.details.tokens] == case["output_ids"], out.details.tokens
-    assert out.generated_text == case["text"]
+    assert out.generated_text == full
     assert out.details.finish_reason == "length" and out.details.generated_tokens == n
     assert all(t.logprob is not None and t.logprob <= 0 for t in out.details.tokens)
 
@@ -27,8 +32,8 @@ for case in CFG["cases"]:
 
     events = list(client.text_generation(case["prompt"], max_new_tokens=n, stream=True, details=True))
     assert [e.token.id for e in events] == case["output_ids"]
-    assert events[-1].generated_text == case["text"] and events[-1].details.finish_reason == "length"
-    checks += 4
+    assert events[-1].generated_text == full and events[-1].details.finish_reason == "length"
+    checks += 5
 
 out = client.text_generation(
     CFG["cases"][0]["prompt"], max_new_tokens=4, details=True, decoder_input_details=True, top_n_tokens=3

@@ -18,7 +18,26 @@ pub struct ChatMessage {
     pub content: Option<Content>,
     #[serde(default)]
     pub name: Option<String>,
+    /// An assistant turn's tool calls: refused when given, as `tools` is.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// The older form of `tool_calls`: refused too.
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    /// A tool turn's reference to the call it answers; passed to the template.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
+
+/// The roles OpenAI's API takes.
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 /// A message's content: a string, or a list of parts (only text parts are supported).
 #[derive(Deserialize, Debug, Clone)]
@@ -46,6 +65,28 @@ fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
         .iter()
         .enumerate()
         .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                let param = format!("messages[{i}].role");
+                let message = format!(
+                    "{param}: `{}` is not a role (system, developer, user, assistant, tool)",
+                    m.role
+                );
+                return Err(invalid_param(param, message));
+            }
+            let used = |v: &Option<Value>| {
+                v.as_ref()
+                    .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+            };
+            for (field, value) in [
+                ("tool_calls", &m.tool_calls),
+                ("function_call", &m.function_call),
+            ] {
+                if used(value) {
+                    let param = format!("messages[{i}].{field}");
+                    let message = format!("{param}: tool calls are not supported (nor is `tools`)");
+                    return Err(invalid_param(param, message));
+                }
+            }
             let content = match &m.content {
                 None => String::new(),
                 Some(Content::Text(text)) => text.clone(),
@@ -82,6 +123,9 @@ fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
             let mut message = json!({ "role": role, "content": content });
             if let Some(name) = &m.name {
                 message["name"] = json!(name);
+            }
+            if let Some(id) = &m.tool_call_id {
+                message["tool_call_id"] = json!(id);
             }
             Ok(message)
         })

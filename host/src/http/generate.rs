@@ -94,12 +94,15 @@ async fn admit(
 /// `POST /`: TGI's compat route, streaming when the body says `"stream": true`. Otherwise the
 /// answer is `/generate`'s object inside a one-element list, as TGI sends it (the shape of
 /// Hugging Face's hosted Inference API, which the `text_generation` client reads as
-/// `payload[0]`).
+/// `payload[0]`). As in TGI for a text-generation model, `return_full_text` defaults to true
+/// here (the prompt comes back before the generated text); Hugging Face's client leaves it
+/// out unless its caller sets it.
 pub async fn compat(
     state: State<Arc<AppState>>,
     ctx: Extension<RequestContext>,
-    JsonBody(request): JsonBody<GenerateRequest>,
+    JsonBody(mut request): JsonBody<GenerateRequest>,
 ) -> Result<Response, ApiError> {
+    request.parameters.return_full_text.get_or_insert(true);
     if request.stream == Some(true) {
         generate_stream(state, ctx, JsonBody(request)).await
     } else {
@@ -158,8 +161,8 @@ pub async fn generate(
             SeqEvent::Failed(message) => return Err(ApiError::Generation(message)),
         }
     }
-    Err(ApiError::Internal(
-        "scheduler stopped before the request finished".into(),
+    Err(ApiError::IncompleteGeneration(
+        "the scheduler stopped before the request finished".into(),
     ))
 }
 
@@ -229,7 +232,9 @@ impl StreamState {
                 None => {
                     self.done = true;
                     self.end.ended(500);
-                    let err = ApiError::Internal("generation stopped".into());
+                    let err = ApiError::IncompleteGeneration(
+                        "the scheduler stopped before the request finished".into(),
+                    );
                     return Some(Event::default().data(err.body().to_string()));
                 }
             }

@@ -20,7 +20,7 @@ use crate::model::tokenizer::ModelTokenizer;
 use crate::scheduler::Scheduler;
 use crate::tracker::{RequestTracker, Stage};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -154,7 +154,10 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
-        .route("/", post(generate::compat))
+        // TGI answers health checks on `GET /` and `GET /ping` too (the Inference API's and
+        // SageMaker's), with the same answer as `/health`.
+        .route("/", post(generate::compat).get(admin::health))
+        .route("/ping", get(admin::health))
         .route("/generate", post(generate::generate))
         .route("/generate_stream", post(generate::generate_stream))
         .route("/v1/completions", post(openai::completions))
@@ -201,7 +204,7 @@ fn endpoint_of(path: &str) -> &'static str {
         "/encode" => "/encode",
         "/decode" => "/decode",
         "/info" => "/info",
-        "/health" => "/health",
+        "/health" | "/ping" => "/health",
         "/health/live" => "/health/live",
         "/health/ready" => "/health/ready",
         "/chat_tokenize" => "/chat_tokenize",
@@ -226,7 +229,11 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
         .filter(|v| RequestTracker::is_valid_client_id(v))
         .map_or_else(RequestTracker::generate_id, str::to_string);
     let path = req.uri().path().to_string();
-    let endpoint = endpoint_of(&path);
+    // `GET /` is a health check, counted as one.
+    let endpoint = match endpoint_of(&path) {
+        "/" if req.method() == Method::GET => "/health",
+        endpoint => endpoint,
+    };
     let is_generation = is_generation_endpoint(endpoint);
 
     let response = match authenticate(&state, &req, &path) {

@@ -50,6 +50,9 @@ pub struct Parameters {
     pub adapter_id: Option<String>,
 }
 
+/// Most stop sequences one request may give (`/info`'s `max_stop_sequences`).
+pub const MAX_STOP_SEQUENCES: usize = 16;
+
 /// Limits requests are validated against.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -84,6 +87,11 @@ fn invalid(message: impl Into<String>) -> ApiError {
 
 impl Parameters {
     fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        if let Some(p) = self.typical_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(invalid("parameters.typical_p must be in (0, 1]"));
+            }
+        }
         let unsupported = [
             ("best_of", self.best_of.is_some_and(|n| n > 1)),
             ("typical_p", self.typical_p.is_some_and(|p| p < 1.0)),
@@ -152,6 +160,12 @@ impl GenerateRequest {
     ) -> Result<ValidRequest, ApiError> {
         let p = &self.parameters;
         p.refuse_unsupported()?;
+        // As TGI: the prompt's tokens go in `details.prefill`, which a stream has no place for.
+        if streaming && p.decoder_input_details == Some(true) {
+            return Err(invalid(
+                "parameters.decoder_input_details is not supported when streaming tokens",
+            ));
+        }
         let top_n_tokens = p.top_n_tokens.unwrap_or(0) as usize;
         if top_n_tokens > limits.max_logprobs {
             return Err(invalid(format!(
@@ -180,6 +194,11 @@ impl GenerateRequest {
         let stop = p.stop.clone().unwrap_or_default();
         if stop.iter().any(String::is_empty) {
             return Err(invalid("parameters.stop must not contain empty strings"));
+        }
+        if stop.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid(format!(
+                "parameters.stop must have at most {MAX_STOP_SEQUENCES} sequences"
+            )));
         }
         let mut prompt_ids = tokenizer
             .encode(&self.inputs, true)

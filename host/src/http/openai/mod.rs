@@ -183,14 +183,14 @@ async fn run_choice(
             SeqEvent::Scheduled | SeqEvent::PromptLogprobs(_) => {}
             SeqEvent::Token {
                 id,
+                text,
                 special,
                 logprobs,
                 finish,
-                ..
             } => {
                 choice.token(Generated {
                     id,
-                    text: "",
+                    text: &text,
                     special,
                     logprobs,
                     finish: finish.as_ref().map(|f| (f.reason, f.generated_tokens)),
@@ -203,8 +203,8 @@ async fn run_choice(
             SeqEvent::Failed(message) => return Err(ApiError::Generation(message)),
         }
     }
-    Err(ApiError::Internal(
-        "scheduler stopped before the request finished".into(),
+    Err(ApiError::IncompleteGeneration(
+        "the scheduler stopped before the request finished".into(),
     ))
 }
 

@@ -88,11 +88,18 @@ pub fn finish_reason(reason: FinishReason) -> &'static str {
 pub struct Choice {
     pub index: usize,
     holdback: Holdback,
-    /// Log-probabilities of tokens not yet reported.
-    logprobs: Vec<(u32, TokenLogprobs)>,
+    /// Log-probabilities of tokens not yet reported, with the byte of the generated text each
+    /// token's text starts at.
+    logprobs: Vec<(u32, TokenLogprobs, usize)>,
+    /// Bytes of text the tokens generated so far.
+    generated_bytes: usize,
+    /// Bytes of text reported so far.
+    sent_bytes: usize,
     /// Characters of text reported so far (completions' `text_offset`).
     offset: usize,
     pub finish_reason: Option<&'static str>,
+    /// The choice ended on a stop sequence, which its text leaves out.
+    stopped_by_sequence: bool,
     /// Tokens the choice generated, known once it ends (its `usage` share).
     pub completion_tokens: usize,
 }
@@ -120,19 +127,25 @@ impl Choice {
             index,
             holdback: Holdback::new(job.params.stop.clone()),
             logprobs: Vec::new(),
+            generated_bytes: 0,
+            sent_bytes: 0,
             offset: 0,
             finish_reason: None,
+            stopped_by_sequence: false,
             completion_tokens: 0,
         }
     }
 
     /// Non-streamed: takes one generated token; `finish` is the sequence's ending when this
-    /// token was its last (the text comes whole at the end).
+    /// token was its last. The text comes whole at the end; the token's own piece only places
+    /// its log-probabilities in it.
     pub fn token(&mut self, token: Generated) {
         if let Some(lp) = token.logprobs.filter(|_| !token.special) {
-            self.logprobs.push((token.id, lp));
+            self.logprobs.push((token.id, lp, self.generated_bytes));
         }
+        self.generated_bytes += token.text.len();
         if let Some((reason, generated)) = token.finish {
+            self.stopped_by_sequence = reason == FinishReason::StopSequence;
             self.finish_reason = Some(finish_reason(reason));
             self.completion_tokens = generated;
         }
@@ -158,19 +171,37 @@ impl Choice {
         }
     }
 
-    /// The log-probabilities to report with `text`: those of every token since the last report,
-    /// once some text goes out (or the choice ends).
+    /// The log-probabilities to report with `text`, once some text goes out (or the choice
+    /// ends): those of the tokens whose text starts within the text reported so far, so that
+    /// they line up with it. The tokens of a stop sequence, which the text leaves out, are
+    /// never reported (OpenAI's text never contains the stop sequence).
     fn take_logprobs(
         &mut self,
         tokenizer: &ModelTokenizer,
         job: &Job,
         text: &str,
     ) -> Option<Value> {
+        self.sent_bytes += text.len();
         job.logprobs?;
         if text.is_empty() && self.finish_reason.is_none() {
             return None;
         }
-        let entries = std::mem::take(&mut self.logprobs);
+        // Without a stop sequence the whole text goes out at the end: every token counts, an
+        // unfinished character's included.
+        let cut = if self.finish_reason.is_some() && !self.stopped_by_sequence {
+            usize::MAX
+        } else {
+            self.sent_bytes
+        };
+        let reported = self.logprobs.iter().take_while(|e| e.2 < cut).count();
+        let entries: Vec<(u32, TokenLogprobs)> = self
+            .logprobs
+            .drain(..reported)
+            .map(|(id, lp, _)| (id, lp))
+            .collect();
+        if self.finish_reason.is_some() {
+            self.logprobs.clear();
+        }
         let value = logprobs_json(tokenizer, job.api, &entries, self.offset);
         self.offset += text.chars().count();
         Some(value)

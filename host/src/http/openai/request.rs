@@ -4,7 +4,7 @@
 
 use crate::admission::SequenceSpec;
 use crate::error::{invalid_param, ApiError};
-use crate::http::params::Limits;
+use crate::http::params::{Limits, MAX_STOP_SEQUENCES};
 use crate::model::generation::GenerationParams;
 use crate::model::rng::Rng;
 use crate::model::sampling::SamplingParams;
@@ -260,12 +260,27 @@ pub fn build_job(
         let field = prompt_field;
         return Err(invalid_param(field, format!("`{field}` must not be empty")));
     }
+    // OpenAI's wording for the context errors, which some clients match on.
+    let too_long = |message: String| ApiError::ContextLength {
+        param: prompt_field.to_string(),
+        message,
+    };
+    let what = prompt_field;
     if longest > limits.max_input_tokens {
-        let message = format!(
-            "the prompt has {longest} tokens; at most {} are allowed",
-            limits.max_input_tokens
-        );
-        return Err(invalid_param(prompt_field, message));
+        let message = if limits.max_input_tokens >= limits.context {
+            format!(
+                "This model's maximum context length is {} tokens. However, your {what} \
+                 resulted in {longest} tokens. Please reduce the length of the {what}.",
+                limits.context
+            )
+        } else {
+            format!(
+                "This server accepts at most {} prompt tokens. However, your {what} resulted \
+                 in {longest} tokens. Please reduce the length of the {what}.",
+                limits.max_input_tokens
+            )
+        };
+        return Err(too_long(message));
     }
     let room = limits.context.saturating_sub(longest);
     let field = if common.max_completion_tokens.is_some() {
@@ -274,7 +289,12 @@ pub fn build_job(
         "max_tokens"
     };
     let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
-        Some(0) => return Err(invalid_param(field, format!("`{field}` must be at least 1"))),
+        Some(0) => {
+            return Err(invalid_param(
+                field,
+                format!("`{field}` must be at least 1"),
+            ))
+        }
         Some(n) if n as usize > limits.max_new_tokens_limit => {
             return Err(invalid_param(
                 field,
@@ -282,13 +302,13 @@ pub fn build_job(
             ))
         }
         Some(n) if n as usize > room => {
-            return Err(invalid_param(
-                field,
-                format!(
-                    "the prompt ({longest} tokens) plus `{field}` ({n}) exceeds the model's context of {} tokens",
-                    limits.context
-                ),
-            ))
+            return Err(too_long(format!(
+                "This model's maximum context length is {} tokens. However, you requested {} \
+                 tokens ({longest} in the {what}, {n} in the completion). Please reduce the \
+                 length of the {what} or completion.",
+                limits.context,
+                longest + n as usize
+            )))
         }
         Some(n) => n as usize,
         // OpenAI's default for completions; a chat reply may use the rest of the context.
@@ -296,13 +316,12 @@ pub fn build_job(
         None => limits.max_new_tokens_limit.min(room),
     };
     if max_tokens == 0 {
-        return Err(invalid_param(
-            prompt_field,
-            format!(
-                "the prompt ({longest} tokens) fills the model's context of {} tokens",
-                limits.context
-            ),
-        ));
+        return Err(too_long(format!(
+            "This model's maximum context length is {} tokens. However, your {what} resulted \
+             in {longest} tokens, which leaves no room for the completion. Please reduce the \
+             length of the {what}.",
+            limits.context
+        )));
     }
     let n = common.n.unwrap_or(1) as usize;
     let choices = n.saturating_mul(prompts.len());
@@ -320,10 +339,10 @@ pub fn build_job(
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(list)) => list.clone(),
     };
-    if stop.len() > 16 || stop.iter().any(String::is_empty) {
+    if stop.len() > MAX_STOP_SEQUENCES || stop.iter().any(String::is_empty) {
         return Err(invalid_param(
             "stop",
-            "`stop` must be at most 16 non-empty strings",
+            format!("`stop` must be at most {MAX_STOP_SEQUENCES} non-empty strings"),
         ));
     }
     let sampling = sampling(common)?;
@@ -366,14 +385,7 @@ fn sampling(common: &Common) -> Result<SamplingParams, ApiError> {
     in_range(common.temperature, "temperature", 0.0, 2.0)?;
     in_range(common.presence_penalty, "presence_penalty", -2.0, 2.0)?;
     in_range(common.frequency_penalty, "frequency_penalty", -2.0, 2.0)?;
-    if let Some(p) = common.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(invalid_param(
-                "top_p",
-                format!("`top_p` must be in (0, 1], got {p}"),
-            ));
-        }
-    }
+    in_range(common.top_p, "top_p", 0.0, 1.0)?;
     let top_k = match common.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
@@ -392,11 +404,16 @@ fn sampling(common: &Common) -> Result<SamplingParams, ApiError> {
         ));
     }
     let temperature = common.temperature.unwrap_or(1.0);
+    // OpenAI takes `top_p: 0`, the smallest nucleus there is: the most likely token alone.
+    let (top_k, top_p) = match common.top_p {
+        Some(0.0) => (1, 1.0),
+        p => (top_k, p.unwrap_or(1.0)),
+    };
     Ok(SamplingParams {
         do_sample: temperature > 0.0,
         temperature,
         top_k,
-        top_p: common.top_p.unwrap_or(1.0),
+        top_p,
         repetition_penalty,
         presence_penalty: common.presence_penalty.unwrap_or(0.0),
         frequency_penalty: common.frequency_penalty.unwrap_or(0.0),
@@ -425,7 +442,9 @@ mod tests {
 
     fn param_of(result: Result<Job, ApiError>) -> String {
         match result {
-            Err(ApiError::InvalidParam { param, .. }) => param,
+            Err(ApiError::InvalidParam { param, .. } | ApiError::ContextLength { param, .. }) => {
+                param
+            }
             other => panic!("expected an invalid param, got {other:?}"),
         }
     }
@@ -452,13 +471,22 @@ mod tests {
         .unwrap();
         assert_eq!(chat.params.max_new_tokens, 10, "the rest of the context");
         assert!(chat.params.sampling.is_greedy());
+        let job = |body| build_job(Api::Chat, &common(body), vec![vec![1; 60]], None, &limits());
+        let nucleus = job(serde_json::json!({"top_p": 0})).unwrap();
+        assert_eq!(nucleus.params.sampling.top_k, 1, "top_p 0 keeps one token");
+        let long = job(serde_json::json!({"max_tokens": 45})).unwrap_err();
+        assert!(matches!(long, ApiError::ContextLength { .. }), "{long:?}");
+        assert!(
+            long.to_string().contains("maximum context length is 100"),
+            "{long}"
+        );
     }
 
     #[test]
     fn out_of_range_values_name_their_field() {
         let cases = [
             (serde_json::json!({"temperature": 3.0}), "temperature"),
-            (serde_json::json!({"top_p": 0.0}), "top_p"),
+            (serde_json::json!({"top_p": -0.1}), "top_p"),
             (serde_json::json!({"n": 9}), "n"),
             (serde_json::json!({"n": 0}), "n"),
             (serde_json::json!({"max_tokens": 0}), "max_tokens"),
