@@ -344,7 +344,13 @@ async fn looping_trapping_and_memory_eating_plugins_are_cut_off() {
         let started = Instant::now();
         assert_eq!(generate_as(&server, "victim", &[]).await.status(), 200);
         assert!(started.elapsed() < Duration::from_millis(500));
-        // Writing the same file again is how an operator re-enables it: a fresh instance.
+        // It stays disabled while nobody touches its file (the server's own reads of the
+        // folder are no reason to load it again)...
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let listed = wait_for(&server, "bad.wasm", "disabled").await;
+        assert!(listed["faults"].as_u64() >= Some(3), "{plugin}: {listed}");
+        // ... and writing the same file again is how an operator re-enables it: a fresh
+        // instance.
         put_plugin(&dir, "bad.wasm", plugin);
         let listed = wait_for(&server, "bad.wasm", "active").await;
         assert_eq!(listed["faults"], 0, "{plugin}: {listed}");

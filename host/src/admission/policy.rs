@@ -92,8 +92,8 @@ impl Policy {
         self.plugins.as_ref().map(|registry| registry.current())
     }
 
-    /// Whether `plugins` holds a plugin that [`Policy::decide`] or [`Policy::record_usage`]
-    /// would call and that may not be called on an async worker (it imports WASI calls that
+    /// Whether `plugins` holds a plugin that [`Policy::decide`] would call and that may not
+    /// be called on an async worker (it imports WASI calls that
     /// block on a tokio runtime): those calls then go to the blocking pool. Plugins that
     /// import no such call run inline, on the worker, within their call deadline.
     pub fn needs_blocking_pool(plugins: Option<&PluginSet>) -> bool {
@@ -105,10 +105,16 @@ impl Policy {
         })
     }
 
-    /// Runs the rate limiters and the prioritizer of `set` (from [`Policy::plugins_now`]);
-    /// the request's queue priority. Shadow plugins run first, on every request that gets
-    /// here, and only count and log.
-    pub fn decide(&self, ticket: &Ticket, set: Option<&PluginSet>) -> Result<i32, ApiError> {
+    /// Runs the rate limiters and the prioritizer of `set` (from [`Policy::plugins_now`]):
+    /// the request's queue priority, and the limiters (enforcing or shadow) whose `check`
+    /// allowed it, which owe a `record-usage` when it ends (see [`Policy::record_usage`]).
+    /// Shadow plugins run first, on every request that gets here, and only count and log. On
+    /// a refusal the allowing limiters have been told already.
+    pub fn decide(
+        &self,
+        ticket: &Ticket,
+        set: Option<&PluginSet>,
+    ) -> Result<(i32, Vec<Arc<Plugin>>), ApiError> {
         let own_priority = ticket.requested_priority.unwrap_or(0);
         let live = |p: &&Arc<Plugin>| !p.is_disabled();
         let (shadow, limiters): (Vec<&Arc<Plugin>>, Vec<&Arc<Plugin>>) = set
@@ -130,9 +136,12 @@ impl Policy {
             && shadow.is_empty()
             && shadow_prioritizers.is_empty());
         let info = any_plugin.then(|| self.request_info(ticket));
+        let mut allowed: Vec<Arc<Plugin>> = Vec::new();
         if let Some(info) = &info {
             for plugin in shadow {
-                shadow_check(plugin, info);
+                if shadow_check(plugin, info) {
+                    allowed.push(plugin.clone());
+                }
             }
             for plugin in shadow_prioritizers {
                 if let Ok(priority) = plugin.priority(info) {
@@ -142,51 +151,57 @@ impl Policy {
             }
         }
         // Without an enforcing plugin limiter, the built-in one applies.
-        if limiters.is_empty() {
-            if let Err(limited) = self.limiter.check(&ticket.client_id, Instant::now()) {
-                let reason = format!("too many requests ({} limit)", limited.scope.as_str());
-                return Err(self.refuse(ticket, limited.retry_after, reason));
-            }
-        }
-        let Some(info) = info else {
-            return Ok(own_priority);
+        let built_in = match limiters.is_empty() {
+            true => self
+                .limiter
+                .check(&ticket.client_id, Instant::now())
+                .map_err(|limited| {
+                    let reason = format!("too many requests ({} limit)", limited.scope.as_str());
+                    self.refuse(ticket, limited.retry_after, reason)
+                }),
+            false => Ok(()),
         };
-        let mut allowed = Vec::with_capacity(limiters.len());
-        let verdict = self.enforce(ticket, &info, &limiters, prioritizer, &mut allowed);
-        // A limiter that allowed the request hears how it ended even when a later stage
-        // refused it: as failed, with nothing generated (so a plugin that counts requests in
-        // flight from `check` to `record-usage` stays balanced).
-        if verdict.is_err() && !allowed.is_empty() {
-            let usage = Usage {
-                request_id: ticket.request_id.clone(),
-                client_id: ticket.client_id.clone(),
-                prompt_tokens: info.prompt_tokens,
-                generated_tokens: 0,
-                outcome: Outcome::Refused.for_plugins(),
-            };
-            for plugin in allowed {
-                let _ = plugin.record_usage(&usage);
+        let verdict = built_in.and_then(|()| match &info {
+            None => Ok(own_priority),
+            Some(info) => self.enforce(ticket, info, &limiters, prioritizer, &mut allowed),
+        });
+        match verdict {
+            Ok(priority) => Ok((priority, allowed)),
+            Err(refused) => {
+                // A limiter that allowed the request hears how it ended even when a later
+                // stage refused it: as failed, with nothing generated (so a plugin that counts
+                // requests in flight from `check` to `record-usage` stays balanced).
+                if let Some(info) = info.filter(|_| !allowed.is_empty()) {
+                    let usage = Usage {
+                        request_id: info.request_id,
+                        client_id: info.client_id,
+                        prompt_tokens: info.prompt_tokens,
+                        generated_tokens: 0,
+                        outcome: Outcome::Refused.for_plugins(),
+                    };
+                    self.record_usage(&usage, Outcome::Refused, &allowed);
+                }
+                Err(refused)
             }
         }
-        verdict
     }
 
     /// The enforcing limiters in turn, then the prioritizer: the request's queue priority, or
     /// the refusal. `allowed` collects the limiters whose `check` allowed it.
-    fn enforce<'p>(
+    fn enforce(
         &self,
         ticket: &Ticket,
         info: &RequestInfo,
-        limiters: &[&'p Arc<Plugin>],
+        limiters: &[&Arc<Plugin>],
         prioritizer: Option<Arc<Plugin>>,
-        allowed: &mut Vec<&'p Arc<Plugin>>,
+        allowed: &mut Vec<Arc<Plugin>>,
     ) -> Result<i32, ApiError> {
         let own_priority = ticket.requested_priority.unwrap_or(0);
         for &plugin in limiters {
             match plugin.check(info) {
                 Ok(Decision::Allow) => {
                     plugin.count_decision("allow");
-                    allowed.push(plugin);
+                    allowed.push(plugin.clone());
                 }
                 Ok(Decision::Reject(r)) => {
                     plugin.count_decision("reject");
@@ -210,9 +225,9 @@ impl Policy {
         }
     }
 
-    /// Tells the rate limiters of `plugins` (from [`Policy::plugins_now`]) what an admitted
-    /// request used, however it ended.
-    pub fn record_usage(&self, usage: &Usage, outcome: Outcome, plugins: Option<&PluginSet>) {
+    /// Tells `limiters`, those whose `check` allowed the request (from [`Policy::decide`]),
+    /// what it used, however it ended; a limiter disabled since is not called.
+    pub fn record_usage(&self, usage: &Usage, outcome: Outcome, limiters: &[Arc<Plugin>]) {
         tracing::debug!(
             request_id = usage.request_id,
             outcome = outcome.as_str(),
@@ -220,10 +235,7 @@ impl Policy {
             generated_tokens = usage.generated_tokens,
             "usage"
         );
-        let Some(set) = plugins else {
-            return;
-        };
-        for plugin in set.limiters.iter().filter(|p| !p.is_disabled()) {
+        for plugin in limiters.iter().filter(|p| !p.is_disabled()) {
             // A fault is counted by the plugin itself; usage reporting never fails a request.
             let _ = plugin.record_usage(usage);
         }
@@ -231,10 +243,13 @@ impl Policy {
 }
 
 /// A shadow limiter's verdict, counted and logged; a fault is the plugin's own business (it
-/// counts it) and never the request's.
-fn shadow_check(plugin: &Plugin, info: &RequestInfo) {
+/// counts it) and never the request's. True when it allowed the request.
+fn shadow_check(plugin: &Plugin, info: &RequestInfo) -> bool {
     match plugin.check(info) {
-        Ok(Decision::Allow) => plugin.count_decision("allow"),
+        Ok(Decision::Allow) => {
+            plugin.count_decision("allow");
+            true
+        }
         Ok(Decision::Reject(r)) => {
             plugin.count_decision("reject");
             tracing::info!(
@@ -244,8 +259,9 @@ fn shadow_check(plugin: &Plugin, info: &RequestInfo) {
                 retry_after_ms = r.retry_after_ms,
                 "shadow limiter would reject (not enforced)"
             );
+            false
         }
-        Err(_) => {}
+        Err(_) => false,
     }
 }
 

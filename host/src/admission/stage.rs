@@ -1,12 +1,11 @@
 //! [`Admission::admit`]: policy (rate limit, priority), then the queue, then waiting until the
 //! scheduler takes every sequence of the request (or the queue wait runs out).
 
-use super::client_slots::ClientSlots;
+use super::client_slots::{ClientSlot, ClientSlots};
 use super::policy::Policy;
 use super::usage::{Admitted, Ledger, Outcome, SequenceEvents};
 use crate::error::ApiError;
 use crate::model::generation::GenerationParams;
-use crate::plugins::PluginSet;
 use crate::scheduler::{Pending, SeqEvent};
 use crate::tracker::Stage;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// The plugins a decision asked, and the decision: the queue priority or the refusal.
-type Decided = (Option<Arc<PluginSet>>, Result<i32, ApiError>);
+/// A decision: the queue priority and the request's ledger, or the refusal.
+type Decided = Result<(i32, Arc<Ledger>), ApiError>;
 
 /// One sequence a request asks for: OpenAI's `n` and prompt lists make several.
 #[derive(Clone, Debug)]
@@ -109,26 +108,37 @@ impl Admission {
         })
     }
 
-    /// [`Policy::decide`], on the blocking pool when a plugin it calls needs that; with the
-    /// plugins it asked.
-    async fn decide(self: &Arc<Self>, ticket: Ticket) -> (Ticket, Decided) {
+    /// [`Policy::decide`], on the blocking pool when a plugin it calls needs that: the queue
+    /// priority and the request's ledger. The ledger is made beside the decision, so that
+    /// the limiters that allowed the request hear of it even when the client leaves while a
+    /// decision runs on the blocking pool (the ledger then ends, cancelled, with the task).
+    async fn decide(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        slot: Option<ClientSlot>,
+    ) -> (Ticket, Decided) {
         let plugins = self.policy.plugins_now();
-        if !Policy::needs_blocking_pool(plugins.as_deref()) {
-            let decision = self.policy.decide(&ticket, plugins.as_deref());
-            return (ticket, (plugins, decision));
+        let blocking = Policy::needs_blocking_pool(plugins.as_deref());
+        let decide = move |admission: &Arc<Admission>, ticket: &Ticket| {
+            let (priority, allowed) = admission.policy.decide(ticket, plugins.as_deref())?;
+            let ledger = Ledger::new(admission.clone(), ticket, slot, allowed);
+            Ok((priority, Arc::new(ledger)))
+        };
+        if !blocking {
+            let decision = decide(self, &ticket);
+            return (ticket, decision);
         }
         let admission = self.clone();
         let request_id = ticket.request_id.clone();
         let decided = tokio::task::spawn_blocking(move || {
-            let decision = admission.policy.decide(&ticket, plugins.as_deref());
-            (ticket, (plugins, decision))
+            let decision = decide(&admission, &ticket);
+            (ticket, decision)
         })
         .await;
         decided.unwrap_or_else(|panicked| {
             tracing::error!(request_id, "admission policy panicked: {panicked}");
             let message = "admission policy failed".to_string();
-            let refused = (None, Err(ApiError::Internal(message)));
-            (Ticket::empty(request_id), refused)
+            (Ticket::empty(request_id), Err(ApiError::Internal(message)))
         })
     }
 
@@ -142,9 +152,8 @@ impl Admission {
             let reason = format!("too many concurrent requests (at most {max} per client)");
             return Err(self.policy.refuse(&ticket, Duration::from_secs(1), reason));
         };
-        let (mut ticket, (plugins, priority)) = self.decide(ticket).await;
-        let priority = priority?;
-        let ledger = Arc::new(Ledger::new(self.clone(), &ticket, slot, plugins));
+        let (mut ticket, decision) = self.decide(ticket, slot).await;
+        let (priority, ledger) = decision?;
         let mut guard = QueueGuard {
             admission: self,
             request_id: &ticket.request_id,

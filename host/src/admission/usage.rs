@@ -2,11 +2,10 @@
 //! rate limiters what the request used once all its sequences have ended, whatever the ending.
 
 use super::client_slots::ClientSlot;
-use super::policy::Policy;
 use super::stage::{Admission, Ticket};
 use crate::model::generation::FinishReason;
 use crate::plugins::bindings::Usage;
-use crate::plugins::PluginSet;
+use crate::plugins::Plugin;
 use crate::scheduler::SeqEvent;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -74,9 +73,9 @@ pub(super) struct Ledger {
     outcome: Mutex<Option<Outcome>>,
     /// The client's open-request slot, given back when the request's last sequence is gone.
     _slot: Option<ClientSlot>,
-    /// The plugins that admitted the request: its usage goes to them, even after a hot swap
-    /// (a new version of a limiter never saw the request's `check`).
-    plugins: Option<Arc<PluginSet>>,
+    /// The limiters whose `check` allowed the request: its usage goes to them, even after a
+    /// hot swap (a new version of a limiter never saw the request's `check`).
+    limiters: Vec<Arc<Plugin>>,
 }
 
 impl Ledger {
@@ -84,7 +83,7 @@ impl Ledger {
         admission: Arc<Admission>,
         ticket: &Ticket,
         slot: Option<ClientSlot>,
-        plugins: Option<Arc<PluginSet>>,
+        limiters: Vec<Arc<Plugin>>,
     ) -> Ledger {
         Ledger {
             admission,
@@ -94,7 +93,7 @@ impl Ledger {
             generated: AtomicUsize::new(0),
             outcome: Mutex::new(None),
             _slot: slot,
-            plugins,
+            limiters,
         }
     }
 
@@ -121,18 +120,17 @@ impl Drop for Ledger {
             outcome: outcome.for_plugins(),
         };
         let policy = &self.admission.policy;
-        let plugins = self.plugins.take();
+        let limiters = std::mem::take(&mut self.limiters);
+        // Plugin calls stay off the async workers (see `Policy::needs_blocking_pool`).
+        let off_worker = limiters.iter().any(|p| !p.calls_inline());
         match tokio::runtime::Handle::try_current() {
-            // Plugin calls stay off the async workers (see `Policy::needs_blocking_pool`).
-            Ok(runtime) if Policy::needs_blocking_pool(plugins.as_deref()) => {
+            Ok(runtime) if off_worker => {
                 let admission = self.admission.clone();
                 drop(runtime.spawn_blocking(move || {
-                    admission
-                        .policy
-                        .record_usage(&usage, outcome, plugins.as_deref());
+                    admission.policy.record_usage(&usage, outcome, &limiters);
                 }));
             }
-            _ => policy.record_usage(&usage, outcome, plugins.as_deref()),
+            _ => policy.record_usage(&usage, outcome, &limiters),
         }
     }
 }

@@ -45,7 +45,12 @@ pub fn watch(registry: Arc<PluginRegistry>) -> anyhow::Result<FolderWatcher> {
     let (tx, rx) = mpsc::channel::<Change>();
     let folder = registry.dir.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
+        // Reading a file changes nothing: without this, the loader's own reads (inotify
+        // reports every open) would schedule another reload of the plugin, forever.
+        if let Ok(event) = event.as_ref() {
+            if is_read_only(&event.kind) {
+                return;
+            }
             // The folder itself removed (or moved away): its watch is gone.
             if matches!(
                 event.kind,
@@ -93,6 +98,16 @@ fn folder_identity(dir: &Path) -> Option<(u64, u64)> {
         let _ = meta;
         Some((0, 0))
     }
+}
+
+/// Whether an event is a read: an open, a read, or a close after reading.
+fn is_read_only(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(
+            AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)
+        )
+    )
 }
 
 /// Whether an event says a file is complete: closed after writing, or renamed into place.
