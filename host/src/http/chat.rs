@@ -68,7 +68,8 @@ fn template_messages(messages: &[ChatMessage]) -> Result<Vec<Value>, ApiError> {
             if !ROLES.contains(&m.role.as_str()) {
                 let param = format!("messages[{i}].role");
                 let message = format!(
-                    "{param}: `{}` is not a role (system, developer, user, assistant, tool)",
+                    "{param}: `{}` is not a role (system, developer, user, assistant, tool, \
+                     function)",
                     m.role
                 );
                 return Err(invalid_param(param, message));

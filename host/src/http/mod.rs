@@ -229,9 +229,9 @@ async fn edge(State(state): State<Arc<AppState>>, mut req: Request, next: Next) 
         .filter(|v| RequestTracker::is_valid_client_id(v))
         .map_or_else(RequestTracker::generate_id, str::to_string);
     let path = req.uri().path().to_string();
-    // `GET /` is a health check, counted as one.
+    // `GET /` (and `HEAD /`) is a health check, counted as one.
     let endpoint = match endpoint_of(&path) {
-        "/" if req.method() == Method::GET => "/health",
+        "/" if req.method() != Method::POST => "/health",
         endpoint => endpoint,
     };
     let is_generation = is_generation_endpoint(endpoint);

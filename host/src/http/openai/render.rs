@@ -309,3 +309,102 @@ fn logprobs_json(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::generation::GenerationParams;
+    use std::path::Path;
+
+    fn tokenizer() -> ModelTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K");
+        ModelTokenizer::load(&dir).expect("bundled tokenizer")
+    }
+
+    fn job(stop: &str, stream: bool) -> Job {
+        Job {
+            api: Api::Completions,
+            prompts: vec![vec![1]],
+            n: 1,
+            params: GenerationParams {
+                stop: vec![stop.to_string()],
+                logprobs: Some(0),
+                ..GenerationParams::default()
+            },
+            seeded: false,
+            stream,
+            include_usage: false,
+            logprobs: Some(0),
+            priority: None,
+        }
+    }
+
+    /// The generated pieces in turn, the last ending the sequence on `reason`.
+    fn tokens<'a>(pieces: &'a [&'a str], reason: FinishReason) -> Vec<Generated<'a>> {
+        pieces
+            .iter()
+            .enumerate()
+            .map(|(i, text)| Generated {
+                id: 10 + i as u32,
+                text,
+                special: false,
+                logprobs: Some(TokenLogprobs {
+                    logprob: -0.5,
+                    top: Vec::new(),
+                }),
+                finish: (i + 1 == pieces.len()).then_some((reason, pieces.len())),
+            })
+            .collect()
+    }
+
+    fn reported(logprobs: &Value) -> usize {
+        logprobs["tokens"].as_array().map_or(0, Vec::len)
+    }
+
+    /// Tokens reported for `pieces`, whole and streamed, and the texts.
+    fn run(pieces: &[&str], stop: &str, reason: FinishReason) -> [(usize, String); 2] {
+        let tokenizer = tokenizer();
+        let whole_job = job(stop, false);
+        let mut choice = Choice::new(0, &whole_job);
+        for token in tokens(pieces, reason) {
+            choice.token(token);
+        }
+        let generated: String = pieces.concat();
+        let body = choice.finished_json(&tokenizer, &whole_job, &generated);
+        let whole = (
+            reported(&body["logprobs"]),
+            body["text"].as_str().unwrap_or_default().to_string(),
+        );
+        let stream_job = job(stop, true);
+        let mut choice = Choice::new(0, &stream_job);
+        let (mut count, mut text) = (0, String::new());
+        for token in tokens(pieces, reason) {
+            let delta = choice.stream_token(&tokenizer, &stream_job, token);
+            count += delta.logprobs.as_ref().map_or(0, reported);
+            text.push_str(&delta.text);
+        }
+        [whole, (count, text)]
+    }
+
+    #[test]
+    fn a_stop_sequences_tokens_get_no_logprobs() {
+        // The stop sequence starts where a token starts: that token is left out.
+        let pieces = ["Hello", " wor", "ld!"];
+        for (count, text) in run(&pieces, "ld", FinishReason::StopSequence) {
+            assert_eq!((count, text.as_str()), (2, "Hello wor"));
+        }
+        // It starts inside a token: the token that runs into it is kept.
+        for (count, text) in run(&pieces[..2], "or", FinishReason::StopSequence) {
+            assert_eq!((count, text.as_str()), (2, "Hello w"));
+        }
+        // A character split over two tokens (the first adds no text): both are kept.
+        let pieces = ["a", "", "\u{e9}", "b"];
+        for (count, text) in run(&pieces, "b", FinishReason::StopSequence) {
+            assert_eq!((count, text.as_str()), (3, "a\u{e9}"));
+        }
+        // Without a stop sequence every token is reported.
+        for (count, text) in run(&pieces, "zz", FinishReason::Length) {
+            assert_eq!((count, text.as_str()), (4, "a\u{e9}b"));
+        }
+    }
+}

@@ -227,7 +227,10 @@ pub fn build(meta: &Metadata) -> Result<Vocab, String> {
                 "lstrip": false,
                 "rstrip": false,
                 "normalized": false,
-                "special": t == TYPE_CONTROL,
+                // An end-of-turn token stored as user-defined ends generation all the same
+                // (see `END_OF_GENERATION`): special, as llama.cpp makes it, so its text is
+                // not part of the answer.
+                "special": t == TYPE_CONTROL || END_OF_GENERATION.contains(&token.as_str()),
             })
         })
         .collect();
