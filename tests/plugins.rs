@@ -635,6 +635,11 @@ async fn bad_files_are_refused_and_the_previous_policy_stays() {
             "none of cllm's worlds",
         ),
         (
+            "two worlds",
+            std::fs::read(plugin_wasm("two-worlds")).expect("two-worlds"),
+            "exports several cllm:policy interfaces",
+        ),
+        (
             "future major",
             std::fs::read(plugin_wasm("future-major")).expect("future-major"),
             "unsupported version",

@@ -27,11 +27,22 @@ fn detect_world(
             None => others.push(name.to_string()),
         }
     }
-    let Some(export) = ours.first() else {
-        return Err(format!(
-            "implements none of cllm's worlds (rate-limiter, prioritizer, health-checker); it exports [{}]",
-            others.join(", ")
-        ));
+    let export = match ours.as_slice() {
+        [one] => one,
+        [] => {
+            return Err(format!(
+                "implements none of cllm's worlds (rate-limiter, prioritizer, health-checker); it exports [{}]",
+                others.join(", ")
+            ))
+        }
+        // Each file is one policy of one kind: the others would be silently unused.
+        several => {
+            return Err(format!(
+                "exports several cllm:policy interfaces [{}]; a plugin file implements one world \
+                 (build one component per world)",
+                several.join(", ")
+            ))
+        }
     };
     let (interface, version) = export.split_once('@').unwrap_or((export.as_str(), ""));
     let kind = match interface {
