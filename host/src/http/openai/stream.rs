@@ -155,12 +155,11 @@ impl ChunkStream {
         self.end.ended(status);
     }
 
-    fn fail(&mut self, message: String) {
+    fn fail(&mut self, err: ApiError) {
         let ctx = self.end.ctx();
         let app = self.end.app();
         app.tracker
-            .record_with(&ctx.request_id, Stage::Failed, message.clone());
-        let err = ApiError::Generation(message);
+            .record_with(&ctx.request_id, Stage::Failed, err.to_string());
         self.ready.push_back(data(&err.openai_body()));
         // Whatever else runs for this request is cancelled when the stream is dropped.
         self.merged = SelectAll::new();
@@ -182,8 +181,10 @@ impl ChunkStream {
             match self.merged.next().await {
                 Some((_, SeqEvent::Scheduled | SeqEvent::PromptLogprobs(_))) => {}
                 Some((index, event @ SeqEvent::Token { .. })) => self.on_token(index, event),
-                Some((_, SeqEvent::Failed(message))) => self.fail(message),
-                None => self.fail("generation stopped before every choice finished".into()),
+                Some((_, SeqEvent::Failed(message))) => self.fail(ApiError::Generation(message)),
+                None => self.fail(ApiError::IncompleteGeneration(
+                    "the scheduler stopped before every choice finished".into(),
+                )),
             }
         }
     }
