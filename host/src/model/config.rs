@@ -30,6 +30,19 @@ pub enum RopeScaling {
     /// Each frequency divided by its own factor (`head_dim / 2` of them), as GGUF files of
     /// llama 3.1-style models store the scaling (`rope_freqs.weight`).
     FreqFactors(Vec<f32>),
+    /// YaRN (transformers' `_compute_yarn_parameters`): the low frequencies divided by
+    /// `factor`, the high ones kept, a linear ramp between the dimensions that turn
+    /// `beta_fast` and `beta_slow` times over `original_max_position_embeddings`; cos and sin
+    /// multiplied by `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// Round the ramp's ends outwards to whole dimensions.
+        truncate: bool,
+        attention_factor: f64,
+    },
 }
 
 /// Everything the executor needs to know about the model's shape.
@@ -89,6 +102,13 @@ struct RawRope {
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    // YaRN's.
+    attention_factor: Option<f64>,
+    mscale: Option<f64>,
+    mscale_all_dim: Option<f64>,
+    beta_fast: Option<f64>,
+    beta_slow: Option<f64>,
+    truncate: Option<bool>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -112,6 +132,7 @@ struct RawConfig {
     hidden_act: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
     bos_token_id: Option<TokenIds>,
     eos_token_id: Option<TokenIds>,
 }
@@ -204,33 +225,58 @@ impl ModelConfig {
                 "rope_theta ({rope_theta}) must be positive"
             )));
         }
-        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref().or(rope), &invalid)?;
+        // Optional sizes still have to be usable when given: a context of 0 positions (or,
+        // below, a window of 0) would load and then fail on the first request.
+        let mut max_position_embeddings = required(
+            raw.max_position_embeddings.or(Some(2048)),
+            "max_position_embeddings",
+        )?;
+        let rope_scaling = parse_rope_scaling(
+            raw.rope_scaling.as_ref().or(rope),
+            max_position_embeddings,
+            &invalid,
+        )?;
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
             return Err(invalid(format!(
                 "rms_norm_eps ({rms_norm_eps}) must be positive"
             )));
         }
-        // Optional sizes still have to be usable when given: a context of 0 positions (or,
-        // below, a window of 0) would load and then fail on the first request.
-        let max_position_embeddings = required(
-            raw.max_position_embeddings.or(Some(2048)),
-            "max_position_embeddings",
-        )?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
             _ => (attention_bias, attention_bias),
         };
         // transformers' Llama has no sliding window (a `sliding_window` key in a llama config
-        // does nothing there); Qwen2 uses one only with `use_sliding_window`.
-        let sliding_window = match architecture {
+        // does nothing there); Qwen2 uses one only with `use_sliding_window`, and only in its
+        // layers from `max_window_layers` (default 28) on.
+        let mut sliding_window = match architecture {
             Architecture::Llama => None,
             Architecture::Qwen2 if raw.use_sliding_window != Some(true) => None,
             _ => raw.sliding_window,
         };
         if sliding_window == Some(0) {
             return Err(invalid("sliding_window must be positive".into()));
+        }
+        if let (Architecture::Qwen2, Some(window)) = (architecture, sliding_window) {
+            let full_layers = raw.max_window_layers.unwrap_or(28);
+            if full_layers >= num_hidden_layers {
+                sliding_window = None;
+            } else if full_layers > 0 {
+                // Some layers slide and some do not, which one window for every layer cannot
+                // express; within `window` positions both are the same, so the context is cut
+                // to that.
+                sliding_window = None;
+                if window < max_position_embeddings {
+                    tracing::warn!(
+                        window,
+                        full_layers,
+                        "layers from max_window_layers on use a sliding window: the context is \
+                         cut to the window ({window} positions), where every layer sees the same"
+                    );
+                    max_position_embeddings = window;
+                }
+            }
         }
         Ok(ModelConfig {
             architecture,
@@ -271,6 +317,7 @@ impl ModelConfig {
 
 fn parse_rope_scaling(
     rope: Option<&RawRope>,
+    max_position_embeddings: usize,
     invalid: &dyn Fn(String) -> ModelError,
 ) -> Result<RopeScaling> {
     let Some(rope) = rope else {
@@ -316,8 +363,46 @@ fn parse_rope_scaling(
                 )?,
             })
         }
+        "yarn" => {
+            let positive = factor;
+            let factor = positive("factor", rope.factor)?;
+            // transformers' `get_mscale`.
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            let attention_factor = match (rope.attention_factor, rope.mscale, rope.mscale_all_dim) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    mscale(factor, m) / mscale(factor, all)
+                }
+                _ => mscale(factor, 1.0),
+            };
+            if !(attention_factor.is_finite() && attention_factor > 0.0) {
+                return Err(invalid(format!(
+                    "rope scaling attention_factor ({attention_factor}) must be positive"
+                )));
+            }
+            let original = rope
+                .original_max_position_embeddings
+                .unwrap_or(max_position_embeddings as f64);
+            Ok(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: positive(
+                    "original_max_position_embeddings",
+                    Some(original),
+                )?,
+                beta_fast: positive("beta_fast", Some(rope.beta_fast.unwrap_or(32.0)))?,
+                beta_slow: positive("beta_slow", Some(rope.beta_slow.unwrap_or(1.0)))?,
+                truncate: rope.truncate.unwrap_or(true),
+                attention_factor,
+            })
+        }
         other => Err(invalid(format!(
-            "rope scaling type {other:?} is not supported (default, linear, dynamic, llama3)"
+            "rope scaling type {other:?} is not supported (default, linear, dynamic, llama3, yarn)"
         ))),
     }
 }
@@ -382,12 +467,39 @@ mod tests {
     }
 
     #[test]
+    fn qwen2_windows_only_layers_from_max_window_layers() {
+        let qwen = |layers: usize| {
+            parse(&format!(
+                r#"{{"model_type": "qwen2", {BASE}, "max_position_embeddings": 2048,
+                "use_sliding_window": true, "sliding_window": 16, "max_window_layers": {layers}}}"#
+            ))
+            .unwrap()
+        };
+        // BASE has two layers.
+        let all = qwen(0);
+        assert_eq!(
+            (all.sliding_window, all.max_position_embeddings),
+            (Some(16), 2048)
+        );
+        let none = qwen(2);
+        assert_eq!(
+            (none.sliding_window, none.max_position_embeddings),
+            (None, 2048)
+        );
+        let mixed = qwen(1);
+        assert_eq!(
+            (mixed.sliding_window, mixed.max_position_embeddings),
+            (None, 16)
+        );
+    }
+
+    #[test]
     fn refuses_unknown_rope_type_and_model_type() {
         let err = parse(&format!(
-            r#"{{"model_type": "llama", {BASE}, "rope_scaling": {{"type": "yarn", "factor": 2}}}}"#
+            r#"{{"model_type": "llama", {BASE}, "rope_scaling": {{"type": "longrope", "factor": 2}}}}"#
         ))
         .unwrap_err();
-        assert!(err.to_string().contains("yarn"), "{err}");
+        assert!(err.to_string().contains("longrope"), "{err}");
         let err = parse(&format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).unwrap_err();
         assert!(err.to_string().contains("gpt2"), "{err}");
     }

@@ -79,9 +79,30 @@ pub fn model_config(
                 config["rope_scaling"] = serde_json::json!({"type": "linear", "factor": factor});
             }
         }
+        // The keys llama.cpp's converter writes for a YaRN config (Qwen2.5's long-context
+        // setting), mapped back to the config's names.
+        Some("yarn") => {
+            let factor = meta
+                .f64(&key("rope.scaling.factor"))?
+                .ok_or_else(|| format!("yarn rope scaling needs {}", key("rope.scaling.factor")))?;
+            let mut scaling = serde_json::json!({"type": "yarn", "factor": factor});
+            for (gguf, name) in [
+                (
+                    "rope.scaling.original_context_length",
+                    "original_max_position_embeddings",
+                ),
+                ("rope.scaling.yarn_beta_fast", "beta_fast"),
+                ("rope.scaling.yarn_beta_slow", "beta_slow"),
+            ] {
+                if let Some(value) = meta.f64(&key(gguf))? {
+                    scaling[name] = value.into();
+                }
+            }
+            config["rope_scaling"] = scaling;
+        }
         Some(other) => {
             return Err(format!(
-                "metadata key {}: rope scaling {other:?} is not supported (none, linear)",
+                "metadata key {}: rope scaling {other:?} is not supported (none, linear, yarn)",
                 key("rope.scaling.type")
             ))
         }
