@@ -11,6 +11,10 @@
 //! truncated copy or a flipped bit would otherwise run as code. Entries are also flushed to
 //! disk before they are renamed into place.
 //!
+//! The folder keeps the [`MAX_ENTRIES`] entries most recently written or loaded: a plugin
+//! author rebuilding a component again and again (a Python one compiles to tens of MB) would
+//! otherwise fill the disk with code no file has any more. A hit marks its entry used.
+//!
 //! Trust: loading an entry runs its machine code; whoever can write the cache folder can run
 //! code in cllm, exactly as whoever can write the plugin folder can run (sandboxed) plugins.
 //! Keep both folders writable only by cllm's operator.
@@ -91,7 +95,14 @@ impl CompileCache {
                 )),
             };
             match loaded {
-                Ok(component) => return Ok((component, CacheResult::Hit)),
+                Ok(component) => {
+                    // Used now: the last entry to be pruned.
+                    let now = std::time::SystemTime::now();
+                    if let Ok(file) = std::fs::File::options().append(true).open(&entry) {
+                        let _ = file.set_modified(now);
+                    }
+                    return Ok((component, CacheResult::Hit));
+                }
                 Err(e) => {
                     tracing::warn!(entry = %entry.display(), "compiled plugin cache entry unusable, compiling again: {e:#}");
                     result = CacheResult::Error;
@@ -106,8 +117,35 @@ impl CompileCache {
         {
             tracing::warn!(dir = %self.dir.display(), "cannot write the compiled plugin cache: {e}");
             result = CacheResult::Error;
+        } else {
+            prune(&self.dir, MAX_ENTRIES);
         }
         Ok((component, result))
+    }
+}
+
+/// Entries the cache folder keeps (the most recently written or loaded).
+pub const MAX_ENTRIES: usize = 16;
+
+/// Removes all but the `keep` most recently used (modified) `.cwasm` entries of `dir`.
+/// Failures are ignored: pruning only saves space.
+fn prune(dir: &Path, keep: usize) {
+    let Ok(listing) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<(std::time::SystemTime, PathBuf)> = listing
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .collect();
+    if entries.len() <= keep {
+        return;
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
+    for (_, old) in entries.drain(keep..) {
+        tracing::info!(entry = %old.display(), "compiled plugin cache: removing an entry not used lately");
+        let _ = std::fs::remove_file(old);
     }
 }
 
@@ -169,5 +207,29 @@ mod tests {
         assert_eq!(unseal(&entry[..entry.len() - 3]), None, "truncated");
         assert_eq!(unseal(&entry[..5]), None, "shorter than a digest");
         assert_eq!(unseal(&[]), None, "empty");
+    }
+
+    #[test]
+    fn pruning_keeps_the_most_recently_used_entries() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let base = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for i in 0..5u64 {
+            let path = dir.path().join(format!("{i}.cwasm"));
+            store(&path, b"code").expect("store");
+            let file = std::fs::File::options()
+                .append(true)
+                .open(&path)
+                .expect("open");
+            file.set_modified(base + std::time::Duration::from_secs(i))
+                .expect("mtime");
+        }
+        std::fs::write(dir.path().join("notes.txt"), "kept").expect("write");
+        prune(dir.path(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["3.cwasm", "4.cwasm", "notes.txt"]);
     }
 }
