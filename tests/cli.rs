@@ -388,6 +388,16 @@ fn plugin_check_passes_the_examples_and_fails_misbehaving_plugins() {
     std::fs::write(&corrupt, b"\0asm not a component").expect("write");
     // grow-memory with a small limit and a long deadline, so the limit is what stops it.
     let small = ["--memory-limit-mb", "2", "--deadline-ms", "2000"];
+    // A server that refuses filesystem imports refuses wasi-probe (it uses std::fs): the
+    // check reads that from the server's own config file.
+    let strict = tmp.path().join("cllm.yaml");
+    std::fs::write(
+        &strict,
+        "plugins:\n  refused_imports: [\"wasi:filesystem\"]\n",
+    )
+    .expect("write");
+    let strict_path = strict.display().to_string();
+    let strict_arg = ["--server-config", strict_path.as_str()];
     for (file, extra, reason) in [
         (plugin_wasm("trap"), &[][..], "faulted: trap"),
         (plugin_wasm("loop-forever"), &[], "faulted: deadline"),
@@ -400,6 +410,11 @@ fn plugin_check_passes_the_examples_and_fails_misbehaving_plugins() {
             "imports cllm-test:foreign/vault, which cllm does not offer",
         ),
         (corrupt, &[], "not a valid WebAssembly component"),
+        (
+            plugin_wasm("wasi-probe"),
+            &strict_arg,
+            "plugins.refused_imports",
+        ),
     ] {
         let out = cllm()
             .args(["plugin", "check"])

@@ -45,6 +45,11 @@ struct CheckArgs {
     /// Memory limit, in MiB (default: the server's, `plugins.memory_limit_mb`).
     #[arg(long)]
     memory_limit_mb: Option<usize>,
+    /// The server's configuration file (`cllm serve --config`), whose `plugins` section
+    /// (deadlines, memory limit, refused imports) the check then uses instead of the defaults;
+    /// its counters still stay in memory unless `--redis-url` names a Redis.
+    #[arg(long)]
+    server_config: Option<PathBuf>,
     /// Keep `cllm:policy/counters` in this Redis (`redis://host:port/`), as a server with
     /// `plugins.shared_state.redis_url` would, to time the plugin with it; default: in
     /// memory. The plugin's counter keys in that Redis are really incremented.
@@ -59,7 +64,14 @@ pub fn run(args: PluginArgs) -> anyhow::Result<()> {
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
-    let defaults = PluginsConfig::default();
+    let defaults = match &args.server_config {
+        Some(path) => {
+            crate::config::ServerConfig::from_file(path)
+                .with_context(|| format!("reading the server config {}", path.display()))?
+                .plugins
+        }
+        None => PluginsConfig::default(),
+    };
     let bytes =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let config_path = args
