@@ -289,7 +289,8 @@ async fn wrong_method_is_405_in_each_apis_shape() {
 }
 
 /// TGI's `/tokenize`: `/encode`'s ids, each with the text its byte offsets cover; a generate
-/// body's `parameters` are accepted; `add_special_tokens: false` leaves out the BOS token.
+/// body's `parameters` are accepted (`truncate` keeps the last tokens); `add_special_tokens:
+/// false` leaves out the BOS token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tgi_tokenize_lists_tokens_with_their_offsets() {
     let server = TestServer::start(&stories(), |_| {}).await;
@@ -337,6 +338,15 @@ async fn tgi_tokenize_lists_tokens_with_their_offsets() {
     let plain = listed(r.json().await.expect("json"));
     assert_eq!(plain.len() + 1, tokens.len(), "no BOS");
     assert_eq!(plain[..], tokens[1..]);
+    // `parameters.truncate` keeps the last tokens, as generation would.
+    let r = server
+        .post(
+            "/tokenize",
+            json!({"inputs": text, "parameters": {"truncate": 3}}),
+        )
+        .await;
+    let last = listed(r.json().await.expect("json"));
+    assert_eq!(last[..], tokens[tokens.len() - 3..]);
     // Bad input keeps TGI's error shape.
     let r = server.post("/tokenize", json!({"text": text})).await;
     assert_eq!(r.status(), 422);

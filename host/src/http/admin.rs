@@ -41,13 +41,23 @@ pub async fn encode(
     Ok(Json(json!({ "ids": ids, "tokens": tokens })))
 }
 
-/// `POST /tokenize` body, as TGI takes it: a generate request (`parameters` and `stream` are
-/// accepted and have no effect).
+/// `POST /tokenize` body, as TGI takes it: a generate request. As in TGI,
+/// `parameters.truncate` keeps the last so many tokens; the rest of `parameters` and `stream`
+/// have no effect.
 #[derive(Deserialize)]
 pub struct TokenizeRequest {
     inputs: String,
     #[serde(default = "yes")]
     add_special_tokens: bool,
+    #[serde(default)]
+    parameters: Option<TokenizeParameters>,
+}
+
+/// The part of a generate request's `parameters` that tokenizing uses.
+#[derive(Deserialize)]
+pub struct TokenizeParameters {
+    #[serde(default)]
+    truncate: Option<usize>,
 }
 
 /// `POST /tokenize`: TGI's token list, `[{"id", "text", "start", "stop"}]`, where `start..stop`
@@ -60,7 +70,11 @@ pub async fn tokenize(
         .tokenizer
         .encode_with_offsets(&req.inputs, req.add_special_tokens)
         .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
-    Ok(Json(Value::Array(token_spans(&req.inputs, &ids, offsets))))
+    let mut spans = token_spans(&req.inputs, &ids, offsets);
+    if let Some(keep) = req.parameters.and_then(|p| p.truncate) {
+        spans.drain(..spans.len().saturating_sub(keep));
+    }
+    Ok(Json(Value::Array(spans)))
 }
 
 /// Each token as TGI lists it: id, the text it covers, and that text's byte offsets.
