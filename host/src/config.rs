@@ -436,8 +436,8 @@ pub struct PluginsConfig {
     /// status, and a shadow plugin's faults never fail a request.
     pub shadow: Vec<String>,
     /// Keep compiled plugins on disk, keyed by the file's sha256 and the engine's
-    /// configuration, so a restart does not compile them again (the 16 entries most recently
-    /// written or loaded; storing a new one removes older ones).
+    /// configuration, so a restart does not compile them again (storing an entry removes old
+    /// ones: kept are those this server loaded or stored, and 16 more recently used).
     pub compile_cache: bool,
     /// Where the compiled plugins are kept; null = `.cache` inside the plugin folder.
     pub compile_cache_dir: Option<PathBuf>,

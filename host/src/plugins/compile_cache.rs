@@ -11,18 +11,22 @@
 //! truncated copy or a flipped bit would otherwise run as code. Entries are also flushed to
 //! disk before they are renamed into place.
 //!
-//! The folder keeps the [`MAX_ENTRIES`] entries most recently written or loaded: a plugin
-//! author rebuilding a component again and again (a Python one compiles to tens of MB) would
-//! otherwise fill the disk with code no file has any more. A hit marks its entry used.
+//! When it stores an entry, the cache removes old ones: it keeps every entry this process has
+//! loaded or stored, and of the others the [`MAX_ENTRIES`] most recently written or loaded (a
+//! hit marks its entry used). A plugin author rebuilding a component again and again (a Python
+//! one compiles to tens of MB) would otherwise fill the disk with code no file has any more.
+//! Only files named as entries are touched.
 //!
 //! Trust: loading an entry runs its machine code; whoever can write the cache folder can run
 //! code in cllm, exactly as whoever can write the plugin folder can run (sandboxed) plugins.
 //! Keep both folders writable only by cllm's operator.
 
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
@@ -51,6 +55,8 @@ pub struct CompileCache {
     dir: PathBuf,
     /// The engine's compatibility hash, part of every entry's name.
     engine_key: u64,
+    /// Entries this process loaded or stored: never pruned while it runs.
+    used: Mutex<HashSet<PathBuf>>,
 }
 
 impl CompileCache {
@@ -62,6 +68,7 @@ impl CompileCache {
         CompileCache {
             dir,
             engine_key: hasher.finish(),
+            used: Mutex::new(HashSet::new()),
         }
     }
 
@@ -101,6 +108,7 @@ impl CompileCache {
                     if let Ok(file) = std::fs::File::options().append(true).open(&entry) {
                         let _ = file.set_modified(now);
                     }
+                    self.mark_used(entry);
                     return Ok((component, CacheResult::Hit));
                 }
                 Err(e) => {
@@ -118,25 +126,46 @@ impl CompileCache {
             tracing::warn!(dir = %self.dir.display(), "cannot write the compiled plugin cache: {e}");
             result = CacheResult::Error;
         } else {
-            prune(&self.dir, MAX_ENTRIES);
+            self.mark_used(entry);
+            let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+            prune(&self.dir, MAX_ENTRIES, &used);
         }
         Ok((component, result))
     }
+
+    fn mark_used(&self, entry: PathBuf) {
+        let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+        used.insert(entry);
+    }
 }
 
-/// Entries the cache folder keeps (the most recently written or loaded).
+/// Entries the cache folder keeps besides those this process uses (the most recently written
+/// or loaded).
 pub const MAX_ENTRIES: usize = 16;
 
-/// Removes all but the `keep` most recently used (modified) `.cwasm` entries of `dir`.
-/// Failures are ignored: pruning only saves space.
-fn prune(dir: &Path, keep: usize) {
+/// Whether `name` is an entry's: `{sha256}-{engine key}.cwasm`, hex.
+fn is_entry_name(name: &str) -> bool {
+    let Some((sha, key)) = name
+        .strip_suffix(".cwasm")
+        .and_then(|stem| stem.split_once('-'))
+    else {
+        return false;
+    };
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    hex(sha, 64) && hex(key, 16)
+}
+
+/// Removes the entries of `dir` other than those in `used` and the `keep` most recently used
+/// (modified) of the rest. Failures are ignored: pruning only saves space.
+fn prune(dir: &Path, keep: usize, used: &HashSet<PathBuf>) {
     let Ok(listing) = std::fs::read_dir(dir) else {
         return;
     };
     let mut entries: Vec<(std::time::SystemTime, PathBuf)> = listing
         .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(is_entry_name))
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .filter(|p| !used.contains(p))
         .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
         .collect();
     if entries.len() <= keep {
@@ -210,11 +239,12 @@ mod tests {
     }
 
     #[test]
-    fn pruning_keeps_the_most_recently_used_entries() {
+    fn pruning_keeps_used_and_the_most_recently_used_entries() {
         let dir = tempfile::tempdir().expect("tmp");
         let base = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        let name = |i: u64| format!("{:064x}-{:016x}.cwasm", i, 7);
         for i in 0..5u64 {
-            let path = dir.path().join(format!("{i}.cwasm"));
+            let path = dir.path().join(name(i));
             store(&path, b"code").expect("store");
             let file = std::fs::File::options()
                 .append(true)
@@ -223,13 +253,24 @@ mod tests {
             file.set_modified(base + std::time::Duration::from_secs(i))
                 .expect("mtime");
         }
+        // Not entries: never touched.
         std::fs::write(dir.path().join("notes.txt"), "kept").expect("write");
-        prune(dir.path(), 2);
+        std::fs::write(dir.path().join("mine.cwasm"), "kept").expect("write");
+        let used = HashSet::from([dir.path().join(name(0))]);
+        prune(dir.path(), 2, &used);
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .expect("list")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, ["3.cwasm", "4.cwasm", "notes.txt"]);
+        let mut want = vec![
+            name(0),
+            name(3),
+            name(4),
+            "mine.cwasm".into(),
+            "notes.txt".into(),
+        ];
+        want.sort();
+        assert_eq!(left, want);
     }
 }
