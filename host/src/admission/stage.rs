@@ -189,9 +189,9 @@ impl Admission {
                 .is_err()
             {
                 guard.withdraw();
-                if sequences.is_empty() {
-                    ledger.end(Outcome::Refused);
-                }
+                // Refused, even when some sequences were queued (and withdrawn) already: the
+                // worst ending wins, and tokens any of them generated are still charged.
+                ledger.end(Outcome::Refused);
                 return Err(ApiError::QueueFull {
                     max_size: self.queue.max_size(),
                     retry_after: Duration::from_secs(1),

@@ -66,9 +66,10 @@ pub fn run(args: PluginArgs) -> anyhow::Result<()> {
 fn check(args: CheckArgs) -> anyhow::Result<()> {
     let defaults = match &args.server_config {
         Some(path) => {
-            crate::config::ServerConfig::from_file(path)
-                .with_context(|| format!("reading the server config {}", path.display()))?
-                .plugins
+            let config = crate::config::ServerConfig::from_file(path)
+                .with_context(|| format!("reading the server config {}", path.display()))?;
+            config.validate()?;
+            config.plugins
         }
         None => PluginsConfig::default(),
     };

@@ -72,6 +72,11 @@ pub async fn tokenize(
         .map_err(|e| ApiError::Internal(format!("tokenizer: {e}")))?;
     let mut spans = token_spans(&req.inputs, &ids, offsets);
     if let Some(keep) = req.parameters.and_then(|p| p.truncate) {
+        if keep == 0 {
+            return Err(ApiError::Validation(
+                "parameters.truncate must be at least 1".into(),
+            ));
+        }
         spans.drain(..spans.len().saturating_sub(keep));
     }
     Ok(Json(Value::Array(spans)))

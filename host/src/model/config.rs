@@ -395,8 +395,15 @@ fn parse_rope_scaling(
                     "original_max_position_embeddings",
                     Some(original),
                 )?,
-                beta_fast: positive("beta_fast", Some(rope.beta_fast.unwrap_or(32.0)))?,
-                beta_slow: positive("beta_slow", Some(rope.beta_slow.unwrap_or(1.0)))?,
+                // transformers' `get("beta_fast") or 32`: 0 means the default too.
+                beta_fast: positive(
+                    "beta_fast",
+                    Some(rope.beta_fast.filter(|&b| b != 0.0).unwrap_or(32.0)),
+                )?,
+                beta_slow: positive(
+                    "beta_slow",
+                    Some(rope.beta_slow.filter(|&b| b != 0.0).unwrap_or(1.0)),
+                )?,
                 truncate: rope.truncate.unwrap_or(true),
                 attention_factor,
             })

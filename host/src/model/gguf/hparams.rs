@@ -93,6 +93,9 @@ pub fn model_config(
                 ),
                 ("rope.scaling.yarn_beta_fast", "beta_fast"),
                 ("rope.scaling.yarn_beta_slow", "beta_slow"),
+                // The converter writes a config's own attention_factor here (llama.cpp's
+                // `rope.scaling.attn_factor` means something else and is not read).
+                ("rope.scaling.yarn_attn_factor", "attention_factor"),
             ] {
                 if let Some(value) = meta.f64(&key(gguf))? {
                     scaling[name] = value.into();
