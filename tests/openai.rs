@@ -347,6 +347,13 @@ async fn tgi_tokenize_lists_tokens_with_their_offsets() {
         .await;
     let last = listed(r.json().await.expect("json"));
     assert_eq!(last[..], tokens[tokens.len() - 3..]);
+    let r = server
+        .post(
+            "/tokenize",
+            json!({"inputs": text, "parameters": {"truncate": 0}}),
+        )
+        .await;
+    assert_eq!(r.status(), 422, "as /generate refuses it");
     // Bad input keeps TGI's error shape.
     let r = server.post("/tokenize", json!({"text": text})).await;
     assert_eq!(r.status(), 422);
