@@ -226,12 +226,7 @@ async fn tgi_compat_route_streams_or_answers_and_reports_top_tokens_and_prefill(
     assert_eq!(r.status(), 422);
     // `GET /` and `GET /ping` are health checks in TGI.
     for path in ["/", "/ping"] {
-        let r = server
-            .http
-            .get(server.url(path))
-            .send()
-            .await
-            .expect("sent");
+        let r = server.get(path).await;
         assert_eq!(r.status(), 200, "{path}");
         let body: Value = r.json().await.expect("json");
         assert!(body["components"].is_object(), "{path}: {body}");

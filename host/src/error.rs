@@ -62,6 +62,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A request whose sequence stream closed before its last token: the scheduler stopped.
+    pub fn stopped_early() -> ApiError {
+        ApiError::IncompleteGeneration("the scheduler stopped before the request finished".into())
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,

@@ -16,4 +16,5 @@ pub mod model;
 pub mod plugins;
 pub mod scheduler;
 pub mod server;
+pub mod text;
 pub mod tracker;

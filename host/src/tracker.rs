@@ -161,7 +161,11 @@ impl RequestTracker {
 
     /// Like [`RequestTracker::record`], with a detail (truncated to 512 bytes).
     pub fn record_with(&self, id: &str, stage: Stage, detail: impl Into<String>) {
-        self.push_event(id, stage, Some(truncate(detail.into(), MAX_DETAIL_BYTES)));
+        self.push_event(
+            id,
+            stage,
+            Some(crate::text::truncate(detail.into(), MAX_DETAIL_BYTES)),
+        );
     }
 
     /// The history of request `id`, if it is still remembered.
@@ -246,18 +250,6 @@ impl RequestTracker {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// Cuts `text` to at most `max` bytes, on a character boundary.
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 #[cfg(test)]

@@ -61,15 +61,17 @@ impl TestServer {
             .expect("request sent")
     }
 
-    /// GET `path` and parse the JSON body (whatever the status).
-    pub async fn get_json(&self, path: &str) -> serde_json::Value {
-        let r = self
-            .http
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
             .get(self.url(path))
             .send()
             .await
-            .expect("GET sent");
-        r.json().await.expect("JSON body")
+            .expect("GET sent")
+    }
+
+    /// GET `path` and parse the JSON body (whatever the status).
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get(path).await.json().await.expect("JSON body")
     }
 
     /// The token ids `/encode` gives `text`.

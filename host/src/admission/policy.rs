@@ -93,9 +93,9 @@ impl Policy {
     }
 
     /// Whether `plugins` holds a plugin that [`Policy::decide`] would call and that may not
-    /// be called on an async worker (it imports WASI calls that
-    /// block on a tokio runtime): those calls then go to the blocking pool. Plugins that
-    /// import no such call run inline, on the worker, within their call deadline.
+    /// be called on an async worker (it imports WASI calls that block on a tokio runtime):
+    /// those calls then go to the blocking pool. Plugins that import no such call run
+    /// inline, on the worker, within their call deadline.
     pub fn needs_blocking_pool(plugins: Option<&PluginSet>) -> bool {
         plugins.is_some_and(|set| {
             let off = |p: &Arc<Plugin>| !p.calls_inline();
@@ -151,19 +151,22 @@ impl Policy {
             }
         }
         // Without an enforcing plugin limiter, the built-in one applies.
-        let built_in = match limiters.is_empty() {
-            true => self
-                .limiter
+        let built_in = if limiters.is_empty() {
+            self.limiter
                 .check(&ticket.client_id, Instant::now())
                 .map_err(|limited| {
                     let reason = format!("too many requests ({} limit)", limited.scope.as_str());
                     self.refuse(ticket, limited.retry_after, reason)
-                }),
-            false => Ok(()),
+                })
+        } else {
+            Ok(())
         };
         let verdict = built_in.and_then(|()| match &info {
             None => Ok(own_priority),
-            Some(info) => self.enforce(ticket, info, &limiters, prioritizer, &mut allowed),
+            Some(info) => {
+                let (limiters, own) = (&limiters[..], own_priority);
+                self.enforce(ticket, info, limiters, prioritizer, own, &mut allowed)
+            }
         });
         match verdict {
             Ok(priority) => Ok((priority, allowed)),
@@ -186,17 +189,18 @@ impl Policy {
         }
     }
 
-    /// The enforcing limiters in turn, then the prioritizer: the request's queue priority, or
-    /// the refusal. `allowed` collects the limiters whose `check` allowed it.
+    /// The enforcing limiters in turn, then the prioritizer: the request's queue priority
+    /// (`own_priority` without a prioritizer, or when it fails open), or the refusal.
+    /// `allowed` collects the limiters whose `check` allowed it.
     fn enforce(
         &self,
         ticket: &Ticket,
         info: &RequestInfo,
         limiters: &[&Arc<Plugin>],
         prioritizer: Option<Arc<Plugin>>,
+        own_priority: i32,
         allowed: &mut Vec<Arc<Plugin>>,
     ) -> Result<i32, ApiError> {
-        let own_priority = ticket.requested_priority.unwrap_or(0);
         for &plugin in limiters {
             match plugin.check(info) {
                 Ok(Decision::Allow) => {

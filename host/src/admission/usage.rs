@@ -25,7 +25,8 @@ pub enum Outcome {
     /// The scheduler or the model failed it.
     Failed,
     /// Allowed by the rate limiters, then refused before it was queued (another limiter, a
-    /// failing prioritizer, a full queue): recorded as `failed`, with nothing generated.
+    /// failing prioritizer, a full queue): recorded as `failed`, with whatever a sequence
+    /// withdrawn from the queue had generated (usually nothing).
     Refused,
 }
 

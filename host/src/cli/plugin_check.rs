@@ -213,12 +213,9 @@ fn world_name(kind: PluginKind) -> &'static str {
     }
 }
 
-/// The fault with what it said (a trap's message, a Python traceback's last line, ...).
+/// The fault with what it said (a trap's message, a Python traceback, ...).
 fn fault_error(plugin: &Plugin, fault: Fault) -> anyhow::Error {
-    match plugin.last_fault() {
-        Some(detail) => anyhow::anyhow!("the first call faulted: {}: {detail}", fault.as_str()),
-        None => anyhow::anyhow!("the first call faulted: {}", fault.as_str()),
-    }
+    anyhow::anyhow!("the first call faulted: {}", plugin.describe_fault(fault))
 }
 
 /// One call of the plugin's own function; its verdict in words.

@@ -161,9 +161,7 @@ pub async fn generate(
             SeqEvent::Failed(message) => return Err(ApiError::Generation(message)),
         }
     }
-    Err(ApiError::IncompleteGeneration(
-        "the scheduler stopped before the request finished".into(),
-    ))
+    Err(ApiError::stopped_early())
 }
 
 /// State carried from one SSE event to the next.
@@ -232,9 +230,7 @@ impl StreamState {
                 None => {
                     self.done = true;
                     self.end.ended(500);
-                    let err = ApiError::IncompleteGeneration(
-                        "the scheduler stopped before the request finished".into(),
-                    );
+                    let err = ApiError::stopped_early();
                     return Some(Event::default().data(err.body().to_string()));
                 }
             }

@@ -328,7 +328,7 @@ fn parse_rope_scaling(
         .as_deref()
         .or(rope.legacy_type.as_deref())
         .unwrap_or("default");
-    let factor = |name: &str, value: Option<f64>| -> Result<f64> {
+    let positive = |name: &str, value: Option<f64>| -> Result<f64> {
         match value {
             Some(v) if v.is_finite() && v > 0.0 => Ok(v),
             Some(v) => Err(invalid(format!(
@@ -343,28 +343,27 @@ fn parse_rope_scaling(
         // longest context served: within it, it is the default.
         "default" | "dynamic" => Ok(RopeScaling::None),
         "linear" => Ok(RopeScaling::Linear {
-            factor: factor("factor", rope.factor)?,
+            factor: positive("factor", rope.factor)?,
         }),
         "llama3" => {
-            let low = factor("low_freq_factor", rope.low_freq_factor)?;
-            let high = factor("high_freq_factor", rope.high_freq_factor)?;
+            let low = positive("low_freq_factor", rope.low_freq_factor)?;
+            let high = positive("high_freq_factor", rope.high_freq_factor)?;
             if high <= low {
                 return Err(invalid(format!(
                     "rope scaling high_freq_factor ({high}) must exceed low_freq_factor ({low})"
                 )));
             }
             Ok(RopeScaling::Llama3 {
-                factor: factor("factor", rope.factor)?,
+                factor: positive("factor", rope.factor)?,
                 low_freq_factor: low,
                 high_freq_factor: high,
-                original_max_position_embeddings: factor(
+                original_max_position_embeddings: positive(
                     "original_max_position_embeddings",
                     rope.original_max_position_embeddings,
                 )?,
             })
         }
         "yarn" => {
-            let positive = factor;
             let factor = positive("factor", rope.factor)?;
             // transformers' `get_mscale`.
             let mscale = |scale: f64, m: f64| {

@@ -126,8 +126,8 @@ impl CompileCache {
             tracing::warn!(dir = %self.dir.display(), "cannot write the compiled plugin cache: {e}");
             result = CacheResult::Error;
         } else {
-            self.mark_used(entry);
-            let used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut used = self.used.lock().unwrap_or_else(PoisonError::into_inner);
+            used.insert(entry);
             prune(&self.dir, MAX_ENTRIES, &used);
         }
         Ok((component, result))

@@ -252,9 +252,6 @@ pub fn load(
         PluginKind::Prioritizer => plugin.priority(&trial_request()).map(drop),
         PluginKind::HealthChecker => plugin.health(&trial_snapshot()).map(drop),
     };
-    trial.map_err(|fault| match plugin.last_fault() {
-        Some(detail) => format!("trial call failed: {}: {detail}", fault.as_str()),
-        None => format!("trial call failed: {}", fault.as_str()),
-    })?;
+    trial.map_err(|fault| format!("trial call failed: {}", plugin.describe_fault(fault)))?;
     Ok(plugin)
 }

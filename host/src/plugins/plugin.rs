@@ -350,12 +350,7 @@ impl Plugin {
             .increment(1);
         let mut detail = format!("{error:#}");
         if detail.len() > MAX_FAULT_DETAIL {
-            let mut end = MAX_FAULT_DETAIL;
-            while !detail.is_char_boundary(end) {
-                end -= 1;
-            }
-            detail.truncate(end);
-            detail.push_str(" [...]");
+            detail = crate::text::truncate(detail, MAX_FAULT_DETAIL) + " [...]";
         }
         *self
             .last_fault
@@ -370,12 +365,17 @@ impl Plugin {
         fault
     }
 
-    /// What the latest fault said, if a call faulted.
-    pub fn last_fault(&self) -> Option<String> {
-        self.last_fault
+    /// `fault` in words, with what the latest fault said when there is something (a trap's
+    /// message, a Python traceback): `trap: ...`, or just `trap`.
+    pub fn describe_fault(&self, fault: Fault) -> String {
+        let last = self
+            .last_fault
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .unwrap_or_else(PoisonError::into_inner);
+        match last.as_deref() {
+            Some(detail) => format!("{}: {detail}", fault.as_str()),
+            None => fault.as_str().to_string(),
+        }
     }
 
     pub fn check(&self, request: &RequestInfo) -> Result<Decision, Fault> {

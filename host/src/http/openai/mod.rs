@@ -203,9 +203,7 @@ async fn run_choice(
             SeqEvent::Failed(message) => return Err(ApiError::Generation(message)),
         }
     }
-    Err(ApiError::IncompleteGeneration(
-        "the scheduler stopped before the request finished".into(),
-    ))
+    Err(ApiError::stopped_early())
 }
 
 /// The non-streamed response: every choice run concurrently to its end. The first choice
